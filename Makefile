@@ -1,0 +1,45 @@
+# make run            start everything on this machine (embedded NATS, all services)
+# make run CONFIG=x   the same with another config file
+# make test           the whole test suite
+PY ?= python3
+VENV ?= .venv
+CONFIG ?= config.yaml
+BIN := $(VENV)/bin
+
+.PHONY: run test lint fmt setup llama-server demo-model bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+llama-server: setup
+	@PIP="$(BIN)/pip" bash scripts/build-llama-server.sh >/dev/null
+
+demo/models/demo.gguf: | setup
+	$(BIN)/python scripts/make_tiny_gguf.py $@ --seed 1
+
+demo-model: demo/models/demo.gguf
+
+run: setup llama-server demo-model
+	exec $(BIN)/python -m lls.run --config $(CONFIG)
+
+test: setup llama-server
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+fmt: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: setup llama-server
+	$(BIN)/python bench/bench_placement.py
+	$(BIN)/python bench/bench_download.py
+	$(BIN)/python bench/bench_gateway.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

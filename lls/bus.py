@@ -1,0 +1,261 @@
+"""Connecting to NATS and declaring the streams and KV buckets of proto/ (idempotently)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+import proto
+
+log = logging.getLogger(__name__)
+
+STREAMS = [
+    StreamConfig(
+        name=proto.EVENTS_STREAM,
+        subjects=[proto.EVENTS_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        max_age=proto.EVENTS_MAX_AGE_S,
+        max_msgs=proto.EVENTS_MAX_MSGS,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=proto.CMDS_STREAM,
+        subjects=[proto.CMDS_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        duplicate_window=proto.CMD_DEDUP_WINDOW_S,
+        max_age=3600,
+        storage=StorageType.FILE,
+    ),
+]
+BUCKETS = [
+    KeyValueConfig(bucket=proto.KV_HOSTS, history=1),
+    KeyValueConfig(bucket=proto.KV_INSTANCES, history=1),
+    KeyValueConfig(bucket=proto.KV_ACTIVITY, history=1, ttl=30),
+    KeyValueConfig(bucket=proto.KV_LEASES, history=1),
+]
+
+
+class Bus:
+    """A NATS connection with the project's streams, buckets and publish helpers."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, kv: dict[str, KeyValue]):
+        self.nc = nc
+        self.js = js
+        self.kv = kv
+
+    @property
+    def hosts(self) -> KeyValue:
+        return self.kv[proto.KV_HOSTS]
+
+    @property
+    def instances(self) -> KeyValue:
+        return self.kv[proto.KV_INSTANCES]
+
+    @property
+    def activity(self) -> KeyValue:
+        return self.kv[proto.KV_ACTIVITY]
+
+    @property
+    def leases(self) -> KeyValue:
+        return self.kv[proto.KV_LEASES]
+
+    async def emit(self, event: proto.Event) -> None:
+        """Append a domain event to the event stream."""
+        await self.js.publish(event.subject(), proto.encode(event), timeout=5)
+
+    async def command(self, subject: str, cmd: proto.AgentCommand | proto.DownloadFile) -> None:
+        """Send a command; a resend with the same cmd_id inside the dedup window is dropped."""
+        await self.js.publish(
+            subject, proto.encode(cmd), timeout=5, headers={"Nats-Msg-Id": cmd.cmd_id}
+        )
+
+    async def put(self, bucket: KeyValue, key: str, record: object) -> int:
+        return await bucket.put(proto.kv_key(key), proto.encode(record))  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.nc.drain(), 5)
+        except Exception:  # closing anyway
+            await self.nc.close()
+
+
+async def connect(url: str, name: str) -> Bus:
+    """Connect (retrying for up to 30 s) and make sure streams and buckets exist."""
+    nc = await nats.connect(
+        url,
+        name=name,
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=_log_error,
+        disconnected_cb=functools.partial(_log_state, name, "disconnected"),
+        reconnected_cb=functools.partial(_log_state, name, "reconnected"),
+    )
+    js = nc.jetstream(timeout=10)
+    for cfg in STREAMS:
+        await _ensure_stream(js, cfg)
+    kv = {}
+    for cfg in BUCKETS:
+        kv[cfg.bucket] = await _ensure_bucket(js, cfg)
+    return Bus(nc, js, kv)
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    try:
+        await js.stream_info(cfg.name)
+        await js.update_stream(cfg)
+    except NotFoundError:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:  # another service created it meanwhile
+            await js.update_stream(cfg)
+
+
+async def _ensure_bucket(js: JetStreamContext, cfg: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(cfg.bucket)
+    except Exception:
+        try:
+            return await js.create_key_value(cfg)
+        except BadRequestError:
+            return await js.key_value(cfg.bucket)
+
+
+def durable_config(name: str, subject: str, ack_wait_s: float = 30) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=name,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=20,
+        max_ack_pending=256,
+    )
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+async def _log_error(e: Exception) -> None:
+    log.warning("nats: %s", e)
+
+
+async def _log_state(name: str, state: str) -> None:
+    log.warning("%s: nats %s", name, state)
+
+
+async def watch_kv(
+    kv: KeyValue,
+    typ: type,
+    on_put: Callable[[str, Any, int], None],
+    on_delete: Callable[[str], None],
+    stop: asyncio.Event,
+    on_initial_done: Callable[[], None] | None = None,
+) -> None:
+    """Mirror a KV bucket into callbacks until `stop`: every current value, then each change.
+
+    `on_put(key, record, revision)` gets the decoded record and its revision (for `update`).
+
+    Re-establishes the watch after errors (e.g. a NATS restart), replaying current values, so
+    the caller's view converges to the bucket's state.
+    """
+    while not stop.is_set():
+        try:
+            watcher = await kv.watchall()
+            try:
+                while not stop.is_set():
+                    try:
+                        entry = await watcher.updates(timeout=1.0)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        continue
+                    if entry is None:  # end of the initial values
+                        if on_initial_done:
+                            on_initial_done()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        on_delete(entry.key)
+                        continue
+                    try:
+                        on_put(entry.key, proto.decode(entry.value, typ), entry.revision)
+                    except msgspec.ValidationError as e:
+                        log.warning("ignoring bad %s record %s: %s", kv._name, entry.key, e)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+        except Exception as e:  # noqa: BLE001 - keep watching through bus trouble
+            if stop.is_set():
+                return
+            log.warning("watch of %s failed (%s); retrying", getattr(kv, "_name", "kv"), e)
+            await _sleep_or_stop(stop, 1.0)
+
+
+async def consume(
+    bus: Bus,
+    durable: str,
+    subject: str,
+    handle: Callable[[Any], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    stream: str,
+    batch: int = 16,
+    ack_wait_s: float = 30,
+) -> None:
+    """Pull messages of a durable consumer and pass each to `handle(msg)` until `stop`.
+
+    `handle` acks (or naks) the message itself. Resubscribes after errors, so a NATS restart
+    does not leave the consumer stalled (nats.py issue 504).
+    """
+    while not stop.is_set():
+        sub = None
+        try:
+            sub = await bus.js.pull_subscribe(
+                subject,
+                durable=durable,
+                stream=stream,
+                config=durable_config(durable, subject, ack_wait_s),
+            )
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(batch, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                for msg in msgs:
+                    await handle(msg)
+        except Exception as e:  # noqa: BLE001 - keep consuming through bus trouble
+            if stop.is_set():
+                return
+            log.warning("consumer %s failed (%s); resubscribing", durable, e)
+            await _sleep_or_stop(stop, 1.0)
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,234 @@
+"""`lls`: an operator's view of the system, Ollama-like.
+
+lls ps                 instances with host, GPUs, state and idle time
+lls load MODEL         start MODEL now and wait until it is ready
+lls stop MODEL         stop MODEL's instances
+lls pull MODEL         download MODEL's file to a host's store, with a progress bar
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import msgspec
+
+import proto
+from lls.bus import Bus, connect, new_id
+from lls.config import Config, ConfigError, load, store_filename
+
+
+def fmt_age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+async def _records(bus: Bus, bucket, typ):  # type: ignore[no-untyped-def]
+    out = []
+    try:
+        keys = await bucket.keys()
+    except Exception:  # NoKeysError on an empty bucket
+        return out
+    for key in keys:
+        entry = await bucket.get(key)
+        if entry.value:
+            out.append(proto.decode(entry.value, typ))
+    return out
+
+
+async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
+    recs = await _records(bus, bus.instances, proto.InstanceRecord)
+    acts = await _records(bus, bus.activity, proto.ActivityReport)
+    last_used: dict[str, float] = {}
+    for rep in acts:
+        for iid, a in rep.instances.items():
+            last_used[iid] = max(last_used.get(iid, 0), a.last_used)
+    if not args.all:
+        recs = [r for r in recs if r.state not in proto.END_STATES]
+    rows = [("MODEL", "INSTANCE", "HOST", "GPUS", "STATE", "MEMORY", "IDLE", "REASON")]
+    now = time.time()
+    for r in sorted(recs, key=lambda r: (r.model, r.created)):
+        used = last_used.get(r.instance_id, r.ready_at or r.updated)
+        idle = fmt_age(now - used) if r.state == proto.InstanceState.READY else "-"
+        gpus = ",".join(map(str, r.gpus)) or "cpu"
+        rows.append(
+            (
+                r.model,
+                r.instance_id,
+                r.host or "-",
+                gpus,
+                r.state.value,
+                f"{r.memory_mib} MiB",
+                idle,
+                r.reason[:60],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def _wait_events(bus: Bus, subject: str, until, wait_s: float) -> int:  # type: ignore[no-untyped-def]
+    """Feed events on `subject` to `until(event)` (returns an exit code or None) until done."""
+    queue: asyncio.Queue[proto.Event] = asyncio.Queue(maxsize=1000)
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            queue.put_nowait(proto.decode(msg.data, proto.Event))
+        except (msgspec.ValidationError, asyncio.QueueFull):
+            pass
+
+    sub = await bus.nc.subscribe(subject, cb=on_msg)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"\nerror: no result within {wait_s:.0f} s", file=sys.stderr)
+                return 1
+            try:
+                ev = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                continue
+            code = until(ev)
+            if code is not None:
+                return code
+    finally:
+        await sub.unsubscribe()
+
+
+async def cmd_load(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
+    model = args.model
+
+    def until(ev: proto.Event) -> int | None:
+        if isinstance(ev, proto.InstanceChanged) and ev.model == model:
+            print(f"{model}: {ev.state.value} {ev.reason}".rstrip())
+            if ev.state == proto.InstanceState.READY:
+                return 0
+            if ev.state == proto.InstanceState.FAILED:
+                return 1
+        elif isinstance(ev, proto.PlacementFailed) and ev.model == model:
+            print(f"error: {ev.reason}", file=sys.stderr)
+            return 1
+        elif isinstance(ev, proto.DownloadProgress) and ev.model == model:
+            _progress(ev)
+        return None
+
+    task = asyncio.create_task(_wait_events(bus, "lls.evt.>", until, args.timeout))
+    await asyncio.sleep(0.1)
+    await bus.emit(proto.Demand(model=model, gateway_id="cli"))
+    return await task
+
+
+async def cmd_stop(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
+    await bus.emit(proto.StopRequested(model=args.model))
+    print(f"asked the placer to stop {args.model}")
+    return 0
+
+
+def _progress(ev: proto.DownloadProgress) -> None:
+    if ev.total:
+        done = ev.bytes / ev.total
+        bar = "#" * int(done * 30)
+        eta = f" ETA {fmt_age(ev.eta_s)}" if ev.eta_s is not None else ""
+        line = (
+            f"\r{ev.model} [{bar:<30}] {done:6.1%} {ev.bytes / 1e6:,.1f}/{ev.total / 1e6:,.1f} MB "
+            f"{ev.rate_bps / 1e6:.1f} MB/s{eta}"
+        )
+    else:
+        line = f"\r{ev.model} {ev.bytes / 1e6:,.1f} MB {ev.rate_bps / 1e6:.1f} MB/s"
+    print(line, end="", flush=True)
+
+
+async def cmd_pull(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
+    model = args.model
+    host = args.host
+    if not host:
+        hosts = await _records(bus, bus.hosts, proto.HostRecord)
+        alive = sorted(h.host_id for h in hosts if time.time() - h.ts < 10)
+        if not alive:
+            print("error: no host is heartbeating; start an agent first", file=sys.stderr)
+            return 1
+        host = alive[0]
+
+    def until(ev: proto.Event) -> int | None:
+        if isinstance(ev, proto.DownloadProgress) and ev.model == model:
+            _progress(ev)
+        elif isinstance(ev, proto.DownloadCompleted) and ev.model == model:
+            how = f" (reused {ev.reused})" if ev.reused else ""
+            print(f"\n{model}: {ev.size / 1e6:,.1f} MB in {ev.host}'s store{how}")
+            return 0
+        elif isinstance(ev, proto.DownloadFailed) and ev.model == model:
+            print(f"\nerror: {ev.reason}", file=sys.stderr)
+            return 1
+        return None
+
+    mcfg = cfg.models[model]
+    task = asyncio.create_task(_wait_events(bus, "lls.evt.download.>", until, args.timeout))
+    await asyncio.sleep(0.1)
+    await bus.command(
+        proto.cmd_download(host),
+        proto.DownloadFile(
+            cmd_id=f"pull-{new_id()}",
+            model=model,
+            url=mcfg.url,
+            filename=store_filename(model),
+            sha256=mcfg.sha256,
+        ),
+    )
+    return await task
+
+
+COMMANDS = {"ps": cmd_ps, "load": cmd_load, "stop": cmd_stop, "pull": cmd_pull}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="lls", description="Operate a llama-scheduler cluster.")
+    ap.add_argument("--config", default="config.yaml")
+    ap.add_argument("--nats", default="", help="NATS URL (default: the config's, or :4222)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ps = sub.add_parser("ps", help="list instances")
+    ps.add_argument("-a", "--all", action="store_true", help="include stopped and failed ones")
+    for name, helptext in (
+        ("load", "start a model now"),
+        ("stop", "stop a model"),
+        ("pull", "download a model's file"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("model")
+        p.add_argument("--timeout", type=float, default=600)
+        if name == "pull":
+            p.add_argument("--host", default="", help="host id (default: the first alive host)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if getattr(args, "model", None) and args.model not in cfg.models:
+        raise SystemExit(f"error: model {args.model!r} is not in {args.config}")
+    url = args.nats or (
+        cfg.nats.url if cfg.nats.url != "embedded" else f"nats://127.0.0.1:{cfg.nats.port}"
+    )
+
+    async def go() -> int:
+        try:
+            bus = await asyncio.wait_for(connect(url, "cli"), 10)
+        except Exception as e:  # noqa: BLE001
+            print(f"error: cannot reach NATS at {url}: {e}", file=sys.stderr)
+            return 2
+        try:
+            return await COMMANDS[args.command](bus, cfg, args)
+        finally:
+            await bus.close()
+
+    raise SystemExit(asyncio.run(go()))
+
+
+if __name__ == "__main__":
+    main()

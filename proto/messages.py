@@ -1,0 +1,320 @@
+"""Message types on the bus: KV records, commands and events.
+
+Encode with `encode(obj)`; decode with the typed decoders below (`EVENT`, `AGENT_CMD`, ...),
+which reject anything that does not match the schema.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import msgspec
+from msgspec import Struct, field
+
+from proto.subjects import SCHEMA_VERSION, evt
+
+__all__ = [
+    "ActivityReport",
+    "AgentCommand",
+    "Demand",
+    "DownloadCompleted",
+    "DownloadFailed",
+    "DownloadFile",
+    "DownloadProgress",
+    "Event",
+    "FileInfo",
+    "GgufSummary",
+    "GpuInfo",
+    "GpuProcess",
+    "HostJoined",
+    "HostLost",
+    "HostRecord",
+    "InstanceActivity",
+    "InstanceChanged",
+    "InstanceRecord",
+    "InstanceState",
+    "LeaseRecord",
+    "PlacementDecided",
+    "PlacementFailed",
+    "StartInstance",
+    "StopInstance",
+    "StopRequested",
+    "decode",
+    "encode",
+    "now",
+    "LIVE_STATES",
+    "END_STATES",
+]
+
+
+def now() -> float:
+    return time.time()
+
+
+def encode(obj: Struct) -> bytes:
+    return msgspec.json.encode(obj)
+
+
+# ---------------------------------------------------------------- host telemetry (KV hosts)
+
+
+class GpuProcess(Struct, frozen=True):
+    pid: int
+    used_mib: int
+    ours: bool = False  # started by this agent (one of our instances)
+
+
+class GpuInfo(Struct, frozen=True):
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int  # live NVML usage, or the sum of our claims for simulated GPUs
+    memory_claimed_mib: int = 0  # what our instances on this GPU were placed with
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    processes: list[GpuProcess] = []
+    simulated: bool = False
+
+
+class GgufSummary(Struct, frozen=True):
+    """What placement needs from a GGUF header (read without loading the weights)."""
+
+    architecture: str
+    n_layers: int
+    n_ctx_train: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int = 0
+    file_type: int | None = None
+    tensor_bytes: int = 0  # sum of tensor data sizes (weights)
+
+
+class FileInfo(Struct, frozen=True):
+    """A model file present in a host's store."""
+
+    model: str
+    filename: str
+    size: int
+    gguf: GgufSummary | None = None
+
+
+class HostRecord(Struct):
+    host_id: str
+    ts: float  # heartbeat time; a stale one means the host is lost
+    started_at: float
+    runtime: str  # "process" | "docker"
+    gpus: list[GpuInfo]
+    cpu_count: int
+    ram_total_mib: int
+    ram_free_mib: int
+    files: list[FileInfo] = []
+    instances: list[str] = []  # instance ids this agent runs now
+    v: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------- instances (KV instances)
+
+
+class InstanceState(enum.StrEnum):
+    PENDING = "pending"  # placed or being placed
+    DOWNLOADING = "downloading"  # waiting for the model file on its host
+    STARTING = "starting"  # llama-server launched, /health not yet 200
+    READY = "ready"  # serving at `endpoint`
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"  # `reason` and `log_tail` say why
+    LOST = "lost"  # its host stopped heartbeating
+
+
+LIVE_STATES = frozenset(
+    {
+        InstanceState.PENDING,
+        InstanceState.DOWNLOADING,
+        InstanceState.STARTING,
+        InstanceState.READY,
+    }
+)
+END_STATES = frozenset({InstanceState.STOPPED, InstanceState.FAILED, InstanceState.LOST})
+
+
+class InstanceRecord(Struct):
+    instance_id: str
+    model: str
+    state: InstanceState
+    created: float
+    updated: float
+    host: str | None = None
+    gpus: list[int] = []  # GPU indexes on `host`; empty = CPU only
+    memory_mib: int = 0  # what placement reserved for it
+    endpoint: str | None = None  # base URL of llama-server once ready
+    reason: str = ""  # why it is in this state (placement reason, failure, stop cause)
+    log_tail: str = ""  # last lines of the server log when it failed
+    ready_at: float | None = None
+    v: int = SCHEMA_VERSION
+
+
+class InstanceActivity(Struct):
+    in_flight: int
+    last_used: float  # end of the last request (or start of one in flight)
+
+
+class ActivityReport(Struct):
+    """Published by each gateway every second: what it is using, so idle/evict can decide."""
+
+    gateway_id: str
+    ts: float
+    instances: dict[str, InstanceActivity] = {}
+
+
+class LeaseRecord(Struct):
+    holder: str
+    ts: float
+
+
+# ---------------------------------------------------------------- commands (stream LLS_CMDS)
+
+
+class StartInstance(Struct, tag="start", kw_only=True):
+    cmd_id: str
+    instance_id: str
+    model: str
+    filename: str  # in the host's store
+    ctx_size: int
+    n_gpu_layers: int  # 0 = CPU only
+    gpus: list[int] = []  # GPU indexes on this host; several = split across them
+    memory_mib: int = 0
+    args: list[str] = []
+    embeddings: bool = False
+
+
+class StopInstance(Struct, tag="stop", kw_only=True):
+    cmd_id: str
+    instance_id: str
+    reason: str = ""
+
+
+AgentCommand = StartInstance | StopInstance
+
+
+class DownloadFile(Struct, tag="download", kw_only=True):
+    cmd_id: str
+    model: str
+    url: str
+    filename: str
+    sha256: str | None = None
+
+
+# ---------------------------------------------------------------- events (stream LLS_EVENTS)
+
+
+class _Event(Struct, kw_only=True, tag_field="kind"):
+    ts: float = field(default_factory=now)
+    v: int = SCHEMA_VERSION
+
+    def subject(self) -> str:
+        return evt(type(self).__struct_config__.tag)
+
+
+class Demand(_Event, tag="demand"):
+    model: str
+    gateway_id: str
+    waiting: int = 1  # requests waiting at that gateway
+
+
+class PlacementDecided(_Event, tag="placement.decided"):
+    model: str
+    instance_id: str
+    host: str
+    gpus: list[int]
+    memory_mib: int
+    reason: str
+    evicted: list[str] = []
+
+
+class PlacementFailed(_Event, tag="placement.failed"):
+    model: str
+    reason: str
+    retry_after_s: float = 5.0
+
+
+class DownloadProgress(_Event, tag="download.progress"):
+    model: str
+    host: str
+    bytes: int
+    total: int | None = None
+    rate_bps: float = 0.0
+    eta_s: float | None = None
+
+
+class DownloadCompleted(_Event, tag="download.completed"):
+    model: str
+    host: str
+    filename: str
+    size: int
+    reused: str | None = None  # where an existing copy came from, if not downloaded
+
+
+class DownloadFailed(_Event, tag="download.failed"):
+    model: str
+    host: str
+    reason: str
+
+
+class InstanceChanged(_Event, tag="instance"):
+    instance_id: str
+    model: str
+    state: InstanceState
+    host: str | None = None
+    endpoint: str | None = None
+    reason: str = ""
+
+    def subject(self) -> str:
+        return evt(f"instance.{self.state.value}")
+
+
+class StopRequested(_Event, tag="stop.requested"):
+    """An operator asks for a model's instances to stop (the placer carries it out)."""
+
+    model: str
+    requested_by: str = "cli"
+
+
+class HostJoined(_Event, tag="host.joined"):
+    host_id: str
+    gpus: int
+    runtime: str
+
+
+class HostLost(_Event, tag="host.lost"):
+    host_id: str
+    reason: str
+
+
+Event = (
+    Demand
+    | PlacementDecided
+    | PlacementFailed
+    | DownloadProgress
+    | DownloadCompleted
+    | DownloadFailed
+    | InstanceChanged
+    | StopRequested
+    | HostJoined
+    | HostLost
+)
+
+_DECODERS: dict[object, msgspec.json.Decoder] = {}
+
+
+def decode(data: bytes, typ):  # type: ignore[no-untyped-def]
+    """Decode `data` as `typ` (a Struct or a Union such as Event or AgentCommand)."""
+    dec = _DECODERS.get(typ)
+    if dec is None:
+        dec = _DECODERS[typ] = msgspec.json.Decoder(typ)
+    return dec.decode(data)

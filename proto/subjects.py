@@ -1,0 +1,40 @@
+"""Subject names, stream and KV bucket definitions. Bump SCHEMA_VERSION on breaking changes."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Append-only domain events (limits retention): every decision and state change.
+EVENTS_STREAM = "LLS_EVENTS"
+EVENTS_SUBJECTS = "lls.evt.>"
+EVENTS_MAX_AGE_S = 24 * 3600
+EVENTS_MAX_MSGS = 200_000
+
+# Commands (work-queue retention): one consumer per host and kind, acked after handling.
+CMDS_STREAM = "LLS_CMDS"
+CMDS_SUBJECTS = "lls.cmd.>"
+CMD_DEDUP_WINDOW_S = 120  # Nats-Msg-Id dedup window: a command re-sent within it is dropped
+
+# KV buckets (materialized views)
+KV_HOSTS = "lls_hosts"  # host_id -> HostRecord (telemetry + heartbeat)
+KV_INSTANCES = "lls_instances"  # instance_id -> InstanceRecord
+KV_ACTIVITY = "lls_activity"  # gateway_id -> ActivityReport (in-flight and last use)
+KV_LEASES = "lls_leases"  # "placer" -> LeaseRecord
+
+
+def evt(kind: str) -> str:
+    """Subject of an event; `kind` is the event's tag, e.g. evt("instance.ready")."""
+    return f"lls.evt.{kind}"
+
+
+def cmd_agent(host_id: str) -> str:
+    return f"lls.cmd.agent.{host_id}"
+
+
+def cmd_download(host_id: str) -> str:
+    return f"lls.cmd.download.{host_id}"
+
+
+def kv_key(name: str) -> str:
+    """KV keys allow [-/_=.a-zA-Z0-9]; map anything else to '_' (model names may hold ':')."""
+    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in name)

@@ -1,0 +1,161 @@
+"""The runtime seam: how an instance's llama-server is launched, watched, stopped and found
+again after an agent restart. Two implementations: plain processes and Docker containers.
+
+Runtime methods block (subprocess, Docker SDK); the agent calls them with asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+LOG_TAIL_LINES = 30
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class LaunchError(RuntimeError):
+    """The runtime could not even launch the server (missing binary, image, file...)."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    instance_id: str
+    model: str
+    filename: str  # relative to the store
+    port: int
+    bind_host: str
+    ctx_size: int
+    n_gpu_layers: int
+    gpus: tuple[int, ...] = ()  # GPU indexes on this host
+    gpu_uuids: tuple[str, ...] = ()  # NVML UUIDs of `gpus`; empty for simulated GPUs
+    embeddings: bool = False
+    args: tuple[str, ...] = ()  # extra llama-server flags from the model config
+    memory_mib: int = 0
+
+
+@dataclass
+class Handle:
+    """A running (or just exited) llama-server that this agent is responsible for."""
+
+    instance_id: str
+    model: str
+    port: int
+    pid: int | None = None  # process pid, or the container's main pid
+    container_id: str | None = None
+    adopted: bool = False  # found running at agent start, not launched by this agent
+
+
+class Runtime(Protocol):
+    name: str  # "process" | "docker"
+
+    def launch(self, spec: LaunchSpec) -> Handle: ...
+
+    def exit_code(self, h: Handle) -> int | None:
+        """None while running; the exit code once it ended (-1 when unknown)."""
+        ...
+
+    def log_tail(self, h: Handle, lines: int = LOG_TAIL_LINES) -> str: ...
+
+    def stop(self, h: Handle, grace_s: float) -> None:
+        """SIGTERM, SIGKILL after `grace_s`, then release()."""
+        ...
+
+    def release(self, h: Handle) -> None:
+        """Forget an ended instance: remove its state file / container."""
+        ...
+
+    def discover(self) -> list[Handle]:
+        """Instances of this host id still running from an earlier agent (stale ones are
+        released on the way)."""
+        ...
+
+
+# ---------------------------------------------------------------- pure helpers
+
+_PARALLEL_FLAGS = {"-np", "--parallel"}
+
+
+def has_flag(args: Iterable[str], flags: set[str]) -> bool:
+    return any(a in flags or a.split("=", 1)[0] in flags for a in args)
+
+
+def build_argv(
+    model_path: str,
+    *,
+    alias: str,
+    host: str,
+    port: int,
+    ctx_size: int,
+    n_gpu_layers: int,
+    embeddings: bool = False,
+    args: Iterable[str] = (),
+    fit_off: bool = False,
+) -> list[str]:
+    """llama-server arguments (without the program). -c and -ngl are always explicit so the
+    memory placement reserved is what gets used; the model's own args come last so they win."""
+    args = list(args)
+    argv = ["-m", model_path, "--host", host, "--port", str(port), "--alias", alias]
+    argv += ["-c", str(ctx_size), "-ngl", str(n_gpu_layers)]
+    if fit_off:  # --fit would silently shrink unset settings to whatever memory is free
+        argv += ["--fit", "off"]
+    if not has_flag(args, _PARALLEL_FLAGS):
+        argv += ["-np", "1"]  # the default (4 slots sharing -c) would quarter the context
+    if embeddings:
+        argv += ["--embeddings", "--pooling", "mean"]
+    argv += ["--metrics"]
+    return argv + args
+
+
+def gpu_env(spec: LaunchSpec) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES pinning for the process runtime: UUIDs where NVML gave them (CUDA's
+    default order differs from NVML's), else indexes; hide every GPU from a CPU-only instance."""
+    if spec.gpu_uuids:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(spec.gpu_uuids)}
+    if spec.gpus:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, spec.gpus))}
+    if spec.n_gpu_layers == 0:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
+def bind_host(advertise_host: str) -> str:
+    """Listen on loopback when others reach us there, else on every interface."""
+    return "127.0.0.1" if advertise_host in LOOPBACK else "0.0.0.0"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        # SO_REUSEADDR: ignore TIME_WAIT leftovers, still refuse a port someone listens on
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def pick_port(
+    port_range: tuple[int, int],
+    taken: set[int],
+    is_free: Callable[[int], bool] = port_is_free,
+    rng: random.Random | None = None,
+) -> int:
+    """A free port in the range, in random order so that agents sharing a machine rarely
+    race for the same one."""
+    lo, hi = port_range
+    ports = [p for p in range(lo, hi + 1) if p not in taken]
+    (rng or random).shuffle(ports)
+    for p in ports:
+        if is_free(p):
+            return p
+    raise LaunchError(f"no free port in agent.port_range {lo}-{hi}")
+
+
+def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])

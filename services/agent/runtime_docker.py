@@ -1,0 +1,196 @@
+"""Docker runtime: llama-server in a container on the host network, store mounted read-only.
+
+Containers carry labels (lls.host, lls.instance, lls.model, lls.port, lls.store), which is how a
+restarted agent finds its own: same host id and same store, nothing else on the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.types import DeviceRequest
+
+from services.agent.image import ensure_image, knows_fit
+from services.agent.runtime import (
+    LOG_TAIL_LINES,
+    Handle,
+    LaunchError,
+    LaunchSpec,
+    build_argv,
+    tail_lines,
+)
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = "/models"
+OUTSIDE_DIR = "/lls-model"  # where a store file that links outside the store is mounted
+
+
+def engine(timeout_s: float = 10):  # noqa: ANN201 - docker.DockerClient
+    """A client for the local Docker engine if one answers, else None."""
+    try:
+        client = docker.from_env(timeout=timeout_s)
+        client.ping()
+        return client
+    except Exception as e:  # noqa: BLE001 - no engine, no socket, no permission...
+        log.debug("no Docker engine: %s", e)
+        return None
+
+
+def container_name(host_id: str, instance_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"lls-{host_id}-{instance_id}")
+
+
+def model_mounts(store: Path, filename: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """(path of the model inside the container, volumes). A store entry that is a symlink to a
+    file outside the store (a reused Ollama/HF copy) is mounted on its own."""
+    volumes = {str(store): {"bind": MODELS_DIR, "mode": "ro"}}
+    real = (store / filename).resolve()
+    try:
+        rel = real.relative_to(store.resolve())
+        return f"{MODELS_DIR}/{rel.as_posix()}", volumes
+    except ValueError:
+        inside = f"{OUTSIDE_DIR}/{real.name}"
+        volumes[str(real)] = {"bind": inside, "mode": "ro"}
+        return inside, volumes
+
+
+class DockerRuntime:
+    name = "docker"
+
+    def __init__(self, client, host_id: str, store: Path, image: str):  # noqa: ANN001
+        self.client = client
+        self.host_id = host_id
+        self.store = store
+        self.image = image
+
+    @classmethod
+    def create(
+        cls,
+        client,  # noqa: ANN001
+        host_id: str,
+        store: Path,
+        configured_image: str,
+        nvidia: bool,
+        binary: Path | None,
+    ) -> DockerRuntime:
+        image = ensure_image(client, configured_image, nvidia, binary)
+        log.info("docker runtime uses image %s", image)
+        return cls(client, host_id, store, image)
+
+    def _labels(self, spec: LaunchSpec) -> dict[str, str]:
+        return {
+            "lls.host": self.host_id,
+            "lls.instance": spec.instance_id,
+            "lls.model": spec.model,
+            "lls.port": str(spec.port),
+            "lls.store": str(self.store),
+        }
+
+    def launch(self, spec: LaunchSpec) -> Handle:
+        name = container_name(self.host_id, spec.instance_id)
+        try:  # a leftover with the same name (an earlier failed start) would block the name
+            self.client.containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        model_path, volumes = model_mounts(self.store, spec.filename)
+        argv = build_argv(
+            model_path,
+            alias=spec.model,
+            host=spec.bind_host,
+            port=spec.port,
+            ctx_size=spec.ctx_size,
+            n_gpu_layers=spec.n_gpu_layers,
+            embeddings=spec.embeddings,
+            args=spec.args,
+            fit_off=knows_fit(self.image),
+        )
+        devices = None
+        if spec.gpu_uuids:  # real GPUs only: simulated ones have nothing to pass through
+            devices = [DeviceRequest(device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])]
+        try:
+            c = self.client.containers.run(
+                self.image,
+                command=argv,
+                name=name,
+                detach=True,
+                labels=self._labels(spec),
+                network_mode="host",
+                volumes=volumes,
+                device_requests=devices,
+            )
+        except docker.errors.DockerException as e:
+            raise LaunchError(f"docker could not start {self.image}: {e}") from e
+        c.reload()
+        pid = c.attrs.get("State", {}).get("Pid") or None
+        log.info("launched %s in container %s: %s", spec.instance_id, c.short_id, argv)
+        return Handle(spec.instance_id, spec.model, spec.port, pid=pid, container_id=c.id)
+
+    def _container(self, h: Handle):  # noqa: ANN202
+        try:
+            return self.client.containers.get(h.container_id)
+        except docker.errors.NotFound:
+            return None
+
+    def exit_code(self, h: Handle) -> int | None:
+        c = self._container(h)
+        if c is None:
+            return -1
+        state = c.attrs.get("State", {})
+        if state.get("Running") or state.get("Status") in ("created", "restarting"):
+            return None
+        return int(state.get("ExitCode", -1))
+
+    def log_tail(self, h: Handle, lines: int = LOG_TAIL_LINES) -> str:
+        c = self._container(h)
+        if c is None:
+            return ""
+        try:
+            return tail_lines(c.logs(tail=lines).decode(errors="replace"), lines)
+        except docker.errors.DockerException:
+            return ""
+
+    def stop(self, h: Handle, grace_s: float) -> None:
+        c = self._container(h)
+        if c is not None:
+            try:
+                c.stop(timeout=int(max(1, grace_s)))  # SIGTERM, SIGKILL after the grace
+            except docker.errors.DockerException as e:
+                log.warning("stopping container %s: %s", c.short_id, e)
+        self.release(h)
+
+    def release(self, h: Handle) -> None:
+        c = self._container(h)
+        if c is not None:
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+    def discover(self) -> list[Handle]:
+        found = []
+        labels = [f"lls.host={self.host_id}", f"lls.store={self.store}"]
+        for c in self.client.containers.list(all=True, filters={"label": labels}):
+            lb = c.labels
+            try:
+                h = Handle(
+                    lb["lls.instance"],
+                    lb.get("lls.model", ""),
+                    int(lb["lls.port"]),
+                    pid=c.attrs.get("State", {}).get("Pid") or None,
+                    container_id=c.id,
+                    adopted=True,
+                )
+            except (KeyError, ValueError):
+                log.warning("container %s has broken lls labels; removing it", c.short_id)
+                c.remove(force=True)
+                continue
+            if c.status == "running":
+                found.append(h)
+            else:
+                self.release(h)
+        return found

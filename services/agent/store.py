@@ -1,0 +1,84 @@
+"""The model store as the placer sees it: complete *.gguf files with their header summaries.
+
+Files still being written (`x.gguf.part`, hidden or `.tmp` names) are not models yet. Header
+summaries are cached by (mtime, size), so a heartbeat rescans in microseconds per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import proto
+
+log = logging.getLogger(__name__)
+
+TEMP_MARKERS = (".part", ".tmp", ".partial", ".incomplete", ".download")
+
+Reader = Callable[[Path], proto.GgufSummary]
+
+
+def is_model_file(name: str) -> bool:
+    if not name.endswith(".gguf") or name.startswith("."):
+        return False
+    stem = name[: -len(".gguf")]
+    return not stem.endswith(TEMP_MARKERS)
+
+
+def model_name(filename: str) -> str:
+    """The model a store file holds: its relative path without `.gguf`."""
+    return filename[: -len(".gguf")]
+
+
+def _read_header(path: Path) -> proto.GgufSummary:
+    from lls.gguf_header import read_summary  # lazily: the store works without it
+
+    return read_summary(path)
+
+
+class Store:
+    def __init__(self, root: Path, reader: Reader = _read_header):
+        self.root = root
+        self.reader = reader
+        self._cache: dict[str, tuple[int, int, proto.GgufSummary | None]] = {}
+
+    def _summary(self, rel: str, path: Path, st: os.stat_result) -> proto.GgufSummary | None:
+        hit = self._cache.get(rel)
+        if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
+            return hit[2]
+        try:
+            summary = self.reader(path)
+        except Exception as e:  # noqa: BLE001 - a bad header is reported as "unknown"
+            log.warning("cannot read the GGUF header of %s: %s", path, e)
+            summary = None
+        self._cache[rel] = (st.st_mtime_ns, st.st_size, summary)
+        return summary
+
+    def scan(self) -> list[proto.FileInfo]:
+        files = []
+        seen = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not is_model_file(name):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()  # follows a symlink to a reused copy
+                except OSError:
+                    continue
+                rel = path.relative_to(self.root).as_posix()
+                seen.add(rel)
+                files.append(
+                    proto.FileInfo(
+                        model=model_name(rel),
+                        filename=rel,
+                        size=st.st_size,
+                        gguf=self._summary(rel, path, st),
+                    )
+                )
+        for gone in set(self._cache) - seen:
+            del self._cache[gone]
+        return files

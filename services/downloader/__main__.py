@@ -1,0 +1,4 @@
+from lls.service import main
+from services.downloader.service import run
+
+main("downloader", run)

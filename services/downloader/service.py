@@ -1,0 +1,280 @@
+"""The downloader service: DownloadFile commands in; progress, completed and failed events out.
+
+One durable pull consumer per host on the command stream. Each command runs in its own task
+(at most MAX_ACTIVE at once; the rest wait in the stream), is kept alive with in_progress()
+while it runs, and is acked once its outcome is on the bus: failures are events, not endless
+redeliveries. Commands for a file already being fetched join that download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+
+import proto
+from lls.bus import Bus, durable_config
+from lls.config import Config
+from lls.service import ServiceContext
+from services.downloader.fetch import FetchError, Options, Progress
+from services.downloader.sources import Source, SourceError, resolve
+from services.downloader.store import Outcome, obtain
+
+log = logging.getLogger(__name__)
+
+MAX_ACTIVE = 4  # commands handled at once
+PROGRESS_EVERY_S = 0.5  # at most 2 progress events per second per command
+RATE_WINDOW_S = 5.0
+KEEPALIVE_S = 10.0  # well inside the consumer's 30 s ack_wait
+
+
+@dataclass
+class _Job:
+    """One running fetch of one store file (all parts of a split GGUF)."""
+
+    sha256: str | None
+    parts: list[Progress] = field(default_factory=list)
+    task: asyncio.Task[Outcome] | None = None
+
+    def snapshot(self) -> tuple[int, int | None, int]:
+        """(bytes on disk, total if known, bytes moved during this run)."""
+        done = sum(p.done for p in self.parts)
+        totals = [p.total for p in self.parts]
+        total = None if not totals or None in totals else sum(t for t in totals if t is not None)
+        moved = sum(max(0, p.done - p.resumed) for p in self.parts)
+        return done, total, moved
+
+
+def failure_text(e: BaseException, timeout_s: float) -> str:
+    if isinstance(e, FetchError | SourceError):
+        return str(e)
+    if isinstance(e, TimeoutError):
+        return (
+            f"the download did not finish within downloader.timeout ({timeout_s:g} s); raise "
+            "it for large files or check the network. What was downloaded is kept and resumes."
+        )
+    return f"unexpected downloader error: {e!r}; see the downloader log"
+
+
+class Downloader:
+    def __init__(
+        self,
+        cfg: Config,
+        bus: Bus,
+        host_id: str,
+        *,
+        opts: Options | None = None,
+        ollama_roots: list[Path] | None = None,
+        hf_roots: list[Path] | None = None,
+    ):
+        self.bus = bus
+        self.host = host_id
+        self.store = cfg.store_dir()
+        self.timeout = cfg.downloader.timeout
+        self.opts = opts or Options(connections=cfg.downloader.connections)
+        self.ollama_roots = ollama_roots
+        self.hf_roots = hf_roots
+        self.jobs: dict[Path, _Job] = {}
+
+    # ------------------------------------------------------------ the consumer loop
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        subject = proto.cmd_download(self.host)
+        durable = f"downloader-{self.host}"
+        psub = await self.bus.js.pull_subscribe(
+            subject,
+            durable=durable,
+            stream=proto.CMDS_STREAM,
+            config=durable_config(durable, subject),
+        )
+        self.store.mkdir(parents=True, exist_ok=True)
+        log.info("downloading into %s, commands on %s", self.store, subject)
+        active: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                free = MAX_ACTIVE - len(active)
+                if free <= 0:
+                    await asyncio.wait(active, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await psub.fetch(free, timeout=1)
+                except TimeoutError:
+                    continue  # nothing to do
+                except Exception as e:  # noqa: BLE001 - NATS reconnecting: keep polling
+                    log.warning("fetching commands: %r", e)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1)
+                    continue
+                for m in msgs:
+                    t = asyncio.create_task(self._on_message(m))
+                    active.add(t)
+                    t.add_done_callback(active.discard)
+        finally:
+            for t in list(active):
+                t.cancel()
+            await asyncio.gather(*active, return_exceptions=True)
+            await self.close()
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()  # an open pull subscription stalls drain()
+
+    async def close(self) -> None:
+        tasks = [j.task for j in self.jobs.values() if j.task]
+        for t in tasks:
+            t.cancel()  # resume state is saved on the way out
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            cmd = proto.decode(msg.data, proto.DownloadFile)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            log.error("dropping a malformed download command: %s", e)
+            await msg.term()
+            return
+        keepalive = asyncio.create_task(_keep_alive(msg))
+        try:
+            event = await self.handle(cmd)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # stopping: hand it back for the next downloader start
+            raise
+        finally:
+            keepalive.cancel()
+        await self._emit(event)
+        try:
+            await msg.ack()
+        except Exception as e:  # noqa: BLE001 - redelivery is harmless: commands are idempotent
+            log.warning("ack of %s failed: %r", cmd.cmd_id, e)
+
+    # ------------------------------------------------------------ one command
+
+    async def handle(
+        self, cmd: proto.DownloadFile
+    ) -> proto.DownloadCompleted | proto.DownloadFailed:
+        """Bring cmd.filename into the store; the outcome as the event to publish."""
+        log.info("download %s: %s -> %s", cmd.model, cmd.url, cmd.filename)
+        try:
+            sources = resolve(cmd.url, cmd.filename)
+            job = await self._job_for(cmd, sources)
+        except SourceError as e:
+            return self._failed(cmd, e)
+        reporter = asyncio.create_task(self._report(cmd, job))
+        try:
+            assert job.task is not None
+            outcome = await asyncio.shield(job.task)  # a joiner's cancel must not kill the job
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes an event
+            return self._failed(cmd, e)
+        finally:
+            reporter.cancel()
+        log.info("done %s: %s, %d bytes, reused=%s", cmd.model, cmd.filename, outcome.size, outcome.reused)
+        return proto.DownloadCompleted(
+            model=cmd.model,
+            host=self.host,
+            filename=cmd.filename,
+            size=outcome.size,
+            reused=outcome.reused,
+        )
+
+    def _failed(self, cmd: proto.DownloadFile, e: BaseException) -> proto.DownloadFailed:
+        if not isinstance(e, FetchError | SourceError | TimeoutError):
+            log.error("download %s failed", cmd.model, exc_info=e)
+        reason = failure_text(e, self.timeout)
+        log.warning("download %s failed: %s", cmd.model, reason)
+        return proto.DownloadFailed(model=cmd.model, host=self.host, reason=reason)
+
+    async def _job_for(self, cmd: proto.DownloadFile, sources: list[Source]) -> _Job:
+        key = self.store / sources[0].filename
+        sha = cmd.sha256.lower() if cmd.sha256 else None
+        while (job := self.jobs.get(key)) is not None:
+            if sha is None or job.sha256 == sha:
+                log.info("%s joins the running download of %s", cmd.cmd_id, key.name)
+                return job
+            # Another checksum for the same name: let that one finish, then check ours.
+            assert job.task is not None
+            await asyncio.wait({job.task})
+        job = _Job(sha256=sha)
+        job.task = asyncio.create_task(self._run_job(cmd, sources, job))
+        self.jobs[key] = job
+
+        def forget(t: asyncio.Task[Outcome]) -> None:
+            if self.jobs.get(key) is job:
+                del self.jobs[key]
+            if not t.cancelled():
+                t.exception()  # retrieved here so an unawaited failure is not logged twice
+
+        job.task.add_done_callback(forget)
+        return job
+
+    async def _run_job(self, cmd: proto.DownloadFile, sources: list[Source], job: _Job) -> Outcome:
+        async with asyncio.timeout(self.timeout):
+            size = 0
+            reused: list[str | None] = []
+            for i, src in enumerate(sources):
+                progress = Progress()
+                job.parts.append(progress)
+                # A split model's checksum can only name one file: the first part.
+                out = await obtain(
+                    src,
+                    self.store,
+                    job.sha256 if i == 0 else None,
+                    self.opts,
+                    progress,
+                    self.ollama_roots,
+                    self.hf_roots,
+                )
+                size += out.size
+                reused.append(out.reused)
+        origin = None if None in reused else ", ".join(dict.fromkeys(r for r in reused if r))
+        return Outcome(size, origin)
+
+    async def _report(self, cmd: proto.DownloadFile, job: _Job) -> None:
+        samples: collections.deque[tuple[float, int]] = collections.deque()
+        last: tuple[int, int | None] | None = None
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            done, total, moved = job.snapshot()
+            now = time.monotonic()
+            samples.append((now, moved))
+            while samples and now - samples[0][0] > RATE_WINDOW_S:
+                samples.popleft()
+            if (done, total) == last:
+                continue
+            last = (done, total)
+            t0, m0 = samples[0]
+            rate = (moved - m0) / (now - t0) if now > t0 else 0.0
+            eta = (total - done) / rate if total is not None and rate > 0 else None
+            await self._emit(
+                proto.DownloadProgress(
+                    model=cmd.model,
+                    host=self.host,
+                    bytes=done,
+                    total=total,
+                    rate_bps=round(rate, 1),
+                    eta_s=round(eta, 1) if eta is not None else None,
+                )
+            )
+
+    async def _emit(self, event: proto.Event) -> None:
+        try:
+            await self.bus.emit(event)
+        except Exception as e:  # noqa: BLE001 - a lost event must not break a download
+            log.warning("could not publish %s: %r", type(event).__name__, e)
+
+
+async def _keep_alive(msg: Msg) -> None:
+    while True:
+        await asyncio.sleep(KEEPALIVE_S)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+async def run(ctx: ServiceContext) -> None:
+    await Downloader(ctx.cfg, ctx.bus, ctx.host_id).serve(ctx.stop)

@@ -1,0 +1,215 @@
+"""The host's model store: staging, a cross-process lock, verified publishing, and the decision
+for one file: already there, reuse a local copy, or download.
+
+Layout: `<store>/<filename>` holds only complete, verified files. Work in progress lives in
+`<store>/.lls/`: `<filename>.part` (+ `.part.json` resume state), `<filename>.lock` (flock, so
+two downloader processes never write one file; the kernel drops it on kill -9) and
+`<filename>.sha256` (digest of the published file, keyed by size and mtime, so a store hit with
+a checksum is not re-hashed every time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from services.downloader import reuse
+from services.downloader.fetch import (
+    FetchError,
+    Options,
+    Progress,
+    copy_file,
+    fetch_http,
+    sha256_file,
+    state_path,
+)
+from services.downloader.sources import Source
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".lls"
+
+
+@dataclass(frozen=True)
+class Staging:
+    dest: Path
+    part: Path
+    lock: Path
+    digest: Path
+
+    @classmethod
+    def of(cls, store: Path, filename: str) -> Staging:
+        base = store / STAGING_DIR / filename
+        return cls(
+            dest=store / filename,
+            part=base.with_name(base.name + ".part"),
+            lock=base.with_name(base.name + ".lock"),
+            digest=base.with_name(base.name + ".sha256"),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    size: int
+    reused: str | None  # "store", "ollama:<path>", "hf-cache:<path>"; None = downloaded
+
+
+@asynccontextmanager
+async def locked(path: Path, poll_s: float = 0.2) -> AsyncIterator[None]:
+    """Exclusive flock on `path`, polled so the caller's deadline can cancel the wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(poll_s)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _stamp(path: Path) -> str:
+    s = path.stat()
+    return f"{s.st_size} {s.st_mtime_ns}"
+
+
+def cached_digest(st: Staging) -> str | None:
+    try:
+        digest, stamp = st.digest.read_text().split(" ", 1)
+        return digest if stamp.strip() == _stamp(st.dest) else None
+    except (OSError, ValueError):
+        return None
+
+
+def remember_digest(st: Staging, digest: str) -> None:
+    try:
+        st.digest.write_text(f"{digest} {_stamp(st.dest)}\n")
+    except OSError as e:  # only an optimisation
+        log.debug("cannot record digest of %s: %s", st.dest, e)
+
+
+async def store_digest(st: Staging) -> str:
+    digest = cached_digest(st)
+    if digest is None:
+        digest = await asyncio.to_thread(sha256_file, st.dest)
+        remember_digest(st, digest)
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(st: Staging) -> None:
+    st.part.unlink(missing_ok=True)
+    state_path(st.part).unlink(missing_ok=True)
+
+
+def publish(st: Staging, digest: str | None) -> None:
+    """Atomic rename into the store: readers see the old name absent or the whole file."""
+    st.dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(st.part, st.dest)
+    _fsync_dir(st.dest.parent)
+    state_path(st.part).unlink(missing_ok=True)
+    if digest:
+        remember_digest(st, digest)
+
+
+async def verify_and_publish(
+    st: Staging, url: str, expected: int | None, sha256: str | None, digest: str | None
+) -> int:
+    size = st.part.stat().st_size
+    if expected is not None and size != expected:
+        discard(st)
+        raise FetchError(
+            f"{st.dest.name}: got {size} bytes but the server announced {expected}; "
+            "the download was deleted, request the model again"
+        )
+    if sha256:
+        digest = digest or await asyncio.to_thread(sha256_file, st.part)
+        if digest != sha256.lower():
+            discard(st)
+            raise FetchError(
+                f"sha256 mismatch for {st.dest.name}: expected {sha256.lower()}, got {digest}. "
+                f"The file at {url} is not the configured one: fix the model's sha256 or its "
+                "url. The downloaded file was deleted."
+            )
+    publish(st, digest)
+    return size
+
+
+def file_url_path(url: str) -> Path:
+    u = urlsplit(url)
+    return Path(unquote(u.netloc + u.path))
+
+
+async def obtain(
+    src: Source,
+    store: Path,
+    sha256: str | None,
+    opts: Options,
+    progress: Progress,
+    ollama_roots: list[Path] | None = None,
+    hf_roots: list[Path] | None = None,
+) -> Outcome:
+    """Make `store/src.filename` a complete, verified copy of `src`."""
+    st = Staging.of(store, src.filename)
+    sha256 = sha256.lower() if sha256 else None
+    async with locked(st.lock):
+        if st.dest.is_file():
+            if sha256 is None or await store_digest(st) == sha256:
+                size = st.dest.stat().st_size
+                progress.total = progress.done = progress.resumed = size
+                return Outcome(size, "store")
+            log.warning("%s in the store does not match sha256 %s: replacing it", st.dest, sha256)
+
+        for hit in reuse.find(sha256, src.hf, src.ollama, ollama_roots, hf_roots):
+            if sha256 and await asyncio.to_thread(sha256_file, hit.path) != sha256:
+                log.warning("%s does not match sha256 %s: not reused", hit.path, sha256)
+                continue
+            size = await _link_or_copy(hit.path, st, progress)
+            publish(st, sha256)
+            log.info("%s: reused %s", src.filename, hit.origin)
+            return Outcome(size, hit.origin)
+
+        if src.url.startswith("ollama://"):
+            dirs = ", ".join(str(d) for d in (ollama_roots or reuse.ollama_dirs()))
+            raise FetchError(
+                f"{src.url} is not in the Ollama models dirs ({dirs}): run `ollama pull` "
+                "first, set LLS_OLLAMA_MODELS, or use an hf:// or https:// url"
+            )
+        if src.url.startswith("file://"):
+            path = file_url_path(src.url)
+            expected, digest = await copy_file(path, st.part, progress)
+        else:
+            expected, digest = await fetch_http(src.url, st.part, src.headers, opts, progress)
+        size = await verify_and_publish(st, src.url, expected, sha256, digest)
+        return Outcome(size, None)
+
+
+async def _link_or_copy(src: Path, st: Staging, progress: Progress) -> int:
+    """A hard link costs nothing; across filesystems (or where links are refused) copy."""
+    discard(st)
+    st.part.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, st.part)
+    except OSError as e:
+        log.info("cannot hard-link %s (%s): copying", src, e.strerror)
+        await copy_file(src, st.part, progress)
+    size = st.part.stat().st_size
+    progress.total = progress.done = size
+    return size

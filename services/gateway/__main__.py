@@ -1,0 +1,5 @@
+from lls.service import main
+
+from .service import run
+
+main("gateway", run)

@@ -1,0 +1,514 @@
+"""Where a model instance runs: pure decisions over a cluster view (no I/O, no logging).
+
+`place` narrows the hosts step by step; every step that removes candidates writes a sentence,
+and when nothing is left those sentences are the answer the user sees (NoFit.reason). The
+chain: drop lost hosts -> apply pins -> one GPU that fits -> several GPUs of one host ->
+a CPU-only host -> the same again after stopping least-recently-used idle instances.
+
+Free GPU memory = total - max(live used, our claims + memory of processes that are not ours).
+Claims (InstanceRecord.memory_mib of our live instances) cover instances NVML cannot see yet
+(pending, downloading, starting); live usage covers everything else on the card. Allocating
+from claims alone is GPUStack's known failure (its issues 1965 and 1047).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from proto.messages import (
+    LIVE_STATES,
+    HostRecord,
+    InstanceActivity,
+    InstanceRecord,
+    InstanceState,
+)
+from services.placer.memory import GPU_OVERHEAD_MIB, gib
+
+__all__ = ["Need", "NoFit", "Placed", "STRATEGIES", "idle_to_stop", "lost_hosts", "place"]
+
+STRATEGIES = ("binpack", "spread")
+ALL_LAYERS = 999  # -ngl value that puts every layer on the GPU(s)
+
+
+@dataclass(frozen=True)
+class Need:
+    model: str
+    memory_mib: int  # estimate or ModelConfig.memory_mib override
+    n_layers: int = 0
+    pin_host: str | None = None
+    pin_gpus: tuple[int, ...] = ()
+    file_hosts: frozenset[str] = frozenset()  # hosts whose store already holds the file
+
+
+@dataclass(frozen=True)
+class Placed:
+    host: str
+    gpus: tuple[int, ...]  # GPU indexes on host; () = CPU (n_gpu_layers 0)
+    n_gpu_layers: int  # 999 for all layers on GPU, 0 for CPU
+    memory_mib: int
+    reason: str  # sentence for users: why this host/GPU
+    evict: tuple[str, ...] = ()  # instance ids to stop first (LRU idle ones)
+
+
+@dataclass(frozen=True)
+class NoFit:
+    reason: str
+
+
+# ---------------------------------------------------------------- the cluster view
+
+
+@dataclass
+class _HostView:
+    host_id: str
+    has_file: bool
+    gpu_free: dict[int, int] = field(default_factory=dict)  # GPU index -> free MiB
+    ram_free: int | None = None  # CPU-only hosts: RAM free after reserve and claims
+
+
+@dataclass(frozen=True)
+class _Option:
+    host: str
+    gpus: tuple[int, ...]
+    memory_mib: int  # total for the instance (split adds a per-GPU overhead)
+    free_mib: int  # free on the tightest chosen device before placing
+    kind: str  # "gpu" | "split" | "cpu"
+    evict: tuple[str, ...] = ()
+    freed_mib: int = 0
+    newest_evicted: float = 0.0  # last use of the most recently used evicted instance
+
+
+def _claims(
+    instances: Iterable[InstanceRecord],
+) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
+    """MiB claimed by our live instances, per (host, GPU) and per host for CPU ones."""
+    gpu: dict[tuple[str, int], float] = defaultdict(float)
+    ram: dict[str, float] = defaultdict(float)
+    for inst in instances:
+        if inst.state not in LIVE_STATES or inst.host is None:
+            continue
+        if inst.gpus:
+            share = inst.memory_mib / len(inst.gpus)  # a split instance spreads evenly
+            for g in inst.gpus:
+                gpu[(inst.host, g)] += share
+        else:
+            ram[inst.host] += inst.memory_mib
+    return gpu, ram
+
+
+def _build_view(
+    hosts: Sequence[HostRecord],
+    instances: Sequence[InstanceRecord],
+    need: Need,
+    ram_reserve_mib: int,
+) -> list[_HostView]:
+    gpu_claims, ram_claims = _claims(instances)
+    views = []
+    for h in hosts:
+        v = _HostView(h.host_id, h.host_id in need.file_hosts)
+        for g in h.gpus:
+            if need.pin_gpus and g.index not in need.pin_gpus:
+                continue
+            foreign = sum(p.used_mib for p in g.processes if not p.ours)
+            claimed = gpu_claims.get((h.host_id, g.index), 0.0) + foreign
+            v.gpu_free[g.index] = int(g.memory_total_mib - max(g.memory_used_mib, claimed))
+        if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
+            used = h.ram_total_mib - h.ram_free_mib
+            claimed = ram_claims.get(h.host_id, 0.0)
+            v.ram_free = int(h.ram_total_mib - ram_reserve_mib - max(used, claimed))
+        views.append(v)
+    return views
+
+
+# ---------------------------------------------------------------- fitting without eviction
+
+
+def _split_share(memory_mib: int, k: int, overhead_mib: int) -> tuple[int, int]:
+    """(total, per GPU) when one instance spans k GPUs: each extra GPU has its own context."""
+    total = memory_mib + (k - 1) * overhead_mib
+    return total, math.ceil(total / k)
+
+
+def _single_options(v: _HostView, need: Need) -> list[_Option]:
+    return [
+        _Option(v.host_id, (i,), need.memory_mib, free, "gpu")
+        for i, free in v.gpu_free.items()
+        if free >= need.memory_mib
+    ]
+
+
+def _split_option(v: _HostView, need: Need, overhead_mib: int) -> _Option | None:
+    """Fewest GPUs of this host, largest free first, that hold the model split evenly."""
+    ranked = sorted(v.gpu_free.items(), key=lambda kv: (-kv[1], kv[0]))
+    max_k = len(ranked) if need.n_layers <= 0 else min(len(ranked), need.n_layers)
+    for k in range(2, max_k + 1):
+        total, share = _split_share(need.memory_mib, k, overhead_mib)
+        tightest = ranked[k - 1][1]
+        if tightest >= share:
+            gpus = tuple(sorted(i for i, _ in ranked[:k]))
+            return _Option(v.host_id, gpus, total, tightest, "split")
+    return None
+
+
+def _cpu_option(v: _HostView, need: Need) -> _Option | None:
+    if v.ram_free is None or v.ram_free < need.memory_mib:
+        return None
+    return _Option(v.host_id, (), need.memory_mib, v.ram_free, "cpu")
+
+
+SortKey = tuple[object, ...]
+Fits = Callable[["_HostView"], "_Option | None"]
+
+
+def _rank(strategy: str, file_hosts: frozenset[str]) -> Callable[[_Option], SortKey]:
+    """Sort key: hosts holding the file first, then best fit (least left) or most free."""
+
+    def key(o: _Option) -> SortKey:
+        fit = o.free_mib - o.memory_mib if o.kind != "split" else o.free_mib
+        room = fit if strategy == "binpack" else -o.free_mib
+        return (o.host not in file_hosts, len(o.gpus), room, o.host, o.gpus)
+
+    return key
+
+
+def _best_without_eviction(
+    views: list[_HostView], need: Need, strategy: str, overhead_mib: int
+) -> _Option | None:
+    key = _rank(strategy, need.file_hosts)
+    single = [o for v in views for o in _single_options(v, need)]
+    if single:
+        return min(single, key=key)
+    split = [o for v in views if (o := _split_option(v, need, overhead_mib))]
+    if split:
+        return min(split, key=key)
+    cpu = [o for v in views if (o := _cpu_option(v, need))]
+    return min(cpu, key=key) if cpu else None
+
+
+# ---------------------------------------------------------------- eviction
+
+
+def _last_use(inst: InstanceRecord, act: InstanceActivity | None) -> float:
+    since = inst.ready_at if inst.ready_at is not None else inst.updated
+    return max(since, act.last_used) if act is not None else since
+
+
+@dataclass(frozen=True)
+class _Evictable:
+    last_used: float
+    inst: InstanceRecord
+
+
+def _evictables(
+    instances: Sequence[InstanceRecord],
+    activity: Mapping[str, InstanceActivity],
+    need: Need,
+    keep_loaded: frozenset[str],
+) -> tuple[dict[str, list[_Evictable]], int, int]:
+    """Idle READY instances per host, least recently used first; and (busy, kept) counts."""
+    by_host: dict[str, list[_Evictable]] = defaultdict(list)
+    busy = kept = 0
+    for inst in instances:
+        if inst.state != InstanceState.READY or inst.host is None or inst.model == need.model:
+            continue
+        act = activity.get(inst.instance_id)
+        if act is not None and act.in_flight > 0:
+            busy += 1
+        elif inst.model in keep_loaded:
+            kept += 1
+        else:
+            by_host[inst.host].append(_Evictable(_last_use(inst, act), inst))
+    for lst in by_host.values():
+        lst.sort(key=lambda e: (e.last_used, e.inst.instance_id))
+    return by_host, busy, kept
+
+
+def _freeing(v: _HostView, candidates: list[_Evictable], fits: Fits) -> tuple[_Option | None, int]:
+    """Stop candidates in LRU order until `fits(view)` gives an option; also the MiB freed."""
+    gpu_free, ram_free = dict(v.gpu_free), v.ram_free
+    chosen: list[_Evictable] = []
+    freed = 0
+    for e in candidates:
+        inst = e.inst
+        if inst.gpus:
+            share = inst.memory_mib / len(inst.gpus)
+            for g in inst.gpus:
+                if g in gpu_free:
+                    gpu_free[g] += int(share)
+        elif ram_free is not None:
+            ram_free += inst.memory_mib
+        chosen.append(e)
+        freed += inst.memory_mib
+        trial = _HostView(v.host_id, v.has_file, gpu_free, ram_free)
+        opt = fits(trial)
+        if opt is not None:
+            evict = tuple(c.inst.instance_id for c in chosen)
+            newest = max(c.last_used for c in chosen)
+            return replace(opt, evict=evict, freed_mib=freed, newest_evicted=newest), freed
+    return None, freed
+
+
+def _eviction_options(
+    views: list[_HostView],
+    by_host: dict[str, list[_Evictable]],
+    need: Need,
+    overhead_mib: int,
+) -> tuple[list[_Option], int]:
+    """Options per host: one GPU (evicting only what sits on it), a split, or CPU RAM."""
+    options: list[_Option] = []
+    most_freed = 0
+    for v in views:
+        cands = by_host.get(v.host_id, [])
+        if not cands:
+            continue
+        for g in v.gpu_free:
+            on_g = [e for e in cands if g in e.inst.gpus]
+
+            def one_gpu(t: _HostView, g: int = g) -> _Option | None:
+                free = t.gpu_free[g]
+                return (
+                    _Option(t.host_id, (g,), need.memory_mib, free, "gpu")
+                    if free >= need.memory_mib
+                    else None
+                )
+
+            opt, freed = _freeing(v, on_g, one_gpu)
+            most_freed = max(most_freed, freed)
+            if opt:
+                options.append(opt)
+        if len(v.gpu_free) > 1:
+            opt, _ = _freeing(
+                v, [e for e in cands if e.inst.gpus], lambda t: _split_option(t, need, overhead_mib)
+            )
+            if opt:
+                options.append(opt)
+        if v.ram_free is not None:
+            opt, freed = _freeing(
+                v, [e for e in cands if not e.inst.gpus], lambda t: _cpu_option(t, need)
+            )
+            most_freed = max(most_freed, freed)
+            if opt:
+                options.append(opt)
+    return options, most_freed
+
+
+def _eviction_key(strategy: str, file_hosts: frozenset[str]) -> Callable[[_Option], SortKey]:
+    base = _rank(strategy, file_hosts)
+
+    def key(o: _Option) -> SortKey:
+        # GPU first, then fewest stopped, then stop the stalest ones, then the usual ranking
+        return (o.kind == "cpu", len(o.evict), o.newest_evicted, base(o))
+
+    return key
+
+
+# ---------------------------------------------------------------- sentences
+
+
+def _names(ids: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _where(o: _Option) -> str:
+    if o.kind == "cpu":
+        return f"CPU on {o.host}"
+    label = "GPU" if len(o.gpus) == 1 else "GPUs"
+    return f"{o.host} {label} {','.join(map(str, o.gpus))}"
+
+
+def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> str:
+    needs = gib(need.memory_mib)
+    if o.kind == "gpu":
+        how = "best fit" if strategy == "binpack" else "most free memory"
+        s = f"{how} on {_where(o)}: {gib(o.free_mib)} free, model needs {needs}"
+    elif o.kind == "split":
+        per = math.ceil(o.memory_mib / len(o.gpus))
+        s = (
+            f"no single GPU has {needs} free; split across {_where(o)}"
+            f" ({gib(per)} on each, {gib(o.memory_mib)} in all)"
+        )
+    else:
+        s = f"no GPU has {needs} free; {_where(o)}: {gib(o.free_mib)} RAM free after the reserve"
+    if o.host in need.file_hosts:
+        s += f"; the file is already on {o.host}"
+    if o.evict:
+        s += f"; after stopping least recently used idle {_names(list(o.evict))} ({gib(o.freed_mib)})"
+    return "; ".join([s, *notes])
+
+
+def _no_room(views: list[_HostView], need: Need, total_hosts: int, overhead_mib: int) -> list[str]:
+    needs = gib(need.memory_mib)
+    out = []
+    gpu_views = [v for v in views if v.gpu_free]
+    if gpu_views:
+        best = max((f, v.host_id, i) for v in gpu_views for i, f in v.gpu_free.items())
+        s = (
+            f"{len(gpu_views)} of {total_hosts} hosts excluded: not enough free memory on any GPU,"
+            f" largest free {gib(max(best[0], 0))} ({best[1]} GPU {best[2]}), model needs {needs}"
+        )
+        split_best = max((_split_capacity(v, overhead_mib) for v in gpu_views), default=0)
+        if split_best > 0:
+            s += f"; split across the GPUs of one host, at most {gib(split_best)} fits"
+        out.append(s)
+    cpu_views = [v for v in views if v.ram_free is not None]
+    if cpu_views:
+        best_ram = max(v.ram_free or 0 for v in cpu_views)
+        out.append(
+            f"{len(cpu_views)} of {total_hosts} hosts excluded: CPU-only with at most"
+            f" {gib(max(best_ram, 0))} RAM free after the reserve, model needs {needs}"
+        )
+    empty = [v.host_id for v in views if not v.gpu_free and v.ram_free is None]
+    if empty:
+        pins = ",".join(map(str, need.pin_gpus))
+        out.append(
+            f"{len(empty)} of {total_hosts} hosts excluded: no pinned GPU {pins} there ({_names(empty)})"
+        )
+    return out
+
+
+def _split_capacity(v: _HostView, overhead_mib: int) -> int:
+    """The largest model (MiB) an even split over this host's GPUs could hold."""
+    ranked = sorted(v.gpu_free.values(), reverse=True)
+    best = 0
+    for k in range(2, len(ranked) + 1):
+        best = max(best, k * max(ranked[k - 1], 0) - (k - 1) * overhead_mib)
+    return best
+
+
+def _no_eviction(busy: int, kept: int, most_freed: int, had_candidates: bool) -> str:
+    held = []
+    if busy:
+        held.append(f"{busy} busy with requests in flight")
+    if kept:
+        held.append(f"{kept} marked keep_loaded")
+    why = f" ({', '.join(held)})" if held else ""
+    if not had_candidates:
+        return f"no idle instance could be stopped to make room{why}"
+    return f"stopping idle instances frees at most {gib(most_freed)} in one place, not enough{why}"
+
+
+# ---------------------------------------------------------------- the decisions
+
+
+def lost_hosts(hosts: Sequence[HostRecord], now: float, host_lost_after: float) -> list[str]:
+    """Hosts whose last heartbeat is older than `host_lost_after` seconds."""
+    return [h.host_id for h in hosts if now - h.ts > host_lost_after]
+
+
+def _pin_host(
+    alive: list[HostRecord], hosts: Sequence[HostRecord], need: Need
+) -> tuple[list[HostRecord], str | None]:
+    if need.pin_host is None:
+        return alive, None
+    kept = [h for h in alive if h.host_id == need.pin_host]
+    if kept:
+        others = len(alive) - 1
+        return kept, (
+            f"{others} of {len(hosts)} hosts excluded: model is pinned to {need.pin_host}"
+            if others
+            else None
+        )
+    known = any(h.host_id == need.pin_host for h in hosts)
+    state = "has no heartbeat" if known else "is not a known host"
+    return [], f"model is pinned to host {need.pin_host}, which {state}"
+
+
+def place(
+    hosts: Sequence[HostRecord],
+    instances: Sequence[InstanceRecord],
+    activity: Mapping[str, InstanceActivity],
+    need: Need,
+    *,
+    now: float,
+    strategy: str = "binpack",
+    host_lost_after: float = 10.0,
+    ram_reserve_mib: int = 1024,
+    keep_loaded: frozenset[str] = frozenset(),
+    split_overhead_mib: int = GPU_OVERHEAD_MIB,
+) -> Placed | NoFit:
+    """Choose a host and GPUs for one new instance of `need.model`, or say why none fits."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown placement strategy {strategy!r} (use one of {STRATEGIES})")
+    if not hosts:
+        return NoFit("no hosts have joined yet: start an agent")
+    notes: list[str] = []
+    lost = lost_hosts(hosts, now, host_lost_after)
+    if lost:
+        notes.append(
+            f"{len(lost)} of {len(hosts)} hosts excluded: no heartbeat for over"
+            f" {host_lost_after:g} s ({_names(lost)})"
+        )
+    alive = [h for h in hosts if h.host_id not in set(lost)]
+    candidates, pin_note = _pin_host(alive, hosts, need)
+    if pin_note:
+        notes.append(pin_note)
+    if not candidates:
+        return NoFit(_fail(need, notes))
+    views = _build_view(candidates, instances, need, ram_reserve_mib)
+    if need.pin_gpus:  # a model pinned to GPUs never runs on a CPU-only host
+        for v in views:
+            v.ram_free = None
+
+    best = _best_without_eviction(views, need, strategy, split_overhead_mib)
+    if best is None:
+        by_host, busy, kept = _evictables(instances, activity, need, keep_loaded)
+        options, most_freed = _eviction_options(views, by_host, need, split_overhead_mib)
+        if not options:
+            room = _no_room(views, need, len(hosts), split_overhead_mib)
+            more = _no_eviction(busy, kept, most_freed, bool(by_host))
+            return NoFit(_fail(need, notes + room + [more]))
+        best = min(options, key=_eviction_key(strategy, need.file_hosts))
+    return Placed(
+        host=best.host,
+        gpus=best.gpus,
+        n_gpu_layers=0 if best.kind == "cpu" else ALL_LAYERS,
+        memory_mib=best.memory_mib,
+        reason=_placed_reason(best, need, strategy, notes),
+        evict=best.evict,
+    )
+
+
+def _fail(need: Need, notes: list[str]) -> str:
+    return f"no host can run {need.model} (needs {gib(need.memory_mib)}): " + "; ".join(notes)
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(s)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def idle_to_stop(
+    instances: Sequence[InstanceRecord],
+    activity: Mapping[str, InstanceActivity],
+    idle_timeouts: Mapping[str, float],
+    default_idle: float,
+    now: float,
+) -> list[tuple[str, str]]:
+    """(instance_id, reason) for READY instances idle past their timeout, longest idle first.
+
+    Idle is measured from the end of the last request (activity.last_used), or from ready_at
+    when never used; a timeout of 0 means never; an instance with requests in flight is
+    never idle.
+    """
+    out: list[tuple[float, str, str]] = []
+    for inst in instances:
+        if inst.state != InstanceState.READY:
+            continue
+        timeout = idle_timeouts.get(inst.model, default_idle)
+        act = activity.get(inst.instance_id)
+        if timeout <= 0 or (act is not None and act.in_flight > 0):
+            continue
+        idle = now - _last_use(inst, act)
+        if idle >= timeout:
+            why = f"idle for {_fmt_duration(idle)} (idle_timeout {timeout:g} s)"
+            out.append((-idle, inst.instance_id, why))
+    out.sort()
+    return [(iid, why) for _, iid, why in out]

@@ -1,0 +1,486 @@
+"""The placer: turns demand into instances, level-triggered.
+
+One asyncio task (`_loop`) owns every decision; KV watchers only refresh the read views it
+decides from. Each pass looks at what the instance records say and takes the next step:
+
+    demand for M, no live instance  -> place (pure `placement.place`) -> record PENDING
+    PENDING/DOWNLOADING on host H   -> file in H's store? start it : send a download
+    STARTING with no word from H    -> resend the (idempotent) start
+    READY and idle too long         -> stop; host heartbeat stale -> instances LOST
+
+Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
+does no harm. Only the leaseholder acts (see `lease.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
+
+import proto
+from lls.bus import new_id, watch_kv
+from lls.config import ModelConfig, store_filename
+from lls.service import ServiceContext
+from proto import InstanceRecord, InstanceState
+
+from .lease import Lease
+from .memory import estimate_mib
+from .placement import Need, NoFit, Placed, idle_to_stop, lost_hosts, place
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
+ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
+END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
+
+
+class Placer:
+    def __init__(self, ctx: ServiceContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.bus = ctx.bus
+        self.hosts: dict[str, proto.HostRecord] = {}
+        self.instances: dict[str, InstanceRecord] = {}
+        self.revisions: dict[str, int] = {}
+        self.activity: dict[str, proto.ActivityReport] = {}
+        self.lost: set[str] = set()
+        self.wake = asyncio.Event()
+        self.demanded: dict[str, float] = {}  # model -> when demand last arrived
+        self.preloaded: set[str] = set()
+        self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
+
+    # ------------------------------------------------------------------ views
+
+    def _on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
+        self.hosts[rec.host_id] = rec
+        self.wake.set()
+
+    def _on_host_del(self, key: str) -> None:
+        self.hosts.pop(key, None)
+
+    def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
+        self.instances[rec.instance_id] = rec
+        self.revisions[rec.instance_id] = rev
+        self.wake.set()
+
+    def _on_instance_del(self, key: str) -> None:
+        self.instances.pop(key, None)
+        self.revisions.pop(key, None)
+
+    def _on_activity(self, key: str, rep: proto.ActivityReport, _rev: int) -> None:
+        self.activity[rep.gateway_id] = rep
+
+    def _on_activity_del(self, key: str) -> None:
+        self.activity.pop(key, None)
+
+    def merged_activity(self) -> dict[str, proto.InstanceActivity]:
+        """In-flight counts summed and last use maxed over every gateway's report."""
+        out: dict[str, proto.InstanceActivity] = {}
+        fresh_after = time.time() - ACTIVITY_STALE_S
+        for rep in self.activity.values():
+            if rep.ts < fresh_after:  # that gateway is gone; its in-flight counts are void
+                continue
+            for iid, a in rep.instances.items():
+                cur = out.get(iid)
+                if cur is None:
+                    out[iid] = proto.InstanceActivity(a.in_flight, a.last_used)
+                else:
+                    cur.in_flight += a.in_flight
+                    cur.last_used = max(cur.last_used, a.last_used)
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        stop = self.ctx.stop
+        buses = [
+            watch_kv(self.bus.hosts, proto.HostRecord, self._on_host, self._on_host_del, stop),
+            watch_kv(
+                self.bus.instances,
+                InstanceRecord,
+                self._on_instance,
+                self._on_instance_del,
+                stop,
+            ),
+            watch_kv(
+                self.bus.activity,
+                proto.ActivityReport,
+                self._on_activity,
+                self._on_activity_del,
+                stop,
+            ),
+            self.lease.hold(stop),
+        ]
+        tasks = [asyncio.create_task(c) for c in buses]
+        subs = [
+            await self.bus.nc.subscribe(proto.evt("demand"), cb=self._on_demand),
+            await self.bus.nc.subscribe(proto.evt("download.*"), cb=self._on_download),
+            await self.bus.nc.subscribe(proto.evt("stop.requested"), cb=self._on_stop_requested),
+        ]
+        try:
+            await self._loop()
+        finally:
+            for s in subs:
+                await s.unsubscribe()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _on_demand(self, msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            ev = proto.decode(msg.data, proto.Demand)
+        except msgspec.ValidationError:
+            return
+        self.demanded[ev.model] = time.time()
+        self.wake.set()
+
+    async def _on_stop_requested(self, msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            ev = proto.decode(msg.data, proto.StopRequested)
+        except msgspec.ValidationError:
+            return
+        if self.lease.held:
+            for rec in self._live(ev.model):
+                await self._stop(rec, f"stop requested by {ev.requested_by}")
+
+    async def _on_download(self, msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            ev = proto.decode(msg.data, proto.Event)
+        except msgspec.ValidationError:
+            return
+        if isinstance(ev, proto.DownloadFailed):
+            for rec in self._live(ev.model):
+                if rec.host == ev.host and rec.state == InstanceState.DOWNLOADING:
+                    await self._fail(rec, f"download failed: {ev.reason}")
+        self.wake.set()
+
+    async def _loop(self) -> None:
+        await asyncio.sleep(0.5)  # let the watchers load current state first
+        while not self.ctx.stop.is_set():
+            self.wake.clear()
+            if self.lease.held:
+                try:
+                    await self.reconcile()
+                except Exception:  # a bad pass must not kill the placer; the next retries
+                    log.exception("reconcile pass failed")
+            try:
+                await asyncio.wait_for(self.wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ one pass
+
+    async def reconcile(self) -> None:
+        now = time.time()
+        await self._mark_lost_hosts(now)
+        for model, mcfg in self.cfg.models.items():  # preload: once, when this placer leads
+            if mcfg.preload and model not in self.preloaded:
+                self.preloaded.add(model)
+                self.demanded.setdefault(model, now)
+        for model, at in list(self.demanded.items()):
+            del self.demanded[model]
+            if now - at < 30:  # stale demand (a gateway resends while it still waits)
+                await self._demand(model, now)
+        for rec in list(self.instances.values()):
+            if rec.state in (InstanceState.PENDING, InstanceState.DOWNLOADING):
+                await self._advance(rec, now)
+            elif rec.state == InstanceState.STARTING:
+                await self._check_start(rec, now)
+        await self._stop_idle(now)
+        await self._purge_ended(now)
+
+    def _live(self, model: str) -> list[InstanceRecord]:
+        return [
+            r
+            for r in self.instances.values()
+            if r.model == model and r.state in proto.LIVE_STATES and r.host not in self.lost
+        ]
+
+    async def _demand(self, model: str, now: float) -> None:
+        mcfg = self.cfg.models.get(model)
+        if mcfg is None:
+            await self._refuse(model, f"model {model!r} is not configured", 60)
+            return
+        if self._live(model):
+            return
+        failed = self._recent_failure(model, now)
+        if failed is not None:
+            wait = failed.updated + self.cfg.placer.failure_backoff - now
+            await self._refuse(
+                model,
+                f"{model} failed to start {now - failed.updated:.0f} s ago ({failed.reason}); "
+                f"not retried for another {wait:.0f} s",
+                wait,
+            )
+            return
+        need = self._need(model, mcfg, host=None)
+        decision = self._place(need, now)
+        if isinstance(decision, NoFit):
+            await self._refuse(model, decision.reason, 10)
+            return
+        iid = f"{proto.kv_key(model)}-{new_id()[:8]}"
+        rec = InstanceRecord(
+            instance_id=iid,
+            model=model,
+            state=InstanceState.PENDING,
+            created=now,
+            updated=now,
+            host=decision.host,
+            gpus=list(decision.gpus),
+            memory_mib=decision.memory_mib,
+            reason=decision.reason,
+        )
+        rev = await self.bus.instances.create(proto.kv_key(iid), proto.encode(rec))
+        self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
+        await self.bus.emit(
+            proto.PlacementDecided(
+                model=model,
+                instance_id=iid,
+                host=decision.host,
+                gpus=list(decision.gpus),
+                memory_mib=decision.memory_mib,
+                reason=decision.reason,
+                evicted=list(decision.evict),
+            )
+        )
+        for victim in decision.evict:
+            vic = self.instances.get(victim)
+            if vic is not None:
+                await self._stop(vic, f"evicted to make room for {model}")
+        await self._advance(rec, now)
+
+    async def _advance(self, rec: InstanceRecord, now: float) -> None:
+        """PENDING/DOWNLOADING: download the file to the chosen host, then start it there."""
+        mcfg = self.cfg.models.get(rec.model)
+        if mcfg is None or rec.host is None:
+            await self._fail(rec, "model removed from the config")
+            return
+        if rec.host in self.lost:
+            await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
+            return
+        host = self.hosts.get(rec.host)
+        filename = store_filename(rec.model)
+        info = next((f for f in host.files if f.filename == filename), None) if host else None
+        if info is None:
+            if rec.state == InstanceState.PENDING:
+                await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
+                await self.bus.command(
+                    proto.cmd_download(rec.host),
+                    proto.DownloadFile(
+                        cmd_id=f"dl-{rec.instance_id}",
+                        model=rec.model,
+                        url=mcfg.url,
+                        filename=filename,
+                        sha256=mcfg.sha256,
+                    ),
+                )
+            elif now - rec.updated > self.cfg.downloader.timeout + 60:
+                await self._fail(rec, "download did not finish in time")
+            return
+        # The file is there: now its header tells the real memory need; re-check the fit.
+        need = self._need(rec.model, mcfg, host=rec.host)
+        decision = self._place(need, now, exclude=rec.instance_id)
+        if isinstance(decision, NoFit):
+            await self._fail(rec, decision.reason)
+            await self._refuse(rec.model, decision.reason, 10)
+            return
+        for victim in decision.evict:
+            vic = self.instances.get(victim)
+            if vic is not None:
+                await self._stop(vic, f"evicted to make room for {rec.model}")
+        ok = await self._write(
+            rec,
+            state=InstanceState.STARTING,
+            gpus=list(decision.gpus),
+            memory_mib=decision.memory_mib,
+            reason=decision.reason,
+        )
+        if ok:
+            await self._send_start(rec, mcfg, filename, decision)
+
+    async def _send_start(
+        self, rec: InstanceRecord, mcfg: ModelConfig, filename: str, decision: Placed
+    ) -> None:
+        await self.bus.command(
+            proto.cmd_agent(rec.host or ""),
+            proto.StartInstance(
+                cmd_id=f"start-{rec.instance_id}-{int(time.time())}",
+                instance_id=rec.instance_id,
+                model=rec.model,
+                filename=filename,
+                ctx_size=mcfg.ctx_size,
+                n_gpu_layers=decision.n_gpu_layers,
+                gpus=list(decision.gpus),
+                memory_mib=decision.memory_mib,
+                args=list(mcfg.args),
+                embeddings=mcfg.embeddings,
+            ),
+        )
+
+    async def _check_start(self, rec: InstanceRecord, now: float) -> None:
+        """A STARTING instance its agent never took up (lost command, placer crash): resend."""
+        if rec.host in self.lost:
+            await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
+            return
+        host = self.hosts.get(rec.host or "")
+        if host is None or rec.instance_id in host.instances or now - rec.updated < START_GRACE_S:
+            return
+        mcfg = self.cfg.models.get(rec.model)
+        if mcfg is None:
+            return
+        decision = Placed(
+            host=rec.host or "",
+            gpus=tuple(rec.gpus),
+            n_gpu_layers=999 if rec.gpus else 0,
+            memory_mib=rec.memory_mib,
+            reason=rec.reason,
+        )
+        if await self._write(rec, reason="start resent: the agent had not taken it up"):
+            await self._send_start(rec, mcfg, store_filename(rec.model), decision)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _need(self, model: str, mcfg: ModelConfig, host: str | None) -> Need:
+        filename = store_filename(model)
+        file_hosts = frozenset(
+            h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
+        )
+        memory = mcfg.memory_mib or 0
+        n_layers = 0
+        if not memory:
+            infos = [
+                f
+                for h in self.hosts.values()
+                if host is None or h.host_id == host
+                for f in h.files
+                if f.filename == filename
+            ]
+            info = infos[0] if infos else None
+            if info is not None and info.gguf is not None:
+                memory = estimate_mib(info.gguf, info.size, mcfg.ctx_size).total_mib
+                n_layers = info.gguf.n_layers
+            elif info is not None:
+                memory = info.size // (1 << 20) + 512
+        return Need(
+            model=model,
+            memory_mib=memory,
+            n_layers=n_layers,
+            pin_host=host or mcfg.host,
+            pin_gpus=tuple(mcfg.gpus),
+            file_hosts=file_hosts,
+        )
+
+    def _place(self, need: Need, now: float, *, exclude: str | None = None) -> Placed | NoFit:
+        instances = [r for r in self.instances.values() if r.instance_id != exclude]
+        keep = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+        return place(
+            list(self.hosts.values()),
+            instances,
+            self.merged_activity(),
+            need,
+            now=now,
+            strategy=self.cfg.placer.strategy,
+            host_lost_after=self.cfg.placer.host_lost_after,
+            ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
+            keep_loaded=keep,
+        )
+
+    def _recent_failure(self, model: str, now: float) -> InstanceRecord | None:
+        fails = [
+            r
+            for r in self.instances.values()
+            if r.model == model
+            and r.state == InstanceState.FAILED
+            and now - r.updated < self.cfg.placer.failure_backoff
+        ]
+        return max(fails, key=lambda r: r.updated) if fails else None
+
+    async def _mark_lost_hosts(self, now: float) -> None:
+        lost = set(lost_hosts(list(self.hosts.values()), now, self.cfg.placer.host_lost_after))
+        for host_id in lost - self.lost:
+            await self.bus.emit(
+                proto.HostLost(
+                    host_id=host_id,
+                    reason=f"no heartbeat for {self.cfg.placer.host_lost_after:.0f} s",
+                )
+            )
+        self.lost = lost
+        for rec in list(self.instances.values()):
+            if rec.host in lost and rec.state in proto.LIVE_STATES:
+                await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
+
+    async def _stop_idle(self, now: float) -> None:
+        timeouts = {
+            n: m.idle_timeout for n, m in self.cfg.models.items() if m.idle_timeout is not None
+        }
+        stops = idle_to_stop(
+            list(self.instances.values()),
+            self.merged_activity(),
+            timeouts,
+            self.cfg.idle_timeout,
+            now,
+        )
+        for iid, reason in stops:
+            rec = self.instances.get(iid)
+            if rec is not None:
+                await self._stop(rec, reason)
+
+    async def _purge_ended(self, now: float) -> None:
+        ttl = END_RECORD_TTL_S + self.cfg.placer.failure_backoff
+        for rec in list(self.instances.values()):
+            if rec.state in proto.END_STATES and now - rec.updated > ttl:
+                await self.bus.instances.delete(proto.kv_key(rec.instance_id))
+
+    # ------------------------------------------------------------------ writes
+
+    async def _stop(self, rec: InstanceRecord, reason: str) -> None:
+        if rec.state not in proto.LIVE_STATES:
+            return
+        if await self._write(rec, state=InstanceState.STOPPING, reason=reason):
+            await self.bus.command(
+                proto.cmd_agent(rec.host or ""),
+                proto.StopInstance(
+                    cmd_id=f"stop-{rec.instance_id}", instance_id=rec.instance_id, reason=reason
+                ),
+            )
+
+    async def _fail(self, rec: InstanceRecord, reason: str) -> None:
+        await self._write(rec, state=InstanceState.FAILED, reason=reason)
+
+    async def _refuse(self, model: str, reason: str, retry_after: float) -> None:
+        """Tell waiting gateways this model cannot be served now (they answer 503)."""
+        await self.bus.emit(
+            proto.PlacementFailed(model=model, reason=reason, retry_after_s=max(1.0, retry_after))
+        )
+
+    async def _write(self, rec: InstanceRecord, **changes: object) -> bool:
+        """Compare-and-set an instance record; False when someone else changed it first."""
+        new = msgspec.structs.replace(rec, updated=time.time(), **changes)
+        rev = self.revisions.get(rec.instance_id)
+        try:
+            rev = await self.bus.instances.update(
+                proto.kv_key(rec.instance_id), proto.encode(new), last=rev
+            )
+        except KeyWrongLastSequenceError:
+            return False  # the next pass sees the newer record and decides again
+        self._on_instance(rec.instance_id, new, rev)
+        if "state" in changes:
+            await self.bus.emit(
+                proto.InstanceChanged(
+                    instance_id=new.instance_id,
+                    model=new.model,
+                    state=new.state,
+                    host=new.host,
+                    reason=new.reason,
+                )
+            )
+        return True
+
+
+async def run(ctx: ServiceContext) -> None:
+    await Placer(ctx).run()

@@ -1,0 +1,4 @@
+from lls.service import main
+from services.ui.service import run
+
+main("ui", run)

@@ -1,0 +1,75 @@
+"""The dashboard's HTTP app. Every route lives under /dashboard because the gateway proxies
+that prefix here unchanged; the page uses URLs relative to itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+
+from services.ui.hub import Hub
+from services.ui.view import View
+
+PAGE = Path(__file__).with_name("static") / "dashboard.html"
+KEEPALIVE_S = 15.0  # below common proxy idle timeouts (nginx: 60 s)
+RETRY_MS = 2000  # how soon a browser reconnects after losing the stream
+
+
+def sse(kind: str, data: bytes) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def stream(view: View, hub: Hub) -> AsyncIterator[bytes]:
+    client = hub.subscribe()  # here, not in the route: a stream never started never leaks one
+    try:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+        while not client.closed:
+            if client.resync:
+                # Taken in one step with the snapshot: no await in between, so the deltas
+                # queued from here on are exactly those after the snapshot.
+                client.take()
+                client.resync = False
+                yield sse("snapshot", msgspec.json.encode(view.snapshot()))
+                continue
+            items = client.take()
+            if items:
+                yield b"".join(sse(kind, data) for kind, data in items)
+            elif not await client.wait(KEEPALIVE_S):
+                # A comment keeps proxies from closing the idle stream; the ping lets the
+                # page notice a stream that went silent.
+                now = msgspec.json.encode({"now": time.time()})
+                yield b": keepalive\n" + sse("ping", now)
+    finally:
+        hub.unsubscribe(client)
+
+
+def create_app(view: View, hub: Hub) -> FastAPI:
+    app = FastAPI(title="llama.cpp scheduler dashboard", docs_url=None, redoc_url=None)
+    page = PAGE.read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("dashboard")
+
+    @app.get("/dashboard", include_in_schema=False)
+    @app.get("/dashboard/", include_in_schema=False)
+    async def dashboard() -> Response:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/dashboard/state")
+    async def state() -> Response:
+        return Response(msgspec.json.encode(view.snapshot()), media_type="application/json")
+
+    @app.get("/dashboard/events")
+    async def events() -> Response:
+        return StreamingResponse(
+            stream(view, hub),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app

@@ -1,0 +1,80 @@
+"""The UI service: feeds the view from the bus and serves the dashboard until ctx.stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from urllib.parse import urlparse
+
+import uvicorn
+
+from lls.service import ServiceContext
+from services.ui.app import create_app
+from services.ui.feed import Feed
+from services.ui.hub import Hub
+from services.ui.view import View
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 5001
+
+
+class _Server(uvicorn.Server):
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # signals belong to lls.service, which sets ctx.stop
+
+
+def listen_port(ctx: ServiceContext) -> int:
+    """--port, else the port the gateway proxies /dashboard to, else 5001."""
+    if ctx.port is not None:
+        return ctx.port
+    return urlparse(ctx.cfg.gateway.ui_url).port or DEFAULT_PORT
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, which calls sys.exit() on a busy port."""
+    family, kind, proto_, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto_)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"ui: cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def run(ctx: ServiceContext) -> None:
+    view = View(list(ctx.cfg.models), ctx.cfg.placer.host_lost_after)
+    hub = Hub()
+    feed = Feed(ctx.bus, view, hub)
+    host, port = ctx.cfg.gateway.host, listen_port(ctx)
+    sock = bind(host, port)
+    server = _Server(
+        uvicorn.Config(
+            create_app(view, hub),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=3,
+        )
+    )
+    try:
+        await feed.start()
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        log.info("ui: dashboard at http://%s:%d/dashboard", host, port)
+        stopping = asyncio.create_task(ctx.stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        hub.close()  # end the SSE streams so shutdown does not wait for browsers
+        server.should_exit = True
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    finally:
+        await feed.stop()
+        sock.close()

@@ -1,0 +1,130 @@
+"""The dashboard's in-memory view of the cluster: pure state, no I/O.
+
+Everything is kept as plain JSON-able dicts because its only consumer is the browser.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+import proto
+
+Json = dict[str, Any]
+
+MAX_EVENTS = 500  # the event log the page shows; older rows are dropped
+DOWNLOAD_STALE_S = 120.0  # a download with no progress this long is assumed dead
+ACTIVITY_STALE_S = 60.0  # KV TTL expiry is invisible to watchers: forget silent gateways
+EVT_PREFIX = proto.EVENTS_SUBJECTS.removesuffix(">")  # "lls.evt."
+
+
+def decode_event(subject: str, data: bytes) -> Json | None:
+    """An event as a dict with its `name` (subject minus prefix, e.g. "instance.ready").
+
+    Events of kinds this build does not know (a newer schema) are still shown, untyped.
+    """
+    try:
+        ev = msgspec.to_builtins(proto.decode(data, proto.Event))
+    except msgspec.DecodeError:  # includes ValidationError
+        try:
+            ev = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(ev, dict):
+            return None
+    ev["name"] = subject.removeprefix(EVT_PREFIX)
+    return ev
+
+
+def decode_record(typ: type, data: bytes) -> Json | None:
+    """A KV record as a dict; an undecodable one (newer schema) falls back to raw JSON."""
+    try:
+        return msgspec.to_builtins(proto.decode(data, typ))
+    except msgspec.DecodeError:
+        try:
+            rec = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return None
+        return rec if isinstance(rec, dict) else None
+
+
+def slim_host(rec: Json) -> Json:
+    """Drop GGUF summaries from the file list: the page shows names and sizes only, and
+    hosts heartbeat every second to every browser."""
+    files = rec.get("files") or []
+    rec["files"] = [
+        {"model": f.get("model"), "filename": f.get("filename"), "size": f.get("size")}
+        for f in files
+        if isinstance(f, dict)
+    ]
+    return rec
+
+
+class View:
+    """Hosts, instances, gateway activity, running downloads and the recent event log."""
+
+    def __init__(self, models: list[str] | None = None, host_lost_after: float = 10.0):
+        self.models = sorted(models or [])  # configured model names
+        self.host_lost_after = host_lost_after
+        self.hosts: dict[str, Json] = {}
+        self.instances: dict[str, Json] = {}
+        self.activity: dict[str, Json] = {}  # gateway id -> ActivityReport
+        self.downloads: dict[str, Json] = {}  # "host/model" -> last DownloadProgress
+        self.events: deque[Json] = deque(maxlen=MAX_EVENTS)
+        self.last_seq = 0
+
+    def apply_event(self, seq: int, ev: Json) -> bool:
+        """Fold one event in; False when it was already seen (a consumer redelivery)."""
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        ev["seq"] = seq
+        kind = ev.get("kind")
+        if kind in ("download.progress", "download.completed", "download.failed"):
+            key = f"{ev.get('host')}/{ev.get('model')}"
+            if kind == "download.progress":
+                self.downloads[key] = ev
+                return True  # progress swamps the log; the page shows it as a bar instead
+            self.downloads.pop(key, None)
+        self.events.append(ev)
+        return True
+
+    def apply_kv(self, bucket: str, key: str, rec: Json | None) -> None:
+        table = self._table(bucket)
+        if rec is None:
+            table.pop(key, None)
+        else:
+            table[key] = slim_host(rec) if bucket == proto.KV_HOSTS else rec
+
+    def _table(self, bucket: str) -> dict[str, Json]:
+        return {
+            proto.KV_HOSTS: self.hosts,
+            proto.KV_INSTANCES: self.instances,
+            proto.KV_ACTIVITY: self.activity,
+        }[bucket]
+
+    def prune(self, now: float | None = None) -> None:
+        now = now or time.time()
+        for table, max_age in (
+            (self.downloads, DOWNLOAD_STALE_S),
+            (self.activity, ACTIVITY_STALE_S),
+        ):
+            for key in [k for k, r in table.items() if r.get("ts", 0) < now - max_age]:
+                del table[key]
+
+    def snapshot(self) -> Json:
+        self.prune()
+        return {
+            "now": time.time(),
+            "models": self.models,
+            "host_lost_after": self.host_lost_after,
+            "hosts": self.hosts,
+            "instances": self.instances,
+            "activity": self.activity,
+            "downloads": self.downloads,
+            "events": list(self.events),
+            "last_seq": self.last_seq,
+        }
