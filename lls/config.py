@@ -24,12 +24,22 @@ class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+class ApiKey(Strict):
+    key: Annotated[str, Meta(min_length=8)]
+    models: list[str] = []  # empty = every model
+    admin: bool = False  # may use the dashboard and /metrics
+
+
 class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 5000
     cold_start_timeout: PositiveS = 120.0  # a cold request waits at most this long for ready
     request_timeout: PositiveS = 600.0  # upstream read deadline for one request
     ui_url: str = "http://127.0.0.1:5001"  # where /dashboard is proxied to
+    max_in_flight: Annotated[int, Meta(ge=1)] = 32  # per model, across its instances
+    max_queue: Annotated[int, Meta(ge=0)] = 256  # per model; past it requests get 429
+    queue_timeout: PositiveS = 60.0  # a queued request waits this long for a slot, then 429
+    api_keys: list[ApiKey] = []  # empty = open; else Bearer / x-api-key required
 
 
 class NatsConfig(Strict):
@@ -75,6 +85,8 @@ class ModelConfig(Strict):
     memory_mib: Annotated[int, Meta(gt=0)] | None = None  # overrides the estimate
     args: list[str] = []  # extra llama-server flags
     embeddings: bool = False
+    aliases: list[str] = []  # other names clients may use for this model
+    defaults: dict[str, object] = {}  # request fields set when the client leaves them out
     idle_timeout: NonNegS | None = None  # overrides the global idle_timeout; 0 = never
     keep_loaded: bool = False  # never evicted to make room for another model
     preload: bool = False  # started when the system starts, not on first request
@@ -95,6 +107,15 @@ class Config(Strict):
     placer: PlacerConfig = msgspec.field(default_factory=PlacerConfig)
     idle_timeout: NonNegS = 300.0  # stop an instance idle this long; 0 = never
     models: dict[str, ModelConfig] = {}
+
+    def resolve_model(self, name: str) -> str | None:
+        """The configured model a client's name (or alias) refers to."""
+        if name in self.models:
+            return name
+        for real, m in self.models.items():
+            if name in m.aliases:
+                return real
+        return None
 
     def host_id(self) -> str:
         return self.agent.host_id or socket.gethostname()
@@ -120,6 +141,12 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.url: must start with one of {', '.join(URL_SCHEMES)}")
         if m.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", m.sha256):
             raise ConfigError(f"{where}.sha256: expected 64 hex digits")
+    seen: dict[str, str] = {}
+    for name, m in cfg.models.items():
+        for alias in m.aliases:
+            if alias in cfg.models or alias in seen:
+                raise ConfigError(f"models.{name}.aliases: {alias!r} already names a model")
+            seen[alias] = name
     lo, hi = cfg.agent.port_range
     if lo > hi:
         raise ConfigError("agent.port_range: the first port must not exceed the second")

@@ -47,6 +47,8 @@ def setup_logging(level: str, name: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for noisy in ("httpx", "httpcore", "docker", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(

@@ -89,9 +89,12 @@ class Stack:
 
 def llama_server_pids(marker: str) -> list[int]:
     """Pids of llama-server processes whose command line mentions `marker` (a tmp path)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [
-        int(line.split()[0])
-        for line in out.splitlines()[1:]
-        if "llama-server" in line and marker in line
-    ]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"llama-server") and marker.encode() in b" ".join(argv):
+            pids.append(int(proc.name))
+    return pids

@@ -53,7 +53,9 @@ def test_openai_sdk_chat_completions_streaming_and_embeddings(stack):
             stream=True,
         )
     )
-    deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    deltas = [
+        ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content
+    ]
     assert len(deltas) >= 2, "a stream arrives token by token, not as one buffered piece"
 
     comp = c.completions.create(model="tiny", prompt="the model is", max_tokens=5)
@@ -104,7 +106,9 @@ def test_bad_requests_get_openai_style_4xx(stack):
 
 def test_model_that_cannot_start_gets_503_with_reason_and_no_tight_retry(stack):
     t0 = time.monotonic()
-    r = httpx.post(f"{stack.base}/v1/completions", json={"model": "broken", "prompt": "a"}, timeout=60)
+    r = httpx.post(
+        f"{stack.base}/v1/completions", json={"model": "broken", "prompt": "a"}, timeout=60
+    )
     assert r.status_code == 503
     err = r.json()["error"]
     assert "broken" in err["message"] and "failed" in err["message"]
@@ -113,12 +117,16 @@ def test_model_that_cannot_start_gets_503_with_reason_and_no_tight_retry(stack):
 
     # Asked again at once: refused fast from the recorded failure, not a new start attempt.
     t1 = time.monotonic()
-    r2 = httpx.post(f"{stack.base}/v1/completions", json={"model": "broken", "prompt": "a"}, timeout=60)
+    r2 = httpx.post(
+        f"{stack.base}/v1/completions", json={"model": "broken", "prompt": "a"}, timeout=60
+    )
     assert r2.status_code == 503 and time.monotonic() - t1 < 3
 
 
 def test_checksum_mismatch_is_reported_and_never_served(stack, tmp_path):
-    r = httpx.post(f"{stack.base}/v1/completions", json={"model": "badsum", "prompt": "a"}, timeout=60)
+    r = httpx.post(
+        f"{stack.base}/v1/completions", json={"model": "badsum", "prompt": "a"}, timeout=60
+    )
     assert r.status_code == 503
     assert "sha256" in r.json()["error"]["message"].lower()
     assert not (tmp_path / "store" / "badsum.gguf").exists()

@@ -39,7 +39,9 @@ def claims_by_gpu(claims: Iterable[Claim]) -> dict[int, int]:
     return out
 
 
-def simulated_gpus(host_id: str, cfg: Sequence[SimulatedGpu], claims: list[Claim]) -> list[proto.GpuInfo]:
+def simulated_gpus(
+    host_id: str, cfg: Sequence[SimulatedGpu], claims: list[Claim]
+) -> list[proto.GpuInfo]:
     per_gpu = claims_by_gpu(claims)
     gpus = []
     for i, g in enumerate(cfg):
@@ -163,7 +165,10 @@ class Telemetry:
         dev = _safe(lambda: self._dev(i), None)
         mem = _safe(lambda: nv.nvmlDeviceGetMemoryInfo(dev), None)
         procs: dict[int, int] = {}
-        for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        for getter in (
+            "nvmlDeviceGetComputeRunningProcesses",
+            "nvmlDeviceGetGraphicsRunningProcesses",
+        ):
             for p in _safe(lambda g=getter: getattr(nv, g)(dev), []):
                 used = getattr(p, "usedGpuMemory", None)
                 procs[p.pid] = max(procs.get(p.pid, 0), (used or 0) // MIB)
@@ -176,7 +181,12 @@ class Telemetry:
             memory_used_mib=mem.used // MIB if mem else 0,
             memory_claimed_mib=claimed,
             utilization_pct=_safe(lambda: int(nv.nvmlDeviceGetUtilizationRates(dev).gpu), None),
-            temperature_c=_safe(lambda: int(nv.nvmlDeviceGetTemperature(dev, getattr(nv, "NVML_TEMPERATURE_GPU", 0))), None),
+            temperature_c=_safe(
+                lambda: int(
+                    nv.nvmlDeviceGetTemperature(dev, getattr(nv, "NVML_TEMPERATURE_GPU", 0))
+                ),
+                None,
+            ),
             power_w=power_mw / 1000 if power_mw is not None else None,
             processes=[
                 proto.GpuProcess(pid=pid, used_mib=used, ours=pid in ours)

@@ -24,6 +24,7 @@ class Stats:
     range_requests: int = 0
     bytes_sent: int = 0  # body bytes written to sockets
     paths: dict[str, int] = field(default_factory=dict)  # GETs per path
+    authorized: set[str] = field(default_factory=set)  # paths that got an Authorization header
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Behaviour:
     rate_bps: float | None = None  # per connection
     drop_after: int | None = None  # close the connection after this many body bytes ...
     drops: int = 0  # ... for this many responses
-    token: str | None = None  # require "Authorization: Bearer <token>"
+    token: str | None = None  # require "Authorization: Bearer <token>" (not on redirect targets)
     redirects: dict[str, str] = field(default_factory=dict)  # path -> path (302)
 
 
@@ -49,7 +50,9 @@ class FileServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
@@ -94,8 +97,11 @@ def _handler(server: FileServer) -> Callable[..., BaseHTTPRequestHandler]:
             server.count(requests=1)
             with server.lock:
                 server.stats.paths[path] = server.stats.paths.get(path, 0) + 1
-            if b.token and self.headers.get("Authorization") != f"Bearer {b.token}":
-                return self._empty(401)
+                if self.headers.get("Authorization"):
+                    server.stats.authorized.add(path)
+            auth_ok = self.headers.get("Authorization") == f"Bearer {b.token}"
+            if b.token and not auth_ok and path not in b.redirects.values():
+                return self._empty(401)  # like a CDN, signed redirect targets need no token
             if path in b.redirects:
                 self.send_response(302)
                 self.send_header("Location", b.redirects[path])

@@ -150,21 +150,24 @@ class _Probe:
     total: int | None
     validator: str
     ranged: bool
+    target: str  # the URL after redirects (e.g. a CDN's signed URL)
 
 
-async def _probe(client: httpx.AsyncClient, url: str) -> _Probe:
+async def _probe(client: httpx.AsyncClient, url: str, auth: dict[str, str]) -> _Probe:
     """One GET for byte 0: tells the size, the validator and whether Range is honoured."""
-    async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as r:
+    async with client.stream("GET", url, headers={**auth, "Range": "bytes=0-0"}) as r:
         if err := _status_error(r, url):
             raise err
         validator = r.headers.get("etag") or r.headers.get("last-modified") or ""
         start, total = content_range(r.headers.get("content-range"))
+        target = str(r.url)
         if r.status_code == 206 and start == 0 and total is not None:
-            return _Probe(total, validator, True)
+            return _Probe(total, validator, True, target)
         if r.status_code == 416:  # only an empty file has no byte 0
-            return _Probe(total or 0, validator, False)
+            return _Probe(total or 0, validator, False, target)
         length = r.headers.get("content-length")
-        return _Probe(int(length) if length and length.isdigit() else None, validator, False)
+        size = int(length) if length and length.isdigit() else None
+        return _Probe(size, validator, False, target)
 
 
 async def _retrying(what, opts: Options, url: str):  # type: ignore[no-untyped-def]
@@ -179,11 +182,11 @@ async def _retrying(what, opts: Options, url: str):  # type: ignore[no-untyped-d
     raise AssertionError("unreachable")
 
 
-def _client(headers: dict[str, str], opts: Options) -> httpx.AsyncClient:
+def _client(opts: Options) -> httpx.AsyncClient:
     n = opts.connections + 1
     return httpx.AsyncClient(
         # identity: byte offsets must be offsets of the file, not of a compressed body
-        headers={**headers, "Accept-Encoding": "identity"},
+        headers={"Accept-Encoding": "identity"},
         timeout=httpx.Timeout(opts.read_timeout, connect=opts.connect_timeout),
         limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         follow_redirects=True,
@@ -197,18 +200,22 @@ async def fetch_http(
     opts: Options,
     progress: Progress,
 ) -> tuple[int | None, str | None]:
-    """Download `url` into `part`. Returns (expected size or None, sha256 if computed on the way)."""
-    async with _client(headers, opts) as client:
-        probe = await _retrying(lambda: _probe(client, url), opts, url)
+    """Download `url` into `part`. Returns (expected size or None, sha256 if computed on the way).
+
+    `headers` (a bearer token) go only to `url` itself: httpx drops them on a cross-origin
+    redirect, and chunks fetched straight from the redirect target never carry them.
+    """
+    async with _client(opts) as client:
+        probe = await _retrying(lambda: _probe(client, url, headers), opts, url)
         progress.total = probe.total
         if probe.ranged and probe.total:
             try:
-                await _Ranged(client, url, part, probe, opts, progress).run()
+                await _Ranged(client, url, headers, part, probe, opts, progress).run()
             except OSError as e:  # the part is kept: a disk error may be fixed, then resumed
                 raise FetchError(f"cannot write {part}: {e.strerror or e}") from e
             return probe.total, None
         log.info("%s: no Range support, one stream (no resume)", url)
-        return await _single(client, url, part, opts, progress)
+        return await _single(client, url, headers, part, opts, progress)
 
 
 # ---------------------------------------------------------------- parallel ranged download
@@ -230,7 +237,9 @@ def load_state(path: Path, total: int, validator: str, part: Path) -> _State | N
         st.total == total
         and st.validator == validator
         and len(st.done) == n
-        and all(0 <= d <= st.chunk_range(i)[1] - st.chunk_range(i)[0] for i, d in enumerate(st.done))
+        and all(
+            0 <= d <= st.chunk_range(i)[1] - st.chunk_range(i)[0] for i, d in enumerate(st.done)
+        )
         and part.exists()
         and part.stat().st_size == total
     )
@@ -252,6 +261,7 @@ class _Ranged:
         self,
         client: httpx.AsyncClient,
         url: str,
+        auth: dict[str, str],
         part: Path,
         probe: _Probe,
         opts: Options,
@@ -259,6 +269,10 @@ class _Ranged:
     ):
         self.client = client
         self.url = url
+        self.auth = auth
+        # Chunks go straight to the redirect target: one round trip less each, and no load
+        # on the resolver (Hugging Face rate-limits its resolve endpoint).
+        self.target = probe.target
         self.part = part
         self.opts = opts
         self.progress = progress
@@ -332,7 +346,9 @@ class _Ranged:
             return
         await asyncio.to_thread(os.fdatasync, self.fd)
         await asyncio.to_thread(
-            _write_state, self.state_file, _State(self.st.total, self.st.validator, self.st.chunk, snap)
+            _write_state,
+            self.state_file,
+            _State(self.st.total, self.st.validator, self.st.chunk, snap),
         )
         saved[:] = snap
 
@@ -360,12 +376,19 @@ class _Ranged:
 
     async def _get(self, i: int, pos: int, end: int) -> None:
         buf = bytearray()
+        url = self.target
+        headers = {"Range": f"bytes={pos}-{end - 1}"}
+        if url == self.url:
+            headers.update(self.auth)
         try:
-            async with self.client.stream(
-                "GET", self.url, headers={"Range": f"bytes={pos}-{end - 1}"}
-            ) as r:
+            async with self.client.stream("GET", url, headers=headers) as r:
+                if url != self.url and r.status_code in (401, 403, 404, 410):
+                    self.target = self.url  # a signed target expired: resolve again
+                    raise _Retry(f"HTTP {r.status_code} from the redirect target")
                 if err := _status_error(r, self.url):
                     raise err
+                if url == self.url:
+                    self.target = str(r.url)
                 start, _ = content_range(r.headers.get("content-range"))
                 if r.status_code != 206 or start != pos:
                     raise _Retry(f"the server answered a Range request with HTTP {r.status_code}")
@@ -401,7 +424,12 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
 
 
 async def _single(
-    client: httpx.AsyncClient, url: str, part: Path, opts: Options, progress: Progress
+    client: httpx.AsyncClient,
+    url: str,
+    auth: dict[str, str],
+    part: Path,
+    opts: Options,
+    progress: Progress,
 ) -> tuple[int | None, str | None]:
     """Without Range support there is no resume: each try starts from byte 0."""
     state_path(part).unlink(missing_ok=True)
@@ -410,8 +438,9 @@ async def _single(
     async def once() -> tuple[int | None, str | None]:
         h = hashlib.sha256()
         progress.done = progress.resumed = 0
-        with open(part, "wb") as f:
-            async with client.stream("GET", url) as r:
+        f = await asyncio.to_thread(open, part, "wb")
+        with f:
+            async with client.stream("GET", url, headers=auth) as r:
                 if err := _status_error(r, url):
                     raise err
                 if r.status_code != 200:
@@ -460,29 +489,32 @@ def _disk_error(e: OSError, part: Path) -> Exception:
 async def copy_file(src: Path, part: Path, progress: Progress) -> tuple[int, str]:
     """Copy `src` into `part` block by block (progress, no event-loop stall); returns size, sha256."""
     try:
-        size = src.stat().st_size
+        fi = await asyncio.to_thread(open, src, "rb")
     except FileNotFoundError:
         raise FetchError(f"file not found: {src}; check the model's url") from None
     except OSError as e:
         raise FetchError(f"cannot read {src}: {e.strerror or e}") from None
-    part.parent.mkdir(parents=True, exist_ok=True)
-    check_disk(part.parent, size)
-    progress.total, progress.done, progress.resumed = size, 0, 0
-    h = hashlib.sha256()
-    try:
-        with open(src, "rb") as fi, open(part, "wb") as fo:
+    with fi:
+        size = os.fstat(fi.fileno()).st_size
+        part.parent.mkdir(parents=True, exist_ok=True)
+        check_disk(part.parent, size)
+        progress.total, progress.done, progress.resumed = size, 0, 0
+        h = hashlib.sha256()
+        try:
+            fo = await asyncio.to_thread(open, part, "wb")
+            with fo:
 
-            def step() -> int:
-                block = fi.read(COPY_BLOCK)
-                h.update(block)
-                fo.write(block)
-                return len(block)
+                def step() -> int:
+                    block = fi.read(COPY_BLOCK)
+                    h.update(block)
+                    fo.write(block)
+                    return len(block)
 
-            while n := await asyncio.to_thread(step):
-                progress.done += n
-            await asyncio.to_thread(os.fsync, fo.fileno())
-    except OSError as e:
-        raise _disk_error(e, part) from e
+                while n := await asyncio.to_thread(step):
+                    progress.done += n
+                await asyncio.to_thread(os.fsync, fo.fileno())
+        except OSError as e:
+            raise _disk_error(e, part) from e
     return progress.done, h.hexdigest()
 
 

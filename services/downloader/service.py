@@ -174,7 +174,13 @@ class Downloader:
             return self._failed(cmd, e)
         finally:
             reporter.cancel()
-        log.info("done %s: %s, %d bytes, reused=%s", cmd.model, cmd.filename, outcome.size, outcome.reused)
+        log.info(
+            "done %s: %s, %d bytes, reused=%s",
+            cmd.model,
+            cmd.filename,
+            outcome.size,
+            outcome.reused,
+        )
         return proto.DownloadCompleted(
             model=cmd.model,
             host=self.host,

@@ -1,60 +1,57 @@
-"""The HTTP surface: OpenAI API routes, /health, and /dashboard proxied to the UI service.
+"""The HTTP surface: OpenAI and Ollama APIs, /health, /metrics, and /dashboard (proxied).
 
-Bodies are forwarded as the bytes the client sent; only `model` (and `stream`) are decoded,
-with a msgspec struct that skips every other field.
+OpenAI bodies are forwarded as the bytes the client sent; only `model` and `stream` are
+decoded, with a msgspec struct that skips every other field. Bodies are re-encoded only when
+the model has an alias or default parameters to apply.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+import proto
 from lls.config import Config
 
+from . import ollama
 from .errors import ApiError, error_response
+from .metrics import Metrics
+from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-}
+KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
+OPEN_PATHS = {"/health", "/api/version"}
 
 
 class _Head(msgspec.Struct):
-    """The only fields the gateway reads from a request body; the rest passes through."""
+    """The only fields the gateway reads from an OpenAI request body; the rest passes through."""
 
     model: str
+    stream: bool = False
 
 
-def _forward_headers(headers: httpx.Headers | dict) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-
-
-def parse_model(body: bytes) -> str:
+def parse_head(body: bytes) -> _Head:
     if not body:
         raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
     try:
-        head = msgspec.json.decode(body, type=_Head)
+        return msgspec.json.decode(body, type=_Head)
     except msgspec.ValidationError as e:
         msg = str(e)
         if "missing required field" in msg:
@@ -62,18 +59,33 @@ def parse_model(body: bytes) -> str:
         raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-    return head.model
+
+
+def check_key(cfg: Config, request: Request, model: str | None, admin: bool = False) -> None:
+    """API keys (Bearer or x-api-key), optionally scoped to models; none configured = open."""
+    keys = cfg.gateway.api_keys
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    given = given or request.headers.get("x-api-key", "")
+    given = given or request.query_params.get("key", "") or request.cookies.get("lls_key", "")
+    key = next((k for k in keys if hmac.compare_digest(k.key, given)), None) if given else None
+    if key is None:
+        raise ApiError(401, "missing or invalid API key (Bearer or x-api-key)", "invalid_api_key")
+    if admin and not key.admin:
+        raise ApiError(403, "this API key may not use admin endpoints", "forbidden")
+    if model is not None and key.models and model not in key.models:
+        raise ApiError(403, f"this API key may not use model {model!r}", "model_forbidden")
 
 
 def create_app(cfg: Config, router: Router) -> FastAPI:
     app = FastAPI(title="llama-scheduler gateway", docs_url=None, redoc_url=None)
-    timeout = httpx.Timeout(connect=5.0, read=cfg.gateway.request_timeout, write=30.0, pool=30.0)
-    upstream = httpx.AsyncClient(
-        timeout=timeout,
-        limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
-    )
+    metrics = Metrics()
+    upstream = Upstream(cfg, router, metrics)
     ui = httpx.AsyncClient(base_url=cfg.gateway.ui_url, timeout=httpx.Timeout(30.0, read=None))
     app.state.upstream = upstream
+    app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> Response:
@@ -88,6 +100,44 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     async def _validation_error(_req: Request, exc: RequestValidationError) -> Response:
         return error_response(400, str(exc.errors()), "invalid_request")
 
+    def resolve(name: str, request: Request) -> str:
+        model = cfg.resolve_model(name)
+        if model is None:
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; GET /v1/models lists the models served here",
+                "model_not_found",
+            )
+        check_key(cfg, request, model)
+        return model
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(
+                    413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "body_too_large"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def rewrite(body: bytes, model: str) -> bytes:
+        """Apply the canonical model name and per-model defaults (only when needed)."""
+        defaults = cfg.models[model].defaults
+        data = msgspec.json.decode(body)
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object", "invalid_request")
+        data["model"] = model
+        for k, v in defaults.items():
+            data.setdefault(k, v)
+        return msgspec.json.encode(data)
+
+    # ------------------------------------------------------------------ OpenAI API
+
     @app.get("/health")
     async def health() -> Response:
         ok = router.bus.nc.is_connected
@@ -95,7 +145,8 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        check_key(cfg, request, None)
         data = [
             {
                 "id": name,
@@ -103,95 +154,237 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 "created": 0,
                 "owned_by": "llama-scheduler",
                 "state": router.state_of(name),
+                "aliases": cfg.models[name].aliases,
             }
             for name in cfg.models
         ]
         return JSONResponse({"object": "list", "data": data})
 
     async def forward(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "body_too_large")
-        model = parse_model(body)
-        if model not in cfg.models:
-            raise ApiError(
-                404,
-                f"model {model!r} does not exist; GET /v1/models lists the models served here",
-                "model_not_found",
-            )
-        return await proxy_to_instance(request, model, body)
+        started = time.monotonic()
+        route = request.url.path
+        body = await read_body(request)
+        head = parse_head(body)
+        model = resolve(head.model, request)
+        if head.model != model or cfg.models[model].defaults:
+            body = rewrite(body, model)
+        headers = forward_headers(request.headers)
+        if head.stream and router.pick(model) is None:
+            return cold_stream(model, route, body, headers, started)
+        resp, release = await upstream.open(model, route, body, headers)
 
-    async def proxy_to_instance(request: Request, model: str, body: bytes) -> Response:
-        headers = _forward_headers(request.headers)
-        for attempt in range(2):  # one retry when an endpoint refuses the connection
-            rec = await router.acquire(model, cfg.gateway.cold_start_timeout)
-            req = upstream.build_request(
-                request.method, f"{rec.endpoint}{request.url.path}", content=body, headers=headers
-            )
-            router.begin(rec)
+        def done() -> None:
+            release()
+            metrics.requests.labels(model, route, str(resp.status_code)).inc()
+            metrics.latency.labels(model, route).observe(time.monotonic() - started)
+
+        def first_chunk() -> None:
+            metrics.ttft.labels(model, route).observe(time.monotonic() - started)
+
+        return Passthrough(resp, on_close=done, on_first=first_chunk)
+
+    def cold_stream(
+        model: str, route: str, body: bytes, headers: dict[str, str], started: float
+    ) -> Response:
+        """A streaming request for a cold model: answer the head now and send SSE comments
+        while the model starts, so proxies in between do not time out."""
+
+        async def events() -> AsyncIterator[bytes]:
+            opening = asyncio.ensure_future(upstream.open(model, route, body, headers))
             try:
-                resp = await upstream.send(req, stream=True)
-            except httpx.ConnectError as e:
-                router.end(rec)
-                router.mark_bad(rec)
-                if attempt == 0:
-                    continue
-                raise ApiError(
-                    502, f"instance of {model} unreachable: {e}", "upstream_error", 2
-                ) from None
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                router.end(rec)
-                raise ApiError(
-                    502, f"instance of {model} failed: {e!r}", "upstream_error", 2
-                ) from None
-            return Passthrough(resp, on_close=lambda rec=rec: router.end(rec))
-        raise AssertionError("unreachable")
+                while True:
+                    done, _ = await asyncio.wait({opening}, timeout=KEEPALIVE_S)
+                    if done:
+                        break
+                    yield b": waiting for the model to start\n\n"
+                try:
+                    resp, release = opening.result()
+                except ApiError as e:
+                    err = {
+                        "error": {
+                            "message": e.message,
+                            "type": "service_unavailable",
+                            "code": e.code,
+                        }
+                    }
+                    yield b"data: " + msgspec.json.encode(err) + b"\n\n"
+                    return
+                try:
+                    metrics.ttft.labels(model, route).observe(time.monotonic() - started)
+                    async for chunk in resp.aiter_raw():
+                        yield chunk
+                finally:
+                    await resp.aclose()
+                    release()
+                    metrics.requests.labels(model, route, str(resp.status_code)).inc()
+            finally:
+                if not opening.done():  # client gone while waiting: give up the wait
+                    opening.cancel()
+                    with contextlib.suppress(BaseException):
+                        await opening
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     for path in OPENAI_ROUTES:
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
 
+    # ------------------------------------------------------------------ Ollama API
+
+    async def ollama_call(
+        request: Request, path: str, make_body, reply, stream_generate: bool | None
+    ) -> Response:  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        req = ollama.parse_body(await read_body(request))
+        model = resolve(req["model"], request)
+        out = make_body(req, model)
+        if isinstance(out, tuple):
+            path, out = out
+        for k, v in cfg.models[model].defaults.items():
+            out.setdefault(k, v)
+        body = msgspec.json.encode(out)
+        headers = {"content-type": "application/json"}
+        if stream_generate is not None and out.get("stream"):
+            return StreamingResponse(
+                ndjson(model, path, body, headers, started, stream_generate),
+                media_type="application/x-ndjson",
+            )
+        resp, release = await upstream.open(model, path, body, headers)
+        try:
+            data = await resp.aread()
+        finally:
+            await resp.aclose()
+            release()
+        if resp.status_code != 200:
+            return Response(data, resp.status_code, media_type="application/json")
+        return JSONResponse(reply(model, msgspec.json.decode(data), started))
+
+    async def ndjson(
+        model: str, path: str, body: bytes, headers: dict[str, str], started: float, generate: bool
+    ) -> AsyncIterator[bytes]:
+        try:
+            resp, release = await upstream.open(model, path, body, headers)
+        except ApiError as e:
+            yield msgspec.json.encode({"error": e.message}) + b"\n"
+            return
+        try:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                yield msgspec.json.encode({"error": text}) + b"\n"
+                return
+            async for line in ollama.sse_to_ndjson(resp.aiter_lines(), model, started, generate):
+                yield line
+        finally:
+            await resp.aclose()
+            release()
+
+    @app.post("/api/chat")
+    async def api_chat(request: Request) -> Response:
+        return await ollama_call(
+            request, "/v1/chat/completions", ollama.chat_request, ollama.chat_response, False
+        )
+
+    @app.post("/api/generate")
+    async def api_generate(request: Request) -> Response:
+        def reply(model: str, data: dict[str, Any], started: float) -> dict[str, Any]:
+            return ollama.as_generate(ollama.chat_response(model, data, started))
+
+        return await ollama_call(request, "", ollama.generate_request, reply, True)
+
+    @app.post("/api/embed")
+    async def api_embed(request: Request) -> Response:
+        return await ollama_call(
+            request,
+            "/v1/embeddings",
+            lambda req, m: ollama.embed_request(req, m, legacy=False),
+            lambda m, d, _s: ollama.embed_response(m, d, legacy=False),
+            None,
+        )
+
+    @app.post("/api/embeddings")
+    async def api_embeddings(request: Request) -> Response:
+        return await ollama_call(
+            request,
+            "/v1/embeddings",
+            lambda req, m: ollama.embed_request(req, m, legacy=True),
+            lambda m, d, _s: ollama.embed_response(m, d, legacy=True),
+            None,
+        )
+
+    @app.get("/api/tags")
+    async def api_tags(request: Request) -> Response:
+        check_key(cfg, request, None)
+        return JSONResponse({"models": [ollama.model_entry(n, 0) for n in cfg.models]})
+
+    @app.get("/api/ps")
+    async def api_ps(request: Request) -> Response:
+        check_key(cfg, request, None)
+        running = []
+        for name in cfg.models:
+            for rec in router.ready.get(name, []):
+                entry = ollama.model_entry(name, rec.memory_mib << 20)
+                entry["size_vram"] = (rec.memory_mib << 20) if rec.gpus else 0
+                entry["expires_at"] = ""
+                running.append(entry)
+        return JSONResponse({"models": running})
+
+    @app.post("/api/show")
+    async def api_show(request: Request) -> Response:
+        req = ollama.parse_body(await read_body(request))
+        model = resolve(req["model"], request)
+        m = cfg.models[model]
+        entry = ollama.model_entry(model, 0)
+        return JSONResponse(
+            {
+                "modelfile": f"FROM {m.url}",
+                "parameters": " ".join(m.args),
+                "template": "",
+                "details": entry["details"],
+                "model_info": {"general.context_length": m.ctx_size},
+                "capabilities": ["embedding"] if m.embeddings else ["completion"],
+            }
+        )
+
+    @app.get("/api/version")
+    async def api_version() -> Response:
+        return JSONResponse({"version": ollama.OLLAMA_VERSION})
+
+    # ------------------------------------------------------------------ admin
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request) -> Response:
+        check_key(cfg, request, None, admin=True)
+        for model, gate in upstream.gates.items():
+            metrics.queue_depth.labels(model).set(gate.queued)
+            metrics.in_flight.labels(model).set(gate.in_flight)
+        counts = {s.value: 0 for s in proto.InstanceState}
+        for rec in router.instances.values():
+            counts[rec.state.value] += 1
+        for state, n in counts.items():
+            metrics.instances.labels(state).set(n)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.api_route("/dashboard{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     async def dashboard(request: Request, rest: str) -> Response:
+        check_key(cfg, request, None, admin=True)
         url = httpx.URL(path=f"/dashboard{rest}", query=request.url.query.encode())
         req = ui.build_request(
             request.method,
             url,
-            headers=_forward_headers(request.headers),
+            headers=forward_headers(request.headers),
             content=await request.body(),
         )
         try:
             resp = await ui.send(req, stream=True)
         except httpx.TransportError as e:
             raise ApiError(502, f"dashboard service unreachable: {e!r}", "ui_unavailable") from None
-        return Passthrough(resp)
+        out = Passthrough(resp)
+        if request.query_params.get("key"):  # the browser keeps the key for the page's own calls
+            out.set_cookie("lls_key", request.query_params["key"], httponly=True, samesite="strict")
+        return out
 
     @app.on_event("shutdown")
     async def _close() -> None:
         await upstream.aclose()
         await ui.aclose()
 
-    app.state.started = time.time()
     return app
-
-
-class Passthrough(StreamingResponse):
-    """An upstream response streamed to the client chunk by chunk as it arrives.
-
-    Whatever ends it (done, client gone, error), the upstream response is closed, which
-    cancels the generation upstream, and `on_close` releases what the request held.
-    """
-
-    def __init__(self, resp: httpx.Response, on_close: Callable[[], None] | None = None):
-        super().__init__(
-            resp.aiter_raw(), status_code=resp.status_code, headers=_forward_headers(resp.headers)
-        )
-        self._upstream = resp
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._upstream.aclose()
-            if self._on_close is not None:
-                self._on_close()

@@ -160,7 +160,6 @@ def _cpu_option(v: _HostView, need: Need) -> _Option | None:
 
 
 SortKey = tuple[object, ...]
-Fits = Callable[["_HostView"], "_Option | None"]
 
 
 def _rank(strategy: str, file_hosts: frozenset[str]) -> Callable[[_Option], SortKey]:
@@ -196,10 +195,8 @@ def _last_use(inst: InstanceRecord, act: InstanceActivity | None) -> float:
     return max(since, act.last_used) if act is not None else since
 
 
-@dataclass(frozen=True)
-class _Evictable:
-    last_used: float
-    inst: InstanceRecord
+# (last use, instance id, record): sorts least recently used first, ties by id
+Victim = tuple[float, str, InstanceRecord]
 
 
 def _evictables(
@@ -207,12 +204,13 @@ def _evictables(
     activity: Mapping[str, InstanceActivity],
     need: Need,
     keep_loaded: frozenset[str],
-) -> tuple[dict[str, list[_Evictable]], int, int]:
-    """Idle READY instances per host, least recently used first; and (busy, kept) counts."""
-    by_host: dict[str, list[_Evictable]] = defaultdict(list)
+    hosts: set[str],
+) -> tuple[dict[str, list[Victim]], int, int]:
+    """Idle READY instances per host in `hosts`, least recently used first; (busy, kept)."""
+    by_host: dict[str, list[Victim]] = defaultdict(list)
     busy = kept = 0
     for inst in instances:
-        if inst.state != InstanceState.READY or inst.host is None or inst.model == need.model:
+        if inst.state != InstanceState.READY or inst.host not in hosts or inst.model == need.model:
             continue
         act = activity.get(inst.instance_id)
         if act is not None and act.in_flight > 0:
@@ -220,89 +218,122 @@ def _evictables(
         elif inst.model in keep_loaded:
             kept += 1
         else:
-            by_host[inst.host].append(_Evictable(_last_use(inst, act), inst))
+            by_host[inst.host].append((_last_use(inst, act), inst.instance_id, inst))
     for lst in by_host.values():
-        lst.sort(key=lambda e: (e.last_used, e.inst.instance_id))
+        lst.sort(key=lambda v: v[:2])
     return by_host, busy, kept
 
 
-def _freeing(v: _HostView, candidates: list[_Evictable], fits: Fits) -> tuple[_Option | None, int]:
-    """Stop candidates in LRU order until `fits(view)` gives an option; also the MiB freed."""
-    gpu_free, ram_free = dict(v.gpu_free), v.ram_free
-    chosen: list[_Evictable] = []
-    freed = 0
-    for e in candidates:
-        inst = e.inst
-        if inst.gpus:
-            share = inst.memory_mib / len(inst.gpus)
-            for g in inst.gpus:
-                if g in gpu_free:
-                    gpu_free[g] += int(share)
-        elif ram_free is not None:
-            ram_free += inst.memory_mib
-        chosen.append(e)
-        freed += inst.memory_mib
-        trial = _HostView(v.host_id, v.has_file, gpu_free, ram_free)
-        opt = fits(trial)
-        if opt is not None:
-            evict = tuple(c.inst.instance_id for c in chosen)
-            newest = max(c.last_used for c in chosen)
-            return replace(opt, evict=evict, freed_mib=freed, newest_evicted=newest), freed
-    return None, freed
+def _lru_until(
+    free: float, needed: float, victims: list[tuple[Victim, float]]
+) -> tuple[tuple[Victim, ...], float] | None:
+    """The shortest LRU prefix of (victim, MiB it frees here) that makes `needed` fit."""
+    if free + sum(m for _, m in victims) < needed:
+        return None
+    freed = 0.0
+    for n, (_, mib) in enumerate(victims, 1):
+        freed += mib
+        if free + freed >= needed:
+            return tuple(v for v, _ in victims[:n]), freed
+    return None
 
 
-def _eviction_options(
-    views: list[_HostView],
-    by_host: dict[str, list[_Evictable]],
-    need: Need,
-    overhead_mib: int,
-) -> tuple[list[_Option], int]:
-    """Options per host: one GPU (evicting only what sits on it), a split, or CPU RAM."""
-    options: list[_Option] = []
-    most_freed = 0
-    for v in views:
-        cands = by_host.get(v.host_id, [])
-        if not cands:
+def _evicting(o: _Option, chosen: Sequence[Victim], freed: float) -> _Option:
+    ids = tuple(v[1] for v in chosen)
+    return replace(o, evict=ids, freed_mib=int(freed), newest_evicted=max(v[0] for v in chosen))
+
+
+def _evict_one_gpu(v: _HostView, victims: list[Victim], need: Need) -> list[_Option]:
+    """Per GPU: stop only instances that sit on it, least recently used first. Of this
+    host's GPUs, only those stopping the fewest and stalest instances are returned."""
+    on_gpu: dict[int, list[tuple[Victim, float]]] = defaultdict(list)
+    for x in victims:  # victims are in LRU order, so each per-GPU list is too
+        for g in x[2].gpus:
+            on_gpu[g].append((x, x[2].memory_mib / len(x[2].gpus)))
+    hits = []
+    for g, here in on_gpu.items():
+        free = v.gpu_free.get(g)
+        if free is not None and (hit := _lru_until(free, need.memory_mib, here)):
+            chosen, freed = hit
+            hits.append((len(chosen), max(c[0] for c in chosen), g, free, chosen, freed))
+    if not hits:
+        return []
+    least = min(h[:2] for h in hits)
+    return [
+        _evicting(_Option(v.host_id, (g,), need.memory_mib, free, "gpu"), chosen, freed)
+        for n, newest, g, free, chosen, freed in hits
+        if (n, newest) == least
+    ]
+
+
+def _evict_split(v: _HostView, victims: list[Victim], need: Need, overhead: int) -> _Option | None:
+    """Stop GPU instances on this host in LRU order until a split fits."""
+    gpu_free = dict(v.gpu_free)
+    chosen: list[Victim] = []
+    for x in victims:
+        inst = x[2]
+        if not inst.gpus:
             continue
-        for g in v.gpu_free:
-            on_g = [e for e in cands if g in e.inst.gpus]
-
-            def one_gpu(t: _HostView, g: int = g) -> _Option | None:
-                free = t.gpu_free[g]
-                return (
-                    _Option(t.host_id, (g,), need.memory_mib, free, "gpu")
-                    if free >= need.memory_mib
-                    else None
-                )
-
-            opt, freed = _freeing(v, on_g, one_gpu)
-            most_freed = max(most_freed, freed)
-            if opt:
-                options.append(opt)
-        if len(v.gpu_free) > 1:
-            opt, _ = _freeing(
-                v, [e for e in cands if e.inst.gpus], lambda t: _split_option(t, need, overhead_mib)
-            )
-            if opt:
-                options.append(opt)
-        if v.ram_free is not None:
-            opt, freed = _freeing(
-                v, [e for e in cands if not e.inst.gpus], lambda t: _cpu_option(t, need)
-            )
-            most_freed = max(most_freed, freed)
-            if opt:
-                options.append(opt)
-    return options, most_freed
+        for g in inst.gpus:
+            if g in gpu_free:
+                gpu_free[g] += int(inst.memory_mib / len(inst.gpus))
+        chosen.append(x)
+        o = _split_option(_HostView(v.host_id, v.has_file, gpu_free), need, overhead)
+        if o is not None:
+            return _evicting(o, chosen, sum(c[2].memory_mib for c in chosen))
+    return None
 
 
-def _eviction_key(strategy: str, file_hosts: frozenset[str]) -> Callable[[_Option], SortKey]:
-    base = _rank(strategy, file_hosts)
+def _evict_cpu(v: _HostView, victims: list[Victim], need: Need) -> _Option | None:
+    if v.ram_free is None:
+        return None
+    hit = _lru_until(
+        v.ram_free, need.memory_mib, [(x, x[2].memory_mib) for x in victims if not x[2].gpus]
+    )
+    if hit is None:
+        return None
+    return _evicting(_Option(v.host_id, (), need.memory_mib, v.ram_free, "cpu"), *hit)
+
+
+def _best_with_eviction(
+    views: list[_HostView],
+    by_host: dict[str, list[Victim]],
+    need: Need,
+    strategy: str,
+    overhead: int,
+) -> _Option | None:
+    """Same preference as without eviction (one GPU, split, CPU); within a kind: fewest
+    stopped, then the stalest ones, then the usual ranking."""
+    base = _rank(strategy, need.file_hosts)
 
     def key(o: _Option) -> SortKey:
-        # GPU first, then fewest stopped, then stop the stalest ones, then the usual ranking
-        return (o.kind == "cpu", len(o.evict), o.newest_evicted, base(o))
+        return (len(o.evict), o.newest_evicted, base(o))
 
-    return key
+    hosts = [(v, by_host[v.host_id]) for v in views if by_host.get(v.host_id)]
+    single = [o for v, vs in hosts for o in _evict_one_gpu(v, vs, need)]
+    if single:
+        return min(single, key=key)
+    split = [
+        o for v, vs in hosts if len(v.gpu_free) > 1 and (o := _evict_split(v, vs, need, overhead))
+    ]
+    if split:
+        return min(split, key=key)
+    cpu = [o for v, vs in hosts if (o := _evict_cpu(v, vs, need))]
+    return min(cpu, key=key) if cpu else None
+
+
+def _most_freeable(views: list[_HostView], by_host: dict[str, list[Victim]]) -> float:
+    """The most memory stopping idle instances could add to free on one GPU or one CPU host."""
+    best = 0.0
+    for v in views:
+        victims = by_host.get(v.host_id, [])
+        for g, free in v.gpu_free.items():
+            gain = sum(x[2].memory_mib / len(x[2].gpus) for x in victims if g in x[2].gpus)
+            best = max(best, free + gain if gain else 0)
+        if v.ram_free is not None:
+            gain = sum(x[2].memory_mib for x in victims if not x[2].gpus)
+            best = max(best, v.ram_free + gain if gain else 0)
+    return best
 
 
 # ---------------------------------------------------------------- sentences
@@ -379,7 +410,7 @@ def _split_capacity(v: _HostView, overhead_mib: int) -> int:
     return best
 
 
-def _no_eviction(busy: int, kept: int, most_freed: int, had_candidates: bool) -> str:
+def _no_eviction(busy: int, kept: int, reachable: float, had_candidates: bool) -> str:
     held = []
     if busy:
         held.append(f"{busy} busy with requests in flight")
@@ -388,7 +419,10 @@ def _no_eviction(busy: int, kept: int, most_freed: int, had_candidates: bool) ->
     why = f" ({', '.join(held)})" if held else ""
     if not had_candidates:
         return f"no idle instance could be stopped to make room{why}"
-    return f"stopping idle instances frees at most {gib(most_freed)} in one place, not enough{why}"
+    return (
+        f"stopping idle instances would leave at most {gib(reachable)} free on one GPU or host,"
+        f" not enough{why}"
+    )
 
 
 # ---------------------------------------------------------------- the decisions
@@ -455,13 +489,14 @@ def place(
 
     best = _best_without_eviction(views, need, strategy, split_overhead_mib)
     if best is None:
-        by_host, busy, kept = _evictables(instances, activity, need, keep_loaded)
-        options, most_freed = _eviction_options(views, by_host, need, split_overhead_mib)
-        if not options:
+        here = {v.host_id for v in views}
+        by_host, busy, kept = _evictables(instances, activity, need, keep_loaded, here)
+        best = _best_with_eviction(views, by_host, need, strategy, split_overhead_mib)
+        if best is None:
             room = _no_room(views, need, len(hosts), split_overhead_mib)
-            more = _no_eviction(busy, kept, most_freed, bool(by_host))
+            reach = _most_freeable(views, by_host)
+            more = _no_eviction(busy, kept, reach, bool(by_host))
             return NoFit(_fail(need, notes + room + [more]))
-        best = min(options, key=_eviction_key(strategy, need.file_hosts))
     return Placed(
         host=best.host,
         gpus=best.gpus,

@@ -1,0 +1,697 @@
+"""The agent: one per host. Heartbeats telemetry into KV hosts, runs llama-server instances on
+command, owns their InstanceRecords from STARTING on, and on restart adopts what an earlier
+agent left running (or stops what nobody wants any more).
+
+Each instance has one lifecycle task that alone writes its record after launch
+(starting -> ready -> stopping -> stopped, or failed), so a crash watcher and a stop never
+race. Commands are handled in bounded concurrent tasks, so a slow start never blocks a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+import proto
+from lls.bus import durable_config
+from lls.config import AgentConfig
+from lls.paths import llama_server_binary
+from lls.service import ServiceContext
+from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
+from services.agent.image import ImageError
+from services.agent.runtime import (
+    Handle,
+    LaunchError,
+    LaunchSpec,
+    Runtime,
+    bind_host,
+    pick_port,
+)
+from services.agent.runtime_process import ProcessRuntime
+from services.agent.store import Store
+from services.agent.telemetry import Claim, Telemetry, cpu_count, host_memory
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_COMMANDS = 16  # commands handled at once (each in its own task)
+LAUNCH_ACK_S = 60.0  # a start command is acked once launched, or after this at the latest
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL
+STOP_WAIT_S = STOP_GRACE_S + 20.0  # a stop command waits this long for the instance to end
+HEALTH_POLL_S = 0.2
+WATCH_POLL_S = 1.0
+RECONCILE_EVERY_S = 5.0
+BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the server's bind
+NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
+
+
+class StartupError(RuntimeError):
+    """The agent cannot run as configured (e.g. runtime docker without an engine)."""
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    model: str
+    gpus: tuple[int, ...]
+    memory_mib: int
+    cmd: StartInstance | None = None  # None for an adopted instance
+    handle: Handle | None = None
+    port: int | None = None
+    state: InstanceState = InstanceState.STARTING
+    stop_reason: str | None = None
+    quiet: bool = False  # stop without writing the record (it is no longer ours)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def request_stop(self, reason: str, quiet: bool = False) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.quiet = reason, quiet
+            self.stop_event.set()
+
+
+def run_dir_for(store: Path, host_id: str) -> Path:
+    """Where the process runtime keeps state files: next to the store, per host id."""
+    return store.parent / "run" / host_id
+
+
+def choose_runtime(cfg: AgentConfig, host_id: str, store: Path, telemetry: Telemetry) -> Runtime:
+    """auto: Docker when an engine answers (and an image can be had), else processes."""
+    binary = llama_server_binary(cfg.llama_server)
+    process = ProcessRuntime(host_id, store, run_dir_for(store, host_id), binary)
+    if cfg.runtime == "process":
+        return process
+    from services.agent.runtime_docker import DockerRuntime, engine
+
+    client = engine()
+    if client is None:
+        if cfg.runtime == "docker":
+            raise StartupError(
+                "agent.runtime is 'docker' but no Docker engine answers (is dockerd running, "
+                "and may this user reach its socket? DOCKER_HOST selects another engine)"
+            )
+        log.info("no Docker engine answers; using the process runtime")
+        return process
+    try:
+        return DockerRuntime.create(client, host_id, store, cfg.image, telemetry.has_nvidia, binary)
+    except ImageError as e:
+        if cfg.runtime == "docker":
+            raise StartupError(str(e)) from None
+        log.warning("%s; using the process runtime", e)
+        return process
+
+
+class Agent:
+    def __init__(self, ctx: ServiceContext, runtime: Runtime, telemetry: Telemetry, store: Store):
+        self.ctx = ctx
+        self.bus = ctx.bus
+        self.cfg = ctx.cfg.agent
+        self.host = ctx.host_id
+        self.runtime = runtime
+        self.telemetry = telemetry
+        self.store = store
+        self.started_at = proto.now()
+        self.instances: dict[str, Instance] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        # runtime calls block (docker stop waits its grace): a pool of their own, so a few
+        # slow stops never delay health polls
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="agent-rt")
+        self._http = httpx.AsyncClient(timeout=2.0)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ------------------------------------------------------------ main loop
+
+    async def serve(self) -> None:
+        bg: list[asyncio.Task[None]] = []
+        try:
+            await self._adopt()
+            await self._emit(
+                proto.HostJoined(
+                    host_id=self.host, gpus=self.telemetry.gpu_count, runtime=self.runtime.name
+                )
+            )
+            await self._heartbeat()
+            bg = [
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._consume(), name="commands"),
+            ]
+            await self.ctx.stop.wait()
+        except asyncio.CancelledError:
+            # killed without a stop request (a test's stand-in for kill -9): leave the
+            # instances running for the next agent to adopt
+            await self._cancel(bg + list(self._handlers) + self._lifecycles())
+            await self._close()
+            raise
+        await self._shutdown(bg)
+
+    def _lifecycles(self) -> list[asyncio.Task[None]]:
+        return [i.task for i in self.instances.values() if i.task is not None]
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    async def _shutdown(self, bg: list[asyncio.Task[None]]) -> None:
+        """Stop taking commands, stop every instance (marked stopped), say goodbye."""
+        log.info("stopping %d instance(s)", len(self.instances))
+        await self._cancel(bg[1:] + list(self._handlers))
+        for inst in self.instances.values():
+            inst.request_stop("agent shutting down")
+        tasks = self._lifecycles()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 10)
+            for t in pending:
+                t.cancel()
+        for inst in list(self.instances.values()):  # stuck ones: kill outright
+            if inst.handle is not None:
+                with contextlib.suppress(Exception):
+                    await self._call(self.runtime.stop, inst.handle, 0.5)
+        await self._cancel(bg[:1])
+        self.instances.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._heartbeat(), 5)
+        await self._close()
+
+    async def _close(self) -> None:
+        await self._http.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.telemetry.close()
+
+    # ------------------------------------------------------------ heartbeat and reconcile
+
+    async def _heartbeat(self) -> None:
+        claims = [
+            Claim(i.gpus, i.memory_mib, i.handle.pid if i.handle else None)
+            for i in self.instances.values()
+        ]
+        gpus = await self._call(self.telemetry.gpus, claims)
+        files = await self._call(self.store.scan)
+        total, free = host_memory()
+        rec = proto.HostRecord(
+            host_id=self.host,
+            ts=proto.now(),
+            started_at=self.started_at,
+            runtime=self.runtime.name,
+            gpus=gpus,
+            cpu_count=cpu_count(),
+            ram_total_mib=total,
+            ram_free_mib=free,
+            files=files,
+            instances=sorted(self.instances),
+        )
+        await asyncio.wait_for(self.bus.put(self.bus.hosts, self.host, rec), 5)
+
+    async def _heartbeat_loop(self) -> None:
+        next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                await self._heartbeat()
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+                    await self._reconcile()
+            except Exception as e:  # noqa: BLE001 - NATS away for a moment: try again
+                log.warning("heartbeat failed: %s", e)
+
+    async def _reconcile(self) -> None:
+        """Stop ready instances whose record says nobody wants them any more (marked lost
+        while this host was unreachable, or deleted)."""
+        for inst in list(self.instances.values()):
+            if inst.state != InstanceState.READY or inst.stop_reason is not None:
+                continue
+            rec = await self._get(inst.instance_id)
+            if rec is None or rec.state in proto.END_STATES or rec.host not in (None, self.host):
+                why = "no record" if rec is None else f"record is {rec.state.value} on {rec.host}"
+                log.warning("stopping %s: %s; nobody wants it", inst.instance_id, why)
+                inst.request_stop(f"{why}; nobody wants it", quiet=True)
+
+    # ------------------------------------------------------------ commands
+
+    async def _consume(self) -> None:
+        subject = proto.cmd_agent(self.host)
+        durable = f"agent-{self.host}"
+        sub = None
+        errors = 0
+        try:
+            while True:
+                if sub is None:
+                    try:
+                        sub = await self.bus.js.pull_subscribe(
+                            subject,
+                            durable=durable,
+                            stream=proto.CMDS_STREAM,
+                            config=durable_config(durable, subject),
+                        )
+                    except Exception as e:  # noqa: BLE001 - NATS not reachable yet
+                        log.warning("cannot subscribe to %s: %s", subject, e)
+                        await asyncio.sleep(1)
+                        continue
+                room = MAX_COMMANDS - len(self._handlers)
+                if room <= 0:
+                    await asyncio.wait(
+                        self._handlers, timeout=1, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=room, timeout=1)
+                    errors = 0
+                except TimeoutError:
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    errors += 1
+                    log.warning("fetching commands: %s", e)
+                    if errors >= 3:  # pull subscriptions can stall after a server restart
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                        sub, errors = None, 0
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    t = asyncio.create_task(self._handle(msg))
+                    self._handlers.add(t)
+                    t.add_done_callback(self._handlers.discard)
+        finally:
+            if sub is not None:  # an open pull subscription would stall the drain
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _handle(self, msg: Any) -> None:
+        try:
+            cmd = proto.decode(msg.data, proto.AgentCommand)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            log.error("dropping a malformed command: %s", e)
+            with contextlib.suppress(Exception):
+                await msg.term()
+            return
+        try:
+            if isinstance(cmd, StartInstance):
+                await self.start(cmd)
+            else:
+                await self.stop(cmd)
+        except Exception:
+            log.exception("command %s (%s) failed", cmd.cmd_id, type(cmd).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    async def start(self, cmd: StartInstance) -> None:
+        """Idempotent: an instance already starting or running is left alone."""
+        if cmd.instance_id in self.instances:
+            log.info("start %s: already running here", cmd.instance_id)
+            return
+        inst = Instance(cmd.instance_id, cmd.model, tuple(cmd.gpus), cmd.memory_mib, cmd=cmd)
+        self._spawn(inst)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inst.launched.wait(), LAUNCH_ACK_S)
+
+    async def stop(self, cmd: StopInstance) -> None:
+        reason = cmd.reason or "stop requested"
+        inst = self.instances.get(cmd.instance_id)
+        if inst is not None:
+            inst.request_stop(reason)
+            if inst.task is not None:
+                await asyncio.wait({inst.task}, timeout=STOP_WAIT_S)
+            return
+        rec = await self._get(cmd.instance_id)  # not running here: just settle its record
+        live = proto.LIVE_STATES | {InstanceState.STOPPING}
+        if rec is not None and rec.state in live and rec.host in (None, self.host):
+            await self._transition(cmd.instance_id, rec.model, InstanceState.STOPPED, reason=reason)
+
+    # ------------------------------------------------------------ instance lifecycle
+
+    def _spawn(self, inst: Instance) -> None:
+        self.instances[inst.instance_id] = inst
+        inst.task = asyncio.create_task(self._lifecycle(inst), name=f"instance {inst.instance_id}")
+
+    async def _lifecycle(self, inst: Instance) -> None:
+        try:
+            ok = await self._start(inst) if inst.handle is None else await self._readopt(inst)
+            if ok:
+                await self._watch(inst)
+            if ok and inst.stop_reason is not None:
+                await self._stop(inst)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("instance %s", inst.instance_id)
+            if inst.handle is not None:
+                with contextlib.suppress(Exception):
+                    await self._call(self.runtime.stop, inst.handle, STOP_GRACE_S)
+            await self._set(inst, InstanceState.FAILED, reason=f"agent error: {e}", endpoint=None)
+        finally:
+            inst.launched.set()
+            if self.instances.get(inst.instance_id) is inst:
+                del self.instances[inst.instance_id]
+
+    def _model_file(self, filename: str) -> Path:
+        rel = Path(filename)
+        if rel.is_absolute() or ".." in rel.parts or not filename:
+            raise ValueError(f"bad model filename {filename!r}: must be relative to the store")
+        path = self.store.root / rel
+        if not path.is_file():
+            raise ValueError(f"model file {filename} is not in the store {self.store.root}")
+        return path
+
+    async def _start(self, inst: Instance) -> bool:
+        cmd = inst.cmd
+        assert cmd is not None
+        rec = await self._get(inst.instance_id)
+        if rec is not None and (
+            rec.state in proto.END_STATES or rec.state == InstanceState.STOPPING
+        ):
+            # a redelivered start for an instance that already ended: the placer decides retries
+            log.info("not starting %s: its record is %s", inst.instance_id, rec.state.value)
+            return False
+        try:
+            uuids = self.telemetry.uuids(cmd.gpus)
+            self._model_file(cmd.filename)
+        except ValueError as e:
+            await self._set(inst, InstanceState.FAILED, reason=str(e))
+            return False
+        await self._set(
+            inst,
+            InstanceState.STARTING,
+            reason=f"launching llama-server ({self.runtime.name} runtime)",
+            endpoint=None,
+            log_tail="",
+            ready_at=None,
+        )
+        deadline = time.monotonic() + self.cfg.start_timeout
+        for attempt in range(BIND_ATTEMPTS):
+            if inst.stop_reason is not None:
+                return True
+            try:
+                inst.port = pick_port(self.cfg.port_range, self._ports_taken(inst))
+                spec = LaunchSpec(
+                    instance_id=inst.instance_id,
+                    model=cmd.model,
+                    filename=cmd.filename,
+                    port=inst.port,
+                    bind_host=bind_host(self.cfg.advertise_host),
+                    ctx_size=cmd.ctx_size,
+                    n_gpu_layers=cmd.n_gpu_layers,
+                    gpus=tuple(cmd.gpus),
+                    gpu_uuids=uuids,
+                    embeddings=cmd.embeddings,
+                    args=tuple(cmd.args),
+                    memory_mib=cmd.memory_mib,
+                )
+                inst.handle = await self._call(self.runtime.launch, spec)
+            except LaunchError as e:
+                await self._set(inst, InstanceState.FAILED, reason=str(e))
+                return False
+            finally:
+                inst.launched.set()
+            outcome = await self._until_healthy(inst, deadline)
+            if outcome == "exited" and attempt + 1 < BIND_ATTEMPTS:
+                tail = await self._call(self.runtime.log_tail, inst.handle)
+                if "couldn't bind" in tail:
+                    log.warning("%s: port %s was taken; another port", inst.instance_id, inst.port)
+                    await self._call(self.runtime.release, inst.handle)
+                    inst.handle = None
+                    continue
+            return await self._settle(inst, outcome, "")
+        return False  # not reached: the last attempt always settles
+
+    async def _readopt(self, inst: Instance) -> bool:
+        deadline = time.monotonic() + self.cfg.start_timeout
+        outcome = await self._until_healthy(inst, deadline)
+        return await self._settle(inst, outcome, "adopted after an agent restart")
+
+    async def _settle(self, inst: Instance, outcome: str, ready_reason: str) -> bool:
+        """Turn the outcome of waiting for /health into READY or FAILED."""
+        h = inst.handle
+        assert h is not None
+        if outcome == "stopped":
+            return True
+        if outcome == "ready":
+            await self._set(
+                inst,
+                InstanceState.READY,
+                endpoint=f"http://{self.cfg.advertise_host}:{inst.port}",
+                ready_at=proto.now(),
+                reason=ready_reason,
+                log_tail="",
+            )
+            return True
+        tail = await self._call(self.runtime.log_tail, h)
+        if outcome == "timeout":
+            reason = (
+                f"llama-server did not answer /health with 200 within "
+                f"{self.cfg.start_timeout:g} s; killed"
+            )
+            await self._call(self.runtime.stop, h, STOP_GRACE_S)
+        else:
+            code = await self._call(self.runtime.exit_code, h)
+            what = "with code unknown" if code == -1 else f"with code {code}"
+            reason = f"llama-server exited {what} before it was ready"
+            await self._call(self.runtime.release, h)
+        inst.handle = None
+        await self._set(inst, InstanceState.FAILED, reason=reason, log_tail=tail, endpoint=None)
+        return False
+
+    async def _until_healthy(
+        self, inst: Instance, deadline: float
+    ) -> Literal["ready", "exited", "timeout", "stopped"]:
+        h = inst.handle
+        assert h is not None
+        url = f"http://127.0.0.1:{h.port}/health"
+        while True:
+            if inst.stop_reason is not None:
+                return "stopped"
+            if await self._call(self.runtime.exit_code, h) is not None:
+                return "exited"
+            try:
+                if (await self._http.get(url)).status_code == 200:
+                    return "ready"
+            except httpx.HTTPError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                return "timeout"
+            await self._pause(inst, HEALTH_POLL_S)
+
+    async def _watch(self, inst: Instance) -> None:
+        """While ready: return on a stop request; a crash marks the instance failed."""
+        while not await self._pause(inst, WATCH_POLL_S):
+            h = inst.handle
+            assert h is not None
+            code = await self._call(self.runtime.exit_code, h)
+            if code is None:
+                continue
+            tail = await self._call(self.runtime.log_tail, h)
+            await self._call(self.runtime.release, h)
+            inst.handle = None
+            what = "with code unknown" if code == -1 else f"with code {code}"
+            log.warning("%s: llama-server exited %s", inst.instance_id, what)
+            await self._set(
+                inst,
+                InstanceState.FAILED,
+                reason=f"llama-server exited unexpectedly {what}",
+                log_tail=tail,
+                endpoint=None,
+            )
+            return
+
+    async def _stop(self, inst: Instance) -> None:
+        reason = inst.stop_reason or "stop requested"
+        if not inst.quiet:
+            await self._set(inst, InstanceState.STOPPING, reason=reason)
+        if inst.handle is not None:
+            await self._call(self.runtime.stop, inst.handle, STOP_GRACE_S)
+            inst.handle = None
+        if not inst.quiet:
+            await self._set(inst, InstanceState.STOPPED, reason=reason, endpoint=None)
+
+    @staticmethod
+    async def _pause(inst: Instance, seconds: float) -> bool:
+        """Sleep, waking early on a stop request; True if a stop was requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inst.stop_event.wait(), seconds)
+        return inst.stop_event.is_set()
+
+    def _ports_taken(self, inst: Instance) -> set[int]:
+        return {i.port for i in self.instances.values() if i is not inst and i.port is not None}
+
+    # ------------------------------------------------------------ adoption
+
+    async def _adopt(self) -> None:
+        """Reconcile KV with what really runs for this host id, before taking commands."""
+        handles = await self._call(self.runtime.discover)
+        records = await self._all_records()
+        unwanted = []
+        for h in handles:
+            rec = records.get(h.instance_id)
+            if (
+                rec is None
+                or rec.state not in proto.LIVE_STATES
+                or rec.host not in (None, self.host)
+            ):
+                why = "no record" if rec is None else f"record is {rec.state.value}"
+                log.info("stopping %s left by an earlier agent: %s", h.instance_id, why)
+                unwanted.append(self._call(self.runtime.stop, h, STOP_GRACE_S))
+                continue
+            log.info("adopting %s (%s) on port %d", h.instance_id, rec.model, h.port)
+            inst = Instance(
+                h.instance_id, rec.model, tuple(rec.gpus), rec.memory_mib, handle=h, port=h.port
+            )
+            inst.state = rec.state
+            inst.launched.set()
+            self._spawn(inst)
+        await asyncio.gather(*unwanted, return_exceptions=True)
+        for iid, rec in records.items():
+            if rec.host != self.host or iid in self.instances:
+                continue
+            if rec.state in (InstanceState.STARTING, InstanceState.READY):
+                log.warning("%s: %s", iid, NOT_FOUND_AFTER_RESTART)
+                await self._transition(
+                    iid,
+                    rec.model,
+                    InstanceState.FAILED,
+                    reason=NOT_FOUND_AFTER_RESTART,
+                    endpoint=None,
+                )
+            elif rec.state == InstanceState.STOPPING:
+                await self._transition(iid, rec.model, InstanceState.STOPPED, reason=rec.reason)
+
+    # ------------------------------------------------------------ records and events
+
+    async def _get(self, instance_id: str) -> InstanceRecord | None:
+        try:
+            entry = await self.bus.instances.get(proto.kv_key(instance_id))
+        except KeyNotFoundError:  # deleted keys too
+            return None
+        if not entry.value:
+            return None
+        try:
+            return proto.decode(entry.value, InstanceRecord)
+        except msgspec.ValidationError:
+            log.warning("unreadable instance record %s", instance_id)
+            return None
+
+    async def _all_records(self) -> dict[str, InstanceRecord]:
+        try:
+            keys = await self.bus.instances.keys()
+        except NoKeysError:
+            return {}
+        out = {}
+        for key in keys:
+            rec = await self._get(key)
+            if rec is not None:
+                out[rec.instance_id] = rec
+        return out
+
+    async def _update(
+        self, instance_id: str, model: str, mutate: Callable[[InstanceRecord], None]
+    ) -> InstanceRecord:
+        """Read-modify-write with optimistic concurrency (the placer writes records too)."""
+        kv, key = self.bus.instances, proto.kv_key(instance_id)
+        for _ in range(20):
+            try:
+                entry = await kv.get(key)
+                rev = entry.revision if entry.value else None
+            except KeyNotFoundError:
+                entry, rev = None, None
+            if rev is None:
+                t = proto.now()
+                rec = InstanceRecord(
+                    instance_id=instance_id,
+                    model=model,
+                    state=InstanceState.PENDING,
+                    created=t,
+                    updated=t,
+                )
+            else:
+                assert entry is not None and entry.value
+                rec = proto.decode(entry.value, InstanceRecord)
+            mutate(rec)
+            rec.updated = proto.now()
+            try:
+                if rev is None:
+                    await kv.create(key, proto.encode(rec))
+                else:
+                    await kv.update(key, proto.encode(rec), last=rev)
+                return rec
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.01)  # someone wrote in between: read again
+        raise RuntimeError(f"instance record {instance_id}: too much write contention")
+
+    async def _transition(
+        self, instance_id: str, model: str, state: InstanceState, **fields: Any
+    ) -> None:
+        def mutate(r: InstanceRecord) -> None:
+            r.state = state
+            r.host = self.host
+            for k, v in fields.items():
+                setattr(r, k, v)
+
+        try:
+            rec = await asyncio.wait_for(self._update(instance_id, model, mutate), 10)
+        except Exception as e:  # noqa: BLE001 - the bus is away; the lifecycle goes on
+            log.error("cannot record %s %s: %s", instance_id, state.value, e)
+            return
+        await self._emit(
+            proto.InstanceChanged(
+                instance_id=instance_id,
+                model=rec.model,
+                state=state,
+                host=self.host,
+                endpoint=rec.endpoint,
+                reason=rec.reason,
+            )
+        )
+
+    async def _set(self, inst: Instance, state: InstanceState, **fields: Any) -> None:
+        inst.state = state
+        if state == InstanceState.STARTING:
+            fields["gpus"] = list(inst.gpus)
+            if inst.memory_mib:  # keep what the placer reserved when the command has none
+                fields["memory_mib"] = inst.memory_mib
+        log.info(
+            "%s (%s): %s %s", inst.instance_id, inst.model, state.value, fields.get("reason", "")
+        )
+        await self._transition(inst.instance_id, inst.model, state, **fields)
+
+    async def _emit(self, event: proto.Event) -> None:
+        try:
+            await self.bus.emit(event)
+        except Exception as e:  # noqa: BLE001 - events are best effort; KV holds the state
+            log.warning("cannot emit %s: %s", type(event).__name__, e)
+
+
+async def create_agent(ctx: ServiceContext) -> Agent:
+    cfg = ctx.cfg.agent
+    store = ctx.cfg.store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    telemetry = await asyncio.to_thread(Telemetry, ctx.host_id, cfg.gpus)
+    runtime = await asyncio.to_thread(choose_runtime, cfg, ctx.host_id, store, telemetry)
+    log.info(
+        "agent %s: %s runtime, %d GPU(s)%s, store %s",
+        ctx.host_id,
+        runtime.name,
+        telemetry.gpu_count,
+        " (simulated)" if telemetry.simulated is not None else "",
+        store,
+    )
+    return Agent(ctx, runtime, telemetry, Store(store))
+
+
+async def run(ctx: ServiceContext) -> None:
+    agent = await create_agent(ctx)
+    await agent.serve()

@@ -1,0 +1,60 @@
+"""Prometheus metrics for /metrics (one registry per app, so tests can build several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lls_requests",
+            "Requests by model, route and status",
+            ["model", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lls_request_seconds",
+            "Time from request to the last byte",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lls_time_to_first_token_seconds",
+            "Time from request to the first response chunk",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cold_start = Histogram(
+            "lls_cold_start_seconds",
+            "Wait for a model with no ready instance",
+            ["model"],
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.refused = Counter(
+            "lls_admissions_refused",
+            "Requests refused by status (429 queue, 503 unavailable)",
+            ["model", "status"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "lls_queue_depth", "Requests waiting for a slot", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "lls_in_flight", "Requests running through this gateway", ["model"], registry=r
+        )
+        self.instances = Gauge("lls_instances", "Instances by state", ["state"], registry=r)
+        self.tokens_per_second = Histogram(
+            "lls_tokens_per_second",
+            "Generation speed reported by llama-server",
+            ["model"],
+            buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )

@@ -1,0 +1,153 @@
+"""Forwarding a request to an instance: admission, cold-start wait, one retry, release.
+
+`Upstream.open` returns the upstream response still streaming and a `release` callback; the
+caller must call `release` exactly once (Passthrough does, whatever ends the response).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+from starlette.responses import StreamingResponse
+
+from lls.config import Config
+
+from .admission import Gate, Limits
+from .errors import ApiError
+from .metrics import Metrics
+from .router import Router
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+
+
+def forward_headers(headers: httpx.Headers | dict) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+class Upstream:
+    def __init__(self, cfg: Config, router: Router, metrics: Metrics):
+        self.cfg = cfg
+        self.router = router
+        self.metrics = metrics
+        g = cfg.gateway
+        self.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
+        self.gates: dict[str, Gate] = {}
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=g.request_timeout, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+        )
+
+    def gate(self, model: str) -> Gate:
+        gate = self.gates.get(model)
+        if gate is None:
+            gate = self.gates[model] = Gate(model, self.limits)
+        return gate
+
+    async def open(
+        self, model: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[httpx.Response, Callable[[], None]]:
+        gate = self.gate(model)
+        try:
+            await gate.enter()
+        except ApiError:
+            self.metrics.refused.labels(model, "429").inc()
+            raise
+        try:
+            return await self._send(model, path, body, headers, gate)
+        except BaseException:
+            gate.leave()
+            raise
+
+    async def _send(
+        self, model: str, path: str, body: bytes, headers: dict[str, str], gate: Gate
+    ) -> tuple[httpx.Response, Callable[[], None]]:
+        t0 = time.monotonic()
+        for attempt in range(2):  # one retry when an endpoint refuses the connection
+            cold = self.router.pick(model) is None
+            try:
+                rec = await self.router.acquire(model, self.cfg.gateway.cold_start_timeout)
+            except ApiError as e:
+                self.metrics.refused.labels(model, str(e.status)).inc()
+                raise
+            if cold:
+                self.metrics.cold_start.labels(model).observe(time.monotonic() - t0)
+            req = self.client.build_request(
+                "POST", f"{rec.endpoint}{path}", content=body, headers=headers
+            )
+            self.router.begin(rec)
+            try:
+                resp = await self.client.send(req, stream=True)
+            except httpx.ConnectError as e:
+                self.router.end(rec)
+                self.router.mark_bad(rec)
+                if attempt == 0:
+                    continue
+                raise ApiError(
+                    502, f"instance of {model} unreachable: {e}", "upstream_error", 2
+                ) from None
+            except httpx.TransportError as e:
+                self.router.end(rec)
+                raise ApiError(
+                    502, f"instance of {model} failed: {e!r}", "upstream_error", 2
+                ) from None
+
+            def release(rec=rec) -> None:  # type: ignore[no-untyped-def]
+                self.router.end(rec)
+                gate.leave()
+
+            return resp, release
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Passthrough(StreamingResponse):
+    """An upstream response streamed to the client chunk by chunk as it arrives.
+
+    Whatever ends it (done, client gone, error), the upstream response is closed, which
+    cancels the generation upstream, and `on_close` releases what the request held.
+    """
+
+    def __init__(
+        self,
+        resp: httpx.Response,
+        on_close: Callable[[], None] | None = None,
+        on_first: Callable[[], None] | None = None,
+    ):
+        body = resp.aiter_raw() if on_first is None else _first(resp.aiter_raw(), on_first)
+        super().__init__(body, status_code=resp.status_code, headers=forward_headers(resp.headers))
+        self._upstream = resp
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+            if self._on_close is not None:
+                self._on_close()
+
+
+async def _first(
+    chunks: AsyncIterator[bytes], on_first: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    first = True
+    async for chunk in chunks:
+        if first:
+            first = False
+            on_first()
+        yield chunk
