@@ -22,7 +22,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from gguf import GGML_QUANT_SIZES
 
@@ -32,6 +32,7 @@ __all__ = ["TruncatedHeader", "read_summary", "read_summary_from_bytes", "read_m
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+MAX_HEADER_BYTES = 1 << 30  # real headers are a few MB; beyond this the file is corrupt
 
 # GGUF value types -> struct format of a scalar
 _SCALAR_FMT = {
@@ -64,6 +65,14 @@ class TruncatedHeader(ValueError):
         self.have = have
 
 
+def _truncated(needed: int, have: int) -> NoReturn:
+    if needed > MAX_HEADER_BYTES:  # a garbage length: do not ask a caller to fetch gigabytes
+        raise ValueError(
+            f"corrupt GGUF header: a length field points past {MAX_HEADER_BYTES} bytes"
+        )
+    raise TruncatedHeader(needed, have)
+
+
 class _Cursor:
     """A position in a buffer with typed reads; running past the end raises TruncatedHeader."""
 
@@ -77,7 +86,7 @@ class _Cursor:
 
     def need(self, n: int) -> None:
         if self.pos + n > self.end:
-            raise TruncatedHeader(self.pos + n, self.end)
+            _truncated(self.pos + n, self.end)
 
     def u32(self) -> int:
         self.need(4)
@@ -115,11 +124,11 @@ class _Cursor:
         u64, buf, pos, end = self._u64, self.buf, self.pos, self.end
         for _ in range(count):
             if pos + 8 > end:
-                raise TruncatedHeader(pos + 8, end)
+                _truncated(pos + 8, end)
             (n,) = u64(buf, pos)
             pos += 8 + n
         if pos > end:
-            raise TruncatedHeader(pos, end)
+            _truncated(pos, end)
         self.pos = pos
 
 

@@ -51,6 +51,13 @@ class Stack:
         self.log = tmp / "stack.log"
         self.proc: subprocess.Popen | None = None
 
+    def patch_config(self, **sections: dict) -> None:
+        """Merge keys into config sections before start()."""
+        cfg = yaml.safe_load(self.config.read_text())
+        for name, values in sections.items():
+            cfg.setdefault(name, {}).update(values)
+        self.config.write_text(yaml.safe_dump(cfg))
+
     def start(self, timeout: float = 60) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lls.run", "--config", str(self.config)],

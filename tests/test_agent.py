@@ -33,6 +33,7 @@ from services.agent.service import StartupError, create_agent, run
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+ADOPTED = "adopted after an agent restart"
 SIM_GPUS = [{"name": "Sim 8G", "memory_mib": 8192}, {"name": "Sim 4G", "memory_mib": 4096}]
 
 
@@ -84,11 +85,12 @@ async def get_record(bus: Bus, iid: str) -> InstanceRecord | None:
 
 
 async def wait_state(
-    bus: Bus, iid: str, *states: InstanceState, timeout: float = 30
+    bus: Bus, iid: str, *states: InstanceState, timeout: float = 30, reason: str | None = None
 ) -> InstanceRecord:
     async def check() -> InstanceRecord | None:
         r = await get_record(bus, iid)
-        return r if r is not None and r.state in states else None
+        ok = r is not None and r.state in states and (reason is None or r.reason == reason)
+        return r if ok else None
 
     try:
         return await eventually(check, timeout, f"{iid} to be {[s.value for s in states]}")
@@ -396,7 +398,9 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "m.gguf").write_bytes(b"x")
     fake = tmp_path / "llama-server"  # accepts anything, never listens
-    fake.write_text("#!/bin/sh\necho 'loading forever'\nexec sleep 60\n")
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --help ] && exit 0\necho "loading forever"\nexec sleep 60\n'
+    )
     fake.chmod(0o755)
     cfg = agent_config(tmp_path, host, llama_server=str(fake), start_timeout=1.5)
     await agents.start(parse(cfg), host)
@@ -529,7 +533,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     agent.start()
     rec = await wait_state(bus, ghost, InstanceState.FAILED, timeout=40)
     assert rec.reason == "agent restarted; instance process not found"
-    adopted = await wait_state(bus, kept, InstanceState.READY)
+    adopted = await wait_state(bus, kept, InstanceState.READY, reason=ADOPTED)
     assert adopted.endpoint == ready.endpoint and adopted.gpus == [0]
     assert server_pids(tmp_path / "store") == [pids[kept]]  # same process, no duplicate
     assert (await get_record(bus, unwanted)).state == InstanceState.LOST

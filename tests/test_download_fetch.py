@@ -252,6 +252,15 @@ async def test_hf_url_uses_the_endpoint_override_token_and_redirects(
     assert srv.stats.authorized == {path}  # the token never reaches the redirect target
 
 
+async def test_expired_redirect_target_is_resolved_again(tmp_path: Path):
+    data = blob(4 * MiB)
+    with FileServer({"/cdn/blob": data}, Behaviour(target_uses=2)) as srv:
+        srv.behaviour.redirects["/f.gguf"] = f"http://localhost:{srv.port}/cdn/blob"
+        out = await get(srv.url("f.gguf"), tmp_path, sha256=sha(data))
+    assert out.size == len(data)
+    assert srv.stats.paths["/f.gguf"] > 2  # resolved again after targets expired
+
+
 async def test_split_gguf_downloads_every_part_next_to_the_first(tmp_path: Path):
     parts = {f"/x/m-{i:05d}-of-00003.gguf": blob(MiB + i, i) for i in (1, 2, 3)}
     with FileServer(parts) as srv:
@@ -282,6 +291,11 @@ def test_url_forms_resolve_to_http_urls(monkeypatch: pytest.MonkeyPatch):
         "big-00002-of-00002.gguf",
     ]
     assert srcs[1].hf is not None and srcs[1].hf.path == "big-00002-of-00002.gguf"
+    named = resolve("hf://o/r/big-00001-of-00002.gguf", "my-model.gguf")
+    assert [s.filename for s in named] == [
+        "my-model-00001-of-00002.gguf",
+        "my-model-00002-of-00002.gguf",
+    ]
     with pytest.raises(SourceError, match="owner/repo"):
         resolve("hf://only-repo/file.gguf", "f.gguf")
     with pytest.raises(SourceError, match="unsupported URL"):

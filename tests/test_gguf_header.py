@@ -210,6 +210,13 @@ def raw_header(tensors: list[tuple[str, list[int], int]]) -> bytes:
     return out
 
 
+def test_garbage_length_is_corrupt_not_a_request_for_gigabytes() -> None:
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 40) + b"key"
+    with pytest.raises(ValueError, match="corrupt GGUF header") as e:
+        read_summary_from_bytes(data)
+    assert not isinstance(e.value, TruncatedHeader)
+
+
 def test_quant_type_unknown_to_the_package_falls_back_to_zero_tensor_bytes() -> None:
     known = read_summary_from_bytes(raw_header([("a", [64, 2], int(Q.F16))]))
     assert known.tensor_bytes == 256

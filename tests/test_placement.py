@@ -241,7 +241,7 @@ def test_least_recently_used_idle_instance_is_evicted() -> None:
     activity = {"old": used(300), "recent": used(900), "other": used(950)}
     p = placed(place(hosts, running, activity, need(11), now=NOW))
     assert (p.gpus, p.evict) == ((0,), ("old",))
-    assert "after stopping least recently used idle old (10.0 GiB)" in p.reason
+    assert "after stopping least recently used idle old, which frees 10.0 GiB" in p.reason
 
 
 def test_never_used_instance_is_idle_since_it_became_ready() -> None:

@@ -49,7 +49,7 @@ def supports_fit(binary: str, mtime_ns: int) -> bool:
     """Whether this llama-server build knows `--fit` (older builds reject unknown flags)."""
     try:
         out = subprocess.run(
-            [binary, "--help"], capture_output=True, text=True, timeout=20, check=False
+            [binary, "--help"], capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return False

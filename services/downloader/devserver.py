@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 BLOCK = 16 * 1024
 
@@ -34,7 +35,8 @@ class Behaviour:
     drop_after: int | None = None  # close the connection after this many body bytes ...
     drops: int = 0  # ... for this many responses
     token: str | None = None  # require "Authorization: Bearer <token>" (not on redirect targets)
-    redirects: dict[str, str] = field(default_factory=dict)  # path -> path (302)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> URL or path (302)
+    target_uses: int | None = None  # each redirect signs its target for this many requests
 
 
 class FileServer:
@@ -47,6 +49,7 @@ class FileServer:
         self.behaviour = behaviour or Behaviour()
         self.stats = Stats()
         self.lock = threading.Lock()
+        self.uses_left: dict[str, int] = {}  # signature of a redirect -> requests left
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -100,14 +103,28 @@ def _handler(server: FileServer) -> Callable[..., BaseHTTPRequestHandler]:
                 if self.headers.get("Authorization"):
                     server.stats.authorized.add(path)
             auth_ok = self.headers.get("Authorization") == f"Bearer {b.token}"
-            if b.token and not auth_ok and path not in b.redirects.values():
+            targets = {urlsplit(u).path for u in b.redirects.values()}
+            if b.token and not auth_ok and path not in targets:
                 return self._empty(401)  # like a CDN, signed redirect targets need no token
             if path in b.redirects:
+                location = b.redirects[path]
+                if b.target_uses is not None:  # a signed URL, like a CDN's
+                    with server.lock:
+                        sig = str(len(server.uses_left))
+                        server.uses_left[sig] = b.target_uses
+                    location += f"?sig={sig}"
                 self.send_response(302)
-                self.send_header("Location", b.redirects[path])
+                self.send_header("Location", location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if b.target_uses is not None and path in targets:
+                sig = self.path.partition("?sig=")[2]
+                with server.lock:
+                    left = server.uses_left.get(sig, 0)
+                    server.uses_left[sig] = left - 1
+                if left <= 0:
+                    return self._empty(403)  # an expired signature
             src = server.files.get(path)
             if src is None:
                 return self._empty(404)

@@ -184,7 +184,7 @@ class Downloader:
         return proto.DownloadCompleted(
             model=cmd.model,
             host=self.host,
-            filename=cmd.filename,
+            filename=sources[0].filename,  # a split model's first part
             size=outcome.size,
             reused=outcome.reused,
         )
@@ -255,7 +255,7 @@ class Downloader:
                 continue
             last = (done, total)
             t0, m0 = samples[0]
-            rate = (moved - m0) / (now - t0) if now > t0 else 0.0
+            rate = max(0.0, (moved - m0) / (now - t0)) if now > t0 else 0.0  # a restart dips
             eta = (total - done) / rate if total is not None and rate > 0 else None
             await self._emit(
                 proto.DownloadProgress(

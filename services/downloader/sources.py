@@ -164,7 +164,11 @@ def _split_url(url: str, index: int) -> str:
 
 
 def resolve(url: str, filename: str) -> list[Source]:
-    """The files to fetch for one DownloadFile command, in order (several for a split GGUF)."""
+    """The files to fetch for one DownloadFile command, in order (several for a split GGUF).
+
+    For a split GGUF (the URL names part 00001) every part is fetched; the store names keep
+    the `-0000k-of-0000N.gguf` suffix, which llama-server needs to find the other parts.
+    """
     filename = check_filename(filename)
     hf: HfRef | None = None
     ollama: OllamaRef | None = None
@@ -195,7 +199,11 @@ def resolve(url: str, filename: str) -> list[Source]:
         )
 
     names = split_names(filename)
-    src_names = split_names(PurePosixPath(urlsplit(http_url).path).name)
+    src_names = split_names(unquote(PurePosixPath(urlsplit(http_url).path).name))
+    if len(src_names) > 1 and len(names) == 1:
+        # llama.cpp finds parts 2..N from the first part's name, so the store keeps the suffix
+        stem = filename[: -len(".gguf")] if filename.endswith(".gguf") else filename
+        names = split_names(f"{stem}-00001-of-{len(src_names):05d}.gguf")
     if len(names) == 1 or len(src_names) != len(names):
         return [Source(http_url, filename, headers, hf, ollama)]
     sources = []

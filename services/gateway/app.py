@@ -109,6 +109,12 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 "model_not_found",
             )
         check_key(cfg, request, model)
+        if "embed" in request.url.path and not cfg.models[model].embeddings:
+            raise ApiError(
+                400,
+                f"model {model!r} does not serve embeddings (set models.{model}.embeddings: true)",
+                "embeddings_not_enabled",
+            )
         return model
 
     async def read_body(request: Request) -> bytes:
@@ -172,6 +178,17 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         if head.stream and router.pick(model) is None:
             return cold_stream(model, route, body, headers, started)
         resp, release = await upstream.open(model, route, body, headers)
+        if resp.status_code == 501:  # a feature this model was not started with: client's call
+            try:
+                detail = msgspec.json.decode(await resp.aread())["error"]["message"]
+            except Exception:  # noqa: BLE001 - any unreadable body
+                detail = "not supported"
+            finally:
+                await resp.aclose()
+                release()
+            raise ApiError(
+                400, f"model {model!r}: {detail} (see models.{model}.args)", "not_supported"
+            )
 
         def done() -> None:
             release()
@@ -323,7 +340,11 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             for rec in router.ready.get(name, []):
                 entry = ollama.model_entry(name, rec.memory_mib << 20)
                 entry["size_vram"] = (rec.memory_mib << 20) if rec.gpus else 0
-                entry["expires_at"] = ""
+                idle = cfg.models[name].idle_timeout
+                idle = cfg.idle_timeout if idle is None else idle
+                used = router.last_used.get(rec.instance_id, rec.ready_at or rec.updated)
+                expires = used + idle if idle else time.time() + 10 * 365 * 86400
+                entry["expires_at"] = ollama.iso(expires)
                 running.append(entry)
         return JSONResponse({"models": running})
 

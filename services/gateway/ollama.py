@@ -33,8 +33,12 @@ OPTION_NAMES = {
 }
 
 
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return iso(time.time())
 
 
 def parse_body(body: bytes) -> dict[str, Any]:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
+NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
 
@@ -52,6 +53,7 @@ class Placer:
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
+        self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
     # ------------------------------------------------------------------ views
@@ -218,6 +220,8 @@ class Placer:
                 wait,
             )
             return
+        if not self.hosts and now - self.started < NO_HOST_GRACE_S:
+            return  # agents may still be starting; the gateway re-demands while it waits
         need = self._need(model, mcfg, host=None)
         decision = self._place(need, now)
         if isinstance(decision, NoFit):
