@@ -64,15 +64,15 @@ def put_model(tmp_path: Path, src: Path, name: str = "tiny") -> str:
 
 
 async def eventually(
-    fn: Callable[[], Awaitable[T | None]], timeout: float = 30, what: str = ""
+    fn: Callable[[], Awaitable[T | None]], within: float = 30, what: str = ""
 ) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = await fn()
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or fn}")
+            raise AssertionError(f"timed out after {within} s waiting for {what or fn}")
         await asyncio.sleep(0.1)
 
 
@@ -85,7 +85,7 @@ async def get_record(bus: Bus, iid: str) -> InstanceRecord | None:
 
 
 async def wait_state(
-    bus: Bus, iid: str, *states: InstanceState, timeout: float = 30, reason: str | None = None
+    bus: Bus, iid: str, *states: InstanceState, within: float = 30, reason: str | None = None
 ) -> InstanceRecord:
     async def check() -> InstanceRecord | None:
         r = await get_record(bus, iid)
@@ -93,7 +93,7 @@ async def wait_state(
         return r if ok else None
 
     try:
-        return await eventually(check, timeout, f"{iid} to be {[s.value for s in states]}")
+        return await eventually(check, within, f"{iid} to be {[s.value for s in states]}")
     except AssertionError:
         raise AssertionError(f"{iid} is {await get_record(bus, iid)}, wanted {states}") from None
 
@@ -162,10 +162,10 @@ class RunningAgent:
     task: asyncio.Task[None]
     bus: Bus
 
-    async def stop(self, timeout: float = 30) -> None:
+    async def stop(self, within: float = 30) -> None:
         """Graceful: what SIGTERM does."""
         self.ctx.stop.set()
-        await asyncio.wait_for(self.task, timeout)
+        await asyncio.wait_for(self.task, within)
         await self.bus.close()
 
     async def crash(self) -> None:
@@ -184,9 +184,11 @@ class Agents:
     async def start(self, cfg: Config, host_id: str) -> RunningAgent:
         bus = await connect(self.nats_url, f"agent-{host_id}")
         ctx = ServiceContext(name="agent", cfg=cfg, bus=bus, host_id=host_id)
+        t0 = proto.now()
         a = RunningAgent(ctx, asyncio.create_task(run(ctx)), bus)
         self.running.append(a)
-        await eventually(lambda: host_record(bus, host_id), 20, "the first heartbeat")
+        # the first heartbeat comes once adoption is done (an earlier agent's may be there)
+        await eventually(lambda: _newer(bus, host_id, t0), 20, "the first heartbeat")
         return a
 
     async def aclose(self) -> None:
@@ -422,7 +424,7 @@ async def test_crash_of_a_ready_server_marks_it_failed_with_the_log_tail(
     await wait_state(bus, iid, InstanceState.READY)
     [st] = state_files(tmp_path)
     os.kill(st["pid"], signal.SIGKILL)
-    rec = await wait_state(bus, iid, InstanceState.FAILED, timeout=10)
+    rec = await wait_state(bus, iid, InstanceState.FAILED, within=10)
     assert "exited unexpectedly with code -9" in rec.reason and rec.log_tail
     assert rec.endpoint is None
 
@@ -519,7 +521,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     kept, unwanted, ghost = new_id(), new_id(), new_id()
     await place(bus, host, start_cmd(kept, a, model="a", gpus=[0], memory_mib=900))
     await place(bus, host, start_cmd(unwanted, b, model="b"))
-    ready = await wait_state(bus, kept, InstanceState.READY, timeout=40)
+    ready = await wait_state(bus, kept, InstanceState.READY, within=40)
     await wait_state(bus, unwanted, InstanceState.READY)
     pids = {s["instance_id"]: s["pid"] for s in state_files(tmp_path)}
 
@@ -531,7 +533,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     await put_record(bus, ghost, "a", InstanceState.READY, host, endpoint="http://127.0.0.1:9")
 
     agent.start()
-    rec = await wait_state(bus, ghost, InstanceState.FAILED, timeout=40)
+    rec = await wait_state(bus, ghost, InstanceState.FAILED, within=40)
     assert rec.reason == "agent restarted; instance process not found"
     adopted = await wait_state(bus, kept, InstanceState.READY, reason=ADOPTED)
     assert adopted.endpoint == ready.endpoint and adopted.gpus == [0]
@@ -550,3 +552,26 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     rec = await get_record(bus, kept)
     assert rec.state == InstanceState.STOPPED and rec.reason == "agent shutting down"
     assert server_pids(tmp_path / "store") == [] and state_files(tmp_path) == []
+
+
+async def test_agent_keeps_taking_commands_after_a_nats_server_restart(
+    agents: Agents, nats_server: Any, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
+) -> None:
+    host = unique_host()
+    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
+    await agents.start(parse(agent_config(tmp_path, host)), host)
+    nats_server.stop()
+    await asyncio.sleep(1.0)
+    nats_server.start()  # same port and store: streams, buckets and the consumer survive
+    iid = new_id()
+    await eventually(lambda: _try_place(bus, host, start_cmd(iid, filename)), 20, "NATS back")
+    rec = await wait_state(bus, iid, InstanceState.READY, within=60)
+    assert rec.endpoint
+
+
+async def _try_place(bus: Bus, host: str, cmd: StartInstance) -> bool:
+    try:
+        await place(bus, host, cmd)
+        return True
+    except Exception:  # noqa: BLE001 - not reconnected yet
+        return False

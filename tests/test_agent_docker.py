@@ -12,11 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-import proto
-from lls.bus import Bus, new_id
-from lls.config import parse
-from proto import InstanceState, StopInstance
 from test_agent import (
     ADOPTED,
     Agents,
@@ -31,6 +26,11 @@ from test_agent import (
     unique_host,
     wait_state,
 )
+
+import proto
+from lls.bus import Bus, new_id
+from lls.config import parse
+from proto import InstanceState, StopInstance
 
 pytestmark = pytest.mark.docker
 
@@ -63,7 +63,7 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     iid = new_id()
     await place(bus, docker_host, start_cmd(iid, filename, gpus=[0], memory_mib=600))
 
-    rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED, timeout=60)
+    rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED, within=60)
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
     await chat(rec.endpoint, "tiny")
     [c] = our_containers(docker_client, docker_host)
@@ -76,7 +76,7 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     assert not c.attrs["HostConfig"].get("DeviceRequests")  # simulated GPUs: nothing to pass
 
     await bus.command(proto.cmd_agent(docker_host), StopInstance(cmd_id=new_id(), instance_id=iid))
-    rec = await wait_state(bus, iid, InstanceState.STOPPED, timeout=20)
+    rec = await wait_state(bus, iid, InstanceState.STOPPED, within=20)
     assert our_containers(docker_client, docker_host) == []
 
 
@@ -95,8 +95,8 @@ async def test_docker_agent_restart_adopts_its_labelled_container_and_stops_unwa
     kept, unwanted = new_id(), new_id()
     await place(bus, docker_host, start_cmd(kept, a, model="a"))
     await place(bus, docker_host, start_cmd(unwanted, b, model="b"))
-    ready = await wait_state(bus, kept, InstanceState.READY, timeout=60)
-    await wait_state(bus, unwanted, InstanceState.READY, timeout=60)
+    ready = await wait_state(bus, kept, InstanceState.READY, within=60)
+    await wait_state(bus, unwanted, InstanceState.READY, within=60)
     ids = {c.labels["lls.instance"]: c.id for c in our_containers(docker_client, docker_host)}
     assert set(ids) == {kept, unwanted}
 

@@ -46,12 +46,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_COMMANDS = 16  # commands handled at once (each in its own task)
-LAUNCH_ACK_S = 60.0  # a start command is acked once launched, or after this at the latest
+LAUNCH_ACK_S = 20.0  # a start is acked once launched, at the latest after this (< ack_wait)
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL
 STOP_WAIT_S = STOP_GRACE_S + 20.0  # a stop command waits this long for the instance to end
 HEALTH_POLL_S = 0.2
 WATCH_POLL_S = 1.0
 RECONCILE_EVERY_S = 5.0
+STALL_CHECK_EVERY = 30  # idle fetches between checks that the pull consumer still delivers
 BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the server's bind
 NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
 
@@ -150,9 +151,9 @@ class Agent:
                 asyncio.create_task(self._consume(), name="commands"),
             ]
             await self.ctx.stop.wait()
-        except asyncio.CancelledError:
-            # killed without a stop request (a test's stand-in for kill -9): leave the
-            # instances running for the next agent to adopt
+        except BaseException:
+            # killed without a stop request (cancelled: a test's stand-in for kill -9) or
+            # broken: leave the instances running for the next agent to adopt
             await self._cancel(bg + list(self._handlers) + self._lifecycles())
             await self._close()
             raise
@@ -248,7 +249,7 @@ class Agent:
         subject = proto.cmd_agent(self.host)
         durable = f"agent-{self.host}"
         sub = None
-        errors = 0
+        errors = idle = 0
         try:
             while True:
                 if sub is None:
@@ -271,8 +272,14 @@ class Agent:
                     continue
                 try:
                     msgs = await sub.fetch(batch=room, timeout=1)
-                    errors = 0
+                    errors = idle = 0
                 except TimeoutError:
+                    idle += 1
+                    if idle % STALL_CHECK_EVERY == 0 and await self._stalled(durable):
+                        log.warning("command consumer stalled; subscribing again")
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                        sub = None
                     continue
                 except Exception as e:  # noqa: BLE001
                     errors += 1
@@ -291,6 +298,16 @@ class Agent:
             if sub is not None:  # an open pull subscription would stall the drain
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _stalled(self, durable: str) -> bool:
+        """Commands wait but fetches time out: pull subscriptions have been seen to stall
+        after a server restart (nats.py issue 504)."""
+        try:
+            info = await self.bus.js.consumer_info(proto.CMDS_STREAM, durable)
+        except Exception as e:  # noqa: BLE001 - consumer gone, or NATS away
+            log.warning("command consumer %s: %s", durable, e)
+            return True
+        return info.num_pending > 0
 
     async def _handle(self, msg: Any) -> None:
         try:
@@ -534,7 +551,7 @@ class Agent:
     async def _adopt(self) -> None:
         """Reconcile KV with what really runs for this host id, before taking commands."""
         handles = await self._call(self.runtime.discover)
-        records = await self._all_records()
+        records = await asyncio.wait_for(self._all_records(), 60)
         unwanted = []
         for h in handles:
             rec = records.get(h.instance_id)
@@ -677,7 +694,7 @@ class Agent:
 
 async def create_agent(ctx: ServiceContext) -> Agent:
     cfg = ctx.cfg.agent
-    store = ctx.cfg.store_dir()
+    store = ctx.cfg.store_dir().absolute()  # docker bind mounts need absolute paths
     store.mkdir(parents=True, exist_ok=True)
     telemetry = await asyncio.to_thread(Telemetry, ctx.host_id, cfg.gpus)
     runtime = await asyncio.to_thread(choose_runtime, cfg, ctx.host_id, store, telemetry)

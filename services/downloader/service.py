@@ -199,12 +199,11 @@ class Downloader:
     async def _job_for(self, cmd: proto.DownloadFile, sources: list[Source]) -> _Job:
         key = self.store / sources[0].filename
         sha = cmd.sha256.lower() if cmd.sha256 else None
-        while (job := self.jobs.get(key)) is not None:
+        while (job := self.jobs.get(key)) is not None and job.task and not job.task.done():
             if sha is None or job.sha256 == sha:
                 log.info("%s joins the running download of %s", cmd.cmd_id, key.name)
                 return job
             # Another checksum for the same name: let that one finish, then check ours.
-            assert job.task is not None
             await asyncio.wait({job.task})
         job = _Job(sha256=sha)
         job.task = asyncio.create_task(self._run_job(cmd, sources, job))
