@@ -178,7 +178,7 @@ async def cmd_pull(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
             cmd_id=f"pull-{new_id()}",
             model=model,
             url=mcfg.url,
-            filename=store_filename(model),
+            filename=store_filename(model, mcfg.url),
             sha256=mcfg.sha256,
         ),
     )

@@ -17,7 +17,8 @@ Port = Annotated[int, Meta(ge=1, le=65535)]
 PositiveS = Annotated[float, Meta(gt=0)]
 NonNegS = Annotated[float, Meta(ge=0)]
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-URL_SCHEMES = ("http://", "https://", "file://", "hf://")
+URL_SCHEMES = ("http://", "https://", "file://", "hf://", "modelscope://", "ollama://")
+SPLIT_SUFFIX = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +71,11 @@ class AgentConfig(Strict):
 class DownloaderConfig(Strict):
     connections: Annotated[int, Meta(ge=1, le=64)] = 8
     timeout: PositiveS = 3600.0  # deadline for one whole download
+    max_parallel: Annotated[int, Meta(ge=1, le=64)] = 4  # downloads at once per host
+    # Existing stores searched before downloading; empty = the usual places
+    # (OLLAMA_MODELS or ~/.ollama/models; HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub).
+    ollama_dirs: list[str] = []
+    hf_cache_dirs: list[str] = []
 
 
 class PlacerConfig(Strict):
@@ -94,9 +100,15 @@ class ModelConfig(Strict):
     gpus: list[Annotated[int, Meta(ge=0)]] = []  # pin to these GPU indexes
 
 
-def store_filename(model: str) -> str:
-    """The model's file name in a host's store (the downloader writes it, the agent runs it)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model) + ".gguf"
+def store_filename(model: str, url: str = "") -> str:
+    """The model's file name in a host's store (the downloader writes it, the agent runs it).
+
+    A split GGUF keeps its `-00001-of-0000N.gguf` suffix: llama-server finds the other
+    parts from the first part's name.
+    """
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    split = SPLIT_SUFFIX.search(url)
+    return f"{stem}-{split.group(1)}-of-{split.group(2)}.gguf" if split else f"{stem}.gguf"
 
 
 class Config(Strict):

@@ -153,7 +153,8 @@ class InstanceRecord(Struct):
     gpus: list[int] = []  # GPU indexes on `host`; empty = CPU only
     memory_mib: int = 0  # what placement reserved for it
     endpoint: str | None = None  # base URL of llama-server once ready
-    reason: str = ""  # why it is in this state (placement reason, failure, stop cause)
+    reason: str = ""  # why it is in this state (failure, stop cause, ...)
+    placement: str = ""  # why placement chose this host and GPUs
     log_tail: str = ""  # last lines of the server log when it failed
     ready_at: float | None = None
     v: int = SCHEMA_VERSION

@@ -105,3 +105,89 @@ def llama_server_pids(marker: str) -> list[int]:
         if argv and argv[0].endswith(b"llama-server") and marker.encode() in b" ".join(argv):
             pids.append(int(proc.name))
     return pids
+
+
+class Cluster:
+    """Services started one by one (several agents, several placers) on one NATS server.
+
+    Each agent gets its own host id, simulated GPUs, store and port range, like a real host.
+    """
+
+    def __init__(self, tmp: Path, nats_url: str, models: dict, **top: object):
+        self.tmp = tmp
+        self.nats_url = nats_url
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.shared = {
+            "gateway": {"port": self.port, "cold_start_timeout": 30},
+            "nats": {"url": nats_url},
+            "placer": {"host_lost_after": 3, "failure_backoff": 5},
+            "models": models,
+            **top,
+        }
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def _config(self, name: str, agent: dict | None = None) -> Path:
+        cfg = dict(self.shared)
+        if agent is not None:
+            lo = free_port()
+            cfg["agent"] = {
+                "runtime": "process",
+                "port_range": [lo, lo + 40],
+                "start_timeout": 30,
+                **agent,
+            }
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def spawn(self, service: str, name: str = "", agent: dict | None = None) -> subprocess.Popen:
+        name = name or service
+        cfg = self._config(name, agent)
+        cmd = [sys.executable, "-m", f"services.{service}", "--config", str(cfg)]
+        cmd += ["--nats", self.nats_url]
+        if agent is not None:
+            cmd += ["--host-id", agent["host_id"]]
+        log = (self.tmp / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def agent(self, host_id: str, gpus: list[dict] | None = None) -> subprocess.Popen:
+        """An agent and its downloader for one simulated host."""
+        spec = {"host_id": host_id, "store": str(self.tmp / f"store-{host_id}")}
+        if gpus is not None:
+            spec["gpus"] = gpus
+        self.spawn("downloader", f"downloader-{host_id}", spec)
+        return self.spawn("agent", f"agent-{host_id}", spec)
+
+    def wait_gateway(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("gateway did not come up")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def logs(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")

@@ -148,6 +148,11 @@ def server_pids(store: Path) -> list[int]:
     return pids
 
 
+def proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
 def kill_leftovers(tmp_path: Path) -> None:
     for pid in server_pids(tmp_path / "store"):
         try:
@@ -291,6 +296,7 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     argv = st["argv"]
     assert argv[argv.index("-c") + 1] == "512" and argv[argv.index("-ngl") + 1] == "0"
     assert argv[argv.index("--alias") + 1] == "tiny" and "-np" in argv
+    assert proc_env(st["pid"])["CUDA_VISIBLE_DEVICES"] == "1"  # pinned to its placed GPU
 
 
 async def _listing(bus: Bus, host: str, iid: str) -> proto.HostRecord | None:
@@ -413,15 +419,16 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
     assert state_files(tmp_path) == []
 
 
-async def test_crash_of_a_ready_server_marks_it_failed_with_the_log_tail(
+async def test_start_without_a_record_creates_it_and_a_crash_marks_it_failed_with_the_log_tail(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host = unique_host()
     filename = put_model(tmp_path, tiny_gguf(1), "tiny")
     await agents.start(parse(agent_config(tmp_path, host)), host)
     iid = new_id()
-    await place(bus, host, start_cmd(iid, filename))
-    await wait_state(bus, iid, InstanceState.READY)
+    await bus.command(proto.cmd_agent(host), start_cmd(iid, filename))  # no PENDING record
+    rec = await wait_state(bus, iid, InstanceState.READY)
+    assert rec.host == host and rec.model == "tiny"
     [st] = state_files(tmp_path)
     os.kill(st["pid"], signal.SIGKILL)
     rec = await wait_state(bus, iid, InstanceState.FAILED, within=10)

@@ -292,3 +292,42 @@ def test_a_recycled_pid_is_not_taken_for_our_server() -> None:
         p.kill()
         p.wait()
     assert not alive(p.pid, st[1])
+
+
+class FakeContainers:
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    def get(self, name: str) -> None:
+        import docker.errors
+
+        raise docker.errors.NotFound(name)
+
+    def run(self, image: str, **kw: object) -> SimpleNamespace:
+        self.runs.append({"image": image, **kw})
+        return SimpleNamespace(
+            id="c1", short_id="c1", attrs={"State": {"Pid": 42}}, reload=lambda: None
+        )
+
+
+def test_docker_pins_real_gpus_by_uuid_on_the_host_network(tmp_path: Path) -> None:
+    from services.agent.runtime_docker import DockerRuntime
+
+    client = SimpleNamespace(containers=FakeContainers())
+    rt = DockerRuntime(client, "h1", tmp_path, "ghcr.io/ggml-org/llama.cpp:server-cuda")
+    h = rt.launch(spec(gpus=(0, 2), gpu_uuids=("GPU-a", "GPU-c"), port=4100))
+    [run] = client.containers.runs
+    [req] = run["device_requests"]
+    assert req["DeviceIDs"] == ["GPU-a", "GPU-c"] and req["Capabilities"] == [["gpu"]]
+    assert run["network_mode"] == "host" and run["name"] == "lls-h1-i"
+    assert run["labels"] | {} == {
+        "lls.host": "h1",
+        "lls.instance": "i",
+        "lls.model": "m",
+        "lls.port": "4100",
+        "lls.store": str(tmp_path),
+    }
+    assert run["command"][:2] == ["-m", "/models/m.gguf"] and "--fit" in run["command"]
+    assert (h.container_id, h.pid, h.port) == ("c1", 42, 4100)
+    rt.launch(spec(n_gpu_layers=0))  # CPU only, or simulated GPUs: no device request
+    assert client.containers.runs[-1]["device_requests"] is None

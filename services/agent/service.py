@@ -177,13 +177,14 @@ class Agent:
             inst.request_stop("agent shutting down")
         tasks = self._lifecycles()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 10)
-            for t in pending:
-                t.cancel()
-        for inst in list(self.instances.values()):  # stuck ones: kill outright
-            if inst.handle is not None:
-                with contextlib.suppress(Exception):
-                    await self._call(self.runtime.stop, inst.handle, 0.5)
+            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 5)
+            stuck = [i for i in self.instances.values() if i.task in pending]
+            await self._cancel(list(pending))
+            for inst in stuck:  # kill outright, whatever held them up
+                if inst.handle is not None:
+                    with contextlib.suppress(Exception):
+                        await self._call(self.runtime.stop, inst.handle, 0.5)
+                await self._set(inst, InstanceState.STOPPED, reason="agent shutting down")
         await self._cancel(bg[:1])
         self.instances.clear()
         with contextlib.suppress(Exception):

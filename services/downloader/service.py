@@ -1,7 +1,7 @@
 """The downloader service: DownloadFile commands in; progress, completed and failed events out.
 
 One durable pull consumer per host on the command stream. Each command runs in its own task
-(at most MAX_ACTIVE at once; the rest wait in the stream), is kept alive with in_progress()
+(at most downloader.max_parallel at once; the rest wait in the stream), is kept alive with in_progress()
 while it runs, and is acked once its outcome is on the bus: failures are events, not endless
 redeliveries. Commands for a file already being fetched join that download.
 """
@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 import proto
 from lls.bus import Bus, durable_config
-from lls.config import Config
+from lls.config import Config, expand
 from lls.service import ServiceContext
 from services.downloader.fetch import FetchError, Options, Progress
 from services.downloader.sources import Source, SourceError, resolve
@@ -29,7 +29,6 @@ from services.downloader.store import Outcome, obtain
 
 log = logging.getLogger(__name__)
 
-MAX_ACTIVE = 4  # commands handled at once
 PROGRESS_EVERY_S = 0.5  # at most 2 progress events per second per command
 RATE_WINDOW_S = 5.0
 KEEPALIVE_S = 10.0  # well inside the consumer's 30 s ack_wait
@@ -82,6 +81,7 @@ class Downloader:
         self.ollama_roots = ollama_roots
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
+        self.max_active = cfg.downloader.max_parallel
 
     # ------------------------------------------------------------ the consumer loop
 
@@ -99,7 +99,7 @@ class Downloader:
         active: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                free = MAX_ACTIVE - len(active)
+                free = self.max_active - len(active)
                 if free <= 0:
                     await asyncio.wait(active, timeout=1, return_when=asyncio.FIRST_COMPLETED)
                     continue
@@ -282,4 +282,11 @@ async def _keep_alive(msg: Msg) -> None:
 
 
 async def run(ctx: ServiceContext) -> None:
-    await Downloader(ctx.cfg, ctx.bus, ctx.host_id).serve(ctx.stop)
+    d = ctx.cfg.downloader
+    await Downloader(
+        ctx.cfg,
+        ctx.bus,
+        ctx.host_id,
+        ollama_roots=[expand(p) for p in d.ollama_dirs] or None,
+        hf_roots=[expand(p) for p in d.hf_cache_dirs] or None,
+    ).serve(ctx.stop)

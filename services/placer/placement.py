@@ -56,6 +56,7 @@ class Placed:
 @dataclass(frozen=True)
 class NoFit:
     reason: str
+    busy: int = 0  # instances that could make room once their requests finish
 
 
 # ---------------------------------------------------------------- the cluster view
@@ -507,7 +508,7 @@ def place(
             room = _no_room(views, need, len(hosts), split_overhead_mib)
             reach = _most_freeable(views, by_host)
             more = _no_eviction(busy, kept, reach, bool(by_host))
-            return NoFit(_fail(need, notes + room + [more]))
+            return NoFit(_fail(need, notes + room + [more]), busy=busy)
     return Placed(
         host=best.host,
         gpus=best.gpus,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
+BUSY_WAIT_S = 10.0  # demand blocked only by busy instances waits this long before a refusal
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
@@ -53,6 +54,7 @@ class Placer:
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
+        self.blocked_since: dict[str, float] = {}  # model -> when it first found no room
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
@@ -225,8 +227,13 @@ class Placer:
         need = self._need(model, mcfg, host=None)
         decision = self._place(need, now)
         if isinstance(decision, NoFit):
-            await self._refuse(model, decision.reason, 10)
+            # Busy instances may free room soon: let requests wait (bounded) before refusing.
+            since = self.blocked_since.setdefault(model, now)
+            if not decision.busy or now - since >= BUSY_WAIT_S:
+                self.blocked_since.pop(model, None)
+                await self._refuse(model, decision.reason, 5)
             return
+        self.blocked_since.pop(model, None)
         iid = f"{proto.kv_key(model)}-{new_id()[:8]}"
         rec = InstanceRecord(
             instance_id=iid,
@@ -237,7 +244,8 @@ class Placer:
             host=decision.host,
             gpus=list(decision.gpus),
             memory_mib=decision.memory_mib,
-            reason=decision.reason,
+            reason="placed",
+            placement=decision.reason,
         )
         rev = await self.bus.instances.create(proto.kv_key(iid), proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
@@ -268,7 +276,7 @@ class Placer:
             await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
             return
         host = self.hosts.get(rec.host)
-        filename = store_filename(rec.model)
+        filename = store_filename(rec.model, mcfg.url)
         info = next((f for f in host.files if f.filename == filename), None) if host else None
         if info is None:
             if rec.state == InstanceState.PENDING:
@@ -302,7 +310,8 @@ class Placer:
             state=InstanceState.STARTING,
             gpus=list(decision.gpus),
             memory_mib=decision.memory_mib,
-            reason=decision.reason,
+            reason="file in store; start sent",
+            placement=decision.reason,
         )
         if ok:
             await self._send_start(rec, mcfg, filename, decision)
@@ -342,15 +351,15 @@ class Placer:
             gpus=tuple(rec.gpus),
             n_gpu_layers=999 if rec.gpus else 0,
             memory_mib=rec.memory_mib,
-            reason=rec.reason,
+            reason=rec.placement,
         )
         if await self._write(rec, reason="start resent: the agent had not taken it up"):
-            await self._send_start(rec, mcfg, store_filename(rec.model), decision)
+            await self._send_start(rec, mcfg, store_filename(rec.model, mcfg.url), decision)
 
     # ------------------------------------------------------------------ decisions
 
     def _need(self, model: str, mcfg: ModelConfig, host: str | None) -> Need:
-        filename = store_filename(model)
+        filename = store_filename(model, mcfg.url)
         file_hosts = frozenset(
             h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
         )
