@@ -182,7 +182,7 @@ class Cluster:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in self.procs:
+        for _name, proc in self.procs:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, require
 
 import proto
+from conftest import free_port, require
 from lls.bus import Bus, connect
 from lls.config import parse
 from lls.service import ServiceContext
