@@ -331,3 +331,13 @@ def test_docker_pins_real_gpus_by_uuid_on_the_host_network(tmp_path: Path) -> No
     assert (h.container_id, h.pid, h.port) == ("c1", 42, 4100)
     rt.launch(spec(n_gpu_layers=0))  # CPU only, or simulated GPUs: no device request
     assert client.containers.runs[-1]["device_requests"] is None
+
+
+def test_split_gguf_is_one_model_sized_by_all_its_parts(tmp_path):
+    from services.agent.store import is_model_file, split_size
+
+    for k, size in ((1, 100), (2, 50), (3, 25)):
+        (tmp_path / f"m-{k:05d}-of-00003.gguf").write_bytes(b"x" * size)
+    assert is_model_file("m-00001-of-00003.gguf")
+    assert not is_model_file("m-00002-of-00003.gguf")
+    assert split_size(tmp_path / "m-00001-of-00003.gguf", 100) == 175

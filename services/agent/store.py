@@ -6,12 +6,14 @@ summaries are cached by (mtime, size), so a heartbeat rescans in microseconds pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import proto
+from lls.config import SPLIT_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,28 @@ Reader = Callable[[Path], proto.GgufSummary]
 
 
 def is_model_file(name: str) -> bool:
+    """A complete GGUF that is a model by itself: parts 2..N of a split GGUF are not."""
     if not name.endswith(".gguf") or name.startswith("."):
+        return False
+    split = SPLIT_SUFFIX.search(name)
+    if split and split.group(1) != "00001":
         return False
     stem = name[: -len(".gguf")]
     return not stem.endswith(TEMP_MARKERS)
+
+
+def split_size(path: Path, size: int) -> int:
+    """The size of all parts of a split GGUF (given its first part), else `size`."""
+    split = SPLIT_SUFFIX.search(path.name)
+    if not split:
+        return size
+    n = int(split.group(2))
+    prefix = path.name[: split.start()]
+    total = size
+    for k in range(2, n + 1):
+        with contextlib.suppress(OSError):
+            total += (path.parent / f"{prefix}-{k:05d}-of-{n:05d}.gguf").stat().st_size
+    return total
 
 
 def model_name(filename: str) -> str:
@@ -75,7 +95,7 @@ class Store:
                     proto.FileInfo(
                         model=model_name(rel),
                         filename=rel,
-                        size=st.st_size,
+                        size=split_size(path, st.st_size),
                         gguf=self._summary(rel, path, st),
                     )
                 )

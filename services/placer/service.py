@@ -54,7 +54,7 @@ class Placer:
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
-        self.blocked_since: dict[str, float] = {}  # model -> when it first found no room
+        self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
@@ -298,9 +298,16 @@ class Placer:
         need = self._need(rec.model, mcfg, host=rec.host)
         decision = self._place(need, now, exclude=rec.instance_id)
         if isinstance(decision, NoFit):
+            # Room may be on its way (an evicted instance still stopping, busy ones finishing):
+            # retry on the next passes, for a bounded time, before failing.
+            since = self.blocked_since.setdefault(rec.instance_id, now)
+            if now - since < BUSY_WAIT_S:
+                return
+            self.blocked_since.pop(rec.instance_id, None)
             await self._fail(rec, decision.reason)
-            await self._refuse(rec.model, decision.reason, 10)
+            await self._refuse(rec.model, decision.reason, 5)
             return
+        self.blocked_since.pop(rec.instance_id, None)
         for victim in decision.evict:
             vic = self.instances.get(victim)
             if vic is not None:
