@@ -103,7 +103,13 @@ class Bus:
 
 async def connect(url: str, name: str) -> Bus:
     """Connect (retrying for up to 30 s) and make sure streams and buckets exist."""
-    nc = await nats.connect(
+    nc = Client()
+
+    async def on_state(state: str) -> None:
+        if not (nc.is_closed or nc.is_draining):  # our own close is not news
+            log.warning("%s: nats %s", name, state)
+
+    await nc.connect(
         url,
         name=name,
         connect_timeout=5,
@@ -111,8 +117,8 @@ async def connect(url: str, name: str) -> Bus:
         reconnect_time_wait=0.5,
         allow_reconnect=True,
         error_cb=_log_error,
-        disconnected_cb=functools.partial(_log_state, name, "disconnected"),
-        reconnected_cb=functools.partial(_log_state, name, "reconnected"),
+        disconnected_cb=functools.partial(on_state, "disconnected"),
+        reconnected_cb=functools.partial(on_state, "reconnected"),
     )
     js = nc.jetstream(timeout=10)
     for cfg in STREAMS:
@@ -163,9 +169,6 @@ def new_id() -> str:
 async def _log_error(e: Exception) -> None:
     log.warning("nats: %s", e)
 
-
-async def _log_state(name: str, state: str) -> None:
-    log.warning("%s: nats %s", name, state)
 
 
 async def watch_kv(

@@ -29,6 +29,7 @@ async def run(ctx: ServiceContext) -> None:
             access_log=False,
             timeout_keep_alive=30,
             lifespan="on",
+            http="auto",  # httptools when installed
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -374,7 +374,7 @@ def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> s
             f" ({gib(per)} on each, {gib(o.memory_mib)} in all)"
         )
     else:
-        s = f"no GPU has {needs} free; {_where(o)}: {gib(o.free_mib)} RAM free after the reserve"
+        s = f"CPU on {o.host}: {gib(o.free_mib)} RAM free after the reserve, model needs {needs}"
     if o.host in need.file_hosts:
         s += f"; the file is already on {o.host}"
     if o.evict:

@@ -245,7 +245,7 @@ class Placer:
             gpus=list(decision.gpus),
             memory_mib=decision.memory_mib,
             reason="placed",
-            placement=decision.reason,
+            placement=decision.reason if need.memory_mib else unknown_need(decision.host),
         )
         rev = await self.bus.instances.create(proto.kv_key(iid), proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
@@ -256,7 +256,7 @@ class Placer:
                 host=decision.host,
                 gpus=list(decision.gpus),
                 memory_mib=decision.memory_mib,
-                reason=decision.reason,
+                reason=rec.placement,
                 evicted=list(decision.evict),
             )
         )
@@ -500,6 +500,13 @@ class Placer:
                 )
             )
         return True
+
+
+def unknown_need(host: str) -> str:
+    return (
+        f"{host} fetches the file first; its memory need is checked against free memory "
+        "once its GGUF header can be read"
+    )
 
 
 async def run(ctx: ServiceContext) -> None:

@@ -1,0 +1,129 @@
+"""Gateway overhead against the same llama-server instance, straight vs through the gateway.
+
+Prints, from one run: requests/s at 16 concurrent non-streaming clients (ratio goal >= 0.95,
+zero errors), added p50 latency at one client (goal <= 1 ms), and added time to the first
+streamed chunk. A benchmark that prints figures, not a test.
+
+    .venv/bin/python bench/bench_gateway.py [--seconds 5] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT)]
+
+import proto  # noqa: E402
+from conftest import NatsServer  # noqa: E402
+from lls.bus import connect  # noqa: E402
+from make_tiny_gguf import write  # noqa: E402
+from stack import Stack  # noqa: E402
+
+BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+
+
+async def load(url: str, clients: int, seconds: float) -> tuple[float, int, int]:
+    """(requests/s, ok, errors) from `clients` loops posting BODY for `seconds`."""
+    ok = errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as c:
+        deadline = time.monotonic() + seconds
+
+        async def loop() -> None:
+            nonlocal ok, errors
+            while time.monotonic() < deadline:
+                try:
+                    r = await c.post(f"{url}/v1/completions", json=BODY)
+                    ok += r.status_code == 200
+                    errors += r.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        return (ok + errors) / (time.monotonic() - t0), ok, errors
+
+
+async def latency(url: str, n: int) -> float:
+    async with httpx.AsyncClient(timeout=30) as c:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = await c.post(f"{url}/v1/completions", json=BODY)
+            samples.append(time.perf_counter() - t0)
+            assert r.status_code == 200
+        return statistics.median(samples)
+
+
+async def ttft(url: str, n: int) -> float:
+    body = {**BODY, "stream": True, "max_tokens": 16}
+    async with httpx.AsyncClient(timeout=30) as c:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            first = None
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for _ in r.aiter_raw():
+                    first = first or time.perf_counter() - t0
+            samples.append(first)
+        return statistics.median(samples)
+
+
+async def endpoint(nats_url: str) -> str:
+    bus = await connect(nats_url, "bench")
+    try:
+        for key in await bus.instances.keys():
+            rec = proto.decode((await bus.instances.get(key)).value, proto.InstanceRecord)
+            if rec.state == proto.InstanceState.READY and rec.endpoint:
+                return rec.endpoint
+    finally:
+        await bus.close()
+    raise RuntimeError("no ready instance")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--clients", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        write(tmp / "tiny.gguf", 1)
+        nats = NatsServer(tmp / "nats")
+        nats.start()
+        stack = Stack(tmp, nats.url, {"tiny": {"url": f"file://{tmp}/tiny.gguf", "ctx_size": 2048,
+                                               "args": ["-np", "4"]}})
+        stack.start()
+        try:
+            httpx.post(f"{stack.base}/v1/completions", json=BODY, timeout=60).raise_for_status()
+            direct = await endpoint(nats.url)
+            gw = stack.base
+            print(f"llama-server {direct}  gateway {gw}  ({args.clients} clients, {args.seconds}s)")
+            await load(direct, 4, 1)  # warm both paths
+            await load(gw, 4, 1)
+            d_rps, d_ok, d_err = await load(direct, args.clients, args.seconds)
+            g_rps, g_ok, g_err = await load(gw, args.clients, args.seconds)
+            print(f"throughput  direct {d_rps:8.1f} req/s ({d_err} errors)   "
+                  f"gateway {g_rps:8.1f} req/s ({g_err} errors)   ratio {g_rps / d_rps:.3f}")
+            d_p50, g_p50 = await latency(direct, 200), await latency(gw, 200)
+            print(f"p50 latency direct {d_p50 * 1e3:7.2f} ms   gateway {g_p50 * 1e3:7.2f} ms   "
+                  f"added {(g_p50 - d_p50) * 1e3:+.2f} ms")
+            d_t, g_t = await ttft(direct, 100), await ttft(gw, 100)
+            print(f"first chunk direct {d_t * 1e3:7.2f} ms   gateway {g_t * 1e3:7.2f} ms   "
+                  f"added {(g_t - d_t) * 1e3:+.2f} ms")
+        finally:
+            stack.stop()
+            nats.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
