@@ -38,6 +38,7 @@ fmt: setup
 
 bench: setup llama-server
 	$(BIN)/python bench/bench_placement.py
+	$(BIN)/python bench/bench_placer_nats.py
 	$(BIN)/python bench/bench_download.py
 	$(BIN)/python bench/bench_gateway.py
 

@@ -225,3 +225,45 @@ async def test_standby_placer_takes_over_when_the_leader_dies(cluster, bus, tiny
     assert [r.status_code for r in results] == [200] * 8
     live = [i for i in await instances(bus) if i.state in proto.LIVE_STATES]
     assert len(live) == 1, "no duplicated instance for the same demand"
+
+
+async def test_idle_instance_is_stopped_after_its_idle_timeout(cluster, bus, tiny_gguf):
+    models = gguf_models(tiny_gguf, ["quick", "never"], 300)
+    models["quick"]["idle_timeout"] = 2
+    models["never"]["idle_timeout"] = 0
+    c = cluster(models, idle_timeout=300)
+    c.agent("h1", [{"name": "sim", "memory_mib": 4000}])
+    c.spawn("placer")
+    c.spawn("gateway")
+    c.wait_gateway()
+    await hosts_joined(bus, 1)
+    assert (await ask(c.base, "quick")).status_code == 200
+    assert (await ask(c.base, "never")).status_code == 200
+
+    async def quick_stopped():
+        recs = await instances(bus)
+        return [i for i in recs if i.model == "quick" and i.state == proto.InstanceState.STOPPED]
+
+    [rec] = await wait_for(quick_stopped, 15, "idle instance stopped")
+    assert "idle" in rec.reason
+    live = {i.model for i in await instances(bus) if i.state in proto.LIVE_STATES}
+    assert live == {"never"}  # idle_timeout 0 = never stopped
+
+
+async def test_streaming_request_for_a_cold_model_gets_its_head_at_once(cluster, bus, tiny_gguf):
+    c = cluster(gguf_models(tiny_gguf, ["cold"], 300))
+    c.spawn("placer")
+    c.spawn("gateway")
+    c.wait_gateway()
+    body = {"model": "cold", "prompt": "a", "max_tokens": 4, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as client:
+        t0 = time.monotonic()
+        async with client.stream("POST", f"{c.base}/v1/completions", json=body) as r:
+            head_after = time.monotonic() - t0
+            assert r.status_code == 200 and "text/event-stream" in r.headers["content-type"]
+            await asyncio.sleep(6)  # no agent yet: the model cannot start
+            c.agent("h1", [{"name": "sim", "memory_mib": 4000}])
+            text = "".join([chunk async for chunk in r.aiter_text()])
+    assert head_after < 2.0, "the response head is not held back by the cold start"
+    assert ": waiting for the model to start" in text  # keep-alive comments while waiting
+    assert "data: [DONE]" in text
