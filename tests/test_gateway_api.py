@@ -70,6 +70,9 @@ def test_official_ollama_client_works_unchanged(stack):
     streamed = list(c.generate(model="tiny", prompt="a", stream=True, options={"num_predict": 4}))
     assert streamed[-1].done
 
+    long = "hello world " * 400  # far past the 512-token batch: truncated, not a 500
+    e = c.embed(model="emb", input=["hello", long])
+    assert len(e.embeddings) == 2 and len(e.embeddings[1]) == 64
     e = c.embed(model="emb", input=["hello", "world"])
     assert len(e.embeddings) == 2 and len(e.embeddings[0]) == 64
     assert len(c.embeddings(model="emb", prompt="hello").embedding) == 64

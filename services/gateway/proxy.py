@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import httpx
+import msgspec
 from starlette.responses import StreamingResponse
 
 from lls.config import Config
 
+from . import embeddings
 from .admission import Gate, Limits
 from .errors import ApiError
 from .metrics import Metrics
@@ -59,6 +61,7 @@ class Upstream:
     async def open(
         self, model: str, path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[httpx.Response, Callable[[], None]]:
+        """Admit, find (or wait for) an instance, and send; the response is still streaming."""
         gate = self.gate(model)
         try:
             await gate.enter()
@@ -84,11 +87,13 @@ class Upstream:
                 raise
             if cold:
                 self.metrics.cold_start.labels(model).observe(time.monotonic() - t0)
-            req = self.client.build_request(
-                "POST", f"{rec.endpoint}{path}", content=body, headers=headers
-            )
             self.router.begin(rec)
             try:
+                if "embed" in path:
+                    body = await self._fit_embedding_inputs(model, rec.endpoint or "", body)
+                req = self.client.build_request(
+                    "POST", f"{rec.endpoint}{path}", content=body, headers=headers
+                )
                 resp = await self.client.send(req, stream=True)
             except httpx.ConnectError as e:
                 self.router.end(rec)
@@ -110,6 +115,13 @@ class Upstream:
 
             return resp, release
         raise AssertionError("unreachable")
+
+    async def _fit_embedding_inputs(self, model: str, endpoint: str, body: bytes) -> bytes:
+        limit = embeddings.token_limit(self.cfg.models[model])
+        try:
+            return await embeddings.truncate(self.client, endpoint, body, limit)
+        except (msgspec.DecodeError, httpx.HTTPStatusError, KeyError, TypeError):
+            return body  # let the instance answer with its own error
 
     async def aclose(self) -> None:
         await self.client.aclose()
