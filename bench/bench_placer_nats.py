@@ -36,8 +36,14 @@ def host(i: int, gpus: int, files: list[proto.FileInfo]) -> proto.HostRecord:
         started_at=now,
         runtime="process",
         gpus=[
-            proto.GpuInfo(index=g, uuid=f"sim-{i}-{g}", name="sim-24g", memory_total_mib=24576,
-                          memory_used_mib=0, simulated=True)
+            proto.GpuInfo(
+                index=g,
+                uuid=f"sim-{i}-{g}",
+                name="sim-24g",
+                memory_total_mib=24576,
+                memory_used_mib=0,
+                simulated=True,
+            )
             for g in range(gpus)
         ],
         cpu_count=32,
@@ -53,8 +59,10 @@ async def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--models", type=int, default=200)
     args = ap.parse_args()
-    models = {f"m{i:03d}": {"url": "file:///unused.gguf", "memory_mib": 2000 + 37 * i}
-              for i in range(args.models)}
+    models = {
+        f"m{i:03d}": {"url": "file:///unused.gguf", "memory_mib": 2000 + 37 * i}
+        for i in range(args.models)
+    }
     cfg = parse({"models": models, "placer": {"host_lost_after": 600}})
     files = [proto.FileInfo(model=m, filename=store_filename(m), size=1 << 30) for m in models]
     with tempfile.TemporaryDirectory() as d:
@@ -62,12 +70,14 @@ async def main() -> None:
         nats.start()
         bus = await connect(nats.url, "bench")
         t0 = time.perf_counter()
-        await asyncio.gather(*(bus.put(bus.hosts, f"h{i:04d}", host(i, args.gpus, files))
-                               for i in range(args.hosts)))
+        await asyncio.gather(
+            *(bus.put(bus.hosts, f"h{i:04d}", host(i, args.gpus, files)) for i in range(args.hosts))
+        )
         print(f"{args.hosts} hosts x {args.gpus} GPUs written in {time.perf_counter() - t0:.1f} s")
 
-        ctx = ServiceContext(name="placer", cfg=cfg, bus=await connect(nats.url, "placer"),
-                             host_id="bench")
+        ctx = ServiceContext(
+            name="placer", cfg=cfg, bus=await connect(nats.url, "placer"), host_id="bench"
+        )
         placer = Placer(ctx)
         task = asyncio.create_task(placer.run())
         while len(placer.hosts) < args.hosts or not placer.lease.held:
@@ -89,12 +99,16 @@ async def main() -> None:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - t0
         lat = sorted(started[m] - sent[m] for m in started)
-        print(f"{len(started)}/{len(models)} demands placed and started in {elapsed:.2f} s: "
-              f"{len(started) / elapsed:.0f} demands/s through NATS")
+        print(
+            f"{len(started)}/{len(models)} demands placed and started in {elapsed:.2f} s: "
+            f"{len(started) / elapsed:.0f} demands/s through NATS"
+        )
         if lat:
-            print(f"demand -> start command latency p50 {lat[len(lat) // 2] * 1e3:.0f} ms, "
-                  f"p99 {lat[int(len(lat) * 0.99) - 1] * 1e3:.0f} ms (includes queueing behind "
-                  f"the burst)")
+            print(
+                f"demand -> start command latency p50 {lat[len(lat) // 2] * 1e3:.0f} ms, "
+                f"p99 {lat[int(len(lat) * 0.99) - 1] * 1e3:.0f} ms (includes queueing behind "
+                f"the burst)"
+            )
         await sub.unsubscribe()
         ctx.stop.set()
         await task

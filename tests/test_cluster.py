@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from nats.js.errors import NoKeysError
 
 import proto
 from stack import Cluster, llama_server_pids
@@ -18,7 +19,7 @@ from stack import Cluster, llama_server_pids
 async def instances(bus) -> list[proto.InstanceRecord]:
     try:
         keys = await bus.instances.keys()
-    except Exception:  # noqa: BLE001 - NoKeysError on an empty bucket
+    except NoKeysError:
         return []
     out = []
     for k in keys:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import msgspec
 
 from lls.config import ModelConfig
+
+from .http import Client
 
 DEFAULT_UBATCH = 512  # llama-server's default physical batch size
 
@@ -33,7 +34,7 @@ def needs_cut(inputs: list[Any], limit: int) -> bool:
     return any(isinstance(x, str) and len(x.encode()) > limit for x in inputs)
 
 
-async def truncate(client: httpx.AsyncClient, endpoint: str, body: bytes, limit: int) -> bytes:
+async def truncate(client: Client, endpoint: str, body: bytes, limit: int) -> bytes:
     """`body` with each over-long string input replaced by its first `limit` tokens."""
     data = msgspec.json.decode(body)
     value = data.get("input") if isinstance(data, dict) else None
@@ -43,11 +44,10 @@ async def truncate(client: httpx.AsyncClient, endpoint: str, body: bytes, limit:
     out: list[Any] = []
     for x in inputs:
         if isinstance(x, str) and len(x.encode()) > limit:
-            r = await client.post(
-                f"{endpoint}/tokenize", json={"content": x, "add_special": True}, timeout=30
+            reply = await client.post_json(
+                f"{endpoint}/tokenize", {"content": x, "add_special": True}, timeout=30
             )
-            r.raise_for_status()
-            tokens = r.json()["tokens"]
+            tokens = reply["tokens"]  # type: ignore[index]
             out.append(tokens[:limit] if len(tokens) > limit else x)
         else:
             out.append(x)

@@ -7,15 +7,14 @@ caller must call `release` exactly once (Passthrough does, whatever ends the res
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
-import httpx
 import msgspec
 from starlette.responses import StreamingResponse
 
 from lls.config import Config
 
-from . import embeddings
+from . import embeddings, http
 from .admission import Gate, Limits
 from .errors import ApiError
 from .metrics import Metrics
@@ -35,7 +34,7 @@ HOP_BY_HOP = {
 }
 
 
-def forward_headers(headers: httpx.Headers | dict) -> dict[str, str]:
+def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
@@ -47,10 +46,13 @@ class Upstream:
         g = cfg.gateway
         self.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
         self.gates: dict[str, Gate] = {}
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=g.request_timeout, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-        )
+        self._client: http.Client | None = None
+
+    @property
+    def client(self) -> http.Client:
+        if self._client is None:  # made on first use, inside the running loop
+            self._client = http.Client(read_timeout=self.cfg.gateway.request_timeout)
+        return self._client
 
     def gate(self, model: str) -> Gate:
         gate = self.gates.get(model)
@@ -60,7 +62,7 @@ class Upstream:
 
     async def open(
         self, model: str, path: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[httpx.Response, Callable[[], None]]:
+    ) -> tuple[http.Reply, Callable[[], None]]:
         """Admit, find (or wait for) an instance, and send; the response is still streaming."""
         gate = self.gate(model)
         try:
@@ -76,9 +78,9 @@ class Upstream:
 
     async def _send(
         self, model: str, path: str, body: bytes, headers: dict[str, str], gate: Gate
-    ) -> tuple[httpx.Response, Callable[[], None]]:
+    ) -> tuple[http.Reply, Callable[[], None]]:
         t0 = time.monotonic()
-        for attempt in range(2):  # one retry when an endpoint refuses the connection
+        for attempt in range(2):  # one retry: endpoint refused, or a stale pooled connection
             cold = self.router.pick(model) is None
             try:
                 rec = await self.router.acquire(model, self.cfg.gateway.cold_start_timeout)
@@ -91,11 +93,8 @@ class Upstream:
             try:
                 if "embed" in path:
                     body = await self._fit_embedding_inputs(model, rec.endpoint or "", body)
-                req = self.client.build_request(
-                    "POST", f"{rec.endpoint}{path}", content=body, headers=headers
-                )
-                resp = await self.client.send(req, stream=True)
-            except httpx.ConnectError as e:
+                resp = await self.client.send("POST", f"{rec.endpoint}{path}", body, headers)
+            except http.ConnectError as e:
                 self.router.end(rec)
                 self.router.mark_bad(rec)
                 if attempt == 0:
@@ -103,7 +102,14 @@ class Upstream:
                 raise ApiError(
                     502, f"instance of {model} unreachable: {e}", "upstream_error", 2
                 ) from None
-            except httpx.TransportError as e:
+            except http.StaleConnection as e:
+                self.router.end(rec)
+                if attempt == 0:
+                    continue
+                raise ApiError(
+                    502, f"instance of {model} unreachable: {e}", "upstream_error", 2
+                ) from None
+            except http.TransportError as e:
                 self.router.end(rec)
                 raise ApiError(
                     502, f"instance of {model} failed: {e!r}", "upstream_error", 2
@@ -120,11 +126,12 @@ class Upstream:
         limit = embeddings.token_limit(self.cfg.models[model])
         try:
             return await embeddings.truncate(self.client, endpoint, body, limit)
-        except (msgspec.DecodeError, httpx.HTTPStatusError, KeyError, TypeError):
+        except (msgspec.DecodeError, http.StatusError, KeyError, TypeError, ValueError):
             return body  # let the instance answer with its own error
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
 
 class Passthrough(StreamingResponse):
@@ -136,7 +143,7 @@ class Passthrough(StreamingResponse):
 
     def __init__(
         self,
-        resp: httpx.Response,
+        resp: http.Reply,
         on_close: Callable[[], None] | None = None,
         on_first: Callable[[], None] | None = None,
     ):

@@ -10,7 +10,7 @@ import uvicorn
 from lls.bus import new_id
 from lls.service import ServiceContext
 
-from .app import create_app
+from .app import create_app, fast_path
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ async def run(ctx: ServiceContext) -> None:
     port = ctx.port or ctx.cfg.gateway.port
     server = uvicorn.Server(
         uvicorn.Config(
-            app,
+            fast_path(app),
             host=ctx.cfg.gateway.host,
             port=port,
             log_level="warning",
