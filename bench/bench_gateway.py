@@ -132,7 +132,7 @@ async def main() -> None:
             d_rps, d_ok, d_err = await load(direct, args.clients, args.seconds)
             g_rps, g_ok, g_err = await load(gw, args.clients, args.seconds)
             print(
-                f"throughput  direct {d_rps:8.1f} req/s ({d_err} errors)   "
+                f"   4 tokens direct {d_rps:8.1f} req/s ({d_err} errors)   "
                 f"gateway {g_rps:8.1f} req/s ({g_err} errors)   ratio {g_rps / d_rps:.3f}"
             )
             long = {**BODY, "max_tokens": 128, "ignore_eos": True}

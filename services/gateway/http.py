@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 
 ConnectError = aiohttp.ClientConnectorError  # nothing listens there (yet, or any more)
-# A pooled keep-alive connection the server had closed: the request never reached it.
+# The request never reached the server: nothing listens (ConnectError, a ClientOSError too),
+# or a pooled keep-alive connection had been closed by the server.
 StaleConnection = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 StatusError = aiohttp.ClientResponseError  # an upstream answered with an error status
 TransportError = (aiohttp.ClientError, asyncio.TimeoutError)

@@ -94,16 +94,10 @@ class Upstream:
                 if "embed" in path:
                     body = await self._fit_embedding_inputs(model, rec.endpoint or "", body)
                 resp = await self.client.send("POST", f"{rec.endpoint}{path}", body, headers)
-            except http.ConnectError as e:
+            except http.StaleConnection as e:  # the request never reached the instance
                 self.router.end(rec)
-                self.router.mark_bad(rec)
-                if attempt == 0:
-                    continue
-                raise ApiError(
-                    502, f"instance of {model} unreachable: {e}", "upstream_error", 2
-                ) from None
-            except http.StaleConnection as e:
-                self.router.end(rec)
+                if isinstance(e, http.ConnectError):  # nothing listens: skip it for a while
+                    self.router.mark_bad(rec)
                 if attempt == 0:
                     continue
                 raise ApiError(
