@@ -44,9 +44,7 @@ def session(clients: int, fresh: bool = False) -> aiohttp.ClientSession:
     )
 
 
-async def load(
-    url: str, clients: int, seconds: float, body: dict = BODY
-) -> tuple[float, int, int]:
+async def load(url: str, clients: int, seconds: float, body: dict = BODY) -> tuple[float, int, int]:
     """(requests/s, ok, errors) from `clients` loops posting `body` for `seconds`."""
     ok = errors = 0
     async with session(clients) as c:
@@ -138,8 +136,10 @@ async def main() -> None:
             long = {**BODY, "max_tokens": 128, "ignore_eos": True}
             d_rps, _, d_err = await load(direct, args.clients, args.seconds, long)
             g_rps, _, g_err = await load(gw, args.clients, args.seconds, long)
-            print(f"  128 tokens direct {d_rps:8.1f} req/s ({d_err} errors)   "
-                  f"gateway {g_rps:8.1f} req/s ({g_err} errors)   ratio {g_rps / d_rps:.3f}")
+            print(
+                f"  128 tokens direct {d_rps:8.1f} req/s ({d_err} errors)   "
+                f"gateway {g_rps:8.1f} req/s ({g_err} errors)   ratio {g_rps / d_rps:.3f}"
+            )
             d_p50, g_p50 = await latency(direct, 200), await latency(gw, 200)
             print(
                 f"p50 latency direct {d_p50 * 1e3:7.2f} ms   gateway {g_p50 * 1e3:7.2f} ms   "

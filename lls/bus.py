@@ -170,7 +170,6 @@ async def _log_error(e: Exception) -> None:
     log.warning("nats: %s", e)
 
 
-
 async def watch_kv(
     kv: KeyValue,
     typ: type,

@@ -141,11 +141,15 @@ class Cluster:
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    def spawn(self, service: str, name: str = "", agent: dict | None = None) -> subprocess.Popen:
+    def spawn(
+        self, service: str, name: str = "", agent: dict | None = None, port: int | None = None
+    ) -> subprocess.Popen:
         name = name or service
         cfg = self._config(name, agent)
         cmd = [sys.executable, "-m", f"services.{service}", "--config", str(cfg)]
         cmd += ["--nats", self.nats_url]
+        if port is not None:
+            cmd += ["--port", str(port)]
         if agent is not None:
             cmd += ["--host-id", agent["host_id"]]
         log = (self.tmp / f"{name}.log").open("ab")

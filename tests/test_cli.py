@@ -13,8 +13,14 @@ from stack import Stack
 
 @pytest.fixture
 def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
-    s = Stack(tmp_path, nats_url, {"tiny": {"url": f"file://{tiny_gguf(6)}", "ctx_size": 512},
-                                   "other": {"url": f"file://{tiny_gguf(7)}", "ctx_size": 512}})
+    s = Stack(
+        tmp_path,
+        nats_url,
+        {
+            "tiny": {"url": f"file://{tiny_gguf(6)}", "ctx_size": 512},
+            "other": {"url": f"file://{tiny_gguf(7)}", "ctx_size": 512},
+        },
+    )
     s.start()
     yield s
     s.stop()
@@ -23,7 +29,10 @@ def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
 def lls(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lls.cli", "--config", str(stack.config), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

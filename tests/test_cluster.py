@@ -268,3 +268,61 @@ async def test_streaming_request_for_a_cold_model_gets_its_head_at_once(cluster,
     assert head_after < 2.0, "the response head is not held back by the cold start"
     assert ": waiting for the model to start" in text  # keep-alive comments while waiting
     assert "data: [DONE]" in text
+
+
+async def test_placer_killed_mid_download_is_replaced_and_the_request_still_served(
+    cluster, bus, tiny_gguf
+):
+    from services.downloader.devserver import Behaviour, FileServer
+
+    slow = Behaviour(ranges=False, rate_bps=150_000)  # ~3 s for the tiny model
+    with FileServer({"/m.gguf": tiny_gguf(20).read_bytes()}, slow) as files:
+        c = cluster({"m": {"url": files.url("m.gguf"), "ctx_size": 256, "memory_mib": 300}})
+        c.agent("h1", [{"name": "sim", "memory_mib": 4000}])
+        first = c.spawn("placer", "placer-1")
+        c.spawn("gateway")
+        c.wait_gateway()
+        await hosts_joined(bus, 1)
+        request = asyncio.create_task(ask(c.base, "m"))
+
+        async def downloading():
+            return [i for i in await instances(bus) if i.state == "downloading"]
+
+        await wait_for(downloading, 10, "download under way")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        c.spawn("placer", "placer-2")  # rebuilds its view from KV and carries on
+        r = await asyncio.wait_for(request, 40)
+        assert r.status_code == 200, r.text
+    live = [i for i in await instances(bus) if i.state in proto.LIVE_STATES]
+    assert len(live) == 1 and live[0].state == proto.InstanceState.READY
+
+
+async def test_two_gateway_replicas_share_instances_and_activity(cluster, bus, tiny_gguf):
+    from conftest import free_port
+
+    c = cluster(gguf_models(tiny_gguf, ["m"], 300, idle_timeout=3))
+    c.agent("h1", [{"name": "sim", "memory_mib": 4000}])
+    c.spawn("placer")
+    other = free_port()
+    c.spawn("gateway", "gateway-1")
+    c.spawn("gateway", "gateway-2", port=other)
+    c.wait_gateway()
+    await hosts_joined(bus, 1)
+    second = f"http://127.0.0.1:{other}"
+    results = await asyncio.gather(*(ask(b, "m") for b in [c.base, second] * 4))
+    assert [r.status_code for r in results] == [200] * 8
+    live = [i for i in await instances(bus) if i.state in proto.LIVE_STATES]
+    assert len(live) == 1, "both replicas route to the one instance"
+
+    # Use goes through replica 2 only; the placer merges both reports, so the model stays
+    # up while it is used and stops once idle everywhere.
+    for _ in range(4):
+        assert (await ask(second, "m")).status_code == 200
+        await asyncio.sleep(1.0)
+    assert [i for i in await instances(bus) if i.state == proto.InstanceState.READY]
+
+    async def stopped():
+        return [i for i in await instances(bus) if i.state == proto.InstanceState.STOPPED]
+
+    await wait_for(stopped, 15, "idle stop after use ends")
