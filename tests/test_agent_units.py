@@ -341,3 +341,25 @@ def test_split_gguf_is_one_model_sized_by_all_its_parts(tmp_path):
     assert is_model_file("m-00001-of-00003.gguf")
     assert not is_model_file("m-00002-of-00003.gguf")
     assert split_size(tmp_path / "m-00001-of-00003.gguf", 100) == 175
+
+
+def test_a_model_split_over_gpus_gets_an_even_tensor_split():
+    from services.agent.runtime import build_argv
+
+    argv = build_argv(
+        "/m.gguf", alias="m", host="h", port=1, ctx_size=8, n_gpu_layers=999, n_gpus=3
+    )
+    assert argv[argv.index("--tensor-split") + 1] == "1,1,1"
+    one = build_argv("/m.gguf", alias="m", host="h", port=1, ctx_size=8, n_gpu_layers=999, n_gpus=1)
+    assert "--tensor-split" not in one
+    own = build_argv(
+        "/m.gguf",
+        alias="m",
+        host="h",
+        port=1,
+        ctx_size=8,
+        n_gpu_layers=999,
+        n_gpus=2,
+        args=["-ts", "3,1"],
+    )
+    assert own.count("-ts") == 1 and "--tensor-split" not in own

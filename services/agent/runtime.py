@@ -83,6 +83,9 @@ def has_flag(args: Iterable[str], flags: set[str]) -> bool:
     return any(a in flags or a.split("=", 1)[0] in flags for a in args)
 
 
+_SPLIT_FLAGS = frozenset({"-ts", "--tensor-split"})
+
+
 def build_argv(
     model_path: str,
     *,
@@ -91,6 +94,7 @@ def build_argv(
     port: int,
     ctx_size: int,
     n_gpu_layers: int,
+    n_gpus: int = 0,
     embeddings: bool = False,
     args: Iterable[str] = (),
     fit_off: bool = False,
@@ -104,6 +108,9 @@ def build_argv(
         argv += ["--fit", "off"]
     if not has_flag(args, _PARALLEL_FLAGS):
         argv += ["-np", "1"]  # the default (4 slots sharing -c) would quarter the context
+    if n_gpus > 1 and n_gpu_layers and not has_flag(args, _SPLIT_FLAGS):
+        # placement reserved an equal share on each GPU; llama.cpp would weigh by free memory
+        argv += ["--tensor-split", ",".join(["1"] * n_gpus)]
     if embeddings:
         argv += ["--embeddings", "--pooling", "mean"]
     argv += ["--metrics"]

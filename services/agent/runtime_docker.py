@@ -105,6 +105,7 @@ class DockerRuntime:
             port=spec.port,
             ctx_size=spec.ctx_size,
             n_gpu_layers=spec.n_gpu_layers,
+            n_gpus=len(spec.gpus),
             embeddings=spec.embeddings,
             args=spec.args,
             fit_off=knows_fit(self.image),

@@ -96,6 +96,7 @@ class ProcessRuntime:
             port=spec.port,
             ctx_size=spec.ctx_size,
             n_gpu_layers=spec.n_gpu_layers,
+            n_gpus=len(spec.gpus),
             embeddings=spec.embeddings,
             args=spec.args,
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
