@@ -113,6 +113,7 @@ class HostRecord(Struct):
     cpu_count: int
     ram_total_mib: int
     ram_free_mib: int
+    ram_reserve_mib: int | None = None  # this host's agent.ram_reserve_mib (None: the placer's)
     files: list[FileInfo] = []
     instances: list[str] = []  # instance ids this agent runs now
     v: int = SCHEMA_VERSION

@@ -453,3 +453,12 @@ def test_random_clusters_obey_the_invariants(seed: int) -> None:
         share = result.memory_mib / len(result.gpus)
         for g in result.gpus:
             assert independent_free(alive[result.host], g, instances) + freed[g] >= share - 1
+
+
+def test_a_cpu_hosts_own_ram_reserve_wins_over_the_placers_default():
+    import msgspec
+
+    h = msgspec.structs.replace(host("c", ram_gib=16, ram_free_gib=16), ram_reserve_mib=8 * GiB)
+    assert isinstance(place([h], [], {}, need(10), now=NOW, ram_reserve_mib=1024), NoFit)
+    loose = msgspec.structs.replace(h, ram_reserve_mib=None)
+    assert placed(place([loose], [], {}, need(10), now=NOW, ram_reserve_mib=1024)).gpus == ()

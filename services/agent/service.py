@@ -215,6 +215,7 @@ class Agent:
             cpu_count=cpu_count(),
             ram_total_mib=total,
             ram_free_mib=free,
+            ram_reserve_mib=self.cfg.ram_reserve_mib,
             files=files,
             instances=sorted(self.instances),
         )

@@ -119,7 +119,8 @@ def _build_view(
         if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
             used = h.ram_total_mib - h.ram_free_mib
             claimed = ram_claims.get(h.host_id, 0.0)
-            v.ram_free = int(h.ram_total_mib - ram_reserve_mib - max(used, claimed))
+            reserve = ram_reserve_mib if h.ram_reserve_mib is None else h.ram_reserve_mib
+            v.ram_free = int(h.ram_total_mib - reserve - max(used, claimed))
         views.append(v)
     return views
 

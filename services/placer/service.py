@@ -398,13 +398,16 @@ class Placer:
     def _place(self, need: Need, now: float, *, exclude: str | None = None) -> Placed | NoFit:
         instances = [r for r in self.instances.values() if r.instance_id != exclude]
         keep = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+        # Memory unknown until the file's header is read: fetch where the most is free, so
+        # the re-check after the download most likely fits on that same host.
+        strategy = self.cfg.placer.strategy if need.memory_mib else "spread"
         return place(
             list(self.hosts.values()),
             instances,
             self.merged_activity(),
             need,
             now=now,
-            strategy=self.cfg.placer.strategy,
+            strategy=strategy,
             host_lost_after=self.cfg.placer.host_lost_after,
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
