@@ -40,7 +40,7 @@ bench: setup llama-server
 	$(BIN)/python bench/bench_placement.py
 	$(BIN)/python bench/bench_placer_nats.py
 	$(BIN)/python bench/bench_download.py
-	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_gateway.py --threads 1
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

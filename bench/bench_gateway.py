@@ -108,7 +108,14 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="llama-server -t (0 = its default: every core, busy-waiting between steps)",
+    )
     args = ap.parse_args()
+    args.server_args = ["-np", "4"] + (["-t", str(args.threads)] if args.threads else [])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         write(tmp / "tiny.gguf", 1)
@@ -117,7 +124,13 @@ async def main() -> None:
         stack = Stack(
             tmp,
             nats.url,
-            {"tiny": {"url": f"file://{tmp}/tiny.gguf", "ctx_size": 2048, "args": ["-np", "4"]}},
+            {
+                "tiny": {
+                    "url": f"file://{tmp}/tiny.gguf",
+                    "ctx_size": 2048,
+                    "args": args.server_args,
+                }
+            },
         )
         stack.start()
         try:
