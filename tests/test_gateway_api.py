@@ -21,7 +21,12 @@ ADMIN = "admin-key-123456"
 @pytest.fixture
 def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
     models = {
-        "tiny": {"url": f"file://{tiny_gguf(4)}", "ctx_size": 1024, "aliases": ["tiny:latest"]},
+        "tiny": {
+            "url": f"file://{tiny_gguf(4)}",
+            "ctx_size": 1024,
+            "aliases": ["tiny:latest"],
+            "args": ["--context-shift"],  # lets one request run as long as a test needs
+        },
         "emb": {"url": f"file://{tiny_gguf(5)}", "ctx_size": 512, "embeddings": True},
         "scoped": {"url": f"file://{tiny_gguf(4)}", "ctx_size": 512},
     }
@@ -159,6 +164,25 @@ def test_client_disconnect_releases_its_slot(stack):
         timeout=10,
     )
     assert r.status_code == 200
+
+
+def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(stack):
+    warm = {"model": "tiny", "prompt": "a", "max_tokens": 1}
+    assert httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=60)
+    endless = {"model": "tiny", "prompt": "a", "max_tokens": 10**6, "ignore_eos": True}
+
+    def give_up(_: int) -> str:
+        try:
+            httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=endless, timeout=1.0)
+        except httpx.TimeoutException:
+            return "gave up"
+        return "answered"
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 2 slots + 2 queue places
+        assert list(pool.map(give_up, range(4))) == ["gave up"] * 4
+    t0 = time.monotonic()
+    r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=10)
+    assert r.status_code == 200 and time.monotonic() - t0 < 3
 
 
 def test_fuzzed_requests_get_4xx_never_500_or_hang(stack):

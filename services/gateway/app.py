@@ -12,8 +12,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -33,6 +33,7 @@ from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 32 << 20
 KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
@@ -59,6 +60,25 @@ def parse_head(body: bytes) -> _Head:
         raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless(gone: asyncio.Future[None], work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client goes first: then `work` is cancelled (releasing
+    what it held) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ApiError(499, "client closed the request", "client_closed")
 
 
 def check_key(cfg: Config, request: Request, model: str | None, admin: bool = False) -> None:
@@ -178,26 +198,32 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         headers = forward_headers(request.headers)
         if head.stream and router.pick(model) is None:
             return cold_stream(model, route, body, headers, started)
-        resp, release = await upstream.open(model, route, body, headers)
-
-        def done() -> None:
-            release()
-            metrics.requests.labels(model, route, str(resp.status_code)).inc()
-            metrics.latency.labels(model, route).observe(time.monotonic() - started)
-
-        if head.stream and resp.status_code == 200:
-
-            def first_chunk() -> None:
-                metrics.ttft.labels(model, route).observe(time.monotonic() - started)
-
-            return Passthrough(resp, on_close=done, on_first=first_chunk)
-        # A whole answer: llama-server sends it at the end anyway, so take it in and pass it
-        # on in one piece (fewer socket writes than re-chunking it).
+        # Watch for the client leaving: a non-streamed answer, or a wait for a cold model,
+        # must not keep a slot (or the instance's work) for a client that is gone.
+        gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            data = await resp.aread()
+            resp, release = await unless(gone, upstream.open(model, route, body, headers))
+
+            def done() -> None:
+                release()
+                metrics.requests.labels(model, route, str(resp.status_code)).inc()
+                metrics.latency.labels(model, route).observe(time.monotonic() - started)
+
+            if head.stream and resp.status_code == 200:
+
+                def first_chunk() -> None:
+                    metrics.ttft.labels(model, route).observe(time.monotonic() - started)
+
+                return Passthrough(resp, on_close=done, on_first=first_chunk)
+            # A whole answer: llama-server sends it at the end anyway, so take it in and pass
+            # it on in one piece (fewer socket writes than re-chunking it).
+            try:
+                data = await unless(gone, resp.aread())
+            finally:
+                await resp.aclose()  # unread (client gone): closing it stops the generation
+                done()
         finally:
-            await resp.aclose()
-            done()
+            gone.cancel()
         if resp.status_code == 501:  # a feature this model was not started with: client's call
             try:
                 detail = msgspec.json.decode(data)["error"]["message"]
@@ -274,12 +300,16 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 ndjson(model, path, body, headers, started, stream_generate),
                 media_type="application/x-ndjson",
             )
-        resp, release = await upstream.open(model, path, body, headers)
+        gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            data = await resp.aread()
+            resp, release = await unless(gone, upstream.open(model, path, body, headers))
+            try:
+                data = await unless(gone, resp.aread())
+            finally:
+                await resp.aclose()
+                release()
         finally:
-            await resp.aclose()
-            release()
+            gone.cancel()
         if resp.status_code != 200:
             return Response(data, resp.status_code, media_type="application/json")
         return JSONResponse(reply(model, msgspec.json.decode(data), started))

@@ -13,6 +13,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     502: "server_error",
     503: "service_unavailable",
     504: "server_error",
