@@ -141,6 +141,12 @@ def test_api_keys_scope_models_and_admin_endpoints(stack):
     assert page.status_code == 200 and "<html" in page.text.lower()
     state = httpx.get(f"{stack.base}/dashboard/state", headers=auth(ADMIN)).json()
     assert isinstance(state, dict)
+    # The live event stream passes through the gateway as it is produced, not buffered.
+    with httpx.stream(
+        "GET", f"{stack.base}/dashboard/events", headers=auth(ADMIN), timeout=10
+    ) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert next(events.iter_text()).strip()
 
 
 def test_client_disconnect_releases_its_slot(stack):
