@@ -172,7 +172,6 @@ def test_store_reports_an_unreadable_header_as_unknown(tmp_path: Path) -> None:
 
 
 def test_store_reads_real_headers(tmp_path: Path, tiny_gguf) -> None:  # noqa: ANN001
-    pytest.importorskip("lls.gguf_header")
     os.link(tiny_gguf(1), tmp_path / "tiny.gguf")
     [f] = Store(tmp_path).scan()
     assert f.gguf is not None and f.gguf.architecture == "llama" and f.gguf.n_layers == 2
