@@ -264,9 +264,14 @@ class Placer:
             vic = self.instances.get(victim)
             if vic is not None:
                 await self._stop(vic, f"evicted to make room for {model}")
-        await self._advance(rec, now)
+        # A fit decided with the header's estimate and no eviction holds as it is; after an
+        # eviction, the fit is re-checked until the victims' memory is really free.
+        sure = decision if need.memory_mib and not decision.evict else None
+        await self._advance(rec, now, decided=sure)
 
-    async def _advance(self, rec: InstanceRecord, now: float) -> None:
+    async def _advance(
+        self, rec: InstanceRecord, now: float, decided: Placed | None = None
+    ) -> None:
         """PENDING/DOWNLOADING: download the file to the chosen host, then start it there."""
         mcfg = self.cfg.models.get(rec.model)
         if mcfg is None or rec.host is None:
@@ -295,8 +300,11 @@ class Placer:
                 await self._fail(rec, "download did not finish in time")
             return
         # The file is there: now its header tells the real memory need; re-check the fit.
-        need = self._need(rec.model, mcfg, host=rec.host)
-        decision = self._place(need, now, exclude=rec.instance_id)
+        if decided is not None:
+            decision: Placed | NoFit = decided
+        else:
+            need = self._need(rec.model, mcfg, host=rec.host)
+            decision = self._place(need, now, exclude=rec.instance_id)
         if isinstance(decision, NoFit):
             # Room may be on its way (an evicted instance still stopping, busy ones finishing):
             # retry on the next passes, for a bounded time, before failing.
