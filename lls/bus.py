@@ -64,6 +64,9 @@ class Bus:
         self.nc = nc
         self.js = js
         self.kv = kv
+        # Bumped on every reconnect. Push consumers (KV watchers, ordered consumers) do not
+        # survive a NATS server restart in nats-py: watchers compare this and re-subscribe.
+        self.reconnects = 0
 
     @property
     def hosts(self) -> KeyValue:
@@ -104,8 +107,11 @@ class Bus:
 async def connect(url: str, name: str) -> Bus:
     """Connect (retrying for up to 30 s) and make sure streams and buckets exist."""
     nc = Client()
+    buses: list[Bus] = []
 
     async def on_state(state: str) -> None:
+        if state == "reconnected" and buses:
+            buses[0].reconnects += 1
         if not (nc.is_closed or nc.is_draining):  # our own close is not news
             log.warning("%s: nats %s", name, state)
 
@@ -126,7 +132,8 @@ async def connect(url: str, name: str) -> Bus:
     kv = {}
     for cfg in BUCKETS:
         kv[cfg.bucket] = await _ensure_bucket(js, cfg)
-    return Bus(nc, js, kv)
+    buses.append(Bus(nc, js, kv))
+    return buses[0]
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
@@ -171,6 +178,7 @@ async def _log_error(e: Exception) -> None:
 
 
 async def watch_kv(
+    bus: Bus,
     kv: KeyValue,
     typ: type,
     on_put: Callable[[str, Any, int], None],
@@ -182,14 +190,16 @@ async def watch_kv(
 
     `on_put(key, record, revision)` gets the decoded record and its revision (for `update`).
 
-    Re-establishes the watch after errors (e.g. a NATS restart), replaying current values, so
-    the caller's view converges to the bucket's state.
+    Re-establishes the watch after errors and after a reconnect (a restarted NATS server has
+    forgotten the watch), replaying current values, so the caller's view converges to the
+    bucket's state.
     """
     while not stop.is_set():
         try:
+            generation = bus.reconnects
             watcher = await kv.watchall()
             try:
-                while not stop.is_set():
+                while not stop.is_set() and bus.reconnects == generation:
                     try:
                         entry = await watcher.updates(timeout=1.0)
                     except (TimeoutError, nats.errors.TimeoutError):

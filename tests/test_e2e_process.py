@@ -130,3 +130,28 @@ def test_checksum_mismatch_is_reported_and_never_served(stack, tmp_path):
     assert r.status_code == 503
     assert "sha256" in r.json()["error"]["message"].lower()
     assert not (tmp_path / "store" / "badsum.gguf").exists()
+
+
+def test_whole_system_keeps_working_after_a_nats_restart(stack, nats_server):
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 2}
+    assert httpx.post(f"{stack.base}/v1/completions", json=body, timeout=60).status_code == 200
+    nats_server.stop()
+    time.sleep(1.0)
+    nats_server.start()  # same port and store: streams, buckets and consumers survive
+    # Warm: served from the gateway's view, no bus needed.
+    assert httpx.post(f"{stack.base}/v1/completions", json=body, timeout=60).status_code == 200
+    # Cold: demand, placement, download and start all cross the restarted bus.
+    emb = {"model": "tiny-embed", "input": "hello"}
+    r = httpx.post(f"{stack.base}/v1/embeddings", json=emb, timeout=60)
+    assert r.status_code == 200, r.text
+    # The dashboard followed too: it shows the new instance and the events after the restart.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{stack.base}/dashboard/state", timeout=5).json()
+        models = {i["model"] for i in state["instances"].values() if i["state"] == "ready"}
+        seen = [e for e in state["events"] if e.get("model") == "tiny-embed"]
+        if "tiny-embed" in models and any(e.get("state") == "ready" for e in seen):
+            break
+        time.sleep(0.2)
+    assert "tiny-embed" in models, state["instances"]
+    assert any(e.get("state") == "ready" for e in seen), seen

@@ -99,6 +99,7 @@ class Router:
         loaded = asyncio.Event()
         watcher = asyncio.create_task(
             watch_kv(
+                self.bus,
                 self.bus.instances,
                 InstanceRecord,
                 self.on_instance,

@@ -103,8 +103,11 @@ class Placer:
     async def run(self) -> None:
         stop = self.ctx.stop
         buses = [
-            watch_kv(self.bus.hosts, proto.HostRecord, self._on_host, self._on_host_del, stop),
             watch_kv(
+                self.bus, self.bus.hosts, proto.HostRecord, self._on_host, self._on_host_del, stop
+            ),
+            watch_kv(
+                self.bus,
                 self.bus.instances,
                 InstanceRecord,
                 self._on_instance,
@@ -112,6 +115,7 @@ class Placer:
                 stop,
             ),
             watch_kv(
+                self.bus,
                 self.bus.activity,
                 proto.ActivityReport,
                 self._on_activity,

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 import proto
-from lls.bus import Bus
+from lls.bus import Bus, watch_kv
 from services.ui.hub import Hub
-from services.ui.view import View, decode_event, decode_record
+from services.ui.view import View, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,57 @@ class Feed:
         self.view = view
         self.hub = hub
         self._sub = None
-        self._watchers: list[KeyValue.KeyWatcher] = []
         self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
         self._replay_target = 0
+        self._last_seq = 0
         self._caught_up = asyncio.Event()
 
     async def start(self) -> None:
         for bucket, typ in WATCHED.items():
-            watcher = await self.bus.kv[bucket].watchall()
-            self._watchers.append(watcher)
-            self._tasks.append(asyncio.create_task(self._watch(bucket, typ, watcher)))
+            self._tasks.append(
+                asyncio.create_task(
+                    watch_kv(
+                        self.bus,
+                        self.bus.kv[bucket],
+                        typ,
+                        functools.partial(self._put, bucket),
+                        functools.partial(self._apply, bucket),
+                        self._stop,
+                    )
+                )
+            )
         await self._subscribe_events()
+        self._tasks.append(asyncio.create_task(self._follow_reconnects()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._caught_up.wait(), CATCH_UP_S)
 
-    async def _subscribe_events(self) -> None:
+    async def _follow_reconnects(self) -> None:
+        """A restarted NATS server forgets our consumer: resume after the last event seen."""
+        generation = self.bus.reconnects
+        while not self._stop.is_set():
+            await asyncio.sleep(1.0)
+            if self.bus.reconnects == generation:
+                continue
+            generation = self.bus.reconnects
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+            try:
+                await self._subscribe_events(resume_after=self._last_seq)
+            except Exception as e:  # noqa: BLE001 - the next reconnect or tick tries again
+                log.warning("ui: could not resubscribe to events: %s", e)
+                generation = -1
+
+    async def _subscribe_events(self, resume_after: int = 0) -> None:
         info = await self.bus.js.stream_info(proto.EVENTS_STREAM)
         last = info.state.last_seq
         self._replay_target = last
-        if last == 0:
+        if resume_after:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=resume_after + 1
+            )
+        elif last == 0:
             self._caught_up.set()
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:
@@ -76,34 +108,32 @@ class Feed:
 
     async def _on_event(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
+        if seq <= self._last_seq:
+            return  # already applied (a resubscription overlaps)
+        self._last_seq = seq
         ev = decode_event(msg.subject, msg.data)
         if ev is not None and self.view.apply_event(seq, ev):
             self.hub.publish("event", msgspec.json.encode(ev))
         if seq >= self._replay_target:
             self._caught_up.set()
 
-    async def _watch(self, bucket: str, typ: type, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # end of the initial values
-                continue
-            try:
-                rec = None
-                if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
-                    rec = decode_record(typ, entry.value)
-                self.view.apply_kv(bucket, entry.key, rec)
-                self.hub.publish(
-                    "kv", msgspec.json.encode({"bucket": bucket, "key": entry.key, "value": rec})
-                )
-            except Exception:  # one bad record must not end the watch
-                log.exception("ui: bad %s entry %s", bucket, entry.key)
+    def _put(self, bucket: str, key: str, rec: object, _revision: int) -> None:
+        self._apply(bucket, key, msgspec.to_builtins(rec))
+
+    def _apply(self, bucket: str, key: str, rec: dict | None = None) -> None:
+        try:
+            self.view.apply_kv(bucket, key, rec)
+            self.hub.publish(
+                "kv", msgspec.json.encode({"bucket": bucket, "key": key, "value": rec})
+            )
+        except Exception:  # one bad record must not end the watch
+            log.exception("ui: bad %s entry %s", bucket, key)
 
     async def stop(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        for watcher in self._watchers:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        self._stop.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -39,18 +39,6 @@ def decode_event(subject: str, data: bytes) -> Json | None:
     return ev
 
 
-def decode_record(typ: type, data: bytes) -> Json | None:
-    """A KV record as a dict; an undecodable one (newer schema) falls back to raw JSON."""
-    try:
-        return msgspec.to_builtins(proto.decode(data, typ))
-    except msgspec.DecodeError:
-        try:
-            rec = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            return None
-        return rec if isinstance(rec, dict) else None
-
-
 def slim_host(rec: Json) -> Json:
     """Drop GGUF summaries from the file list: the page shows names and sizes only, and
     hosts heartbeat every second to every browser."""
