@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
+INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # demand blocked only by busy instances waits this long before a refusal
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
@@ -54,6 +55,7 @@ class Placer:
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
+        self.inbox: list[proto.StopRequested | proto.DownloadFailed] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
@@ -148,24 +150,32 @@ class Placer:
         self.wake.set()
 
     async def _on_stop_requested(self, msg) -> None:  # type: ignore[no-untyped-def]
-        try:
-            ev = proto.decode(msg.data, proto.StopRequested)
-        except msgspec.ValidationError:
-            return
-        if self.lease.held:
-            for rec in self._live(ev.model):
-                await self._stop(rec, f"stop requested by {ev.requested_by}")
+        self._enqueue(msg.data, proto.StopRequested)
 
     async def _on_download(self, msg) -> None:  # type: ignore[no-untyped-def]
-        try:
-            ev = proto.decode(msg.data, proto.Event)
-        except msgspec.ValidationError:
-            return
-        if isinstance(ev, proto.DownloadFailed):
-            for rec in self._live(ev.model):
-                if rec.host == ev.host and rec.state == InstanceState.DOWNLOADING:
-                    await self._fail(rec, f"download failed: {ev.reason}")
+        self._enqueue(msg.data, proto.DownloadFailed if msg.subject.endswith("failed") else None)
+
+    def _enqueue(self, data: bytes, typ: type | None) -> None:
+        """Callbacks only hand events to the loop, which alone decides and writes."""
+        if typ is not None:
+            try:
+                event = proto.decode(data, typ)
+            except msgspec.ValidationError:
+                return
+            if len(self.inbox) < INBOX_MAX:
+                self.inbox.append(event)
         self.wake.set()
+
+    async def _handle_inbox(self) -> None:
+        events, self.inbox = self.inbox, []
+        for ev in events:
+            if isinstance(ev, proto.StopRequested):
+                for rec in self._live(ev.model):
+                    await self._stop(rec, f"stop requested by {ev.requested_by}")
+            elif isinstance(ev, proto.DownloadFailed):
+                for rec in self._live(ev.model):
+                    if rec.host == ev.host and rec.state == InstanceState.DOWNLOADING:
+                        await self._fail(rec, f"download failed: {ev.reason}")
 
     async def _loop(self) -> None:
         await asyncio.sleep(0.5)  # let the watchers load current state first
@@ -176,6 +186,8 @@ class Placer:
                     await self.reconcile()
                 except Exception:  # a bad pass must not kill the placer; the next retries
                     log.exception("reconcile pass failed")
+            else:
+                self.inbox.clear()  # the leader handles these; a standby must not replay them
             try:
                 await asyncio.wait_for(self.wake.wait(), TICK_S)
             except TimeoutError:
@@ -185,6 +197,7 @@ class Placer:
 
     async def reconcile(self) -> None:
         now = time.time()
+        await self._handle_inbox()
         await self._mark_lost_hosts(now)
         for model, mcfg in self.cfg.models.items():  # preload: once, when this placer leads
             if mcfg.preload and model not in self.preloaded:
