@@ -15,6 +15,19 @@ import yaml
 from conftest import ROOT, free_port
 
 
+def wait_healthy(base: str, timeout: float, gave_up=lambda: False) -> bool:  # noqa: ANN001
+    """Whether the gateway at `base` answers /health within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not gave_up():
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 class Stack:
     def __init__(self, tmp: Path, nats_url: str, models: dict, **overrides: object):
         self.tmp = tmp
@@ -67,17 +80,15 @@ class Stack:
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def exited() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"stack exited early:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gateway not healthy in {timeout} s:\n{self.log.read_text()[-4000:]}")
+            return False
+
+        if not wait_healthy(self.base, timeout, exited):
+            raise RuntimeError(f"gateway not healthy in {timeout} s:\n{self.logs()[-4000:]}")
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -172,15 +183,8 @@ class Cluster:
         return self.spawn("agent", f"agent-{host_id}", spec)
 
     def wait_gateway(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("gateway did not come up")
+        if not wait_healthy(self.base, timeout):
+            raise RuntimeError("gateway did not come up")
 
     def stop(self) -> None:
         for _, proc in reversed(self.procs):

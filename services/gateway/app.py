@@ -346,25 +346,22 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
         return await ollama_call(request, "", ollama.generate_request, reply, True)
 
-    @app.post("/api/embed")
-    async def api_embed(request: Request) -> Response:
-        return await ollama_call(
-            request,
-            "/v1/embeddings",
-            lambda req, m: ollama.embed_request(req, m, legacy=False),
-            lambda m, d, _s: ollama.embed_response(m, d, legacy=False),
-            None,
-        )
+    def embed_route(legacy: bool):  # type: ignore[no-untyped-def]
+        """/api/embed (`input`, `embeddings`) and the older /api/embeddings (`prompt`)."""
 
-    @app.post("/api/embeddings")
-    async def api_embeddings(request: Request) -> Response:
-        return await ollama_call(
-            request,
-            "/v1/embeddings",
-            lambda req, m: ollama.embed_request(req, m, legacy=True),
-            lambda m, d, _s: ollama.embed_response(m, d, legacy=True),
-            None,
-        )
+        async def handler(request: Request) -> Response:
+            return await ollama_call(
+                request,
+                "/v1/embeddings",
+                lambda req, m: ollama.embed_request(req, m, legacy=legacy),
+                lambda m, d, _s: ollama.embed_response(m, d, legacy=legacy),
+                None,
+            )
+
+        return handler
+
+    app.add_api_route("/api/embed", embed_route(False), methods=["POST"])
+    app.add_api_route("/api/embeddings", embed_route(True), methods=["POST"])
 
     @app.get("/api/tags")
     async def api_tags(request: Request) -> Response:
