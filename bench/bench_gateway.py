@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT)]
 
 import proto  # noqa: E402
 from conftest import NatsServer  # noqa: E402
-from lls.bus import connect  # noqa: E402
+from lls.bus import connect, kv_snapshot  # noqa: E402
 from make_tiny_gguf import write  # noqa: E402
 from stack import Stack  # noqa: E402
 
@@ -95,8 +95,7 @@ async def ttft(url: str, n: int) -> float:
 async def endpoint(nats_url: str) -> str:
     bus = await connect(nats_url, "bench")
     try:
-        for key in await bus.instances.keys():
-            rec = proto.decode((await bus.instances.get(key)).value, proto.InstanceRecord)
+        for rec in (await kv_snapshot(bus, bus.instances, proto.InstanceRecord)).values():
             if rec.state == proto.InstanceState.READY and rec.endpoint:
                 return rec.endpoint
     finally:

@@ -8,7 +8,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 import proto
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STREAMS = [
     StreamConfig(
@@ -54,6 +55,7 @@ BUCKETS = [
     KeyValueConfig(bucket=proto.KV_INSTANCES, history=1),
     KeyValueConfig(bucket=proto.KV_ACTIVITY, history=1, ttl=30),
     KeyValueConfig(bucket=proto.KV_LEASES, history=1),
+    KeyValueConfig(bucket=proto.KV_MODELS, history=1),
 ]
 
 
@@ -84,11 +86,17 @@ class Bus:
     def leases(self) -> KeyValue:
         return self.kv[proto.KV_LEASES]
 
+    @property
+    def models(self) -> KeyValue:
+        return self.kv[proto.KV_MODELS]
+
     async def emit(self, event: proto.Event) -> None:
         """Append a domain event to the event stream."""
         await self.js.publish(event.subject(), proto.encode(event), timeout=5)
 
-    async def command(self, subject: str, cmd: proto.AgentCommand | proto.DownloadFile) -> None:
+    async def command(
+        self, subject: str, cmd: proto.AgentCommand | proto.DownloadFile | proto.InspectModel
+    ) -> None:
         """Send a command; a resend with the same cmd_id inside the dedup window is dropped."""
         await self.js.publish(
             subject, proto.encode(cmd), timeout=5, headers={"Nats-Msg-Id": cmd.cmd_id}
@@ -175,6 +183,53 @@ def new_id() -> str:
 
 async def _log_error(e: Exception) -> None:
     log.warning("nats: %s", e)
+
+
+async def kv_snapshot(bus: Bus, kv: KeyValue, typ: type[T], timeout: float = 10.0) -> dict[str, T]:
+    """Every current record of a bucket (key -> decoded record), read in one pass.
+
+    nats-py's `kv.keys()` decides "no more keys" from a race between the consumer's info and
+    the messages already on their way, so a busy server can make it come back short or empty
+    (the agent then took live instances for strangers). A pull consumer delivers nothing
+    until asked, so its pending count is exact, and each message says how many follow.
+    """
+    bucket = kv._name  # noqa: SLF001 - nats-py keeps the bucket name only here
+    deadline = asyncio.get_running_loop().time() + timeout
+    sub = await bus.js.pull_subscribe(
+        f"$KV.{bucket}.>",
+        stream=f"KV_{bucket}",
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30,
+        ),
+    )
+    out: dict[str, T] = {}
+    try:
+        pending = (await sub.consumer_info()).num_pending
+        while pending > 0:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"reading KV {bucket}: {pending} records not read in time")
+            try:
+                msgs = await sub.fetch(min(pending, 256), timeout=min(left, 2.0))
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            for msg in msgs:
+                pending = msg.metadata.num_pending
+                key = msg.subject[len(f"$KV.{bucket}.") :]
+                op = msg.headers.get("KV-Operation") if msg.headers else None
+                if op in ("DEL", "PURGE") or not msg.data:
+                    out.pop(key, None)
+                    continue
+                try:
+                    out[key] = proto.decode(msg.data, typ)
+                except msgspec.DecodeError as e:
+                    log.warning("ignoring bad %s record %s: %s", bucket, key, e)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
 
 
 async def watch_kv(

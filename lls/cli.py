@@ -16,7 +16,7 @@ import time
 import msgspec
 
 import proto
-from lls.bus import Bus, connect, new_id
+from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, ConfigError, load, store_filename
 
 
@@ -29,16 +29,7 @@ def fmt_age(seconds: float) -> str:
 
 
 async def _records(bus: Bus, bucket, typ):  # type: ignore[no-untyped-def]
-    out = []
-    try:
-        keys = await bucket.keys()
-    except Exception:  # NoKeysError on an empty bucket
-        return out
-    for key in keys:
-        entry = await bucket.get(key)
-        if entry.value:
-            out.append(proto.decode(entry.value, typ))
-    return out
+    return list((await kv_snapshot(bus, bucket, typ)).values())
 
 
 async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ short it raises `TruncatedHeader` whose `needed` says how many bytes to fetch at
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -252,6 +253,10 @@ def _summarize(meta: dict[str, object], tensors: list[tuple[str, list[int], int]
     sizes = [tensor_nbytes(dims, t) for _, dims, t in tensors]
     # An unknown quant type makes the sum meaningless: 0 lets callers fall back to file size.
     tensor_bytes = 0 if any(s is None for s in sizes) else sum(s for s in sizes if s)
+    n_params = sum(math.prod(dims) for _, dims, _ in tensors)
+    if _int(meta, "split.count") > 1:  # this part lists only its own tensors: size unknown
+        tensor_bytes = n_params = 0
+    kv_heads = meta.get(a + "attention.head_count_kv", meta.get(a + "attention.head_count"))
     file_type = meta.get("general.file_type")
     return GgufSummary(
         architecture=arch,
@@ -265,6 +270,8 @@ def _summarize(meta: dict[str, object], tensors: list[tuple[str, list[int], int]
         n_vocab=n_vocab,
         file_type=int(file_type) if isinstance(file_type, int) else None,
         tensor_bytes=tensor_bytes,
+        kv_heads_total=int(sum(kv_heads)) if isinstance(kv_heads, list) else 0,
+        n_params=n_params,
     )
 
 

@@ -33,8 +33,11 @@ __all__ = [
     "InstanceActivity",
     "InstanceChanged",
     "InstanceRecord",
+    "InspectModel",
     "InstanceState",
     "LeaseRecord",
+    "ModelInfo",
+    "ModelInspected",
     "PlacementDecided",
     "PlacementFailed",
     "StartInstance",
@@ -92,7 +95,9 @@ class GgufSummary(Struct, frozen=True):
     head_dim_v: int
     n_vocab: int = 0
     file_type: int | None = None
-    tensor_bytes: int = 0  # sum of tensor data sizes (weights)
+    tensor_bytes: int = 0  # sum of tensor data sizes (weights); 0 = unknown, use the file size
+    kv_heads_total: int = 0  # KV heads summed over layers; 0 = n_layers x n_head_kv
+    n_params: int = 0  # weights' element count; 0 = unknown (a split GGUF's first part)
 
 
 class FileInfo(Struct, frozen=True):
@@ -174,6 +179,22 @@ class ActivityReport(Struct):
     instances: dict[str, InstanceActivity] = {}
 
 
+class ModelInfo(Struct):
+    """A model's header, read from its source before any host holds the file (KV models).
+
+    Written by a downloader on an InspectModel command, so the placer knows the memory need
+    before choosing where to download. Keyed by model; `url` tells whether it is current.
+    """
+
+    model: str
+    url: str
+    ts: float
+    size: int | None = None  # bytes, all parts of a split GGUF; None if the server hides it
+    gguf: GgufSummary | None = None
+    error: str = ""  # why the header could not be read (the placer then decides without it)
+    v: int = SCHEMA_VERSION
+
+
 class LeaseRecord(Struct):
     holder: str
     ts: float
@@ -210,6 +231,15 @@ class DownloadFile(Struct, tag="download", kw_only=True):
     url: str
     filename: str
     sha256: str | None = None
+
+
+class InspectModel(Struct, tag="inspect", kw_only=True):
+    """Read a model's header from its source into KV models (any downloader may take it)."""
+
+    cmd_id: str
+    model: str
+    url: str
+    filename: str
 
 
 # ---------------------------------------------------------------- events (stream LLS_EVENTS)
@@ -268,6 +298,12 @@ class DownloadFailed(_Event, tag="download.failed"):
     reason: str
 
 
+class ModelInspected(_Event, tag="model.inspected"):
+    model: str
+    summary: str  # e.g. "llama, 32 layers, 4.58 GiB", or why the header could not be read
+    ok: bool = True
+
+
 class InstanceChanged(_Event, tag="instance"):
     instance_id: str
     model: str
@@ -305,6 +341,7 @@ Event = (
     | DownloadProgress
     | DownloadCompleted
     | DownloadFailed
+    | ModelInspected
     | InstanceChanged
     | StopRequested
     | HostJoined

@@ -20,6 +20,7 @@ KV_HOSTS = "lls_hosts"  # host_id -> HostRecord (telemetry + heartbeat)
 KV_INSTANCES = "lls_instances"  # instance_id -> InstanceRecord
 KV_ACTIVITY = "lls_activity"  # gateway_id -> ActivityReport (in-flight and last use)
 KV_LEASES = "lls_leases"  # "placer" -> LeaseRecord
+KV_MODELS = "lls_models"  # model -> ModelInfo (its header, read before it is downloaded)
 
 
 def evt(kind: str) -> str:
@@ -33,6 +34,11 @@ def cmd_agent(host_id: str) -> str:
 
 def cmd_download(host_id: str) -> str:
     return f"lls.cmd.download.{host_id}"
+
+
+def cmd_inspect() -> str:
+    """InspectModel commands: one shared consumer, any downloader takes each."""
+    return "lls.cmd.inspect"
 
 
 def kv_key(name: str) -> str:

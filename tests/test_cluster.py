@@ -10,27 +10,14 @@ import time
 
 import httpx
 import pytest
-from nats.js.errors import NoKeysError
 
 import proto
+from lls.bus import kv_snapshot
 from stack import Cluster, llama_server_pids
 
 
 async def instances(bus) -> list[proto.InstanceRecord]:
-    for attempt in range(3):
-        try:
-            keys = await bus.instances.keys()
-            break
-        except NoKeysError:  # also raised when the listing is merely slow under load
-            if attempt == 2:
-                return []
-            await asyncio.sleep(0.5)
-    out = []
-    for k in keys:
-        e = await bus.instances.get(k)
-        if e.value:
-            out.append(proto.decode(e.value, proto.InstanceRecord))
-    return out
+    return list((await kv_snapshot(bus, bus.instances, proto.InstanceRecord)).values())
 
 
 async def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -45,10 +32,7 @@ async def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 
 async def hosts_joined(bus, n: int) -> None:
     async def joined():
-        try:
-            return len(await bus.hosts.keys()) >= n
-        except Exception:  # noqa: BLE001
-            return False
+        return len(await kv_snapshot(bus, bus.hosts, proto.HostRecord)) >= n
 
     await wait_for(joined, what=f"{n} hosts")
 
@@ -102,6 +86,36 @@ async def test_best_fit_places_on_the_tightest_gpu_that_fits(cluster, bus, tiny_
     [rec] = [i for i in await instances(bus) if i.state == proto.InstanceState.READY]
     assert (rec.host, rec.gpus) == ("small", [0]), rec.placement
     assert "small" in rec.placement  # every decision says why
+
+
+async def test_model_never_downloaded_is_placed_by_the_header_read_from_its_source(
+    cluster, bus, tiny_gguf
+):
+    from services.downloader.devserver import FileServer
+
+    # No memory_mib and no host holds the file: the header, read over HTTP before any
+    # download, says 516 MiB, so best fit takes the 600 MiB GPU rather than downloading to
+    # the host with the most free memory.
+    with FileServer({"/m.gguf": tiny_gguf(30).read_bytes()}) as files:
+        c = cluster({"m": {"url": files.url("m.gguf"), "ctx_size": 256}})
+        c.agent("big", [{"name": "sim-8g", "memory_mib": 8000}])
+        c.agent(
+            "small", [{"name": "sim-2g", "memory_mib": 2000}, {"name": "sim", "memory_mib": 600}]
+        )
+        c.spawn("placer")
+        c.spawn("gateway")
+        c.wait_gateway()
+        await hosts_joined(bus, 2)
+        r = await ask(c.base, "m")
+        assert r.status_code == 200, r.text
+        gets = files.stats.paths.get("/m.gguf", 0)
+    [rec] = [i for i in await instances(bus) if i.state == proto.InstanceState.READY]
+    assert (rec.host, rec.gpus, rec.memory_mib) == ("small", [1], 516), rec.placement
+    assert "model needs 0.5 GiB" in rec.placement
+    assert not (c.tmp / "store-big" / "m.gguf").exists()
+    assert gets == 3  # the header, then the download's size probe and its one chunk
+    info = proto.decode((await bus.models.get("m")).value, proto.ModelInfo)
+    assert info.gguf is not None and info.gguf.n_layers == 2
 
 
 async def test_lru_idle_instance_is_evicted_and_a_busy_one_never(cluster, bus, tiny_gguf):

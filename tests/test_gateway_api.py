@@ -83,7 +83,10 @@ def test_official_ollama_client_works_unchanged(stack):
     assert len(c.embeddings(model="emb", prompt="hello").embedding) == 64
 
     assert any(m.model == "tiny" for m in c.ps().models)
-    assert c.show("tiny").modelfile.startswith("FROM ")
+    shown = c.show("tiny")  # facts from the GGUF header of the file the host holds
+    assert shown.modelfile.startswith("FROM ") and shown.details.family == "llama"
+    assert shown.details.parameter_size == "117K" and shown.details.quantization_level == "F32"
+    assert shown.modelinfo["llama.block_count"] == 2
 
 
 def test_overload_gets_fast_429s_while_admitted_requests_complete(stack):

@@ -118,7 +118,7 @@ def test_explicit_key_and_value_lengths_win_over_embd_by_heads(tmp_path: Path) -
     assert s.tensor_bytes == 0
 
 
-def test_per_layer_kv_head_array_takes_the_maximum(tmp_path: Path) -> None:
+def test_per_layer_kv_head_array_gives_the_maximum_and_the_sum(tmp_path: Path) -> None:
     def openelm(w: gguf.GGUFWriter) -> None:
         w.add_block_count(4)
         w.add_context_length(2048)
@@ -132,6 +132,32 @@ def test_per_layer_kv_head_array_takes_the_maximum(tmp_path: Path) -> None:
     write_header(path, "openelm", openelm)
     s = read_summary(path)
     assert (s.n_head, s.n_head_kv, s.head_dim_k) == (20, 5, 64)
+    assert s.kv_heads_total == 3 + 4 + 5 + 5  # the KV cache is sized per layer
+
+
+def test_uniform_kv_heads_leave_the_total_to_layers_times_heads(tmp_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    write_header(path, "llama", llama_gqa)
+    assert read_summary(path).kv_heads_total == 0
+
+
+def test_parameters_are_counted_from_the_tensor_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    write_header(path, "llama", llama_gqa, layer_tensors(2, 64, 16, 128, Q.F16))
+    per_layer = 64 * 64 + 2 * 16 * 64 + 128 * 64 + 64
+    assert read_summary(path).n_params == 1000 * 64 + 64 + 2 * per_layer
+
+
+def test_first_part_of_a_split_gguf_leaves_weights_to_the_file_sizes(tmp_path: Path) -> None:
+    def split(w: gguf.GGUFWriter) -> None:
+        llama_gqa(w)
+        w.add_uint16("split.no", 0)
+        w.add_uint16("split.count", 3)
+
+    path = tmp_path / "big-00001-of-00003.gguf"
+    write_header(path, "llama", split, layer_tensors(2, 4096, 1024, 14336, Q.Q4_K))
+    s = read_summary(path)  # this part lists only its own tensors
+    assert (s.tensor_bytes, s.n_params, s.n_layers) == (0, 0, 32)
 
 
 def test_kv_heads_default_to_attention_heads(tmp_path: Path) -> None:

@@ -76,6 +76,14 @@ def test_key_and_value_head_dims_are_used_separately() -> None:
     assert e.kv_cache_mib == 4096 * 26 * 4 * 768 // MIB == 312
 
 
+def test_per_layer_kv_heads_size_the_cache_layer_by_layer() -> None:
+    # 32 layers, half with 8 KV heads and half with 2: 160 heads, not 32 x 8 = 256
+    s = GgufSummary(**{**_fields(LLAMA3_8B), "kv_heads_total": 16 * 8 + 16 * 2})
+    e = estimate_mib(s, file_size=0, ctx_size=8192)
+    assert e.kv_cache_mib == 8192 * 160 * 128 * 2 * 2 // MIB  # 640 MiB
+    assert estimate_mib(LLAMA3_8B, 0, 8192).kv_cache_mib == 1024
+
+
 def test_weights_fall_back_to_file_size_when_tensors_are_unsized() -> None:
     s = GgufSummary(**{**_fields(LLAMA3_8B), "tensor_bytes": 0})
     e = estimate_mib(s, file_size=3 * 1024 * MIB, ctx_size=8192)

@@ -21,10 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
-from lls.bus import durable_config
+from lls.bus import durable_config, kv_snapshot
 from lls.config import AgentConfig
 from lls.paths import llama_server_binary
 from lls.service import ServiceContext
@@ -553,7 +553,7 @@ class Agent:
     async def _adopt(self) -> None:
         """Reconcile KV with what really runs for this host id, before taking commands."""
         handles = await self._call(self.runtime.discover)
-        records = await asyncio.wait_for(self._all_records(), 60)
+        records = await self._all_records()
         unwanted = []
         for h in handles:
             rec = records.get(h.instance_id)
@@ -605,16 +605,8 @@ class Agent:
             return None
 
     async def _all_records(self) -> dict[str, InstanceRecord]:
-        try:
-            keys = await self.bus.instances.keys()
-        except NoKeysError:
-            return {}
-        out = {}
-        for key in keys:
-            rec = await self._get(key)
-            if rec is not None:
-                out[rec.instance_id] = rec
-        return out
+        records = await kv_snapshot(self.bus, self.bus.instances, InstanceRecord, timeout=60)
+        return {r.instance_id: r for r in records.values()}
 
     async def _update(
         self, instance_id: str, model: str, mutate: Callable[[InstanceRecord], None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,12 @@ class Behaviour:
     target_uses: int | None = None  # each redirect signs its target for this many requests
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class FileServer:
     """Serves `files` (URL path -> bytes, or a Path read on demand) on 127.0.0.1."""
 
@@ -50,7 +57,7 @@ class FileServer:
         self.stats = Stats()
         self.lock = threading.Lock()
         self.uses_left: dict[str, int] = {}  # signature of a redirect -> requests left
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd = _Server(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(

@@ -108,7 +108,7 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / MiB:.1f} MiB"
 
 
-def _status_error(r: httpx.Response, url: str) -> Exception | None:
+def status_error(r: httpx.Response, url: str) -> Exception | None:
     """None for success; FetchError for what retrying cannot fix; _Retry otherwise."""
     code = r.status_code
     if code in (200, 206, 416):
@@ -156,7 +156,7 @@ class _Probe:
 async def _probe(client: httpx.AsyncClient, url: str, auth: dict[str, str]) -> _Probe:
     """One GET for byte 0: tells the size, the validator and whether Range is honoured."""
     async with client.stream("GET", url, headers={**auth, "Range": "bytes=0-0"}) as r:
-        if err := _status_error(r, url):
+        if err := status_error(r, url):
             raise err
         validator = r.headers.get("etag") or r.headers.get("last-modified") or ""
         start, total = content_range(r.headers.get("content-range"))
@@ -182,7 +182,7 @@ async def _retrying(what, opts: Options, url: str):  # type: ignore[no-untyped-d
     raise AssertionError("unreachable")
 
 
-def _client(opts: Options) -> httpx.AsyncClient:
+def http_client(opts: Options) -> httpx.AsyncClient:
     n = opts.connections + 1
     return httpx.AsyncClient(
         # identity: byte offsets must be offsets of the file, not of a compressed body
@@ -205,7 +205,7 @@ async def fetch_http(
     `headers` (a bearer token) go only to `url` itself: httpx drops them on a cross-origin
     redirect, and chunks fetched straight from the redirect target never carry them.
     """
-    async with _client(opts) as client:
+    async with http_client(opts) as client:
         probe = await _retrying(lambda: _probe(client, url, headers), opts, url)
         progress.total = probe.total
         if probe.ranged and probe.total:
@@ -385,7 +385,7 @@ class _Ranged:
                 if url != self.url and r.status_code in (401, 403, 404, 410):
                     self.target = self.url  # a signed target expired: resolve again
                     raise _Retry(f"HTTP {r.status_code} from the redirect target")
-                if err := _status_error(r, self.url):
+                if err := status_error(r, self.url):
                     raise err
                 if url == self.url:
                     self.target = str(r.url)
@@ -441,7 +441,7 @@ async def _single(
         f = await asyncio.to_thread(open, part, "wb")
         with f:
             async with client.stream("GET", url, headers=auth) as r:
-                if err := _status_error(r, url):
+                if err := status_error(r, url):
                     raise err
                 if r.status_code != 200:
                     raise _Retry(f"HTTP {r.status_code} for a plain GET")

@@ -1,5 +1,8 @@
 """The downloader service: DownloadFile commands in; progress, completed and failed events out.
 
+It also reads models' headers from their sources on InspectModel commands (one consumer that
+every downloader shares), so the placer knows a model's memory before anything is fetched.
+
 One durable pull consumer per host on the command stream. Each command runs in its own task
 (at most downloader.max_parallel at once; the rest wait in the stream), is kept alive with in_progress()
 while it runs, and is acked once its outcome is on the bus: failures are events, not endless
@@ -16,14 +19,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import msgspec
 from nats.aio.msg import Msg
 
 import proto
-from lls.bus import Bus, durable_config
+from lls.bus import Bus, consume, durable_config
 from lls.config import Config, expand
 from lls.service import ServiceContext
 from services.downloader.fetch import FetchError, Options, Progress
+from services.downloader.peek import peek
 from services.downloader.sources import Source, SourceError, resolve
 from services.downloader.store import Outcome, obtain
 
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5  # at most 2 progress events per second per command
 RATE_WINDOW_S = 5.0
 KEEPALIVE_S = 10.0  # well inside the consumer's 30 s ack_wait
+INSPECT_TIMEOUT_S = 20.0  # reading one header; inside the consumer's 30 s ack_wait
 
 
 @dataclass
@@ -86,6 +92,24 @@ class Downloader:
     # ------------------------------------------------------------ the consumer loop
 
     async def serve(self, stop: asyncio.Event) -> None:
+        inspections = asyncio.create_task(
+            consume(
+                self.bus,
+                "inspector",
+                proto.cmd_inspect(),
+                self._on_inspect,
+                stop,
+                stream=proto.CMDS_STREAM,
+                batch=1,  # one at a time: a fetched command waits on no other
+            )
+        )
+        try:
+            await self._serve_downloads(stop)
+        finally:
+            inspections.cancel()
+            await asyncio.gather(inspections, return_exceptions=True)
+
+    async def _serve_downloads(self, stop: asyncio.Event) -> None:
         subject = proto.cmd_download(self.host)
         durable = f"downloader-{self.host}"
         psub = await self.bus.js.pull_subscribe(
@@ -267,6 +291,46 @@ class Downloader:
                 )
             )
 
+    # ------------------------------------------------------------ header inspection
+
+    async def _on_inspect(self, msg: Msg) -> None:
+        try:
+            cmd = proto.decode(msg.data, proto.InspectModel)
+        except msgspec.DecodeError as e:
+            log.error("dropping a malformed inspect command: %s", e)
+            await msg.term()
+            return
+        info = await self.inspect(cmd)
+        try:
+            await self.bus.put(self.bus.models, cmd.model, info)
+        except Exception as e:  # noqa: BLE001 - not acked: redelivered and tried again
+            log.warning("could not store the header of %s: %r", cmd.model, e)
+            return
+        ok = info.gguf is not None
+        summary = info.error if not ok else describe(info)
+        await self._emit(proto.ModelInspected(model=cmd.model, summary=summary, ok=ok))
+        with contextlib.suppress(Exception):  # a redelivery only reads the header again
+            await msg.ack()
+
+    async def inspect(self, cmd: proto.InspectModel) -> proto.ModelInfo:
+        """The model's header and size from its source, or why they could not be read."""
+        log.info("inspect %s: %s", cmd.model, cmd.url)
+        info = proto.ModelInfo(model=cmd.model, url=cmd.url, ts=time.time())
+        try:
+            async with asyncio.timeout(INSPECT_TIMEOUT_S):
+                p = await peek(cmd.url, cmd.filename, self.opts, self.ollama_roots, self.hf_roots)
+        except TimeoutError:
+            info.error = f"its header could not be read within {INSPECT_TIMEOUT_S:g} s"
+        except (FetchError, ValueError) as e:  # SourceError is a ValueError
+            info.error = str(e)
+        except httpx.HTTPError as e:
+            info.error = f"{cmd.url}: {e or type(e).__name__}"
+        else:
+            info.size, info.gguf = p.size, p.summary
+        if info.error:
+            log.warning("inspect %s: %s", cmd.model, info.error)
+        return info
+
     async def _emit(self, event: proto.Event) -> None:
         try:
             await self.bus.emit(event)
@@ -279,6 +343,14 @@ async def _keep_alive(msg: Msg) -> None:
         await asyncio.sleep(KEEPALIVE_S)
         with contextlib.suppress(Exception):
             await msg.in_progress()
+
+
+def describe(info: proto.ModelInfo) -> str:
+    """One line for the event log, e.g. "llama, 32 layers, 8192 trained ctx, 4.58 GiB"."""
+    s = info.gguf
+    assert s is not None
+    size = f", {info.size / (1 << 30):.2f} GiB" if info.size else ""
+    return f"{s.architecture}, {s.n_layers} layers, {s.n_ctx_train} trained ctx{size}"
 
 
 async def run(ctx: ServiceContext) -> None:

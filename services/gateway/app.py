@@ -389,14 +389,19 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         req = ollama.parse_body(await read_body(request))
         model = resolve(req["model"], request)
         m = cfg.models[model]
-        entry = ollama.model_entry(model, 0)
+        summary, size = await router.header_of(model)
+        details = ollama.model_entry(model, size or 0)["details"]
+        model_info: dict[str, object] = {}
+        if summary is not None:  # known once a host holds the file or its header was read
+            facts, model_info = ollama.model_facts(summary)
+            details.update(facts)
         return JSONResponse(
             {
                 "modelfile": f"FROM {m.url}",
                 "parameters": " ".join(m.args),
                 "template": "",
-                "details": entry["details"],
-                "model_info": {"general.context_length": m.ctx_size},
+                "details": details,
+                "model_info": {**model_info, "llama_scheduler.ctx_size": m.ctx_size},
                 "capabilities": ["embedding"] if m.embeddings else ["completion"],
             }
         )

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from proto import GgufSummary
+
 from .errors import ApiError
 
 OLLAMA_VERSION = "0.6.8"  # the API level we mirror; clients only check that it answers
@@ -256,3 +258,50 @@ def model_entry(name: str, size: int, family: str = "llama") -> dict[str, Any]:
             "quantization_level": "",
         },
     }
+
+
+def parameter_size(n: int) -> str:
+    """Ollama's short form of a parameter count: 8.0B, 137M, 117K."""
+    if n >= 1_000_000_000:
+        return f"{n / 1e9:.1f}B"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.0f}M"
+    return f"{n / 1e3:.0f}K" if n >= 1000 else str(n)
+
+
+def quantization_level(file_type: int | None) -> str:
+    """The GGUF file type as Ollama names it (MOSTLY_Q4_K_M -> Q4_K_M)."""
+    from gguf import LlamaFileType  # numpy comes with it: only loaded when asked
+
+    if file_type is None:
+        return ""
+    try:
+        name = LlamaFileType(file_type).name
+    except ValueError:
+        return str(file_type)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def model_facts(s: GgufSummary) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(details, model_info) of /api/show from a GGUF header summary."""
+    a = s.architecture
+    details = {
+        "family": a,
+        "families": [a],
+        "parameter_size": parameter_size(s.n_params) if s.n_params else "",
+        "quantization_level": quantization_level(s.file_type),
+    }
+    info: dict[str, Any] = {
+        "general.architecture": a,
+        "general.file_type": s.file_type,
+        f"{a}.block_count": s.n_layers,
+        f"{a}.context_length": s.n_ctx_train,
+        f"{a}.embedding_length": s.n_embd,
+        f"{a}.attention.head_count": s.n_head,
+        f"{a}.attention.head_count_kv": s.n_head_kv,
+    }
+    if s.n_params:
+        info["general.parameter_count"] = s.n_params
+    if s.n_vocab:
+        info[f"{a}.vocab_size"] = s.n_vocab
+    return details, info

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import msgspec
 
 import proto
-from lls.bus import Bus, watch_kv
-from lls.config import Config
+from lls.bus import Bus, kv_snapshot, watch_kv
+from lls.config import Config, store_filename
 from proto import InstanceRecord, InstanceState
 
 from .errors import ApiError
@@ -188,6 +188,25 @@ class Router:
         r = max(live, key=lambda r: r.updated)
         where = f" on {r.host}" if r.host else ""
         return f"instance {r.instance_id} is {r.state.value}{where}"
+
+    async def header_of(self, model: str) -> tuple[proto.GgufSummary | None, int | None]:
+        """A model's GGUF summary and size: from a host's store, else as read from its source
+        (KV models). Bus reads, for /api/show only: never on the request path."""
+        filename = store_filename(model, self.cfg.models[model].url)
+        try:
+            hosts = await kv_snapshot(self.bus, self.bus.hosts, proto.HostRecord, timeout=2)
+            for host in hosts.values():
+                for f in host.files:
+                    if f.filename == filename and f.gguf is not None:
+                        return f.gguf, f.size
+            entry = await self.bus.models.get(proto.kv_key(model))
+            info = proto.decode(entry.value, proto.ModelInfo) if entry.value else None
+        except Exception as e:  # noqa: BLE001 - no facts is an answer too (KeyNotFound, timeouts)
+            log.debug("no header for %s: %r", model, e)
+            return None, None
+        if info is None or info.url != self.cfg.models[model].url:
+            return None, None
+        return info.gguf, info.size
 
     def state_of(self, model: str) -> str:
         """One word for /v1/models: ready, starting, downloading, failed, or stopped."""

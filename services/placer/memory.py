@@ -3,8 +3,11 @@
     total = weights + kv_cache + compute + overhead            (each rounded up to MiB)
 
     weights  = sum of tensor data sizes from the header (`tensor_bytes`); the file size
-               when the header could not size every tensor (a quant type newer than `gguf`).
-    kv_cache = n_ctx x n_layers x n_head_kv x (head_dim_k x b_k + head_dim_v x b_v)
+               when the header could not size every tensor (a quant type newer than `gguf`,
+               or a split GGUF, whose first part lists only its own tensors).
+    kv_cache = n_ctx x kv_heads x (head_dim_k x b_k + head_dim_v x b_v)
+               kv_heads = the KV heads summed over layers (n_layers x n_head_kv when every
+               layer has the same count; per-layer counts where the header lists them).
                n_ctx = ctx_size, or the trained context when ctx_size is 0. `-c` is the total
                shared by all `-np` slots, so `parallel` does not multiply it.
                b = bytes per element of the cache type: f32 4, f16/bf16 2, q8_0 34/32,
@@ -12,13 +15,13 @@
     compute  = n_ubatch x 4 x (n_vocab + 4 x n_embd + n_ctx)     n_ubatch = 512
                f32 logits of one micro-batch, its activations, and the attention mask; this
                assumes flash attention (llama.cpp's default on GPUs). Without it the KQ matrix
-               adds n_ubatch x n_ctx x n_head x 4 bytes: use a `memory` override then.
+               adds n_ubatch x n_ctx x n_head x 4 bytes: set `memory_mib` then.
     overhead = 512 MiB per process on a GPU (CUDA context, cuBLAS workspace, pools);
                128 MiB for a CPU-only process.
 
-n_head_kv is the header's maximum over layers, so per-layer and sliding-window models get a
-safe upper bound. n_gpu_layers: None (or >= n_layers) = everything on the GPU; 0 = a CPU
-process, the total is RAM; in between, weights, KV and compute scale with the offloaded
+Sliding-window layers are sized for the full context, a safe upper bound (llama.cpp
+allocates less for them). n_gpu_layers: None (or >= n_layers) = everything on the GPU; 0 = a
+CPU process, the total is RAM; in between, weights, KV and compute scale with the offloaded
 fraction (the GPU part only). Worked example, Llama-3-8B Q4_K_M at 8192 context (32 layers,
 8 KV heads of 128 dims, 128256 tokens): weights 4.6 GiB + KV 8192 x 32 x 8 x 512 B = 1.0 GiB
 + compute 512 x 4 x (128256 + 16384 + 8192) B = 0.3 GiB + overhead 0.5 GiB = 6.4 GiB.
@@ -87,7 +90,8 @@ def cache_bytes_per_element(cache_type: str) -> float:
 def kv_cache_bytes(s: GgufSummary, n_ctx: int, cache_type_k: str, cache_type_v: str) -> float:
     b_k = cache_bytes_per_element(cache_type_k)
     b_v = cache_bytes_per_element(cache_type_v)
-    return n_ctx * s.n_layers * s.n_head_kv * (s.head_dim_k * b_k + s.head_dim_v * b_v)
+    kv_heads = s.kv_heads_total or s.n_layers * s.n_head_kv
+    return n_ctx * kv_heads * (s.head_dim_k * b_k + s.head_dim_v * b_v)
 
 
 def compute_bytes(s: GgufSummary, n_ctx: int) -> int:

@@ -3,6 +3,7 @@
 One asyncio task (`_loop`) owns every decision; KV watchers only refresh the read views it
 decides from. Each pass looks at what the instance records say and takes the next step:
 
+    demand for M, size unknown      -> a downloader reads M's header from its source first
     demand for M, no live instance  -> place (pure `placement.place`) -> record PENDING
     PENDING/DOWNLOADING on host H   -> file in H's store? start it : send a download
     STARTING with no word from H    -> resend the (idempotent) start
@@ -40,6 +41,8 @@ BUSY_WAIT_S = 10.0  # demand blocked only by busy instances waits this long befo
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
+INSPECT_WAIT_S = 10.0  # demand for a model of unknown size waits this long for its header
+INSPECT_RETRY_S = 300.0  # a header that never came is asked for again after this
 
 
 class Placer:
@@ -51,6 +54,9 @@ class Placer:
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.activity: dict[str, proto.ActivityReport] = {}
+        self.headers: dict[str, proto.ModelInfo] = {}  # model -> header read from its source
+        self.awaiting_header: dict[str, float] = {}  # model -> when its demand was held
+        self.inspect_sent: dict[str, float] = {}  # model -> when its header was last asked for
         self.lost: set[str] = set()
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> when demand last arrived
@@ -77,6 +83,13 @@ class Placer:
     def _on_instance_del(self, key: str) -> None:
         self.instances.pop(key, None)
         self.revisions.pop(key, None)
+
+    def _on_header(self, key: str, info: proto.ModelInfo, _rev: int) -> None:
+        self.headers[info.model] = info
+        self.wake.set()
+
+    def _on_header_del(self, key: str) -> None:
+        self.headers = {m: i for m, i in self.headers.items() if proto.kv_key(m) != key}
 
     def _on_activity(self, key: str, rep: proto.ActivityReport, _rev: int) -> None:
         self.activity[rep.gateway_id] = rep
@@ -114,6 +127,14 @@ class Placer:
                 InstanceRecord,
                 self._on_instance,
                 self._on_instance_del,
+                stop,
+            ),
+            watch_kv(
+                self.bus,
+                self.bus.models,
+                proto.ModelInfo,
+                self._on_header,
+                self._on_header_del,
                 stop,
             ),
             watch_kv(
@@ -203,6 +224,10 @@ class Placer:
             if mcfg.preload and model not in self.preloaded:
                 self.preloaded.add(model)
                 self.demanded.setdefault(model, now)
+        for model, held in list(self.awaiting_header.items()):
+            if self._header(model) is not None or now - held >= INSPECT_WAIT_S:
+                del self.awaiting_header[model]
+                self.demanded.setdefault(model, now)
         for model, at in list(self.demanded.items()):
             del self.demanded[model]
             if now - at < 30:  # stale demand (a gateway resends while it still waits)
@@ -242,6 +267,8 @@ class Placer:
         if not self.hosts and now - self.started < NO_HOST_GRACE_S:
             return  # agents may still be starting; the gateway re-demands while it waits
         need = self._need(model, mcfg, host=None)
+        if not need.memory_mib and await self._wait_for_header(model, mcfg, now):
+            return  # the next passes place it once the header is in, or after INSPECT_WAIT_S
         decision = self._place(need, now)
         if isinstance(decision, NoFit):
             # Busy instances may free room soon: let requests wait (bounded) before refusing.
@@ -285,6 +312,35 @@ class Placer:
         # eviction, the fit is re-checked until the victims' memory is really free.
         sure = decision if need.memory_mib and not decision.evict else None
         await self._advance(rec, now, decided=sure)
+
+    async def _wait_for_header(self, model: str, mcfg: ModelConfig, now: float) -> bool:
+        """Whether demand for a model of unknown size waits for a downloader to read its
+        header, so that it is placed by its real memory need rather than downloaded to
+        wherever the most memory is free and checked afterwards."""
+        info = self._header(model)
+        if info is not None and (info.gguf is not None or now - info.ts < INSPECT_RETRY_S):
+            return False  # read, or failed lately: decide with what is known
+        if model in self.awaiting_header:
+            return True
+        if now - self.inspect_sent.get(model, -INSPECT_RETRY_S) < INSPECT_RETRY_S:
+            return False  # asked lately and no answer came in time: go on without it
+        self.inspect_sent[model] = self.awaiting_header[model] = now
+        await self.bus.command(
+            proto.cmd_inspect(),
+            proto.InspectModel(
+                cmd_id=f"inspect-{proto.kv_key(model)}-{int(now)}",
+                model=model,
+                url=mcfg.url,
+                filename=store_filename(model, mcfg.url),
+            ),
+        )
+        return True
+
+    def _header(self, model: str) -> proto.ModelInfo | None:
+        """The header read from the model's configured source, or its failure to read."""
+        info = self.headers.get(model)
+        mcfg = self.cfg.models.get(model)
+        return info if info is not None and mcfg is not None and info.url == mcfg.url else None
 
     async def _advance(
         self, rec: InstanceRecord, now: float, decided: Placed | None = None
@@ -406,11 +462,16 @@ class Placer:
                 if f.filename == filename
             ]
             info = infos[0] if infos else None
+            header = self._header(model) if info is None else None
             if info is not None and info.gguf is not None:
                 memory = estimate_mib(info.gguf, info.size, mcfg.ctx_size).total_mib
                 n_layers = info.gguf.n_layers
             elif info is not None:
                 memory = info.size // (1 << 20) + 512
+            elif header is not None and header.gguf is not None:
+                if header.gguf.tensor_bytes or header.size:  # else the weights are unknown
+                    memory = estimate_mib(header.gguf, header.size or 0, mcfg.ctx_size).total_mib
+                    n_layers = header.gguf.n_layers
         return Need(
             model=model,
             memory_mib=memory,
