@@ -105,6 +105,18 @@ async def host_record(bus: Bus, host: str) -> proto.HostRecord | None:
         return None
 
 
+async def heartbeat(
+    bus: Bus, host: str, ok: Callable[[proto.HostRecord], bool], within: float, what: str
+) -> proto.HostRecord:
+    """The first host record for which `ok` holds (heartbeats come on a timer)."""
+
+    async def check() -> proto.HostRecord | None:
+        r = await host_record(bus, host)
+        return r if r is not None and ok(r) else None
+
+    return await eventually(check, within, what)
+
+
 async def put_record(
     bus: Bus, iid: str, model: str, state: InstanceState, host: str | None, **kw: Any
 ) -> None:
@@ -193,8 +205,15 @@ class Agents:
         a = RunningAgent(ctx, asyncio.create_task(run(ctx)), bus)
         self.running.append(a)
         # the first heartbeat comes once adoption is done (an earlier agent's may be there)
-        await eventually(lambda: _newer(bus, host_id, t0), 20, "the first heartbeat")
+        await heartbeat(bus, host_id, lambda r: r.ts > t0, 20, "the first heartbeat")
         return a
+
+    async def start_with_tiny(self, src: Path) -> tuple[str, str]:
+        """An agent on a new host id whose store holds `src` as tiny.gguf: (host, file name)."""
+        host = unique_host()
+        filename = put_model(self.tmp_path, src, "tiny")
+        await self.start(parse(agent_config(self.tmp_path, host)), host)
+        return host, filename
 
     async def aclose(self) -> None:
         for a in self.running:
@@ -258,23 +277,16 @@ async def test_heartbeat_reports_simulated_gpus_host_resources_and_store_files(
     assert [(f.model, f.filename) for f in first.files] == [("tiny", "tiny.gguf")]
     assert first.files[0].size == (tmp_path / "store" / "tiny.gguf").stat().st_size
     assert first.instances == []
-    later = await eventually(lambda: _newer(bus, host, first.ts), 5, "a second heartbeat")
+    later = await heartbeat(bus, host, lambda r: r.ts > first.ts, 5, "a second heartbeat")
     assert later.started_at == first.started_at
     joined = await last_event(bus, proto.evt("host.joined"))
     assert (joined.host_id, joined.gpus, joined.runtime) == (host, 2, "process")
 
 
-async def _newer(bus: Bus, host: str, ts: float) -> proto.HostRecord | None:
-    r = await host_record(bus, host)
-    return r if r is not None and r.ts > ts else None
-
-
 async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memory(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
-    host = unique_host()
-    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
-    await agents.start(parse(agent_config(tmp_path, host)), host)
+    host, filename = await agents.start_with_tiny(tiny_gguf(1))
     iid = new_id()
     await place(bus, host, start_cmd(iid, filename, gpus=[1], memory_mib=1500))
 
@@ -285,7 +297,7 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     reply = await chat(rec.endpoint, "tiny")
     assert reply["choices"] and reply["model"] == "tiny"
 
-    hr = await eventually(lambda: _listing(bus, host, iid), 5, "the heartbeat to list it")
+    hr = await heartbeat(bus, host, lambda r: iid in r.instances, 5, "a heartbeat listing it")
     assert hr.gpus[1].memory_used_mib == 1500 and hr.gpus[1].memory_claimed_mib == 1500
     assert hr.gpus[0].memory_used_mib == 0
     ready = await last_event(bus, proto.evt("instance.ready"))
@@ -299,17 +311,10 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     assert proc_env(st["pid"])["CUDA_VISIBLE_DEVICES"] == "1"  # pinned to its placed GPU
 
 
-async def _listing(bus: Bus, host: str, iid: str) -> proto.HostRecord | None:
-    r = await host_record(bus, host)
-    return r if r is not None and iid in r.instances else None
-
-
 async def test_duplicate_start_commands_run_one_server(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
-    host = unique_host()
-    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
-    await agents.start(parse(agent_config(tmp_path, host)), host)
+    host, filename = await agents.start_with_tiny(tiny_gguf(1))
     iid = new_id()
     cmd = start_cmd(iid, filename)
     await place(bus, host, cmd)
@@ -325,9 +330,7 @@ async def test_duplicate_start_commands_run_one_server(
 async def test_stop_instance_marks_it_stopped_and_ends_the_server(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
-    host = unique_host()
-    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
-    await agents.start(parse(agent_config(tmp_path, host)), host)
+    host, filename = await agents.start_with_tiny(tiny_gguf(1))
     iid = new_id()
     await place(bus, host, start_cmd(iid, filename, gpus=[0], memory_mib=700))
     await wait_state(bus, iid, InstanceState.READY)
@@ -340,15 +343,10 @@ async def test_stop_instance_marks_it_stopped_and_ends_the_server(
     assert rec.reason == "idle" and rec.endpoint is None
     assert not alive(st["pid"], st["start_ticks"])
     assert state_files(tmp_path) == [] and server_pids(tmp_path / "store") == []
-    hr = await eventually(lambda: _not_listing(bus, host, iid), 5, "the heartbeat to drop it")
+    hr = await heartbeat(bus, host, lambda r: iid not in r.instances, 5, "one without it")
     assert hr.gpus[0].memory_used_mib == 0
     stopped = await last_event(bus, proto.evt("instance.stopped"))
     assert stopped.instance_id == iid
-
-
-async def _not_listing(bus: Bus, host: str, iid: str) -> proto.HostRecord | None:
-    r = await host_record(bus, host)
-    return r if r is not None and iid not in r.instances else None
 
 
 async def test_stopping_an_instance_not_running_here_only_settles_its_record(
@@ -422,9 +420,7 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
 async def test_start_without_a_record_creates_it_and_a_crash_marks_it_failed_with_the_log_tail(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
-    host = unique_host()
-    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
-    await agents.start(parse(agent_config(tmp_path, host)), host)
+    host, filename = await agents.start_with_tiny(tiny_gguf(1))
     iid = new_id()
     await bus.command(proto.cmd_agent(host), start_cmd(iid, filename))  # no PENDING record
     rec = await wait_state(bus, iid, InstanceState.READY)
@@ -551,13 +547,8 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     await eventually(only_kept, 10, "only the adopted server left")  # same process, no dup
     assert (await get_record(bus, unwanted)).state == InstanceState.LOST
     await chat(adopted.endpoint, "a")
-
-    async def lists_only_kept() -> proto.HostRecord | None:
-        # the heartbeat is periodic: one sent before the unwanted server stopped may list it
-        r = await host_record(bus, host)
-        return r if r is not None and r.instances == [kept] else None
-
-    hr = await eventually(lists_only_kept, 10, "the new agent to list only the adopted one")
+    # one heartbeat sent before the unwanted server stopped may still list it
+    hr = await heartbeat(bus, host, lambda r: r.instances == [kept], 10, "only the adopted one")
     assert hr.gpus[0].memory_used_mib == 900
 
     # a redelivered start for the adopted instance changes nothing
@@ -574,9 +565,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
 async def test_agent_keeps_taking_commands_after_a_nats_server_restart(
     agents: Agents, nats_server: Any, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
-    host = unique_host()
-    filename = put_model(tmp_path, tiny_gguf(1), "tiny")
-    await agents.start(parse(agent_config(tmp_path, host)), host)
+    host, filename = await agents.start_with_tiny(tiny_gguf(1))
     nats_server.stop()
     await asyncio.sleep(1.0)
     nats_server.start()  # same port and store: streams, buckets and the consumer survive

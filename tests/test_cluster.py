@@ -71,16 +71,21 @@ def gguf_models(tiny_gguf, names: list[str], memory_mib: int, **extra) -> dict:
     }
 
 
-async def serve_on_big_or_small(c: Cluster, bus, small_gpu_mib: int) -> proto.InstanceRecord:
-    """Hosts "big" (one 8000 MiB GPU) and "small" (2000 and `small_gpu_mib` MiB) serve one
-    request for model "m"; the instance that answered."""
-    c.agent("big", [{"name": "sim-8g", "memory_mib": 8000}])
-    gpus = [{"name": "sim-2g", "memory_mib": 2000}, {"name": "sim", "memory_mib": small_gpu_mib}]
-    c.agent("small", gpus)
+async def start_services(c: Cluster, bus, hosts: dict[str, list[dict]]) -> None:
+    """An agent per host with its simulated GPUs, one placer and one gateway, all up."""
+    for host_id, gpus in hosts.items():
+        c.agent(host_id, gpus)
     c.spawn("placer")
     c.spawn("gateway")
     c.wait_gateway()
-    await hosts_joined(bus, 2)
+    await hosts_joined(bus, len(hosts))
+
+
+async def serve_on_big_or_small(c: Cluster, bus, small_gpu_mib: int) -> proto.InstanceRecord:
+    """Hosts "big" (one 8000 MiB GPU) and "small" (2000 and `small_gpu_mib` MiB) serve one
+    request for model "m"; the instance that answered."""
+    small = [{"name": "sim-2g", "memory_mib": 2000}, {"name": "sim", "memory_mib": small_gpu_mib}]
+    await start_services(c, bus, {"big": [{"name": "sim-8g", "memory_mib": 8000}], "small": small})
     r = await ask(c.base, "m")
     assert r.status_code == 200, r.text
     [rec] = [i for i in await instances(bus) if i.state == proto.InstanceState.READY]
@@ -114,11 +119,7 @@ async def test_model_never_downloaded_is_placed_by_the_header_read_from_its_sour
 async def test_lru_idle_instance_is_evicted_and_a_busy_one_never(cluster, bus, tiny_gguf):
     # --context-shift lets one request on the tiny model generate for as long as we hold it.
     c = cluster(gguf_models(tiny_gguf, ["a", "b", "c"], 600, args=["--context-shift"]))
-    c.agent("h1", [{"name": "sim-1g", "memory_mib": 1000}])
-    c.spawn("placer")
-    c.spawn("gateway")
-    c.wait_gateway()
-    await hosts_joined(bus, 1)
+    await start_services(c, bus, {"h1": [{"name": "sim-1g", "memory_mib": 1000}]})
 
     assert (await ask(c.base, "a")).status_code == 200
     # b does not fit beside a: a is idle, so it is evicted and b starts.
@@ -161,11 +162,7 @@ async def test_request_storm_over_more_models_than_fit_answers_every_request(
 ):
     names = ["s1", "s2", "s3", "s4"]
     c = cluster(gguf_models(tiny_gguf, names, 900))
-    c.agent("h1", [{"name": "sim-2g", "memory_mib": 2000}])  # two fit at a time
-    c.spawn("placer")
-    c.spawn("gateway")
-    c.wait_gateway()
-    await hosts_joined(bus, 1)
+    await start_services(c, bus, {"h1": [{"name": "sim-2g", "memory_mib": 2000}]})  # two fit
     results = await asyncio.gather(*(ask(c.base, names[i % 4]) for i in range(24)))
     codes = [r.status_code for r in results]
     assert all(code in (200, 429, 503) for code in codes), codes  # answered, never hung
@@ -244,11 +241,7 @@ async def test_idle_instance_is_stopped_after_its_idle_timeout(cluster, bus, tin
     models["quick"]["idle_timeout"] = 2
     models["never"]["idle_timeout"] = 0
     c = cluster(models, idle_timeout=300)
-    c.agent("h1", [{"name": "sim", "memory_mib": 4000}])
-    c.spawn("placer")
-    c.spawn("gateway")
-    c.wait_gateway()
-    await hosts_joined(bus, 1)
+    await start_services(c, bus, {"h1": [{"name": "sim", "memory_mib": 4000}]})
     assert (await ask(c.base, "quick")).status_code == 200
     assert (await ask(c.base, "never")).status_code == 200
 

@@ -46,6 +46,11 @@ def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
     s.stop()
 
 
+# A random tiny model sampled at random may pick EOS at once; with a fixed seed the answers
+# (and so the token counts checked below) are the same on every run.
+SEEDED = {"seed": 11}
+
+
 def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -56,7 +61,9 @@ def test_official_ollama_client_works_unchanged(stack):
     assert {"tiny", "emb"} <= names
 
     r = c.chat(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 5}
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        options=SEEDED | {"num_predict": 5},
     )
     assert r.done and r.eval_count == 5 and r.message.role == "assistant"
 
@@ -65,14 +72,16 @@ def test_official_ollama_client_works_unchanged(stack):
             model="tiny:latest",
             messages=[{"role": "user", "content": "hi"}],
             stream=True,
-            options={"num_predict": 8},
+            options=SEEDED | {"num_predict": 8},
         )
     )
     assert parts[-1].done and len([p for p in parts if p.message.content]) >= 2
 
-    g = c.generate(model="tiny", prompt="the model", options={"num_predict": 4})
+    g = c.generate(model="tiny", prompt="the model", options=SEEDED | {"num_predict": 4})
     assert g.done and g.eval_count == 4
-    streamed = list(c.generate(model="tiny", prompt="a", stream=True, options={"num_predict": 4}))
+    streamed = list(
+        c.generate(model="tiny", prompt="a", stream=True, options=SEEDED | {"num_predict": 4})
+    )
     assert streamed[-1].done
 
     long = "hello world " * 400  # far past the 512-token batch: truncated, not a 500
@@ -120,13 +129,17 @@ def test_overload_gets_fast_429s_while_admitted_requests_complete(stack):
 
 
 def test_api_keys_scope_models_and_admin_endpoints(stack):
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 1}
+    # four tokens every time: an answer of one token reports no speed
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 4, "ignore_eos": True}
     r = httpx.post(f"{stack.base}/v1/completions", json=body, timeout=60)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = httpx.post(
         f"{stack.base}/v1/completions", json=body, headers={"x-api-key": KEY}, timeout=60
     )
     assert r.status_code == 200
+    streamed = {**body, "stream": True}
+    r = httpx.post(f"{stack.base}/v1/completions", json=streamed, headers=auth(), timeout=60)
+    assert r.status_code == 200 and "[DONE]" in r.text
     r = httpx.post(
         f"{stack.base}/v1/completions", json={**body, "model": "scoped"}, headers=auth(), timeout=60
     )
@@ -139,6 +152,7 @@ def test_api_keys_scope_models_and_admin_endpoints(stack):
     assert m.status_code == 200
     assert 'lls_requests_total{model="tiny",route="/v1/completions",status="200"}' in m.text
     assert "lls_cold_start_seconds_count" in m.text
+    assert 'lls_tokens_per_second_count{model="tiny"} 2.0' in m.text  # whole and streamed
 
     page = httpx.get(f"{stack.base}/dashboard", headers=auth(ADMIN))
     assert page.status_code == 200 and "<html" in page.text.lower()
@@ -182,16 +196,19 @@ def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(st
 
     def give_up(_: int) -> str:
         try:
-            httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=endless, timeout=1.0)
+            r = httpx.post(
+                f"{stack.base}/v1/completions", headers=auth(), json=endless, timeout=1.0
+            )
         except httpx.TimeoutException:
             return "gave up"
-        return "answered"
+        return f"answered {r.status_code}: {r.text[:200]}"
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 2 slots + 2 queue places
         assert list(pool.map(give_up, range(4))) == ["gave up"] * 4
-    t0 = time.monotonic()
-    r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=10)
-    assert r.status_code == 200 and time.monotonic() - t0 < 3
+    # Endless answers would hold both gateway slots and llama-server's one slot for good: this
+    # request is answered only if the walk-aways released them and stopped the generation.
+    r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=15)
+    assert r.status_code == 200, r.text
 
 
 def test_fuzzed_requests_get_4xx_never_500_or_hang(stack):

@@ -12,7 +12,6 @@ from services.placer.memory import (
     CPU_OVERHEAD_MIB,
     GPU_OVERHEAD_MIB,
     estimate_mib,
-    required_mib,
 )
 
 MIB = 1 << 20
@@ -102,16 +101,6 @@ def test_cpu_and_partial_offload() -> None:
 def test_unknown_cache_type_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown KV cache type 'q3_k'.*q8_0"):
         estimate_mib(LLAMA3_8B, 0, 8192, cache_type_k="q3_k")
-
-
-def test_override_wins_over_the_estimate() -> None:
-    e = estimate_mib(LLAMA3_8B, 0, 8192)
-    assert required_mib(e, None) == (6528, e.explain())
-    mib, why = required_mib(e, 12 * 1024)
-    assert mib == 12288 and why == "12.0 GiB (memory override from the config)"
-    assert required_mib(None, 100)[0] == 100
-    with pytest.raises(ValueError):
-        required_mib(None, None)
 
 
 def test_explain_reads_as_one_line() -> None:

@@ -46,7 +46,6 @@ class Handle:
     port: int
     pid: int | None = None  # process pid, or the container's main pid
     container_id: str | None = None
-    adopted: bool = False  # found running at agent start, not launched by this agent
 
 
 class Runtime(Protocol):

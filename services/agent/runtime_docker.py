@@ -184,7 +184,6 @@ class DockerRuntime:
                     int(lb["lls.port"]),
                     pid=c.attrs.get("State", {}).get("Pid") or None,
                     container_id=c.id,
-                    adopted=True,
                 )
             except (KeyError, ValueError):
                 log.warning("container %s has broken lls labels; removing it", c.short_id)

@@ -197,7 +197,7 @@ class ProcessRuntime:
                 continue
             if st.get("host", self.host_id) != self.host_id:
                 continue
-            h = Handle(iid, model, port, pid=pid, adopted=True)
+            h = Handle(iid, model, port, pid=pid)
             if alive(pid, ticks):
                 self._ticks[iid] = ticks
                 found.append(h)

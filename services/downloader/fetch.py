@@ -50,7 +50,6 @@ class Progress:
     done: int = 0  # bytes of the file on disk
     total: int | None = None
     resumed: int = 0  # bytes found on disk at start (not counted in the rate)
-    fetched: int = 0  # bytes received over the network in this run
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,6 @@ class _Ranged:
                 async for data in r.aiter_raw():
                     take = min(len(data), end - pos - len(buf))
                     buf += data[:take]
-                    self.progress.fetched += take
                     if len(buf) >= WRITE_BLOCK or pos + len(buf) >= end:
                         pos = await self._flush(i, buf, pos)
                     if pos >= end:
@@ -453,7 +451,6 @@ async def _single(
                 buf = bytearray()
                 async for data in r.aiter_raw():
                     buf += data
-                    progress.fetched += len(data)
                     if len(buf) >= WRITE_BLOCK:
                         await _append(f, h, buf, progress)
                 await _append(f, h, buf, progress)

@@ -49,7 +49,6 @@ class Gate:
         self.limits = limits
         self.in_flight = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self.rejected = 0
 
     async def enter(self) -> None:
         verdict = decide(self.in_flight, len(self.waiters), self.limits)
@@ -57,7 +56,6 @@ class Gate:
             self.in_flight += 1
             return
         if verdict is Verdict.REJECT:
-            self.rejected += 1
             raise ApiError(
                 429,
                 f"model {self.model} is at capacity: {self.in_flight} requests running and "
@@ -79,7 +77,6 @@ class Gate:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(fut)
             if isinstance(exc, asyncio.TimeoutError):
-                self.rejected += 1
                 raise ApiError(
                     429,
                     f"model {self.model}: no slot freed within {time.monotonic() - t0:.0f} s "

@@ -28,7 +28,7 @@ from lls.config import Config
 
 from . import http, ollama
 from .errors import ApiError, error_response
-from .metrics import Metrics
+from .metrics import TPS_KEY, Metrics, predicted_per_second
 from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
 
@@ -38,7 +38,6 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 32 << 20
 KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
-OPEN_PATHS = {"/health", "/api/version"}
 
 
 class _Head(msgspec.Struct):
@@ -187,6 +186,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    def observe_speed(model: str, data: bytes) -> None:
+        if (tps := predicted_per_second(data)) is not None:
+            metrics.tokens_per_second.labels(model).observe(tps)
+
     async def forward(request: Request) -> Response:
         started = time.monotonic()
         route = request.url.path
@@ -214,7 +217,11 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 def first_chunk() -> None:
                     metrics.ttft.labels(model, route).observe(time.monotonic() - started)
 
-                return Passthrough(resp, on_close=done, on_first=first_chunk)
+                def chunk(data: bytes) -> None:
+                    if TPS_KEY in data:  # the last chunk carries the timings
+                        observe_speed(model, data)
+
+                return Passthrough(resp, on_close=done, on_first=first_chunk, on_chunk=chunk)
             # A whole answer: llama-server sends it at the end anyway, so take it in and pass
             # it on in one piece (fewer socket writes than re-chunking it).
             try:
@@ -222,6 +229,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             finally:
                 await resp.aclose()  # unread (client gone): closing it stops the generation
                 done()
+            observe_speed(model, data)
         finally:
             gone.cancel()
         if resp.status_code == 501:  # a feature this model was not started with: client's call
@@ -312,6 +320,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             gone.cancel()
         if resp.status_code != 200:
             return Response(data, resp.status_code, media_type="application/json")
+        observe_speed(model, data)
         return JSONResponse(reply(model, msgspec.json.decode(data), started))
 
     async def ndjson(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+TPS_KEY = b'"predicted_per_second":'
+_NUMBER = frozenset(b"0123456789.eE+-")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -58,3 +61,21 @@ class Metrics:
             buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
             registry=r,
         )
+
+
+def predicted_per_second(data: bytes) -> float | None:
+    """llama-server's generation speed from the `timings` in an answer or its last streamed
+    chunk, found with a byte search rather than by parsing a body we only forward."""
+    i = data.rfind(TPS_KEY)
+    if i < 0:
+        return None
+    start = end = i + len(TPS_KEY)
+    while end < len(data) and data[end] in _NUMBER:
+        end += 1
+    if end == len(data):  # the number may go on in the next chunk: skip, do not misread
+        return None
+    try:
+        value = float(data[start:end])
+    except ValueError:
+        return None
+    return value if value > 0 else None

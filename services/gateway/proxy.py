@@ -133,6 +133,7 @@ class Passthrough(StreamingResponse):
 
     Whatever ends it (done, client gone, error), the upstream response is closed, which
     cancels the generation upstream, and `on_close` releases what the request held.
+    `on_first` is called at the first chunk, `on_chunk` with each chunk.
     """
 
     def __init__(
@@ -140,8 +141,11 @@ class Passthrough(StreamingResponse):
         resp: http.Reply,
         on_close: Callable[[], None] | None = None,
         on_first: Callable[[], None] | None = None,
+        on_chunk: Callable[[bytes], None] | None = None,
     ):
-        body = resp.aiter_raw() if on_first is None else _first(resp.aiter_raw(), on_first)
+        body = resp.aiter_raw()
+        if on_first is not None or on_chunk is not None:
+            body = _watched(body, on_first, on_chunk)
         super().__init__(body, status_code=resp.status_code, headers=forward_headers(resp.headers))
         self._upstream = resp
         self._on_close = on_close
@@ -155,12 +159,15 @@ class Passthrough(StreamingResponse):
                 self._on_close()
 
 
-async def _first(
-    chunks: AsyncIterator[bytes], on_first: Callable[[], None]
+async def _watched(
+    chunks: AsyncIterator[bytes],
+    on_first: Callable[[], None] | None,
+    on_chunk: Callable[[bytes], None] | None,
 ) -> AsyncIterator[bytes]:
-    first = True
     async for chunk in chunks:
-        if first:
-            first = False
+        if on_first is not None:
             on_first()
+            on_first = None
+        if on_chunk is not None:
+            on_chunk(chunk)
         yield chunk

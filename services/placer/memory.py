@@ -125,12 +125,3 @@ def estimate_mib(
         weights, kv, compute = weights * part, kv * part, compute * part
     parts = (_mib(weights), _mib(kv), _mib(compute), overhead)
     return Estimate(*parts, sum(parts), n_ctx, cache_type_k, cache_type_v)
-
-
-def required_mib(estimate: Estimate | None, override_mib: int | None) -> tuple[int, str]:
-    """What placement reserves: the config's `memory_mib` override wins over the estimate."""
-    if override_mib is not None:
-        return override_mib, f"{gib(override_mib)} (memory override from the config)"
-    if estimate is None:
-        raise ValueError("no memory estimate and no memory override")
-    return estimate.total_mib, estimate.explain()
