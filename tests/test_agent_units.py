@@ -362,3 +362,20 @@ def test_a_model_split_over_gpus_gets_an_even_tensor_split():
         args=["-ts", "3,1"],
     )
     assert own.count("-ts") == 1 and "--tensor-split" not in own
+
+
+def test_cpu_only_servers_leave_one_core_free_unless_the_model_sets_threads():
+    from services.agent.runtime import build_argv
+
+    def argv(**kw):  # noqa: ANN003, ANN202
+        return build_argv("/m.gguf", alias="m", host="h", port=1, ctx_size=8, **kw)
+
+    cpu = argv(n_gpu_layers=0, cpu_count=16)
+    assert cpu[cpu.index("-t") + 1] == "15"
+    two = argv(n_gpu_layers=0, cpu_count=2)
+    assert two[two.index("-t") + 1] == "1"
+    one = argv(n_gpu_layers=0, cpu_count=1)
+    assert one[one.index("-t") + 1] == "1"
+    assert "-t" not in argv(n_gpu_layers=999, n_gpus=1, cpu_count=16)  # GPU does the work
+    own = argv(n_gpu_layers=0, cpu_count=16, args=["--threads", "4"])
+    assert own.count("--threads") == 1 and "-t" not in own

@@ -83,6 +83,19 @@ def has_flag(args: Iterable[str], flags: set[str]) -> bool:
 
 
 _SPLIT_FLAGS = frozenset({"-ts", "--tensor-split"})
+_THREAD_FLAGS = {"-t", "--threads"}
+
+
+def cpu_threads(cpu_count: int) -> int:
+    """Compute threads for a CPU-only llama-server: one core fewer than the host has.
+
+    llama.cpp's threads meet at a spinning barrier after every op. With as many threads as
+    cores, anything else that runs (our own services, another instance) deschedules one of
+    them, and every barrier then waits out a scheduler slice: measured on a 2-core host with
+    one busy process beside it, generation fell from ~3,500 to ~4 tokens/s and requests
+    timed out. With one core left free it held its speed.
+    """
+    return max(1, cpu_count - 1)
 
 
 def build_argv(
@@ -97,6 +110,7 @@ def build_argv(
     embeddings: bool = False,
     args: Iterable[str] = (),
     fit_off: bool = False,
+    cpu_count: int = 0,
 ) -> list[str]:
     """llama-server arguments (without the program). -c and -ngl are always explicit so the
     memory placement reserved is what gets used; the model's own args come last so they win."""
@@ -107,6 +121,8 @@ def build_argv(
         argv += ["--fit", "off"]
     if not has_flag(args, _PARALLEL_FLAGS):
         argv += ["-np", "1"]  # the default (4 slots sharing -c) would quarter the context
+    if n_gpu_layers == 0 and cpu_count and not has_flag(args, _THREAD_FLAGS):
+        argv += ["-t", str(cpu_threads(cpu_count))]
     if n_gpus > 1 and n_gpu_layers and not has_flag(args, _SPLIT_FLAGS):
         # placement reserved an equal share on each GPU; llama.cpp would weigh by free memory
         argv += ["--tensor-split", ",".join(["1"] * n_gpus)]

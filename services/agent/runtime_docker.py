@@ -7,6 +7,7 @@ restarted agent finds its own: same host id and same store, nothing else on the 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class DockerRuntime:
             embeddings=spec.embeddings,
             args=spec.args,
             fit_off=knows_fit(self.image),
+            cpu_count=os.cpu_count() or 1,
         )
         devices = None
         if spec.gpu_uuids:  # real GPUs only: simulated ones have nothing to pass through

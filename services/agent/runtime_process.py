@@ -100,6 +100,7 @@ class ProcessRuntime:
             embeddings=spec.embeddings,
             args=spec.args,
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
+            cpu_count=os.cpu_count() or 1,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **gpu_env(spec)}
