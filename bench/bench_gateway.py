@@ -111,7 +111,7 @@ async def main() -> None:
         "--threads",
         type=int,
         default=0,
-        help="llama-server -t (0 = its default: every core, busy-waiting between steps)",
+        help="llama-server -t (0 = the agent's default: one fewer than the cores when CPU-only)",
     )
     args = ap.parse_args()
     args.server_args = ["-np", "4"] + (["-t", str(args.threads)] if args.threads else [])
