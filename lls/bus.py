@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -28,6 +31,8 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 import proto
+from lls import auth
+from lls.config import NatsTls, expand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,10 +117,25 @@ class Bus:
             await self.nc.close()
 
 
-async def connect(url: str, name: str) -> Bus:
-    """Connect (retrying for up to 30 s) and make sure streams and buckets exist."""
+async def connect(
+    url: str,
+    name: str,
+    *,
+    creds: str | Path | None = None,
+    tls: NatsTls | None = None,
+    deadline_s: float = 30.0,
+) -> Bus:
+    """Connect as the identity in `creds` (default: the file named by $LLS_NATS_CREDS; none:
+    no credentials) and bind the streams and buckets: the placer and the operator create or
+    update them, every other identity waits for them (it may not create them).
+
+    Retries an unreachable server until `deadline_s`; a refused identity fails at once.
+    """
+    creds = creds or os.environ.get(auth.ENV_CREDS) or None
+    ident = auth.load_identity(creds) if creds else None
     nc = Client()
     buses: list[Bus] = []
+    refusals: list[str] = []
 
     async def on_state(state: str) -> None:
         if state == "reconnected" and buses:
@@ -123,25 +143,94 @@ async def connect(url: str, name: str) -> Bus:
         if not (nc.is_closed or nc.is_draining):  # our own close is not news
             log.warning("%s: nats %s", name, state)
 
-    await nc.connect(
-        url,
-        name=name,
-        connect_timeout=5,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        error_cb=_log_error,
-        disconnected_cb=functools.partial(on_state, "disconnected"),
-        reconnected_cb=functools.partial(on_state, "reconnected"),
+    async def on_error(e: Exception) -> None:
+        if "authorization violation" in str(e).lower():
+            refusals.append(str(e))
+        elif isinstance(e, ssl.SSLError):  # an untrusted certificate: retrying will not help
+            refusals.extend([str(e)] * 4)
+        await _log_error(e)
+
+    options: dict[str, Any] = {}
+    if ident is not None:
+        options = {
+            "user": ident.user,
+            "password": ident.password,
+            "inbox_prefix": ident.inbox_prefix,
+        }
+    if tls is not None:
+        options["tls"] = tls_context(tls)
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            url,
+            name=name,
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=functools.partial(on_state, "disconnected"),
+            reconnected_cb=functools.partial(on_state, "reconnected"),
+            **options,
+        )
     )
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_s
+    # nats-py retries a refused login forever; give a just-reloaded server a moment, then
+    # say so instead of timing out silently.
+    while not connecting.done() and len(refusals) < 4 and loop.time() < until:
+        await asyncio.wait([connecting], timeout=0.1)
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        who = ident.user if ident else "no credentials"
+        if refusals:
+            raise PermissionError(f"NATS at {url} refused us ({who}): {refusals[-1]}")
+        raise TimeoutError(f"NATS at {url} not reachable within {deadline_s:.0f} s")
+    connecting.result()
     js = nc.jetstream(timeout=10)
+    declare = ident is None or ident.may_declare
     for cfg in STREAMS:
-        await _ensure_stream(js, cfg)
+        if declare:
+            await _ensure_stream(js, cfg)
+        else:
+            await _await_stream(js, cfg.name, until)
     kv = {}
     for cfg in BUCKETS:
-        kv[cfg.bucket] = await _ensure_bucket(js, cfg)
+        if declare:
+            kv[cfg.bucket] = await _ensure_bucket(js, cfg)
+        else:
+            await _await_stream(js, f"KV_{cfg.bucket}", until)
+            kv[cfg.bucket] = await js.key_value(cfg.bucket)
     buses.append(Bus(nc, js, kv))
     return buses[0]
+
+
+def tls_context(tls: NatsTls) -> ssl.SSLContext:
+    """Verify the server against the configured CA; present our certificate if we have one."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(expand(tls.ca)))
+    if tls.cert:
+        ctx.load_cert_chain(str(expand(tls.cert)), str(expand(tls.key)))
+    return ctx
+
+
+async def _await_stream(js: JetStreamContext, name: str, until: float) -> None:
+    """Wait for a stream this identity may not create (the placer or `lls` creates it)."""
+    loop = asyncio.get_running_loop()
+    warned = False
+    while True:
+        try:
+            await js.stream_info(name)
+            return
+        except NotFoundError:
+            if loop.time() >= until:
+                raise TimeoutError(f"stream {name} does not exist; start the placer") from None
+            if not warned:
+                log.info("waiting for stream %s (the placer creates it)", name)
+                warned = True
+            await asyncio.sleep(0.5)
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:

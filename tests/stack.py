@@ -13,6 +13,7 @@ import httpx
 import yaml
 
 from conftest import ROOT, free_port
+from lls import auth
 
 
 def wait_healthy(base: str, timeout: float, gave_up=lambda: False) -> bool:  # noqa: ANN001
@@ -26,6 +27,15 @@ def wait_healthy(base: str, timeout: float, gave_up=lambda: False) -> bool:  # n
             pass
         time.sleep(0.1)
     return False
+
+
+def nats_identities(*hosts: str) -> Path:
+    """The test NATS server's identity folder, with identities for these hosts added (the
+    server reloads). conftest's nats_server names its operator identity in $LLS_NATS_CREDS."""
+    folder = Path(os.environ[auth.ENV_CREDS]).parent
+    for host in hosts:
+        auth.add_host(folder, host)
+    return folder
 
 
 class Stack:
@@ -59,6 +69,9 @@ class Stack:
                 cfg[section] = value
         lo, hi = sorted(cfg["agent"]["port_range"])
         cfg["agent"]["port_range"] = [lo, max(hi, lo + 50)]
+        if cfg["nats"]["url"] != "embedded":  # lls.run hands each service its identity
+            folder = nats_identities(cfg["agent"]["host_id"])
+            cfg["nats"].setdefault("credentials_dir", str(folder))
         self.config = tmp / "config.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.log = tmp / "stack.log"
@@ -131,7 +144,7 @@ class Cluster:
         self.base = f"http://127.0.0.1:{self.port}"
         self.shared = {
             "gateway": {"port": self.port, "cold_start_timeout": 30},
-            "nats": {"url": nats_url},
+            "nats": {"url": nats_url, "credentials_dir": str(nats_identities())},
             "placer": {"host_lost_after": 3, "failure_backoff": 5},
             "models": models,
             **top,
@@ -161,8 +174,14 @@ class Cluster:
         cmd += ["--nats", self.nats_url]
         if port is not None:
             cmd += ["--port", str(port)]
+        host = ""
         if agent is not None:
-            cmd += ["--host-id", agent["host_id"]]
+            host = agent["host_id"]
+            cmd += ["--host-id", host]
+            nats_identities(host)
+        # Its own identity, as in production (not the operator's from $LLS_NATS_CREDS).
+        folder = Path(self.shared["nats"]["credentials_dir"])
+        cmd += ["--nats-creds", str(auth.identity_file(folder, auth.service_user(service, host)))]
         log = (self.tmp / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             cmd,

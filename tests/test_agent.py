@@ -26,6 +26,7 @@ import yaml
 import proto
 from lls.bus import Bus, connect, new_id
 from lls.config import Config, parse
+from lls.instance_key import instance_key, load_or_create
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
 from services.agent.runtime_process import alive
@@ -35,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 ADOPTED = "adopted after an agent restart"
 SIM_GPUS = [{"name": "Sim 8G", "memory_mib": 8192}, {"name": "Sim 4G", "memory_mib": 4096}]
+# The agent runs only models of its config, with the config's flags; their files are
+# <name>.gguf in the store (put there by put_model, so the urls are never fetched).
+MODEL_NAMES = ("tiny", "a", "b", "broken", "m", "absent")
+MODELS = {n: {"url": f"file:///nowhere/{n}.gguf", "ctx_size": 512} for n in MODEL_NAMES}
 
 
 # ---------------------------------------------------------------- harness
@@ -42,6 +47,11 @@ SIM_GPUS = [{"name": "Sim 8G", "memory_mib": 8192}, {"name": "Sim 4G", "memory_m
 
 def unique_host() -> str:
     return f"ag{uuid.uuid4().hex[:8]}"
+
+
+def new_iid(model: str = "tiny") -> str:
+    """An instance id the way the placer makes them."""
+    return f"{proto.kv_key(model)}-{new_id()[:8]}"
 
 
 def agent_config(tmp_path: Path, host_id: str, **agent: Any) -> dict[str, Any]:
@@ -53,7 +63,16 @@ def agent_config(tmp_path: Path, host_id: str, **agent: Any) -> dict[str, Any]:
         "heartbeat_s": 0.3,
         "start_timeout": 30,
     }
-    return {"agent": base | agent}
+    return {
+        "agent": base | agent,
+        "models": MODELS,
+        "cluster": {"secret_file": str(tmp_path / "cluster.secret")},
+    }
+
+
+def key_for(tmp_path: Path, iid: str) -> str:
+    """The instance's API key, as the gateway derives it."""
+    return instance_key(load_or_create(tmp_path / "cluster.secret"), iid)
 
 
 def put_model(tmp_path: Path, src: Path, name: str = "tiny") -> str:
@@ -128,7 +147,7 @@ async def put_record(
 
 
 def start_cmd(iid: str, filename: str, model: str = "tiny", **kw: Any) -> StartInstance:
-    base: dict[str, Any] = dict(ctx_size=512, n_gpu_layers=0)
+    base: dict[str, Any] = dict(n_gpu_layers=0)
     return StartInstance(
         cmd_id=new_id(), instance_id=iid, model=model, filename=filename, **(base | kw)
     )
@@ -141,7 +160,7 @@ async def place(bus: Bus, host: str, cmd: StartInstance) -> None:
 
 
 def state_files(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("run/*/*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("run/*/*/*.json"))]
 
 
 def server_pids(store: Path) -> list[int]:
@@ -234,16 +253,21 @@ async def agents(nats_url: str, tmp_path: Path, llama_server_bin: Path) -> Async
         await a.aclose()
 
 
-async def chat(endpoint: str, model: str) -> dict[str, Any]:
+async def chat(endpoint: str, model: str, key: str | None) -> httpx.Response:
     async with httpx.AsyncClient(timeout=30) as c:
-        r = await c.post(
+        return await c.post(
             f"{endpoint}/v1/chat/completions",
             json={
                 "model": model,
                 "messages": [{"role": "user", "content": "hello"}],
                 "max_tokens": 8,
             },
+            headers={"Authorization": f"Bearer {key}"} if key else {},
         )
+
+
+async def chat_ok(endpoint: str, model: str, key: str) -> dict[str, Any]:
+    r = await chat(endpoint, model, key)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -287,14 +311,14 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host, filename = await agents.start_with_tiny(tiny_gguf(1))
-    iid = new_id()
+    iid = new_iid()
     await place(bus, host, start_cmd(iid, filename, gpus=[1], memory_mib=1500))
 
     rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED)
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
     assert rec.host == host and rec.gpus == [1] and rec.memory_mib == 1500
     assert rec.endpoint and rec.endpoint.startswith("http://127.0.0.1:") and rec.ready_at
-    reply = await chat(rec.endpoint, "tiny")
+    reply = await chat_ok(rec.endpoint, "tiny", key_for(tmp_path, iid))
     assert reply["choices"] and reply["model"] == "tiny"
 
     hr = await heartbeat(bus, host, lambda r: iid in r.instances, 5, "a heartbeat listing it")
@@ -315,7 +339,7 @@ async def test_duplicate_start_commands_run_one_server(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host, filename = await agents.start_with_tiny(tiny_gguf(1))
-    iid = new_id()
+    iid = new_iid()
     cmd = start_cmd(iid, filename)
     await place(bus, host, cmd)
     await bus.command(proto.cmd_agent(host), start_cmd(iid, filename))  # another cmd_id
@@ -331,7 +355,7 @@ async def test_stop_instance_marks_it_stopped_and_ends_the_server(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host, filename = await agents.start_with_tiny(tiny_gguf(1))
-    iid = new_id()
+    iid = new_iid()
     await place(bus, host, start_cmd(iid, filename, gpus=[0], memory_mib=700))
     await wait_state(bus, iid, InstanceState.READY)
     [st] = state_files(tmp_path)
@@ -354,7 +378,7 @@ async def test_stopping_an_instance_not_running_here_only_settles_its_record(
 ) -> None:
     host = unique_host()
     await agents.start(parse(agent_config(tmp_path, host)), host)
-    pending, unknown = new_id(), new_id()
+    pending, unknown = new_iid(), new_iid()
     await put_record(bus, pending, "tiny", InstanceState.PENDING, host)
     for iid in (pending, unknown):
         await bus.command(proto.cmd_agent(host), StopInstance(cmd_id=new_id(), instance_id=iid))
@@ -370,7 +394,7 @@ async def test_corrupt_gguf_fails_with_the_log_tail_and_is_not_retried(
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "broken.gguf").write_bytes(b"GGUF" + os.urandom(4000))
     await agents.start(parse(agent_config(tmp_path, host)), host)
-    iid = new_id()
+    iid = new_iid("broken")
     await place(bus, host, start_cmd(iid, "broken.gguf", model="broken"))
 
     rec = await wait_state(bus, iid, InstanceState.FAILED, InstanceState.READY)
@@ -391,8 +415,8 @@ async def test_missing_model_file_fails_without_launching(
 ) -> None:
     host = unique_host()
     await agents.start(parse(agent_config(tmp_path, host)), host)
-    iid = new_id()
-    await place(bus, host, start_cmd(iid, "absent.gguf"))
+    iid = new_iid("absent")
+    await place(bus, host, start_cmd(iid, "absent.gguf", model="absent"))
     rec = await wait_state(bus, iid, InstanceState.FAILED)
     assert "absent.gguf is not in the store" in rec.reason
 
@@ -410,8 +434,8 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
     fake.chmod(0o755)
     cfg = agent_config(tmp_path, host, llama_server=str(fake), start_timeout=1.5)
     await agents.start(parse(cfg), host)
-    iid = new_id()
-    await place(bus, host, start_cmd(iid, "m.gguf"))
+    iid = new_iid("m")
+    await place(bus, host, start_cmd(iid, "m.gguf", model="m"))
     rec = await wait_state(bus, iid, InstanceState.FAILED)
     assert "within 1.5 s" in rec.reason and "loading forever" in rec.log_tail
     assert state_files(tmp_path) == []
@@ -421,7 +445,7 @@ async def test_start_without_a_record_creates_it_and_a_crash_marks_it_failed_wit
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host, filename = await agents.start_with_tiny(tiny_gguf(1))
-    iid = new_id()
+    iid = new_iid()
     await bus.command(proto.cmd_agent(host), start_cmd(iid, filename))  # no PENDING record
     rec = await wait_state(bus, iid, InstanceState.READY)
     assert rec.host == host and rec.model == "tiny"
@@ -439,7 +463,7 @@ async def test_graceful_stop_stops_every_instance_and_marks_them_stopped(
     a = put_model(tmp_path, tiny_gguf(1), "a")
     b = put_model(tmp_path, tiny_gguf(2), "b")
     agent = await agents.start(parse(agent_config(tmp_path, host)), host)
-    ids = [new_id(), new_id()]
+    ids = [new_iid("a"), new_iid("b")]
     await place(bus, host, start_cmd(ids[0], a, model="a"))
     await place(bus, host, start_cmd(ids[1], b, model="b"))
     for iid in ids:
@@ -521,7 +545,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
     b = put_model(tmp_path, tiny_gguf(2), "b")
     agent = agent_process(host)
     agent.start()
-    kept, unwanted, ghost = new_id(), new_id(), new_id()
+    kept, unwanted, ghost = new_iid("a"), new_iid("b"), new_iid("a")
     await place(bus, host, start_cmd(kept, a, model="a", gpus=[0], memory_mib=900))
     await place(bus, host, start_cmd(unwanted, b, model="b"))
     ready = await wait_state(bus, kept, InstanceState.READY, within=40)
@@ -546,7 +570,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
 
     await eventually(only_kept, 10, "only the adopted server left")  # same process, no dup
     assert (await get_record(bus, unwanted)).state == InstanceState.LOST
-    await chat(adopted.endpoint, "a")
+    await chat_ok(adopted.endpoint, "a", key_for(tmp_path, kept))
     # one heartbeat sent before the unwanted server stopped may still list it
     hr = await heartbeat(bus, host, lambda r: r.instances == [kept], 10, "only the adopted one")
     assert hr.gpus[0].memory_used_mib == 900
@@ -569,7 +593,7 @@ async def test_agent_keeps_taking_commands_after_a_nats_server_restart(
     nats_server.stop()
     await asyncio.sleep(1.0)
     nats_server.start()  # same port and store: streams, buckets and the consumer survive
-    iid = new_id()
+    iid = new_iid()
     await eventually(lambda: _try_place(bus, host, start_cmd(iid, filename)), 20, "NATS back")
     rec = await wait_state(bus, iid, InstanceState.READY, within=60)
     assert rec.endpoint

@@ -18,7 +18,10 @@ from test_agent import (
     agent_config,
     agents,  # noqa: F401 - fixture
     chat,
+    chat_ok,
     get_record,
+    key_for,
+    new_iid,
     place,
     put_model,
     put_record,
@@ -60,12 +63,13 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
         parse(agent_config(tmp_path, docker_host, runtime="docker")), docker_host
     )
     assert agent.task.done() is False
-    iid = new_id()
+    iid = new_iid()
     await place(bus, docker_host, start_cmd(iid, filename, gpus=[0], memory_mib=600))
 
     rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED, within=60)
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
-    await chat(rec.endpoint, "tiny")
+    assert (await chat(rec.endpoint, "tiny", None)).status_code == 401  # no key, no service
+    await chat_ok(rec.endpoint, "tiny", key_for(tmp_path, iid))
     [c] = our_containers(docker_client, docker_host)
     assert c.status == "running" and c.attrs["HostConfig"]["NetworkMode"] == "host"
     assert c.labels["lls.instance"] == iid and c.labels["lls.model"] == "tiny"
@@ -74,6 +78,11 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     assert (mount["Destination"], mount["RW"]) == ("/models", False)
     assert "/models/tiny.gguf" in c.attrs["Args"]
     assert not c.attrs["HostConfig"].get("DeviceRequests")  # simulated GPUs: nothing to pass
+    hc = c.attrs["HostConfig"]
+    assert hc["SecurityOpt"] == ["no-new-privileges:true"] and hc["CapDrop"] == ["ALL"]
+    assert hc["PidsLimit"] > 0 and hc["LogConfig"]["Config"]["max-size"]
+    assert key_for(tmp_path, iid) not in " ".join(c.attrs["Args"])  # key in env, not argv
+    assert c.labels["lls.cluster"]
 
     await bus.command(proto.cmd_agent(docker_host), StopInstance(cmd_id=new_id(), instance_id=iid))
     rec = await wait_state(bus, iid, InstanceState.STOPPED, within=20)
@@ -92,7 +101,7 @@ async def test_docker_agent_restart_adopts_its_labelled_container_and_stops_unwa
     b = put_model(tmp_path, tiny_gguf(2), "b")
     cfg = parse(agent_config(tmp_path, docker_host, runtime="docker"))
     agent = await agents.start(cfg, docker_host)
-    kept, unwanted = new_id(), new_id()
+    kept, unwanted = new_iid("a"), new_iid("b")
     await place(bus, docker_host, start_cmd(kept, a, model="a"))
     await place(bus, docker_host, start_cmd(unwanted, b, model="b"))
     ready = await wait_state(bus, kept, InstanceState.READY, within=60)
@@ -106,7 +115,7 @@ async def test_docker_agent_restart_adopts_its_labelled_container_and_stops_unwa
 
     adopted = await wait_state(bus, kept, InstanceState.READY, reason=ADOPTED)
     assert adopted.endpoint == ready.endpoint
-    await chat(adopted.endpoint, "a")
+    await chat_ok(adopted.endpoint, "a", key_for(tmp_path, kept))
     left = our_containers(docker_client, docker_host)
     assert [c.id for c in left] == [ids[kept]]  # same container, the unwanted one is gone
     assert (await get_record(bus, unwanted)).state == InstanceState.STOPPED

@@ -67,7 +67,7 @@ def test_argv_for_embeddings_uses_mean_pooling() -> None:
 
 def spec(**kw: object) -> LaunchSpec:
     base: dict = dict(
-        instance_id="i",
+        instance_id="m-0123abcd",
         model="m",
         filename="m.gguf",
         port=1,
@@ -87,9 +87,11 @@ def test_gpu_pinning_prefers_uuids_then_indexes_and_hides_gpus_from_cpu_instance
     assert gpu_env(spec()) == {}  # GPU layers without a chosen GPU: leave it to the driver
 
 
-def test_server_binds_loopback_only_when_advertised_there() -> None:
+def test_server_binds_the_advertised_address_never_every_interface_by_default() -> None:
     assert bind_host("127.0.0.1") == "127.0.0.1"
-    assert bind_host("10.0.0.5") == "0.0.0.0"
+    assert bind_host("localhost") == "127.0.0.1"
+    assert bind_host("10.0.0.5") == "10.0.0.5"
+    assert bind_host("10.0.0.5", "0.0.0.0") == "0.0.0.0"  # only when agent.bind_host says so
 
 
 def test_pick_port_skips_ours_and_busy_ones_and_says_when_none_is_left() -> None:
@@ -121,6 +123,7 @@ def test_official_image_is_cuda_on_nvidia_hosts_and_known_to_take_fit() -> None:
 
 def test_container_names_and_mounts(tmp_path: Path) -> None:
     assert container_name("h1", "abc") == "lls-h1-abc"
+    assert container_name("h1", "abc", "c0ffee") == "lls-c0ffee-h1-abc"
     store = tmp_path / "store"
     store.mkdir()
     (store / "a.gguf").write_bytes(b"x")
@@ -313,15 +316,20 @@ def test_docker_pins_real_gpus_by_uuid_on_the_host_network(tmp_path: Path) -> No
     from services.agent.runtime_docker import DockerRuntime
 
     client = SimpleNamespace(containers=FakeContainers())
-    rt = DockerRuntime(client, "h1", tmp_path, "ghcr.io/ggml-org/llama.cpp:server-cuda")
-    h = rt.launch(spec(gpus=(0, 2), gpu_uuids=("GPU-a", "GPU-c"), port=4100))
+    rt = DockerRuntime(client, "h1", tmp_path, "ghcr.io/ggml-org/llama.cpp:server-cuda", "cl1")
+    h = rt.launch(spec(gpus=(0, 2), gpu_uuids=("GPU-a", "GPU-c"), port=4100, api_key="k" * 64))
     [run] = client.containers.runs
     [req] = run["device_requests"]
     assert req["DeviceIDs"] == ["GPU-a", "GPU-c"] and req["Capabilities"] == [["gpu"]]
-    assert run["network_mode"] == "host" and run["name"] == "lls-h1-i"
+    assert run["network_mode"] == "host" and run["name"] == "lls-cl1-h1-m-0123abcd"
+    assert run["environment"] == {"LLAMA_API_KEY": "k" * 64}
+    assert "k" * 64 not in " ".join(run["command"])  # not in `docker ps` / ps output
+    assert run["security_opt"] == ["no-new-privileges:true"] and run["cap_drop"] == ["ALL"]
+    assert run["pids_limit"] > 0 and run["log_config"]["Config"]["max-size"]
     assert run["labels"] | {} == {
+        "lls.cluster": "cl1",
         "lls.host": "h1",
-        "lls.instance": "i",
+        "lls.instance": "m-0123abcd",
         "lls.model": "m",
         "lls.port": "4100",
         "lls.store": str(tmp_path),

@@ -16,6 +16,7 @@ from lls.bus import Bus, connect
 from lls.config import parse
 from lls.service import ServiceContext
 from services.ui.hub import Hub
+from services.ui.secret import SECRET_HEADER, ui_secret
 from services.ui.service import run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,6 +31,8 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOT = Path("/tmp/dashboard.png")
 XSS = '<img src=x onerror="window.__xss=1">'
+# The UI answers only the gateway, which adds this after its admin check; tests stand in for it.
+GATEWAY = {SECRET_HEADER: ui_secret()}
 
 
 def host(host_id: str, gpus: int = 2, used: int = 3000) -> proto.HostRecord:
@@ -82,7 +85,7 @@ async def start_ui(nats_url: str) -> AsyncIterator[Callable[[], Awaitable[str]]]
         task = asyncio.create_task(run(ctx))
         stops.append((ctx, task))
         base = f"http://127.0.0.1:{ctx.port}"
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=GATEWAY) as http:
             for _ in range(100):
                 if task.done():
                     task.result()  # raises what made the service stop
@@ -110,7 +113,7 @@ async def test_state_replays_recent_past(bus: Bus, start_ui) -> None:
     await bus.emit(proto.DownloadProgress(model="big", host="h1", bytes=5, total=100))
 
     base = await start_ui()
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=GATEWAY) as http:
         state = (await http.get(base + "/dashboard/state")).json()
         for path in ("/dashboard", "/dashboard/"):
             page = await http.get(base + path)
@@ -147,7 +150,9 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = await browser.new_page(
+                viewport={"width": 1280, "height": 1000}, extra_http_headers=GATEWAY
+            )
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             await page.goto(base + "/dashboard")
@@ -212,6 +217,37 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
             assert await page.evaluate("window.__xss") is None
             assert await page.locator("#events img").count() == 0
 
+            # A swap in progress: the yielding instance and the requests waiting per model.
+            draining = instance(
+                "i-drain",
+                proto.InstanceState.DRAINING,
+                host="gpu-a",
+                gpus=[0],
+                memory_mib=1024,
+                drain_for="other",
+                drain_since=time.time() - 1,
+                reason="yielding to other, which waits",
+            )
+            await bus.put(bus.instances, "i-drain", draining)
+            queues = {"demo": proto.ModelQueue(7, time.time() - 2)}
+            report = proto.ActivityReport(
+                gateway_id="gw1", ts=time.time(), queues=queues, draining=["i-drain"]
+            )
+            await bus.put(bus.activity, "gw1", report)
+            await bus.emit(
+                proto.SwapChanged(
+                    model="other",
+                    stage="draining",
+                    yielding=["i-drain"],
+                    yielding_models=["demo"],
+                    reason="no room",
+                )
+            )
+            await expect(page.locator('[data-instance="i-drain"]')).to_contain_text("draining")
+            await expect(page.locator('[data-queue="demo"]')).to_have_text("7")
+            await expect(page.locator("#n-waiting")).to_have_text("7")
+            await expect(page.locator('[data-kind="swap.draining"]')).to_contain_text("yield")
+
             await page.wait_for_timeout(300)  # let the bar's transition settle
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -224,9 +260,23 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
             await expect(page.locator('[data-kind="download.completed"]')).to_be_visible()
 
             # The same page behind a trailing slash finds its stream too (relative URLs).
-            page2 = await browser.new_page()
+            page2 = await browser.new_page(extra_http_headers=GATEWAY)
             await page2.goto(base + "/dashboard/")
             await expect(page2.locator('[data-instance="i-ready"]')).to_be_visible(timeout=5000)
             assert errors == []
         finally:
             await browser.close()
+
+
+async def test_ui_answers_only_the_gateway(start_ui) -> None:
+    """Without the gateway's secret the UI gives nothing away, and errors read like ours."""
+    base = await start_ui()
+    async with httpx.AsyncClient() as http:
+        for path in ("/dashboard", "/dashboard/state", "/dashboard/events", "/nope"):
+            r = await http.get(base + path)
+            assert r.status_code == 401, path
+            assert r.json()["error"]["code"] == "ui_secret_required"
+        r = await http.get(base + "/dashboard/state", headers={SECRET_HEADER: "a guess"})
+        assert r.status_code == 401
+        r = await http.get(base + "/dashboard/nope", headers=GATEWAY)
+        assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "code"}

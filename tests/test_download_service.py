@@ -87,10 +87,11 @@ async def events(bus: Bus) -> AsyncIterator[Events]:
     await sub.unsubscribe()
 
 
-def config(store: Path, connections: int = 4) -> dict:  # type: ignore[type-arg]
+def config(store: Path, connections: int = 4, models: dict | None = None) -> dict:  # type: ignore[type-arg]
     return {
         "agent": {"store": str(store), "host_id": HOST},
         "downloader": {"connections": connections},
+        "models": models or {},
     }
 
 
@@ -192,11 +193,13 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
     conns = 4
     store = tmp_path / "store"
     cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(config(store, conns)))
     part = Staging.of(store, "m.gguf").part
     log_path = tmp_path / "downloader.log"
     log_file = await asyncio.to_thread(log_path.open, "wb")
     with FileServer({"/m.gguf": data}, Behaviour(rate_bps=0.5e6)) as srv:  # ~4 s in all
+        # a configured model: its unfinished download is kept for the resume, not swept
+        models = {"m": {"url": srv.url("m.gguf")}}
+        cfg_file.write_text(yaml.safe_dump(config(store, conns, models)))
         proc = await asyncio.create_subprocess_exec(
             *[sys.executable, "-m", "services.downloader", "--config", str(cfg_file)],
             *["--nats", nats_url, "--host-id", HOST, "--log-level", "DEBUG"],
@@ -228,7 +231,7 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
 
         # a new downloader (in this process) takes a re-sent command and resumes
         ctx = ServiceContext(
-            name="downloader", cfg=parse(config(store, conns)), bus=bus, host_id=HOST
+            name="downloader", cfg=parse(config(store, conns, models)), bus=bus, host_id=HOST
         )
         task = asyncio.create_task(run(ctx))
         try:

@@ -375,7 +375,7 @@ def random_cluster(
                 iid = f"{hid}-{g}-{k}"
                 mem = rng.uniform(1, total / 3)
                 state = rng.choice(list(S))
-                loaded += mem if state in (S.READY, S.STOPPING) else 0
+                loaded += mem if state in (S.READY, S.DRAINING, S.STOPPING) else 0
                 instances.append(inst(iid, hid, [g], mem, state, ready_at=rng.uniform(0, NOW)))
                 activity[iid] = used(rng.uniform(0, NOW), in_flight=rng.choice([0, 0, 1]))
             foreign = rng.choice([0, 0, 2, 6])
@@ -388,7 +388,7 @@ def random_cluster(
 def independent_free(h: HostRecord, g: int, instances: list[InstanceRecord]) -> float:
     """Free MiB on one GPU, computed the slow obvious way."""
     info = next(x for x in h.gpus if x.index == g)
-    live = {S.PENDING, S.DOWNLOADING, S.STARTING, S.READY}
+    live = {S.PENDING, S.DOWNLOADING, S.STARTING, S.READY, S.DRAINING}
     claims = sum(
         i.memory_mib / len(i.gpus)
         for i in instances

@@ -7,6 +7,7 @@ Runtime methods block (subprocess, Docker SDK); the agent calls them with asynci
 from __future__ import annotations
 
 import errno
+import os
 import random
 import socket
 from collections.abc import Callable, Iterable
@@ -33,8 +34,9 @@ class LaunchSpec:
     gpus: tuple[int, ...] = ()  # GPU indexes on this host
     gpu_uuids: tuple[str, ...] = ()  # NVML UUIDs of `gpus`; empty for simulated GPUs
     embeddings: bool = False
-    args: tuple[str, ...] = ()  # extra llama-server flags from the model config
+    args: tuple[str, ...] = ()  # extra llama-server flags from the agent's model config
     memory_mib: int = 0
+    api_key: str = ""  # LLAMA_API_KEY (environment, never argv: argv is visible in ps)
 
 
 @dataclass
@@ -144,9 +146,30 @@ def gpu_env(spec: LaunchSpec) -> dict[str, str]:
     return {}
 
 
-def bind_host(advertise_host: str) -> str:
-    """Listen on loopback when others reach us there, else on every interface."""
-    return "127.0.0.1" if advertise_host in LOOPBACK else "0.0.0.0"
+def bind_host(advertise_host: str, configured: str = "") -> str:
+    """Listen where others reach us (agent.bind_host overrides), never on every interface
+    by default: an instance is for the gateway, not for the whole network."""
+    host = configured or advertise_host
+    return "127.0.0.1" if host in LOOPBACK else host
+
+
+def local_url_host(bind: str) -> str:
+    """Where the agent itself reaches a server listening on `bind` (for /health)."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+def minimal_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a llama-server process: what it needs to run and find its GPUs,
+    nothing else. Tokens (HF_TOKEN, cloud credentials) are not inherited, nor LLAMA_ARG_*
+    variables, which llama-server would read as flags."""
+    env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP or k.startswith(_ENV_PREFIXES)}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env | extra
+
+
+_ENV_KEEP = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "TMPDIR"})
+# GPU runtimes (CUDA, ROCm, Vulkan) and OpenMP read their settings from these
+_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "HIP_", "ROCR_", "HSA_", "GGML_", "OMP_", "VK_")
 
 
 def port_is_free(port: int) -> bool:

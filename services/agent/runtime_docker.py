@@ -1,7 +1,12 @@
 """Docker runtime: llama-server in a container on the host network, store mounted read-only.
 
-Containers carry labels (lls.host, lls.instance, lls.model, lls.port, lls.store), which is how a
-restarted agent finds its own: same host id and same store, nothing else on the engine.
+Containers carry labels (lls.cluster, lls.host, lls.instance, lls.model, lls.port, lls.store),
+which is how a restarted agent finds its own: same cluster id, host id and store, nothing else
+on the engine (another stack on the same machine has another cluster id).
+
+Containers are hardened: no new privileges, every capability dropped (llama-server binds an
+unprivileged port and reads a world-readable file: it needs none), a pids limit and rotated
+logs. The API key is passed in the environment (LLAMA_API_KEY), not in the command line.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from pathlib import Path
 
 import docker
 import docker.errors
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, LogConfig
 
+import proto
 from services.agent.image import ensure_image, knows_fit
 from services.agent.runtime import (
     LOG_TAIL_LINES,
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = "/models"
 OUTSIDE_DIR = "/lls-model"  # where a store file that links outside the store is mounted
+# threads count too: llama-server runs about two per core (compute + HTTP); a fork bomb stops here
+PIDS_LIMIT = 4096
+LOG_MAX_SIZE, LOG_MAX_FILES = "20m", "3"
 
 
 def engine(timeout_s: float = 10):  # noqa: ANN201 - docker.DockerClient
@@ -42,8 +51,21 @@ def engine(timeout_s: float = 10):  # noqa: ANN201 - docker.DockerClient
         return None
 
 
-def container_name(host_id: str, instance_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"lls-{host_id}-{instance_id}")
+def container_name(host_id: str, instance_id: str, cluster_id: str = "") -> str:
+    scope = f"{cluster_id}-" if cluster_id else ""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"lls-{scope}{host_id}-{instance_id}")
+
+
+def hardening() -> dict[str, object]:
+    """containers.run() options that take from llama-server what it does not need."""
+    return {
+        "security_opt": ["no-new-privileges:true"],
+        "cap_drop": ["ALL"],
+        "pids_limit": PIDS_LIMIT,
+        "log_config": LogConfig(
+            type=LogConfig.types.JSON, config={"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES}
+        ),
+    }
 
 
 def model_mounts(store: Path, filename: str) -> tuple[str, dict[str, dict[str, str]]]:
@@ -63,9 +85,17 @@ def model_mounts(store: Path, filename: str) -> tuple[str, dict[str, dict[str, s
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, client, host_id: str, store: Path, image: str):  # noqa: ANN001
+    def __init__(
+        self,
+        client,  # noqa: ANN001
+        host_id: str,
+        store: Path,
+        image: str,
+        cluster_id: str = "",
+    ):
         self.client = client
         self.host_id = host_id
+        self.cluster_id = cluster_id
         self.store = store
         self.image = image
 
@@ -78,13 +108,15 @@ class DockerRuntime:
         configured_image: str,
         nvidia: bool,
         binary: Path | None,
+        cluster_id: str = "",
     ) -> DockerRuntime:
         image = ensure_image(client, configured_image, nvidia, binary)
         log.info("docker runtime uses image %s", image)
-        return cls(client, host_id, store, image)
+        return cls(client, host_id, store, image, cluster_id)
 
     def _labels(self, spec: LaunchSpec) -> dict[str, str]:
         return {
+            "lls.cluster": self.cluster_id,
             "lls.host": self.host_id,
             "lls.instance": spec.instance_id,
             "lls.model": spec.model,
@@ -93,7 +125,9 @@ class DockerRuntime:
         }
 
     def launch(self, spec: LaunchSpec) -> Handle:
-        name = container_name(self.host_id, spec.instance_id)
+        if not proto.INSTANCE_ID_RE.fullmatch(spec.instance_id):  # never a name we did not make
+            raise LaunchError(f"bad instance id {spec.instance_id!r}")
+        name = container_name(self.host_id, spec.instance_id, self.cluster_id)
         try:  # a leftover with the same name (an earlier failed start) would block the name
             self.client.containers.get(name).remove(force=True)
         except docker.errors.NotFound:
@@ -122,9 +156,12 @@ class DockerRuntime:
                 name=name,
                 detach=True,
                 labels=self._labels(spec),
+                # host network: llama-server binds only the --host address given in argv
                 network_mode="host",
                 volumes=volumes,
                 device_requests=devices,
+                environment={"LLAMA_API_KEY": spec.api_key},
+                **hardening(),
             )
         except docker.errors.DockerException as e:
             raise LaunchError(f"docker could not start {self.image}: {e}") from e
@@ -176,7 +213,11 @@ class DockerRuntime:
 
     def discover(self) -> list[Handle]:
         found = []
-        labels = [f"lls.host={self.host_id}", f"lls.store={self.store}"]
+        labels = [
+            f"lls.cluster={self.cluster_id}",
+            f"lls.host={self.host_id}",
+            f"lls.store={self.store}",
+        ]
         for c in self.client.containers.list(all=True, filters={"label": labels}):
             lb = c.labels
             try:
@@ -190,6 +231,9 @@ class DockerRuntime:
             except (KeyError, ValueError):
                 log.warning("container %s has broken lls labels; removing it", c.short_id)
                 c.remove(force=True)
+                continue
+            if not proto.INSTANCE_ID_RE.fullmatch(h.instance_id):
+                log.warning("container %s has a bad instance id; leaving it", c.short_id)
                 continue
             if c.status == "running":
                 found.append(h)

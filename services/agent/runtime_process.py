@@ -1,7 +1,9 @@
 """Plain-process runtime: llama-server as a child process in its own session.
 
 Each instance leaves a state file (pid, port, model, start time) and its log in the run dir,
-so a restarted agent finds what an earlier one started. The process's kernel start time is
+so a restarted agent finds what an earlier one started. The run dir is per cluster id and host
+id, and state files name both, so two stacks on one machine never adopt or stop each other's
+servers. Instance ids are checked against proto.INSTANCE_ID_RE before they become file names. The process's kernel start time is
 kept with the pid so that a recycled pid is never mistaken for our server (nor signalled).
 """
 
@@ -16,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import proto
 from services.agent.runtime import (
     LOG_TAIL_LINES,
     Handle,
@@ -23,6 +26,7 @@ from services.agent.runtime import (
     LaunchSpec,
     build_argv,
     gpu_env,
+    minimal_env,
     tail_lines,
 )
 
@@ -68,8 +72,11 @@ def read_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 102
 class ProcessRuntime:
     name = "process"
 
-    def __init__(self, host_id: str, store: Path, run_dir: Path, binary: Path | None):
+    def __init__(
+        self, host_id: str, store: Path, run_dir: Path, binary: Path | None, cluster_id: str = ""
+    ):
         self.host_id = host_id
+        self.cluster_id = cluster_id
         self.store = store
         self.run_dir = run_dir
         self.binary = binary
@@ -77,10 +84,12 @@ class ProcessRuntime:
         self._ticks: dict[str, int | None] = {}
 
     def _state_file(self, instance_id: str) -> Path:
+        if not proto.INSTANCE_ID_RE.fullmatch(instance_id):  # never a path
+            raise LaunchError(f"bad instance id {instance_id!r}")
         return self.run_dir / f"{instance_id}.json"
 
     def _log_file(self, instance_id: str) -> Path:
-        return self.run_dir / f"{instance_id}.log"
+        return self._state_file(instance_id).with_suffix(".log")
 
     def launch(self, spec: LaunchSpec) -> Handle:
         binary = self.binary
@@ -102,9 +111,10 @@ class ProcessRuntime:
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
             cpu_count=os.cpu_count() or 1,
         )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **gpu_env(spec)}
-        with self._log_file(spec.instance_id).open("wb") as logf:
+        log_file = self._log_file(spec.instance_id)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = minimal_env(gpu_env(spec) | {"LLAMA_API_KEY": spec.api_key})
+        with log_file.open("wb") as logf:
             # own session: a Ctrl-C meant for the agent must not reach the servers, which
             # the agent stops itself (and a killed agent leaves them for the next to adopt)
             proc = subprocess.Popen(
@@ -121,6 +131,7 @@ class ProcessRuntime:
         state = {
             "instance_id": spec.instance_id,
             "host": self.host_id,
+            "cluster": self.cluster_id,
             "model": spec.model,
             "pid": proc.pid,
             "port": spec.port,
@@ -196,7 +207,10 @@ class ProcessRuntime:
                 log.warning("ignoring unreadable state file %s", path)
                 path.unlink(missing_ok=True)
                 continue
-            if st.get("host", self.host_id) != self.host_id:
+            if st.get("host") != self.host_id or st.get("cluster") != self.cluster_id:
+                continue  # another host id or another stack's: not ours to adopt or stop
+            if not proto.INSTANCE_ID_RE.fullmatch(iid):
+                log.warning("ignoring state file %s with a bad instance id", path)
                 continue
             h = Handle(iid, model, port, pid=pid)
             if alive(pid, ticks):

@@ -5,6 +5,12 @@ agent left running (or stops what nobody wants any more).
 Each instance has one lifecycle task that alone writes its record after launch
 (starting -> ready -> stopping -> stopped, or failed), so a crash watcher and a stop never
 race. Commands are handled in bounded concurrent tasks, so a slow start never blocks a stop.
+
+Defence in depth: whoever can publish on the command subject cannot make this host run
+anything its config does not say. A start names a configured model and a placement only;
+the argv comes from the model's config, the file must be that model's file in the store, the
+instance id must have the project's format. Anything else is refused with a CommandRefused
+event and nothing runs. Every server requires its per-instance API key (lls.instance_key).
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
+from lls import instance_key
 from lls.bus import durable_config, kv_snapshot
-from lls.config import AgentConfig
+from lls.config import AgentConfig, Config, expand, store_filename
 from lls.paths import llama_server_binary
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
@@ -36,6 +43,7 @@ from services.agent.runtime import (
     LaunchSpec,
     Runtime,
     bind_host,
+    local_url_host,
     pick_port,
 )
 from services.agent.runtime_process import ProcessRuntime
@@ -83,15 +91,19 @@ class Instance:
             self.stop_event.set()
 
 
-def run_dir_for(store: Path, host_id: str) -> Path:
-    """Where the process runtime keeps state files: next to the store, per host id."""
-    return store.parent / "run" / host_id
+def run_dir_for(store: Path, host_id: str, cluster_id: str) -> Path:
+    """Where the process runtime keeps state files: next to the store, per stack and host id
+    (two stacks sharing a store never see each other's servers)."""
+    return store.parent / "run" / cluster_id / host_id
 
 
-def choose_runtime(cfg: AgentConfig, host_id: str, store: Path, telemetry: Telemetry) -> Runtime:
+def choose_runtime(
+    cfg: AgentConfig, host_id: str, store: Path, telemetry: Telemetry, cluster_id: str
+) -> Runtime:
     """auto: Docker when an engine answers (and an image can be had), else processes."""
     binary = llama_server_binary(cfg.llama_server)
-    process = ProcessRuntime(host_id, store, run_dir_for(store, host_id), binary)
+    run_dir = run_dir_for(store, host_id, cluster_id)
+    process = ProcessRuntime(host_id, store, run_dir, binary, cluster_id)
     if cfg.runtime == "process":
         return process
     from services.agent.runtime_docker import DockerRuntime, engine
@@ -106,7 +118,9 @@ def choose_runtime(cfg: AgentConfig, host_id: str, store: Path, telemetry: Telem
         log.info("no Docker engine answers; using the process runtime")
         return process
     try:
-        return DockerRuntime.create(client, host_id, store, cfg.image, telemetry.has_nvidia, binary)
+        return DockerRuntime.create(
+            client, host_id, store, cfg.image, telemetry.has_nvidia, binary, cluster_id
+        )
     except ImageError as e:
         if cfg.runtime == "docker":
             raise StartupError(str(e)) from None
@@ -114,12 +128,48 @@ def choose_runtime(cfg: AgentConfig, host_id: str, store: Path, telemetry: Telem
         return process
 
 
+def refusal(cmd: StartInstance, cfg: Config) -> str | None:
+    """Why this agent must not run `cmd`, or None: it names a configured model and that
+    model's store file, with an instance id of the project's format and a sane placement."""
+    if not proto.INSTANCE_ID_RE.fullmatch(cmd.instance_id):
+        return f"instance id {cmd.instance_id!r} does not have the project's id format"
+    mcfg = cfg.models.get(cmd.model)
+    if mcfg is None:
+        return f"model {cmd.model!r} is not in this agent's config"
+    expected = store_filename(cmd.model, mcfg.url)
+    if cmd.filename != expected:
+        return f"file {cmd.filename!r} is not model {cmd.model}'s store file ({expected})"
+    if cmd.n_gpu_layers < 0 or cmd.memory_mib < 0 or any(g < 0 for g in cmd.gpus):
+        return "negative GPU layers, memory or GPU index"
+    return None
+
+
+def _loose_fields(data: bytes) -> dict[str, str]:
+    """instance_id/model/cmd_id of an undecodable command, for the refusal event."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: str(raw[k])[:200] for k in ("instance_id", "model", "cmd_id") if k in raw}
+
+
 class Agent:
-    def __init__(self, ctx: ServiceContext, runtime: Runtime, telemetry: Telemetry, store: Store):
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        runtime: Runtime,
+        telemetry: Telemetry,
+        store: Store,
+        secret: bytes,  # the cluster secret instance keys derive from (lls.instance_key)
+    ):
         self.ctx = ctx
         self.bus = ctx.bus
         self.cfg = ctx.cfg.agent
         self.host = ctx.host_id
+        self.secret = secret
+        self.bind = bind_host(self.cfg.advertise_host, self.cfg.bind_host)
         self.runtime = runtime
         self.telemetry = telemetry
         self.store = store
@@ -218,6 +268,8 @@ class Agent:
             ram_reserve_mib=self.cfg.ram_reserve_mib,
             files=files,
             instances=sorted(self.instances),
+            advertise_host=self.cfg.advertise_host,
+            port_range=self.cfg.port_range,
         )
         await asyncio.wait_for(self.bus.put(self.bus.hosts, self.host, rec), 5)
 
@@ -315,7 +367,16 @@ class Agent:
         try:
             cmd = proto.decode(msg.data, proto.AgentCommand)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            log.error("dropping a malformed command: %s", e)
+            # e.g. a start carrying `args`: commands carry model and placement, never flags
+            log.error("refusing a malformed command: %s", e)
+            loose = _loose_fields(msg.data)
+            await self._refuse(
+                "unknown",
+                loose.get("instance_id", ""),
+                loose.get("model", ""),
+                f"malformed command: {e}",
+                loose.get("cmd_id", ""),
+            )
             with contextlib.suppress(Exception):
                 await msg.term()
             return
@@ -332,6 +393,11 @@ class Agent:
 
     async def start(self, cmd: StartInstance) -> None:
         """Idempotent: an instance already starting or running is left alone."""
+        why = refusal(cmd, self.ctx.cfg)
+        if why is not None:
+            await self._refuse("start", cmd.instance_id, cmd.model, why, cmd.cmd_id)
+            await self._fail_refused(cmd, why)
+            return
         if cmd.instance_id in self.instances:
             log.info("start %s: already running here", cmd.instance_id)
             return
@@ -340,7 +406,40 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(inst.launched.wait(), LAUNCH_ACK_S)
 
+    async def _refuse(
+        self, command: str, instance_id: str, model: str, reason: str, cmd_id: str
+    ) -> None:
+        log.warning("refused %s command for %r (%s): %s", command, instance_id, model, reason)
+        await self._emit(
+            proto.CommandRefused(
+                host=self.host,
+                command=command,
+                instance_id=instance_id[:200],
+                model=model[:200],
+                reason=reason,
+                cmd_id=cmd_id[:200],
+            )
+        )
+
+    async def _fail_refused(self, cmd: StartInstance, why: str) -> None:
+        """A well-formed id whose record says it is placed here and waits for this start (a
+        placer whose config differs from ours): fail it, so waiting requests hear why now."""
+        if not proto.INSTANCE_ID_RE.fullmatch(cmd.instance_id):
+            return
+        rec = await self._get(cmd.instance_id)
+        waiting = (InstanceState.PENDING, InstanceState.DOWNLOADING, InstanceState.STARTING)
+        if rec is None or rec.host != self.host or rec.model != cmd.model:
+            return
+        if rec.state in waiting and cmd.instance_id not in self.instances:
+            await self._transition(
+                cmd.instance_id, rec.model, InstanceState.FAILED, reason=f"agent refused: {why}"
+            )
+
     async def stop(self, cmd: StopInstance) -> None:
+        if not proto.INSTANCE_ID_RE.fullmatch(cmd.instance_id):
+            why = f"instance id {cmd.instance_id!r} does not have the project's id format"
+            await self._refuse("stop", cmd.instance_id, "", why, cmd.cmd_id)
+            return
         reason = cmd.reason or "stop requested"
         inst = self.instances.get(cmd.instance_id)
         if inst is not None:
@@ -380,9 +479,9 @@ class Agent:
                 del self.instances[inst.instance_id]
 
     def _model_file(self, filename: str) -> Path:
-        rel = Path(filename)
-        if rel.is_absolute() or ".." in rel.parts or not filename:
-            raise ValueError(f"bad model filename {filename!r}: must be relative to the store")
+        rel = Path(filename)  # store_filename(): one plain name (checked again: cheap)
+        if rel.is_absolute() or len(rel.parts) != 1 or filename in (".", ".."):
+            raise ValueError(f"bad model filename {filename!r}: must be a name in the store")
         path = self.store.root / rel
         if not path.is_file():
             raise ValueError(f"model file {filename} is not in the store {self.store.root}")
@@ -413,6 +512,7 @@ class Agent:
             ready_at=None,
         )
         deadline = time.monotonic() + self.cfg.start_timeout
+        mcfg = self.ctx.cfg.models[cmd.model]  # refusal() made sure it is ours
         for attempt in range(BIND_ATTEMPTS):
             if inst.stop_reason is not None:
                 return True
@@ -423,14 +523,16 @@ class Agent:
                     model=cmd.model,
                     filename=cmd.filename,
                     port=inst.port,
-                    bind_host=bind_host(self.cfg.advertise_host),
-                    ctx_size=cmd.ctx_size,
+                    bind_host=self.bind,
+                    # from this agent's config, never from the command
+                    ctx_size=mcfg.ctx_size,
                     n_gpu_layers=cmd.n_gpu_layers,
                     gpus=tuple(cmd.gpus),
                     gpu_uuids=uuids,
-                    embeddings=cmd.embeddings,
-                    args=tuple(cmd.args),
+                    embeddings=mcfg.embeddings,
+                    args=tuple(mcfg.args),
                     memory_mib=cmd.memory_mib,
+                    api_key=instance_key.instance_key(self.secret, inst.instance_id),
                 )
                 inst.handle = await self._call(self.runtime.launch, spec)
             except LaunchError as e:
@@ -491,7 +593,7 @@ class Agent:
     ) -> Literal["ready", "exited", "timeout", "stopped"]:
         h = inst.handle
         assert h is not None
-        url = f"http://127.0.0.1:{h.port}/health"
+        url = f"http://{local_url_host(self.bind)}:{h.port}/health"  # public: no key needed
         while True:
             if inst.stop_reason is not None:
                 return "stopped"
@@ -577,7 +679,7 @@ class Agent:
         for iid, rec in records.items():
             if rec.host != self.host or iid in self.instances:
                 continue
-            if rec.state in (InstanceState.STARTING, InstanceState.READY):
+            if rec.state in (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING):
                 log.warning("%s: %s", iid, NOT_FOUND_AFTER_RESTART)
                 await self._transition(
                     iid,
@@ -688,19 +790,30 @@ class Agent:
 
 async def create_agent(ctx: ServiceContext) -> Agent:
     cfg = ctx.cfg.agent
+    if not proto.HOST_ID_RE.fullmatch(ctx.host_id):  # --host-id bypasses the config's check
+        raise StartupError(
+            f"host id {ctx.host_id!r} (--host-id or agent.host_id): 1 to 64 letters, digits, "
+            "'-' and '_' only"
+        )
+    try:
+        secret = instance_key.load_or_create(expand(ctx.cfg.cluster.secret_file))
+    except instance_key.SecretError as e:
+        raise StartupError(str(e)) from None
     store = ctx.cfg.store_dir().absolute()  # docker bind mounts need absolute paths
     store.mkdir(parents=True, exist_ok=True)
+    cluster = ctx.cfg.cluster_id()
     telemetry = await asyncio.to_thread(Telemetry, ctx.host_id, cfg.gpus)
-    runtime = await asyncio.to_thread(choose_runtime, cfg, ctx.host_id, store, telemetry)
+    runtime = await asyncio.to_thread(choose_runtime, cfg, ctx.host_id, store, telemetry, cluster)
     log.info(
-        "agent %s: %s runtime, %d GPU(s)%s, store %s",
+        "agent %s (cluster %s): %s runtime, %d GPU(s)%s, store %s",
         ctx.host_id,
+        cluster,
         runtime.name,
         telemetry.gpu_count,
         " (simulated)" if telemetry.simulated is not None else "",
         store,
     )
-    return Agent(ctx, runtime, telemetry, Store(store))
+    return Agent(ctx, runtime, telemetry, Store(store), secret)
 
 
 async def run(ctx: ServiceContext) -> None:

@@ -60,6 +60,7 @@ class Options:
     chunk_deadline: float = 600.0  # one ranged request; progress is kept when it expires
     attempts: int = 6  # per chunk, reset whenever a try made progress
     backoff_s: float = 0.5  # doubled per failed try, capped at 8 s
+    min_free: int = DISK_MARGIN  # bytes the store's disk keeps free (downloader.min_free_mib)
 
 
 @dataclass
@@ -94,12 +95,15 @@ def content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
-def check_disk(folder: Path, need: int) -> None:
+def check_disk(folder: Path, need: int, margin: int = DISK_MARGIN) -> None:
+    """Refuse a write of `need` bytes that would leave less than `margin` free: the store's
+    disk may hold the NATS data too, which must never run out."""
     free = shutil.disk_usage(folder).free
-    if need + DISK_MARGIN > free:
+    if need + margin > free:
         raise FetchError(
-            f"not enough disk space in {folder}: the download needs {_gib(need)} more and "
-            f"{_gib(free)} is free; free some space or point agent.store at a larger disk"
+            f"not enough disk space in {folder}: the download needs {_gib(need)} and "
+            f"{_gib(free)} is free, of which downloader.min_free_mib ({_gib(margin)}) is kept "
+            "free; free some space or point agent.store at a larger disk"
         )
 
 
@@ -319,7 +323,7 @@ class _Ranged:
     def _open(self) -> None:
         self.part.parent.mkdir(parents=True, exist_ok=True)
         if self.fresh:
-            check_disk(self.part.parent, self.total)
+            check_disk(self.part.parent, self.total, self.opts.min_free)
             self.state_file.unlink(missing_ok=True)
             self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:  # reserve the space now: a full disk fails here, not half-way
@@ -328,7 +332,7 @@ class _Ranged:
                 if e.errno == errno.ENOSPC:
                     os.close(self.fd)
                     self.part.unlink(missing_ok=True)
-                    check_disk(self.part.parent, self.total)
+                    check_disk(self.part.parent, self.total, self.opts.min_free)
                     raise FetchError(f"disk full in {self.part.parent}") from e
                 os.ftruncate(self.fd, self.total)  # filesystem without fallocate
         else:
@@ -447,7 +451,7 @@ async def _single(
                 expected = int(length) if length and length.isdigit() else None
                 progress.total = expected
                 if expected is not None:
-                    check_disk(part.parent, expected)
+                    check_disk(part.parent, expected, opts.min_free)
                 buf = bytearray()
                 async for data in r.aiter_raw():
                     buf += data
@@ -483,7 +487,9 @@ def _disk_error(e: OSError, part: Path) -> Exception:
 # ---------------------------------------------------------------- file:// and local copies
 
 
-async def copy_file(src: Path, part: Path, progress: Progress) -> tuple[int, str]:
+async def copy_file(
+    src: Path, part: Path, progress: Progress, margin: int = DISK_MARGIN
+) -> tuple[int, str]:
     """Copy `src` into `part` block by block (progress, no event-loop stall); returns size, sha256."""
     try:
         fi = await asyncio.to_thread(open, src, "rb")
@@ -494,7 +500,7 @@ async def copy_file(src: Path, part: Path, progress: Progress) -> tuple[int, str
     with fi:
         size = os.fstat(fi.fileno()).st_size
         part.parent.mkdir(parents=True, exist_ok=True)
-        check_disk(part.parent, size)
+        check_disk(part.parent, size, margin)
         progress.total, progress.done, progress.resumed = size, 0, 0
         h = hashlib.sha256()
         try:

@@ -7,6 +7,12 @@ One durable pull consumer per host on the command stream. Each command runs in i
 (at most downloader.max_parallel at once; the rest wait in the stream), is kept alive with in_progress()
 while it runs, and is acked once its outcome is on the bus: failures are events, not endless
 redeliveries. Commands for a file already being fetched join that download.
+
+A command cannot make it read any local file: file:// URLs must lie under
+downloader.file_roots (default: the folders of the config's own file:// models), never
+/proc, /dev or /sys. Unfinished downloads nobody will resume are swept at start and before
+each new download, and a download that would leave less than downloader.min_free_mib free
+on the store's disk is refused.
 """
 
 from __future__ import annotations
@@ -25,12 +31,19 @@ from nats.aio.msg import Msg
 
 import proto
 from lls.bus import Bus, consume, durable_config
-from lls.config import Config, expand
+from lls.config import Config, expand, store_filename
 from lls.service import ServiceContext
 from services.downloader.fetch import FetchError, Options, Progress
 from services.downloader.peek import peek
-from services.downloader.sources import Source, SourceError, resolve
-from services.downloader.store import Outcome, obtain
+from services.downloader.sources import (
+    Source,
+    SourceError,
+    check_file_url,
+    file_roots,
+    resolve,
+    split_names,
+)
+from services.downloader.store import Outcome, obtain, sweep_partials
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +96,20 @@ class Downloader:
         self.host = host_id
         self.store = cfg.store_dir()
         self.timeout = cfg.downloader.timeout
-        self.opts = opts or Options(connections=cfg.downloader.connections)
+        self.opts = opts or Options(
+            connections=cfg.downloader.connections,
+            min_free=cfg.downloader.min_free_mib << 20,
+        )
+        self.file_roots = file_roots(
+            [expand(r) for r in cfg.downloader.file_roots],
+            [m.url for m in cfg.models.values()],
+        )
+        # store files of configured models: their unfinished downloads are worth resuming
+        self.keep = {
+            name
+            for model, m in cfg.models.items()
+            for name in split_names(store_filename(model, m.url))
+        }
         self.ollama_roots = ollama_roots
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
@@ -119,6 +145,7 @@ class Downloader:
             config=durable_config(durable, subject),
         )
         self.store.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(sweep_partials, self.store, self.keep)
         log.info("downloading into %s, commands on %s", self.store, subject)
         active: set[asyncio.Task[None]] = set()
         try:
@@ -184,7 +211,7 @@ class Downloader:
         """Bring cmd.filename into the store; the outcome as the event to publish."""
         log.info("download %s: %s -> %s", cmd.model, cmd.url, cmd.filename)
         try:
-            sources = resolve(cmd.url, cmd.filename)
+            sources = self._sources(cmd.url, cmd.filename)
             job = await self._job_for(cmd, sources)
         except SourceError as e:
             return self._failed(cmd, e)
@@ -213,6 +240,14 @@ class Downloader:
             reused=outcome.reused,
         )
 
+    def _sources(self, url: str, filename: str) -> list[Source]:
+        """What to fetch, refusing local files outside the allowed roots."""
+        sources = resolve(url, filename)
+        for src in sources:
+            if src.url.startswith("file://"):
+                check_file_url(src.url, self.file_roots)
+        return sources
+
     def _failed(self, cmd: proto.DownloadFile, e: BaseException) -> proto.DownloadFailed:
         if not isinstance(e, FetchError | SourceError | TimeoutError):
             log.error("download %s failed", cmd.model, exc_info=e)
@@ -229,6 +264,7 @@ class Downloader:
                 return job
             # Another checksum for the same name: let that one finish, then check ours.
             await asyncio.wait({job.task})
+        await asyncio.to_thread(sweep_partials, self.store, self.keep)
         job = _Job(sha256=sha)
         job.task = asyncio.create_task(self._run_job(cmd, sources, job))
         self.jobs[key] = job
@@ -317,6 +353,7 @@ class Downloader:
         log.info("inspect %s: %s", cmd.model, cmd.url)
         info = proto.ModelInfo(model=cmd.model, url=cmd.url, ts=time.time())
         try:
+            self._sources(cmd.url, cmd.filename)  # the same limits as a download
             async with asyncio.timeout(INSPECT_TIMEOUT_S):
                 p = await peek(cmd.url, cmd.filename, self.opts, self.ollama_roots, self.hf_roots)
         except TimeoutError:
@@ -354,6 +391,11 @@ def describe(info: proto.ModelInfo) -> str:
 
 
 async def run(ctx: ServiceContext) -> None:
+    if not proto.HOST_ID_RE.fullmatch(ctx.host_id):  # it becomes a subject token
+        raise SystemExit(
+            f"error: host id {ctx.host_id!r} (--host-id or agent.host_id): 1 to 64 letters, "
+            "digits, '-' and '_' only"
+        )
     d = ctx.cfg.downloader
     await Downloader(
         ctx.cfg,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote, urlsplit
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -18,6 +18,50 @@ SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 class SourceError(ValueError):
     """A URL or file name the downloader cannot use; the message says what to fix."""
+
+
+# Never copied from, whatever the roots say: a "file" there is the kernel's, not a model.
+FORBIDDEN_DIRS = (Path("/proc"), Path("/dev"), Path("/sys"))
+
+
+def _has_dot_segments(path: str) -> bool:
+    return any(unquote(seg) in (".", "..") for seg in path.split("/"))
+
+
+def file_roots(configured: list[Path], model_urls: list[str]) -> list[Path]:
+    """Folders file:// models may come from: the configured ones, else the folders of the
+    config's own file:// models (so a forged command cannot copy any other local file)."""
+    if configured:
+        return configured
+    return sorted({_file_path(u).parent for u in model_urls if u.startswith("file://")})
+
+
+def _file_path(url: str) -> Path:
+    u = urlsplit(url)
+    return Path(unquote(u.netloc + u.path))
+
+
+def _under(path: Path, roots: list[Path] | tuple[Path, ...]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def check_file_url(url: str, roots: list[Path]) -> None:
+    """Refuse a file:// URL outside the allowed roots, or in /proc, /dev or /sys."""
+    raw = _file_path(url)
+    if not raw.is_absolute():
+        raise SourceError(f"{url}: file:// URLs need an absolute path")
+    lexical = Path(os.path.normpath(raw))
+    real = Path(os.path.realpath(raw))
+    forbidden = FORBIDDEN_DIRS + tuple(Path(os.path.realpath(d)) for d in FORBIDDEN_DIRS)
+    if _under(lexical, forbidden) or _under(real, forbidden):
+        raise SourceError(f"{url}: files under /proc, /dev or /sys are never models")
+    norm_roots = [Path(os.path.normpath(r.absolute())) for r in roots]
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    if not (_under(lexical, norm_roots) or _under(real, real_roots)):
+        where = ", ".join(str(r) for r in norm_roots) or "none"
+        raise SourceError(
+            f"{url}: not under an allowed folder ({where}); add its folder to downloader.file_roots"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +110,8 @@ def modelscope_endpoint() -> str:
 
 def _repo_ref(rest: str, scheme: str) -> tuple[str, str | None, str]:
     """'owner/repo[@rev]/path/file.gguf' -> ('owner/repo', rev, 'path/file.gguf')."""
+    if _has_dot_segments(rest):  # would climb out of the repo (and out of a hub cache)
+        raise SourceError(f"{scheme}://{rest}: '..' and '.' path segments are not allowed")
     parts = [p for p in rest.split("/") if p]
     if len(parts) < 3:
         raise SourceError(
@@ -101,8 +147,8 @@ def parse_hf_https(url: str) -> HfRef | None:
     if u.scheme not in ("http", "https") or u.netloc not in hosts:
         return None
     parts = [unquote(p) for p in u.path.split("/") if p]
-    if len(parts) < 5 or parts[2] != "resolve":
-        return None
+    if len(parts) < 5 or parts[2] != "resolve" or _has_dot_segments(u.path):
+        return None  # no hub-cache lookup for a path that could climb out of it
     return HfRef(repo=f"{parts[0]}/{parts[1]}", revision=parts[3], path="/".join(parts[4:]))
 
 
@@ -110,7 +156,7 @@ def parse_ollama(name: str) -> OllamaRef:
     """'llama3.2:1b', 'user/model:tag' or 'host/ns/model:tag' (tag defaults to 'latest')."""
     base, _, tag = name.partition(":")
     parts = [p for p in base.split("/") if p]
-    if not parts or len(parts) > 3:
+    if not parts or len(parts) > 3 or any(p in (".", "..") for p in [*parts, tag]) or "/" in tag:
         raise SourceError(f"not an Ollama model name: {name!r} (expected name[:tag])")
     host, ns = "registry.ollama.ai", "library"
     if len(parts) == 3:

@@ -6,6 +6,10 @@ Layout: `<store>/<filename>` holds only complete, verified files. Work in progre
 two downloader processes never write one file; the kernel drops it on kill -9) and
 `<filename>.sha256` (digest of the published file, keyed by size and mtime, so a store hit with
 a checksum is not re-hashed every time).
+
+A failed download never fills the disk: a part with resume state is kept (the next request
+resumes it), any other part is deleted at once, and `sweep_partials` deletes parts that no
+configured model uses or that nobody resumed for PARTIAL_MAX_AGE_S.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import asyncio
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,7 @@ from services.downloader.sources import Source
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".lls"
+PARTIAL_MAX_AGE_S = 7 * 24 * 3600  # a part nobody resumed for a week is deleted
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ async def obtain(
             if sha256 and await asyncio.to_thread(sha256_file, hit.path) != sha256:
                 log.warning("%s does not match sha256 %s: not reused", hit.path, sha256)
                 continue
-            size = await _link_or_copy(hit.path, st, progress)
+            size = await _link_or_copy(hit.path, st, progress, opts.min_free)
             publish(st, sha256)
             log.info("%s: reused %s", src.filename, hit.origin)
             return Outcome(size, hit.origin)
@@ -192,16 +198,21 @@ async def obtain(
                 f"{src.url} is not in the Ollama models dirs ({dirs}): run `ollama pull` "
                 "first, set LLS_OLLAMA_MODELS, or use an hf:// or https:// url"
             )
-        if src.url.startswith("file://"):
-            path = file_url_path(src.url)
-            expected, digest = await copy_file(path, st.part, progress)
-        else:
-            expected, digest = await fetch_http(src.url, st.part, src.headers, opts, progress)
+        try:
+            if src.url.startswith("file://"):
+                path = file_url_path(src.url)
+                expected, digest = await copy_file(path, st.part, progress, opts.min_free)
+            else:
+                expected, digest = await fetch_http(src.url, st.part, src.headers, opts, progress)
+        except BaseException:
+            if not state_path(st.part).exists():  # nothing to resume from: do not keep it
+                discard(st)
+            raise
         size = await verify_and_publish(st, src.url, expected, sha256, digest)
         return Outcome(size, None)
 
 
-async def _link_or_copy(src: Path, st: Staging, progress: Progress) -> int:
+async def _link_or_copy(src: Path, st: Staging, progress: Progress, margin: int) -> int:
     """A hard link costs nothing; across filesystems (or where links are refused) copy."""
     discard(st)
     st.part.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +220,65 @@ async def _link_or_copy(src: Path, st: Staging, progress: Progress) -> int:
         os.link(src, st.part)
     except OSError as e:
         log.info("cannot hard-link %s (%s): copying", src, e.strerror)
-        await copy_file(src, st.part, progress)
+        try:
+            await copy_file(src, st.part, progress, margin)
+        except BaseException:
+            discard(st)
+            raise
     size = st.part.stat().st_size
     progress.total = progress.done = size
     return size
+
+
+def _lock_held(lock: Path) -> bool:
+    """Whether a download holds this part's lock now (any process, this one included)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def sweep_partials(
+    store: Path, keep: Iterable[str], max_age_s: float = PARTIAL_MAX_AGE_S
+) -> list[Path]:
+    """Delete unfinished downloads that will not be resumed: parts of files no configured
+    model uses, parts untouched for `max_age_s`, and resume states without their part.
+    Parts being written now (their lock is held) are left alone. Returns what was deleted."""
+    staging = store / STAGING_DIR
+    keep = set(keep)
+    now = time.time()
+    gone: list[Path] = []
+    if not staging.is_dir():
+        return gone
+    for part in staging.rglob("*.part"):
+        name = part.relative_to(staging).as_posix()[: -len(".part")]
+        st = Staging.of(store, name)
+        try:
+            age = now - max(part.stat().st_mtime, _mtime(state_path(part)))
+        except OSError:
+            continue
+        if (name in keep and age < max_age_s) or _lock_held(st.lock):
+            continue
+        discard(st)
+        gone.append(part)
+    for orphan in staging.rglob("*.part.json"):
+        if not orphan.with_suffix("").exists():
+            orphan.unlink(missing_ok=True)
+            gone.append(orphan)
+    if gone:
+        log.info("deleted %d unfinished download(s) nobody will resume", len(gone))
+    return gone
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 
 from .errors import ApiError
+from .timing import Ewma
+
+DEFAULT_SERVICE_S = 1.0  # time per request assumed before one was measured
 
 
 class Verdict(enum.Enum):
@@ -38,15 +41,17 @@ def decide(in_flight: int, queued: int, limits: Limits) -> Verdict:
     return Verdict.REJECT
 
 
-def retry_after(queued: int, limits: Limits) -> float:
-    """A hint for Retry-After: roughly how long the queue ahead takes to drain."""
-    return max(1.0, min(30.0, queued / max(1, limits.max_in_flight)))
+def retry_after(queued: int, limits: Limits, service_s: float) -> float:
+    """A hint for Retry-After: how long the queue ahead takes to drain at the measured time
+    per request, `max_in_flight` at a time."""
+    return max(1.0, min(300.0, (queued + 1) * service_s / max(1, limits.max_in_flight)))
 
 
 class Gate:
-    def __init__(self, model: str, limits: Limits):
+    def __init__(self, model: str, limits: Limits, service_time: Ewma | None = None):
         self.model = model
         self.limits = limits
+        self.service_time = service_time or Ewma()
         self.in_flight = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -62,7 +67,7 @@ class Gate:
                 f"{len(self.waiters)} queued (limits {self.limits.max_in_flight} and "
                 f"{self.limits.max_queue}); retry shortly",
                 "rate_limited",
-                retry_after(len(self.waiters), self.limits),
+                self._retry_after(),
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
@@ -82,9 +87,14 @@ class Gate:
                     f"model {self.model}: no slot freed within {time.monotonic() - t0:.0f} s "
                     f"({self.in_flight} running, {len(self.waiters)} queued); retry shortly",
                     "queue_timeout",
-                    retry_after(len(self.waiters), self.limits),
+                    self._retry_after(),
                 ) from None
             raise
+
+    def _retry_after(self) -> float:
+        return retry_after(
+            len(self.waiters), self.limits, self.service_time.get(self.model, DEFAULT_SERVICE_S)
+        )
 
     def leave(self) -> None:
         """Release a slot: the first caller still waiting takes it."""

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,13 +21,15 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import proto
-from lls.config import Config
+from lls.config import ApiKey, Config
+from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama
-from .errors import ApiError, error_response
+from .edge import check_depth
+from .errors import ApiError, error_response, is_ollama
 from .metrics import TPS_KEY, Metrics, predicted_per_second
 from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
@@ -37,6 +39,7 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES = 32 << 20
 KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
+FIRST_COMMENT_S = 0.1  # a wait longer than this is announced with the request's place
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
 
 
@@ -47,17 +50,23 @@ class _Head(msgspec.Struct):
     stream: bool = False
 
 
+_HEAD = msgspec.json.Decoder(_Head)
+
+
 def parse_head(body: bytes) -> _Head:
     if not body:
         raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    check_depth(body)  # llama-server parses the same bytes: no deep nesting reaches it
     try:
-        return msgspec.json.decode(body, type=_Head)
+        return _HEAD.decode(body)
     except msgspec.ValidationError as e:
         msg = str(e)
         if "missing required field" in msg:
             raise ApiError(400, "missing required field `model`", "missing_model") from None
+        if msg.startswith("Expected `object`"):
+            raise ApiError(400, "request body must be a JSON object", "invalid_request") from None
         raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
 
 
@@ -80,56 +89,100 @@ async def unless(gone: asyncio.Future[None], work: Awaitable[T]) -> T:
     raise ApiError(499, "client closed the request", "client_closed")
 
 
-def check_key(cfg: Config, request: Request, model: str | None, admin: bool = False) -> None:
-    """API keys (Bearer or x-api-key), optionally scoped to models; none configured = open."""
+def presented_key(request: Request) -> str:
+    """The key a client sent: Bearer, x-api-key, `?key=` or the dashboard's cookie."""
+    headers = request.headers
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    given = given or headers.get("x-api-key", "")
+    if not given and (request.scope.get("query_string") or "cookie" in headers):
+        given = request.query_params.get("key", "") or request.cookies.get("lls_key", "")
+    return given
+
+
+def authenticate(cfg: Config, request: Request) -> ApiKey | None:
+    """The caller's API key, from headers only (before any body is read); None when the
+    gateway is open. A missing, unknown or malformed key (non-ASCII, say) is a 401."""
     keys = cfg.gateway.api_keys
     if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    given = given or request.headers.get("x-api-key", "")
-    given = given or request.query_params.get("key", "") or request.cookies.get("lls_key", "")
-    key = next((k for k in keys if hmac.compare_digest(k.key, given)), None) if given else None
-    if key is None:
+        return None
+    given = presented_key(request).encode("utf-8", "replace")
+    found = None
+    for k in keys:  # compare against every key: the time taken does not tell which matched
+        if hmac.compare_digest(k.key.encode(), given) and given:
+            found = k
+    if found is None:
         raise ApiError(401, "missing or invalid API key (Bearer or x-api-key)", "invalid_api_key")
+    return found
+
+
+def may_use(key: ApiKey | None, model: str) -> bool:
+    return key is None or not key.models or model in key.models
+
+
+def check_key(cfg: Config, request: Request, model: str | None, admin: bool = False) -> None:
+    """API keys (Bearer or x-api-key), optionally scoped to models; none configured = open."""
+    key = authenticate(cfg, request)
+    if key is None:
+        return
     if admin and not key.admin:
         raise ApiError(403, "this API key may not use admin endpoints", "forbidden")
-    if model is not None and key.models and model not in key.models:
+    if model is not None and not may_use(key, model):
         raise ApiError(403, f"this API key may not use model {model!r}", "model_forbidden")
+
+
+# Headers the dashboard needs from the browser; the client's key and cookies stay here.
+UI_HEADERS = ("accept", "content-type", "last-event-id", "cache-control", "if-none-match")
 
 
 def create_app(cfg: Config, router: Router) -> FastAPI:
     app = FastAPI(title="llama-scheduler gateway", docs_url=None, redoc_url=None)
     metrics = Metrics()
+    router.on_change = metrics.observe_instance
     upstream = Upstream(cfg, router, metrics)
     ui_url = cfg.gateway.ui_url.rstrip("/")
     ui_clients: list[http.Client] = []  # made on first use, inside the running loop
     app.state.upstream = upstream
     app.state.metrics = metrics
 
+    # Every error in the route's own style: Ollama's on /api/..., OpenAI's everywhere else.
     @app.exception_handler(ApiError)
-    async def _api_error(_req: Request, exc: ApiError) -> Response:
-        return exc.response()
+    async def _api_error(req: Request, exc: ApiError) -> Response:
+        return exc.response(is_ollama(req.url.path))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(req: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return error_response(exc.status_code, str(exc.detail), code)
+        return error_response(
+            exc.status_code, str(exc.detail), code, ollama=is_ollama(req.url.path)
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, str(exc.errors()), "invalid_request")
+    async def _validation_error(req: Request, exc: RequestValidationError) -> Response:
+        return error_response(
+            400, "invalid request", "invalid_request", ollama=is_ollama(req.url.path)
+        )
 
-    def resolve(name: str, request: Request) -> str:
+    @app.exception_handler(Exception)
+    async def _bug(req: Request, exc: Exception) -> Response:  # still an answer, in JSON
+        log.error("request to %s failed", req.url.path, exc_info=exc)
+        return error_response(
+            500, "internal error in the gateway", "internal_error", ollama=is_ollama(req.url.path)
+        )
+
+    def resolve(name: str, key: ApiKey | None, path: str) -> str:
+        """The configured model a name stands for, if this key may use it. A scoped key gets
+        the same 403 for a model outside its scope and for one that does not exist."""
         model = cfg.resolve_model(name)
+        if key is not None and key.models and model not in key.models:
+            raise ApiError(403, f"this API key may not use model {name!r}", "model_forbidden")
         if model is None:
             raise ApiError(
                 404,
                 f"model {name!r} does not exist; GET /v1/models lists the models served here",
                 "model_not_found",
             )
-        check_key(cfg, request, model)
-        if "embed" in request.url.path and not cfg.models[model].embeddings:
+        if "embed" in path and not cfg.models[model].embeddings:
             raise ApiError(
                 400,
                 f"model {model!r} does not serve embeddings (set models.{model}.embeddings: true)",
@@ -154,7 +207,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     def rewrite(body: bytes, model: str) -> bytes:
         """Apply the canonical model name and per-model defaults (only when needed)."""
         defaults = cfg.models[model].defaults
-        data = msgspec.json.decode(body)
+        try:
+            data = msgspec.json.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_request")
         data["model"] = model
@@ -166,13 +222,16 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        ok = router.bus.nc.is_connected
-        body = {"status": "ok" if ok else "degraded", "nats": ok}
+        down = router.bus_down_reason(grace_s=0)
+        ok = down is None and router.bus.nc.is_connected
+        body: dict[str, object] = {"status": "ok" if ok else "degraded", "nats": ok}
+        if not ok:
+            body["bus"] = down or "the message bus (NATS) is unreachable; reconnecting"
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        check_key(cfg, request, None)
+        key = authenticate(cfg, request)
         data = [
             {
                 "id": name,
@@ -183,6 +242,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 "aliases": cfg.models[name].aliases,
             }
             for name in cfg.models
+            if may_use(key, name)
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -193,9 +253,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     async def forward(request: Request) -> Response:
         started = time.monotonic()
         route = request.url.path
+        key = authenticate(cfg, request)  # from the headers: no body is read for a bad key
         body = await read_body(request)
         head = parse_head(body)
-        model = resolve(head.model, request)
+        model = resolve(head.model, key, route)
         if head.model != model or cfg.models[model].defaults:
             body = rewrite(body, model)
         headers = forward_headers(request.headers)
@@ -232,30 +293,28 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             observe_speed(model, data)
         finally:
             gone.cancel()
-        if resp.status_code == 501:  # a feature this model was not started with: client's call
-            try:
-                detail = msgspec.json.decode(data)["error"]["message"]
-            except (msgspec.DecodeError, KeyError, TypeError):
-                detail = "not supported"
-            raise ApiError(
-                400, f"model {model!r}: {detail} (see models.{model}.args)", "not_supported"
-            )
+        if resp.status_code >= 400:
+            raise upstream_error(model, resp.status_code, data)
         return Response(data, resp.status_code, headers=forward_headers(resp.headers))
 
     def cold_stream(
         model: str, route: str, body: bytes, headers: dict[str, str], started: float
     ) -> Response:
         """A streaming request for a cold model: answer the head now and send SSE comments
-        while the model starts, so proxies in between do not time out."""
+        while it waits (its place in the model's queue and what the model is doing), so the
+        client sees progress and proxies in between do not time out."""
 
         async def events() -> AsyncIterator[bytes]:
-            opening = asyncio.ensure_future(upstream.open(model, route, body, headers))
+            ticket = router.enqueue(model)
+            opening = asyncio.ensure_future(upstream.open(model, route, body, headers, ticket))
             try:
+                wait = FIRST_COMMENT_S  # say at once that it waits and where, then now and then
                 while True:
-                    done, _ = await asyncio.wait({opening}, timeout=KEEPALIVE_S)
+                    done, _ = await asyncio.wait({opening}, timeout=wait)
                     if done:
                         break
-                    yield b": waiting for the model to start\n\n"
+                    yield waiting_comment(model, ticket)
+                    wait = KEEPALIVE_S
                 try:
                     resp, release = opening.result()
                 except ApiError as e:
@@ -277,12 +336,18 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                     release()
                     metrics.requests.labels(model, route, str(resp.status_code)).inc()
             finally:
+                router.dequeue(model, ticket)
                 if not opening.done():  # client gone while waiting: give up the wait
                     opening.cancel()
                     with contextlib.suppress(BaseException):
                         await opening
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def waiting_comment(model: str, ticket: int) -> bytes:
+        place, total = router.position(model, ticket)
+        where = f"position {place} of {total}" if place else "sending"
+        return f": waiting for {model}: {where}; {router.describe(model)}\n\n".encode()
 
     for path in OPENAI_ROUTES:  # also routed here, so 405s and the like read the same
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
@@ -291,11 +356,13 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     # ------------------------------------------------------------------ Ollama API
 
     async def ollama_call(
-        request: Request, path: str, make_body, reply, stream_generate: bool | None
+        request: Request, kind: type, path: str, make_body, reply, stream_generate: bool | None
     ) -> Response:  # type: ignore[no-untyped-def]
         started = time.monotonic()
-        req = ollama.parse_body(await read_body(request))
-        model = resolve(req["model"], request)
+        key = authenticate(cfg, request)
+        req = ollama.parse_body(await read_body(request), kind)
+        model = resolve(req.model, key, request.url.path)
+        keep_alive = ollama.keep_alive_seconds(getattr(req, "keep_alive", None))
         out = make_body(req, model)
         if isinstance(out, tuple):
             path, out = out
@@ -303,14 +370,18 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             out.setdefault(k, v)
         body = msgspec.json.encode(out)
         headers = {"content-type": "application/json"}
-        if stream_generate is not None and out.get("stream"):
-            return StreamingResponse(
-                ndjson(model, path, body, headers, started, stream_generate),
-                media_type="application/x-ndjson",
-            )
+        streamed = stream_generate is not None and bool(out.get("stream"))
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            resp, release = await unless(gone, upstream.open(model, path, body, headers))
+            # Opened before the answer's head, streamed or not: an error the instance gives
+            # (images for a model without vision, say) is then a 4xx, not a 200 stream.
+            opening = upstream.open(model, path, body, headers, keep_alive=keep_alive)
+            resp, release = await unless(gone, opening)
+            if streamed and resp.status_code == 200:
+                lines = ollama.sse_to_ndjson(
+                    resp.aiter_lines(), model, started, bool(stream_generate)
+                )
+                return Streamed(lines, resp, release, media_type="application/x-ndjson")
             try:
                 data = await unless(gone, resp.aread())
             finally:
@@ -319,33 +390,23 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         finally:
             gone.cancel()
         if resp.status_code != 200:
-            return Response(data, resp.status_code, media_type="application/json")
+            raise upstream_error(model, resp.status_code, data)
         observe_speed(model, data)
-        return JSONResponse(reply(model, msgspec.json.decode(data), started))
-
-    async def ndjson(
-        model: str, path: str, body: bytes, headers: dict[str, str], started: float, generate: bool
-    ) -> AsyncIterator[bytes]:
         try:
-            resp, release = await upstream.open(model, path, body, headers)
-        except ApiError as e:
-            yield msgspec.json.encode({"error": e.message}) + b"\n"
-            return
-        try:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                yield msgspec.json.encode({"error": text}) + b"\n"
-                return
-            async for line in ollama.sse_to_ndjson(resp.aiter_lines(), model, started, generate):
-                yield line
-        finally:
-            await resp.aclose()
-            release()
+            answer = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            raise upstream_error(model, 502, data) from None
+        return JSONResponse(reply(model, answer, started))
 
     @app.post("/api/chat")
     async def api_chat(request: Request) -> Response:
         return await ollama_call(
-            request, "/v1/chat/completions", ollama.chat_request, ollama.chat_response, False
+            request,
+            ollama.ChatRequest,
+            "/v1/chat/completions",
+            ollama.chat_request,
+            ollama.chat_response,
+            False,
         )
 
     @app.post("/api/generate")
@@ -353,7 +414,9 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         def reply(model: str, data: dict[str, Any], started: float) -> dict[str, Any]:
             return ollama.as_generate(ollama.chat_response(model, data, started))
 
-        return await ollama_call(request, "", ollama.generate_request, reply, True)
+        return await ollama_call(
+            request, ollama.GenerateRequest, "", ollama.generate_request, reply, True
+        )
 
     def embed_route(legacy: bool):  # type: ignore[no-untyped-def]
         """/api/embed (`input`, `embeddings`) and the older /api/embeddings (`prompt`)."""
@@ -361,6 +424,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         async def handler(request: Request) -> Response:
             return await ollama_call(
                 request,
+                ollama.EmbedRequest,
                 "/v1/embeddings",
                 lambda req, m: ollama.embed_request(req, m, legacy=legacy),
                 lambda m, d, _s: ollama.embed_response(m, d, legacy=legacy),
@@ -374,14 +438,17 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
     @app.get("/api/tags")
     async def api_tags(request: Request) -> Response:
-        check_key(cfg, request, None)
-        return JSONResponse({"models": [ollama.model_entry(n, 0) for n in cfg.models]})
+        key = authenticate(cfg, request)
+        names = [n for n in cfg.models if may_use(key, n)]
+        return JSONResponse({"models": [ollama.model_entry(n, 0) for n in names]})
 
     @app.get("/api/ps")
     async def api_ps(request: Request) -> Response:
-        check_key(cfg, request, None)
+        key = authenticate(cfg, request)
         running = []
         for name in cfg.models:
+            if not may_use(key, name):
+                continue
             for rec in router.ready.get(name, []):
                 entry = ollama.model_entry(name, rec.memory_mib << 20)
                 entry["size_vram"] = (rec.memory_mib << 20) if rec.gpus else 0
@@ -395,9 +462,11 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
     @app.post("/api/show")
     async def api_show(request: Request) -> Response:
-        req = ollama.parse_body(await read_body(request))
-        model = resolve(req["model"], request)
+        key = authenticate(cfg, request)
+        req = ollama.parse_body(await read_body(request), ollama.ShowRequest)
+        model = resolve(req.model or req.name, key, request.url.path)
         m = cfg.models[model]
+        admin = key is None or key.admin  # where it comes from and how it runs: admins only
         summary, size = await router.header_of(model)
         details = ollama.model_entry(model, size or 0)["details"]
         model_info: dict[str, object] = {}
@@ -406,8 +475,8 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             details.update(facts)
         return JSONResponse(
             {
-                "modelfile": f"FROM {m.url}",
-                "parameters": " ".join(m.args),
+                "modelfile": f"FROM {m.url}" if admin else f"FROM {model}",
+                "parameters": " ".join(m.args) if admin else "",
                 "template": "",
                 "details": details,
                 "model_info": {**model_info, "llama_scheduler.ctx_size": m.ctx_size},
@@ -440,15 +509,21 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         if not ui_clients:
             ui_clients.append(http.Client(read_timeout=None, max_connections=256))
         query = f"?{request.url.query}" if request.url.query else ""
+        headers = {h: v for h in UI_HEADERS if (v := request.headers.get(h)) is not None}
+        headers[SECRET_HEADER] = ui_secret()  # the UI answers nobody else
         try:
             resp = await ui_clients[0].send(
                 request.method,
                 f"{ui_url}/dashboard{rest}{query}",
-                await request.body(),
-                forward_headers(request.headers),
+                await read_body(request),
+                headers,
             )
         except http.TransportError as e:
             raise ApiError(502, f"dashboard service unreachable: {e!r}", "ui_unavailable") from None
+        if resp.status_code >= 400:  # its errors read like ours
+            data = await resp.aread()
+            await resp.aclose()
+            raise upstream_error("the dashboard", resp.status_code, data)
         out = Passthrough(resp)
         if request.query_params.get("key"):  # the browser keeps the key for the page's own calls
             out.set_cookie("lls_key", request.query_params["key"], httponly=True, samesite="strict")
@@ -463,6 +538,24 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     return app
 
 
+class Streamed(StreamingResponse):
+    """Lines made from an upstream response; whatever ends the answer (done, client gone,
+    never started) closes the upstream response and calls `release` once."""
+
+    def __init__(
+        self, lines: AsyncIterator[bytes], resp: http.Reply, release: Callable[[], None], **kw: Any
+    ) -> None:
+        super().__init__(lines, **kw)
+        self._upstream, self._release = resp, release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+            self._release()
+
+
 def fast_path(app: FastAPI) -> ASGIApp:
     """The OpenAI proxy routes straight to their handler; everything else through FastAPI.
 
@@ -474,7 +567,7 @@ def fast_path(app: FastAPI) -> ASGIApp:
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in paths:
-            await app(scope, receive, send)
+            await guarded(app, scope, receive, send)
             return
         try:
             response = await forward(Request(scope, receive))
@@ -486,3 +579,64 @@ def fast_path(app: FastAPI) -> ASGIApp:
         await response(scope, receive, send)
 
     return asgi
+
+
+async def guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """`app`, but an exception that escapes it before its answer started still gets a JSON
+    error (uvicorn's own would be a plain-text 500)."""
+    started = False
+
+    async def watched_send(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, watched_send)
+    except Exception:
+        if started or scope["type"] != "http":
+            raise
+        log.exception("request to %s failed", scope.get("path"))
+        await error_response(
+            500, "internal error in the gateway", "internal_error", ollama=is_ollama(scope["path"])
+        )(scope, receive, send)
+
+
+def upstream_error(model: str, status: int, data: bytes) -> ApiError:
+    """An instance's (or the UI's) error answer as ours: the status it meant, its message.
+
+    llama-server answers some bad requests with 500 (a JSON field of the wrong type fails
+    deep in its parser): those are the client's to fix, so they become 400s; a 501 is a
+    feature this model was not started with. An empty or non-JSON error gets a message.
+    """
+    try:
+        err = msgspec.json.decode(data)["error"]
+        detail = err["message"] if isinstance(err, dict) else str(err)
+    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        detail = data[:200].decode("utf-8", "replace").strip() or "no details"
+    detail = str(detail)[:1000]
+    if status == 501:
+        return ApiError(
+            400, f"model {model!r}: {detail} (see models.{model}.args)", "not_supported"
+        )
+    if status == 500 and any(m in detail for m in CLIENT_FAULTS):
+        return ApiError(400, f"invalid request for {model}: {detail}", "invalid_request")
+    if status < 400 or status > 599:
+        status = 502
+    code = "upstream_error" if status >= 500 else "invalid_request"
+    return ApiError(status, f"{model}: {detail}", code, 2 if status in (502, 503) else None)
+
+
+# llama-server's 500s that a request's own content caused (nlohmann::json type and parse
+# errors, unsupported inputs): a client error, not a server fault.
+CLIENT_FAULTS = (
+    "[json.exception.",
+    "type must be",
+    "image input is not supported",
+    "is not supported",
+    "Invalid",
+    "invalid",
+    "must be",
+    "Expected",
+    "expected",
+)

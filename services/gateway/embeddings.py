@@ -34,7 +34,9 @@ def needs_cut(inputs: list[Any], limit: int) -> bool:
     return any(isinstance(x, str) and len(x.encode()) > limit for x in inputs)
 
 
-async def truncate(client: Client, endpoint: str, body: bytes, limit: int) -> bytes:
+async def truncate(
+    client: Client, endpoint: str, body: bytes, limit: int, headers: dict[str, str] | None = None
+) -> bytes:
     """`body` with each over-long string input replaced by its first `limit` tokens."""
     data = msgspec.json.decode(body)
     value = data.get("input") if isinstance(data, dict) else None
@@ -45,7 +47,10 @@ async def truncate(client: Client, endpoint: str, body: bytes, limit: int) -> by
     for x in inputs:
         if isinstance(x, str) and len(x.encode()) > limit:
             reply = await client.post_json(
-                f"{endpoint}/tokenize", {"content": x, "add_special": True}, timeout=30
+                f"{endpoint}/tokenize",
+                {"content": x, "add_special": True},
+                timeout=30,
+                headers=headers,
             )
             tokens = reply["tokens"]  # type: ignore[index]
             out.append(tokens[:limit] if len(tokens) > limit else x)

@@ -63,9 +63,15 @@ class Client:
         resp = await self._session.request(method, url, data=body, headers=headers)
         return Reply(resp)
 
-    async def post_json(self, url: str, payload: object, timeout: float) -> object:
+    async def post_json(
+        self,
+        url: str,
+        payload: object,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> object:
         async with self._session.post(
-            url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)
+            url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
         ) as resp:
             resp.raise_for_status()
             return await resp.json()

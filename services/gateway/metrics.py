@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proto import InstanceRecord, InstanceState
+
 TPS_KEY = b'"predicted_per_second":'
 _NUMBER = frozenset(b"0123456789.eE+-")
 
@@ -54,6 +56,26 @@ class Metrics:
             "lls_in_flight", "Requests running through this gateway", ["model"], registry=r
         )
         self.instances = Gauge("lls_instances", "Instances by state", ["state"], registry=r)
+        self.queue_wait = Histogram(
+            "lls_queue_wait_seconds",
+            "Time a request waited before it was sent: for a slot, a start or a swap",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.swaps = Counter(
+            "lls_swaps",
+            "Times a model began to yield its memory to a waiting model (a drain)",
+            ["model", "to"],
+            registry=r,
+        )
+        self.drain = Histogram(
+            "lls_drain_seconds",
+            "Time a yielding model took to finish its requests in flight",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
         self.tokens_per_second = Histogram(
             "lls_tokens_per_second",
             "Generation speed reported by llama-server",
@@ -61,6 +83,15 @@ class Metrics:
             buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
             registry=r,
         )
+
+    def observe_instance(self, old: InstanceRecord | None, new: InstanceRecord) -> None:
+        """Swaps and drain times, from the instance records as they change."""
+        was = old.state if old is not None else None
+        if new.state == InstanceState.DRAINING and was != InstanceState.DRAINING:
+            self.swaps.labels(new.model, new.drain_for).inc()
+        elif old is not None and was == InstanceState.DRAINING and new.state != was:
+            if old.drain_since is not None:
+                self.drain.labels(old.model).observe(max(0.0, new.updated - old.drain_since))
 
 
 def predicted_per_second(data: bytes) -> float | None:

@@ -6,15 +6,17 @@ the streaming glue, and are tested directly.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from proto import GgufSummary
 
+from .edge import check_depth
 from .errors import ApiError
 
 OLLAMA_VERSION = "0.6.8"  # the API level we mirror; clients only check that it answers
@@ -43,30 +45,149 @@ def now_iso() -> str:
     return iso(time.time())
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+# ---------------------------------------------------------------- request bodies
+# One msgspec Struct per Ollama body: every field we read is checked by type at decode time,
+# so a wrong type is a 400 naming the field, never an exception later or an upstream 500.
+# Fields we do not use are ignored (as Ollama ignores what it does not know).
+
+Role = Literal["system", "user", "assistant", "tool"]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class Options(msgspec.Struct):
+    num_predict: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    typical_p: float | None = None
+
+
+class ToolFunctionCall(msgspec.Struct):
+    name: str
+    arguments: dict[str, Any] | str = {}
+
+
+class ToolCall(msgspec.Struct):
+    function: ToolFunctionCall
+
+
+class Message(msgspec.Struct):
+    role: Role = "user"
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+
+class FunctionSpec(msgspec.Struct):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class Tool(msgspec.Struct):
+    function: FunctionSpec
+    type: Literal["function"] = "function"
+
+
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
+class ChatRequest(msgspec.Struct):
+    model: Model
+    messages: list[Message] = []
+    stream: bool = True
+    format: Format = None
+    options: Options | None = None
+    tools: list[Tool] | None = None
+    keep_alive: int | float | str | None = None
+    think: bool | str | None = None
+
+
+class GenerateRequest(msgspec.Struct):
+    model: Model
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    format: Format = None
+    options: Options | None = None
+    images: list[str] | None = None
+    keep_alive: int | float | str | None = None
+    think: bool | str | None = None
+
+
+class EmbedRequest(msgspec.Struct):
+    model: Model
+    input: str | list[str] | None = None  # /api/embed
+    prompt: str | None = None  # /api/embeddings (the older API)
+    truncate: bool = True
+    options: Options | None = None
+    keep_alive: int | float | str | None = None
+
+
+class ShowRequest(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # older clients send `name`
+    verbose: bool = False
+
+
+Body = ChatRequest | GenerateRequest | EmbedRequest | ShowRequest
+B = TypeVar("B", ChatRequest, GenerateRequest, EmbedRequest, ShowRequest)
+_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def parse_body(body: bytes, kind: type[B]) -> B:
+    """Decode and type-check an Ollama request body; any problem is a 400 saying what."""
+    if not body:
+        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    check_depth(body)
+    decoder = _DECODERS.get(kind) or _DECODERS.setdefault(kind, msgspec.json.Decoder(kind))
     try:
-        data = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError as e:
+        req = decoder.decode(body)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        if "missing required field `model`" in msg:
+            raise ApiError(400, "missing required field `model`", "missing_model") from None
+        if msg.startswith("Expected `object`"):
+            raise ApiError(400, "request body must be a JSON object", "invalid_request") from None
+        raise ApiError(400, f"invalid request: {msg}", "invalid_request") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", "invalid_request")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
+    if isinstance(req, ShowRequest) and not (req.model or req.name):
         raise ApiError(400, "missing required field `model`", "missing_model")
-    return data
+    for img in _all_images(req):
+        if not _BASE64.fullmatch(img):
+            raise ApiError(400, "`images` must be base64-encoded strings", "invalid_request")
+    return req
 
 
-def _options(req: dict[str, Any]) -> dict[str, Any]:
+_BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]*={0,2}")
+
+
+def _all_images(req: Body) -> list[str]:
+    if isinstance(req, GenerateRequest):
+        return req.images or []
+    if isinstance(req, ChatRequest):
+        return [img for m in req.messages for img in m.images or []]
+    return []
+
+
+def _options(req: ChatRequest | GenerateRequest) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    opts = req.get("options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "`options` must be an object", "invalid_request")
-    for k, v in opts.items():
-        if k in OPTION_NAMES:
-            out[OPTION_NAMES[k]] = v
+    if req.options is not None:
+        for k, v in msgspec.structs.asdict(req.options).items():
+            if v is not None:
+                out[OPTION_NAMES[k]] = v
     if out.get("max_tokens") is not None and out["max_tokens"] < 0:
         del out["max_tokens"]  # Ollama's -1 = unlimited
-    fmt = req.get("format")
+    fmt = req.format
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
     elif isinstance(fmt, dict):
@@ -74,52 +195,61 @@ def _options(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _messages(req: dict[str, Any]) -> list[dict[str, Any]]:
-    msgs = req.get("messages")
-    if msgs is None:
-        return []
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-        raise ApiError(400, "`messages` must be a list of objects", "invalid_request")
+def _content(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
+    if not images:
+        return text
+    return [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}
+        for img in images
+    ]
+
+
+def _messages(req: ChatRequest) -> list[dict[str, Any]]:
     out = []
-    for m in msgs:
-        msg = {"role": m.get("role", "user"), "content": m.get("content", "")}
-        if m.get("images"):
-            msg["content"] = [{"type": "text", "text": msg["content"]}] + [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}
-                for img in m["images"]
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": m.role, "content": _content(m.content, m.images)}
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.function.name,
+                        "arguments": t.function.arguments
+                        if isinstance(t.function.arguments, str)
+                        else msgspec.json.encode(t.function.arguments).decode(),
+                    },
+                }
+                for t in m.tool_calls
             ]
-        if m.get("tool_calls"):
-            msg["tool_calls"] = m["tool_calls"]
         out.append(msg)
     return out
 
 
-def chat_request(req: dict[str, Any], model: str) -> dict[str, Any]:
-    body = {"model": model, "messages": _messages(req), "stream": req.get("stream", True)}
-    if req.get("tools"):
-        body["tools"] = req["tools"]
+def chat_request(req: ChatRequest, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": _messages(req), "stream": req.stream}
+    if req.tools:
+        body["tools"] = [msgspec.to_builtins(t) for t in req.tools]
     body.update(_options(req))
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
     return body
 
 
-def generate_request(req: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+def generate_request(req: GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
     """(path, body): raw prompts go to /v1/completions, the rest through the chat template."""
-    prompt = req.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "`prompt` must be a string", "invalid_request")
-    stream = req.get("stream", True)
-    if req.get("raw"):
-        body = {"model": model, "prompt": prompt, "stream": stream}
+    body: dict[str, Any]
+    if req.raw:
+        body = {"model": model, "prompt": req.prompt, "stream": req.stream}
         path = "/v1/completions"
     else:
-        msgs = [{"role": "system", "content": req["system"]}] if req.get("system") else []
-        msgs.append({"role": "user", "content": prompt})
-        body = {"model": model, "messages": msgs, "stream": stream}
+        msgs: list[dict[str, Any]] = []
+        if req.system:
+            msgs.append({"role": "system", "content": req.system})
+        msgs.append({"role": "user", "content": _content(req.prompt, req.images)})
+        body = {"model": model, "messages": msgs, "stream": req.stream}
         path = "/v1/chat/completions"
     body.update(_options(req))
-    if stream:
+    if req.stream:
         body["stream_options"] = {"include_usage": True}
     return path, body
 
@@ -218,11 +348,11 @@ async def sse_to_ndjson(
     yield msgspec.json.encode(as_generate(last) if generate else last) + b"\n"
 
 
-def embed_request(req: dict[str, Any], model: str, legacy: bool) -> dict[str, Any]:
-    value = req.get("prompt") if legacy else req.get("input")
+def embed_request(req: EmbedRequest, model: str, legacy: bool) -> dict[str, Any]:
+    value = req.prompt if legacy else req.input
     if isinstance(value, str):
         inputs: list[str] = [value]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+    elif isinstance(value, list):
         inputs = value
     else:
         field = "prompt" if legacy else "input"
@@ -305,3 +435,32 @@ def model_facts(s: GgufSummary) -> tuple[dict[str, Any], dict[str, Any]]:
     if s.n_vocab:
         info[f"{a}.vocab_size"] = s.n_vocab
     return details, info
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: int | float | str | None) -> float | None:
+    """Ollama's `keep_alive` in seconds: a number of seconds, or a Go duration ("5m",
+    "1h30m", "-1"). 0 unloads the model after the answer; a negative value keeps it loaded.
+    None when the request did not set it (the model's idle_timeout applies)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    parts = _DURATION_PART.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise ApiError(
+            400,
+            f"keep_alive {value!r} is not a duration: use seconds or e.g. '5m', '1h', '-1'",
+            "invalid_keep_alive",
+        )
+    return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)

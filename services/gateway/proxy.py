@@ -12,13 +12,15 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import msgspec
 from starlette.responses import StreamingResponse
 
-from lls.config import Config
+from lls import instance_key
+from lls.config import Config, expand
 
 from . import embeddings, http
 from .admission import Gate, Limits
 from .errors import ApiError
 from .metrics import Metrics
 from .router import Router
+from .timing import Ewma
 
 HOP_BY_HOP = {
     "connection",
@@ -38,6 +40,19 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
+# What llama-server needs from a client's request. Everything else stays here: the client's
+# Authorization / x-api-key / Cookie are secrets for the gateway, not for an instance, and
+# huge or numerous headers would only come back as llama-server's 400.
+UPSTREAM_HEADERS = frozenset({"content-type", "accept", "accept-encoding"})
+
+
+def upstream_headers(headers: Mapping[str, str], key: str) -> dict[str, str]:
+    """The headers sent to an instance: the few it needs, plus its own API key."""
+    out = {k: v for k, v in headers.items() if k.lower() in UPSTREAM_HEADERS}
+    out["Authorization"] = f"Bearer {key}"
+    return out
+
+
 class Upstream:
     def __init__(self, cfg: Config, router: Router, metrics: Metrics):
         self.cfg = cfg
@@ -46,6 +61,9 @@ class Upstream:
         g = cfg.gateway
         self.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
         self.gates: dict[str, Gate] = {}
+        # the cluster secret the agents derive instance keys from (a bad file stops start-up)
+        self.secret = instance_key.load_or_create(expand(cfg.cluster.secret_file))
+        self.service_time = Ewma()  # seconds from sending a request to releasing its slot
         self._client: http.Client | None = None
 
     @property
@@ -57,27 +75,48 @@ class Upstream:
     def gate(self, model: str) -> Gate:
         gate = self.gates.get(model)
         if gate is None:
-            gate = self.gates[model] = Gate(model, self.limits)
+            gate = self.gates[model] = Gate(model, self.limits, self.service_time)
         return gate
 
     async def open(
-        self, model: str, path: str, body: bytes, headers: dict[str, str]
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        ticket: int | None = None,
+        keep_alive: float | None = None,
     ) -> tuple[http.Reply, Callable[[], None]]:
-        """Admit, find (or wait for) an instance, and send; the response is still streaming."""
-        gate = self.gate(model)
+        """Admit, find (or wait for) an instance, and send; the response is still streaming.
+
+        From arrival until it is sent, the request is in the router's queue for `model`
+        (`ticket`, from `router.enqueue`, when the caller wants to ask for its position)."""
+        if ticket is None:
+            ticket = self.router.enqueue(model)
         try:
-            await gate.enter()
-        except ApiError:
-            self.metrics.refused.labels(model, "429").inc()
-            raise
-        try:
-            return await self._send(model, path, body, headers, gate)
-        except BaseException:
-            gate.leave()
-            raise
+            gate = self.gate(model)
+            try:
+                await gate.enter()
+            except ApiError:
+                self.metrics.refused.labels(model, "429").inc()
+                raise
+            try:
+                return await self._send(model, path, body, headers, gate, ticket, keep_alive)
+            except BaseException:
+                gate.leave()
+                raise
+        finally:
+            self.router.dequeue(model, ticket)  # refused or gone while waiting
 
     async def _send(
-        self, model: str, path: str, body: bytes, headers: dict[str, str], gate: Gate
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        gate: Gate,
+        ticket: int,
+        keep_alive: float | None,
     ) -> tuple[http.Reply, Callable[[], None]]:
         t0 = time.monotonic()
         for attempt in range(2):  # one retry: endpoint refused, or a stale pooled connection
@@ -89,11 +128,19 @@ class Upstream:
                 raise
             if cold:
                 self.metrics.cold_start.labels(model).observe(time.monotonic() - t0)
-            self.router.begin(rec)
+            if attempt == 0:
+                self.metrics.queue_wait.labels(model).observe(self.router.dequeue(model, ticket))
+            self.router.begin(rec, keep_alive)
+            sent = time.monotonic()
             try:
+                sending = upstream_headers(
+                    headers, instance_key.instance_key(self.secret, rec.instance_id)
+                )
                 if "embed" in path:
-                    body = await self._fit_embedding_inputs(model, rec.endpoint or "", body)
-                resp = await self.client.send("POST", f"{rec.endpoint}{path}", body, headers)
+                    body = await self._fit_embedding_inputs(
+                        model, rec.endpoint or "", body, sending
+                    )
+                resp = await self.client.send("POST", f"{rec.endpoint}{path}", body, sending)
             except http.StaleConnection as e:  # the request never reached the instance
                 self.router.end(rec)
                 if isinstance(e, http.ConnectError):  # nothing listens: skip it for a while
@@ -109,17 +156,21 @@ class Upstream:
                     502, f"instance of {model} failed: {e!r}", "upstream_error", 2
                 ) from None
 
-            def release(rec=rec) -> None:  # type: ignore[no-untyped-def]
+            def release(rec=rec, sent=sent) -> None:  # type: ignore[no-untyped-def]
+                self.service_time.add(model, time.monotonic() - sent)
                 self.router.end(rec)
                 gate.leave()
 
             return resp, release
         raise AssertionError("unreachable")
 
-    async def _fit_embedding_inputs(self, model: str, endpoint: str, body: bytes) -> bytes:
+    async def _fit_embedding_inputs(
+        self, model: str, endpoint: str, body: bytes, headers: dict[str, str]
+    ) -> bytes:
         limit = embeddings.token_limit(self.cfg.models[model])
+        auth = {"Authorization": headers["Authorization"]}  # /tokenize needs the key too
         try:
-            return await embeddings.truncate(self.client, endpoint, body, limit)
+            return await embeddings.truncate(self.client, endpoint, body, limit, auth)
         except (msgspec.DecodeError, http.StatusError, KeyError, TypeError, ValueError):
             return body  # let the instance answer with its own error
 

@@ -4,14 +4,22 @@ The hot path (`pick`) is a dict lookup: no bus round trip per request. A request
 with no ready instance publishes demand (at most once per DEMAND_EVERY_S per model, while
 anyone waits) and waits, with a deadline, for the view to change. Placement failures and
 failed starts wake the waiters, who answer 503 with the reason at once.
+
+A DRAINING instance (its model yields to a waiting one) gets no new requests: they wait for
+the model's next turn. The activity report tells the placer what waits here and which drains
+this gateway has seen; it goes out at once when a drain could finish, not only every second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -21,11 +29,45 @@ from lls.config import Config, store_filename
 from proto import InstanceRecord, InstanceState
 
 from .errors import ApiError
+from .timing import Ewma
 
 log = logging.getLogger(__name__)
 
 DEMAND_EVERY_S = 2.0  # resend demand this often while requests wait (the placer is level-triggered)
 BAD_ENDPOINT_S = 5.0  # an endpoint that refused a connection is skipped this long
+BUS_GRACE_S = 2.0  # a bus silent this long refuses cold requests (503) instead of waiting
+BUS_RETRY_S = 5.0
+REPORT_EVERY_S = 1.0  # activity report period
+REPORT_SOONEST_S = 0.02  # an early report (a drain may be done) waits at least this long
+
+
+def endpoint_refusal(rec: InstanceRecord, hosts: Mapping[str, proto.HostRecord]) -> str | None:
+    """Why a READY record's endpoint must get no traffic, or None. It must be the advertised
+    address of the record's host, as that host's own heartbeat says, and a port in its agent's
+    range: a forged or stale record pointing anywhere else would receive clients' requests."""
+    host = hosts.get(rec.host or "")
+    if host is None:
+        return f"host {rec.host!r} is not known from heartbeats"
+    if not host.advertise_host or host.port_range is None:
+        return f"host {rec.host} does not advertise its address and ports (an older agent?)"
+    try:
+        u = urlsplit(rec.endpoint or "")
+        port = u.port
+    except ValueError:
+        return "not a URL"
+    lo, hi = host.port_range
+    if (
+        u.scheme != "http"
+        or u.hostname != host.advertise_host.lower()
+        or port is None
+        or not lo <= port <= hi
+        or u.username is not None
+        or u.path not in ("", "/")
+        or u.query
+        or u.fragment
+    ):
+        return f"not http://{host.advertise_host}:<{lo}-{hi}> as host {rec.host} advertises"
+    return None
 
 
 @dataclass
@@ -48,12 +90,33 @@ class Router:
         self.waiting: dict[str, int] = {}
         self.last_demand: dict[str, float] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self.hosts: dict[str, proto.HostRecord] = {}  # from heartbeats: who may serve where
+        self._distrusted: set[tuple[str, str]] = set()  # (instance, endpoint) logged once
+        # Requests not yet sent to an instance (queued for a slot or for a ready instance),
+        # per model in arrival order: ticket -> wall time it began to wait.
+        self.queued: dict[str, dict[int, float]] = {}
+        self._tickets = itertools.count()
+        self.draining: set[str] = set()  # DRAINING instances this gateway has seen
+        self.keep_alive: dict[str, float] = {}  # instance id -> the last request's keep_alive
+        self.swap_wait = Ewma()  # seconds a request waited for a model to become ready
+        self._report_now = asyncio.Event()
+        self.on_change: Callable[[InstanceRecord | None, InstanceRecord], None] | None = None
 
     # ------------------------------------------------------------------ view upkeep
 
     def on_instance(self, _key: str, rec: InstanceRecord, _rev: int) -> None:
         old = self.instances.get(rec.instance_id)
         self.instances[rec.instance_id] = rec
+        if rec.state == InstanceState.DRAINING:
+            if rec.instance_id not in self.draining:
+                self.draining.add(rec.instance_id)
+                self._report_now.set()  # the placer waits for every gateway to see it
+        else:
+            self.draining.discard(rec.instance_id)
+            if rec.state == InstanceState.READY and (old is None or old.state != rec.state):
+                self._report_now.set()  # its waiters start now; the placer should see them
+        if self.on_change is not None:
+            self.on_change(old, rec)
         if rec.state == InstanceState.FAILED and (old is None or old.state != rec.state):
             age = time.time() - rec.updated
             left = self.cfg.placer.failure_backoff - age
@@ -65,6 +128,7 @@ class Router:
 
     def on_instance_deleted(self, key: str) -> None:
         rec = self.instances.pop(key, None)
+        self.draining.discard(key)
         if rec is not None:
             self._reindex(rec.model)
 
@@ -72,9 +136,40 @@ class Router:
         self.ready[model] = [
             r
             for r in self.instances.values()
-            if r.model == model and r.state == InstanceState.READY and r.endpoint
+            if r.model == model
+            and r.state == InstanceState.READY
+            and r.endpoint
+            and self._trusted(r)
         ]
         self._notify(model)
+
+    def _trusted(self, rec: InstanceRecord) -> bool:
+        why = endpoint_refusal(rec, self.hosts)
+        if why is not None and (rec.instance_id, rec.endpoint or "") not in self._distrusted:
+            self._distrusted.add((rec.instance_id, rec.endpoint or ""))
+            log.warning(
+                "ignoring %s of %s at %s: %s", rec.instance_id, rec.model, rec.endpoint, why
+            )
+        return why is None
+
+    def on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
+        if key != proto.kv_key(rec.host_id):
+            return  # a record under another host's key: not that host's word
+        old = self.hosts.get(rec.host_id)
+        self.hosts[rec.host_id] = rec
+        if old is None or (old.advertise_host, old.port_range) != (
+            rec.advertise_host,
+            rec.port_range,
+        ):
+            self._reindex_host(rec.host_id)
+
+    def on_host_deleted(self, key: str) -> None:
+        if self.hosts.pop(key, None) is not None:
+            self._reindex_host(key)
+
+    def _reindex_host(self, host_id: str) -> None:
+        for model in {r.model for r in self.instances.values() if r.host == host_id}:
+            self._reindex(model)
 
     def _notify(self, model: str) -> None:
         ev = self._changed.pop(model, None)
@@ -108,14 +203,25 @@ class Router:
                 on_initial_done=loaded.set,
             )
         )
+        host_watcher = asyncio.create_task(
+            watch_kv(
+                self.bus,
+                self.bus.hosts,
+                proto.HostRecord,
+                self.on_host,
+                self.on_host_deleted,
+                stop,
+            )
+        )
         reporter = asyncio.create_task(self._report_activity(stop))
         try:
             await stop.wait()
         finally:
             await sub.unsubscribe()
             watcher.cancel()
+            host_watcher.cancel()
             reporter.cancel()
-            await asyncio.gather(watcher, reporter, return_exceptions=True)
+            await asyncio.gather(watcher, host_watcher, reporter, return_exceptions=True)
 
     # ------------------------------------------------------------------ requests
 
@@ -138,24 +244,28 @@ class Router:
         rec = self.pick(model)
         if rec is not None:
             return rec
-        deadline = time.monotonic() + wait_s
+        t0 = time.monotonic()
+        deadline = t0 + wait_s
         self.waiting[model] = self.waiting.get(model, 0) + 1
         try:
             while True:
                 rec = self.pick(model)
                 if rec is not None:
+                    self.swap_wait.add(model, time.monotonic() - t0)
                     return rec
                 now = time.monotonic()
                 fail = self.failures.get(model)
                 if fail is not None and now < fail.until:
                     raise ApiError(503, fail.reason, "model_unavailable", fail.until - now)
+                if (bus_down := self.bus_down_reason()) is not None:  # no start without a bus
+                    raise ApiError(503, bus_down, "bus_unavailable", BUS_RETRY_S)
                 if now >= deadline:
                     raise ApiError(
                         503,
                         f"model {model} is not ready after {wait_s:.0f} s "
                         f"({self.describe(model)}); try again shortly",
                         "cold_start_timeout",
-                        5,
+                        self.swap_wait.get(model, 5.0),
                     )
                 if now - self.last_demand.get(model, -1e9) >= DEMAND_EVERY_S:
                     self.last_demand[model] = now
@@ -180,13 +290,25 @@ class Router:
             log.warning("could not publish demand for %s: %s", model, e)
 
     def describe(self, model: str) -> str:
+        """Where a model's wait stands, in words (for 503s and a waiting stream's comments)."""
         live = [
             r for r in self.instances.values() if r.model == model and r.state in proto.LIVE_STATES
         ]
         if not live:
-            return "no instance placed yet"
+            yielding = sorted(
+                r.model
+                for r in self.instances.values()
+                if r.state == InstanceState.DRAINING and r.drain_for == model
+            )
+            if yielding:
+                return f"waiting for {', '.join(yielding)} to finish their requests and yield"
+            return "no instance placed yet (waiting for room)"
         r = max(live, key=lambda r: r.updated)
         where = f" on {r.host}" if r.host else ""
+        if r.state == InstanceState.DRAINING:
+            return (
+                f"instance {r.instance_id} is yielding to {r.drain_for}; queued for its next turn"
+            )
         return f"instance {r.instance_id} is {r.state.value}{where}"
 
     async def header_of(self, model: str) -> tuple[proto.GgufSummary | None, int | None]:
@@ -220,36 +342,100 @@ class Router:
             return "failed"
         return "stopped"
 
+    # ------------------------------------------------------------------ queues
+
+    def enqueue(self, model: str) -> int:
+        """A request for `model` begins to wait (for a slot or an instance); its ticket."""
+        ticket = next(self._tickets)
+        waits = self.queued.setdefault(model, {})
+        if not waits:
+            self._report_now.set()  # a new queue: the placer orders models by oldest wait
+        waits[ticket] = time.time()
+        return ticket
+
+    def dequeue(self, model: str, ticket: int) -> float:
+        """The request stopped waiting (sent, refused or gone); how long it waited."""
+        since = self.queued.get(model, {}).pop(ticket, None)
+        return time.time() - since if since is not None else 0.0
+
+    def position(self, model: str, ticket: int) -> tuple[int, int]:
+        """(1-based place in the model's queue, its length); (0, n) once it stopped waiting."""
+        waits = self.queued.get(model, {})
+        for n, t in enumerate(waits, 1):
+            if t == ticket:
+                return n, len(waits)
+        return 0, len(waits)
+
     # ------------------------------------------------------------------ activity
 
-    def begin(self, rec: InstanceRecord) -> None:
+    def begin(self, rec: InstanceRecord, keep_alive: float | None = None) -> None:
         iid = rec.instance_id
         self.in_flight[iid] = self.in_flight.get(iid, 0) + 1
         self.last_used[iid] = time.time()
+        if keep_alive is not None:
+            self.keep_alive[iid] = keep_alive
+        elif iid in self.keep_alive:
+            del self.keep_alive[iid]  # an OpenAI request: the model's own idle timeout again
 
     def end(self, rec: InstanceRecord) -> None:
         iid = rec.instance_id
-        self.in_flight[iid] = max(0, self.in_flight.get(iid, 0) - 1)
+        left = self.in_flight[iid] = max(0, self.in_flight.get(iid, 0) - 1)
         self.last_used[iid] = time.time()
+        if left == 0 and iid in self.draining:
+            self._report_now.set()  # this drain may be done: tell the placer now
 
     async def _report_activity(self, stop: asyncio.Event) -> None:
-        """Once a second, tell the placer what this gateway uses (idle stop and eviction)."""
+        """Every second, and soon after a drain may have finished or a queue formed, tell the
+        placer what this gateway uses, what waits here, and which drains it has seen."""
         while not stop.is_set():
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), REPORT_EVERY_S)
+            await asyncio.sleep(REPORT_SOONEST_S)  # batch what changes together
+            self._report_now.clear()
             live = {i for i, r in self.instances.items() if r.state in proto.LIVE_STATES}
             for iid in list(self.last_used):
                 if iid not in live and not self.in_flight.get(iid):
                     self.last_used.pop(iid, None)
                     self.in_flight.pop(iid, None)
+                    self.keep_alive.pop(iid, None)
             report = proto.ActivityReport(
                 gateway_id=self.gateway_id,
                 ts=time.time(),
                 instances={
-                    iid: proto.InstanceActivity(self.in_flight.get(iid, 0), used)
+                    iid: proto.InstanceActivity(
+                        self.in_flight.get(iid, 0), used, self.keep_alive.get(iid)
+                    )
                     for iid, used in self.last_used.items()
                 },
+                queues={
+                    model: proto.ModelQueue(len(waits), min(waits.values()))
+                    for model, waits in self.queued.items()
+                    if waits
+                },
+                draining=sorted(self.draining),
             )
             try:
                 await self.bus.put(self.bus.activity, self.gateway_id, report)
             except Exception as e:  # next second tries again
                 log.warning("activity report failed: %s", e)
+
+    # ------------------------------------------------------------------ bus health (edge)
+
+    bus_silent_since: float | None = None  # monotonic; set by the gateway's bus probe
+
+    def bus_down_reason(self, grace_s: float = BUS_GRACE_S) -> str | None:
+        """Why no model can be started now: the bus has been unreachable for `grace_s`.
+
+        nats-py keeps saying "connected" to a frozen server for minutes, so the gateway's
+        probe (services.gateway.service.probe_bus) pings it every second and sets
+        `bus_silent_since`. Warm requests never ask: they need no bus.
+        """
+        since = self.bus_silent_since
+        if since is None and not self.bus.nc.is_connected:
+            since = time.monotonic()  # lost just now; the probe will date it
+        if since is None or time.monotonic() - since < grace_s:
+            return None
+        return (
+            f"the message bus (NATS) has not answered for {time.monotonic() - since:.0f} s: "
+            "models that are not running cannot be started until it is back"
+        )

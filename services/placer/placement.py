@@ -18,6 +18,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from msgspec.structs import replace as replace_struct
+
 from proto.messages import (
     LIVE_STATES,
     HostRecord,
@@ -27,7 +29,16 @@ from proto.messages import (
 )
 from services.placer.memory import GPU_OVERHEAD_MIB, gib
 
-__all__ = ["Need", "NoFit", "Placed", "STRATEGIES", "idle_to_stop", "lost_hosts", "place"]
+__all__ = [
+    "Need",
+    "NoFit",
+    "Placed",
+    "STRATEGIES",
+    "at_rest",
+    "idle_to_stop",
+    "lost_hosts",
+    "place",
+]
 
 STRATEGIES = ("binpack", "spread")
 ALL_LAYERS = 999  # -ngl value that puts every layer on the GPU(s)
@@ -51,6 +62,7 @@ class Placed:
     memory_mib: int
     reason: str  # sentence for users: why this host/GPU
     evict: tuple[str, ...] = ()  # instance ids to stop first (LRU idle ones)
+    drain: tuple[str, ...] = ()  # of `evict`, the busy ones that must drain first (a swap)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class _Option:
     evict: tuple[str, ...] = ()
     freed_mib: int = 0
     newest_evicted: float = 0.0  # last use of the most recently used evicted instance
+    drains: int = 0  # how many of `evict` are busy and must drain first
 
 
 def _claims(
@@ -100,6 +113,31 @@ def _claims(
     return gpu, ram
 
 
+def _gone_since_heartbeat(
+    hosts: Sequence[HostRecord], instances: Iterable[InstanceRecord]
+) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
+    """MiB that a host's last heartbeat still counted as used, held by instances its agent
+    has since reported stopped: a swap need not wait a heartbeat to see the room."""
+    beat = {h.host_id: h for h in hosts}
+    gpu: dict[tuple[str, int], float] = defaultdict(float)
+    ram: dict[str, float] = defaultdict(float)
+    for inst in instances:
+        h = beat.get(inst.host or "")
+        if (
+            h is None
+            or inst.state not in (InstanceState.STOPPED, InstanceState.FAILED)
+            or inst.updated <= h.ts
+            or inst.instance_id not in h.instances
+        ):
+            continue
+        if inst.gpus:
+            for g in inst.gpus:
+                gpu[(h.host_id, g)] += inst.memory_mib / len(inst.gpus)
+        else:
+            ram[h.host_id] += inst.memory_mib
+    return gpu, ram
+
+
 def _build_view(
     hosts: Sequence[HostRecord],
     instances: Sequence[InstanceRecord],
@@ -107,6 +145,7 @@ def _build_view(
     ram_reserve_mib: int,
 ) -> list[_HostView]:
     gpu_claims, ram_claims = _claims(instances)
+    gone_gpu, gone_ram = _gone_since_heartbeat(hosts, instances)
     views = []
     for h in hosts:
         v = _HostView(h.host_id, h.host_id in need.file_hosts)
@@ -115,9 +154,10 @@ def _build_view(
                 continue
             foreign = sum(p.used_mib for p in g.processes if not p.ours) if g.processes else 0
             claimed = gpu_claims.get((h.host_id, g.index), 0.0) + foreign
-            v.gpu_free[g.index] = int(g.memory_total_mib - max(g.memory_used_mib, claimed))
+            used = g.memory_used_mib - gone_gpu.get((h.host_id, g.index), 0.0)
+            v.gpu_free[g.index] = int(g.memory_total_mib - max(used, claimed))
         if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
-            used = h.ram_total_mib - h.ram_free_mib
+            used = h.ram_total_mib - h.ram_free_mib - gone_ram.get(h.host_id, 0.0)
             claimed = ram_claims.get(h.host_id, 0.0)
             reserve = ram_reserve_mib if h.ram_reserve_mib is None else h.ram_reserve_mib
             v.ram_free = int(h.ram_total_mib - reserve - max(used, claimed))
@@ -209,6 +249,10 @@ def _last_use(inst: InstanceRecord, act: InstanceActivity | None) -> float:
 
 # (last use, instance id, record): sorts least recently used first, ties by id
 Victim = tuple[float, str, InstanceRecord]
+_SERVING = (InstanceState.READY, InstanceState.DRAINING)
+
+
+DRAIN_ORDER = 1e12  # sorts after every idle victim's last-use time: drains come last
 
 
 def _evictables(
@@ -217,16 +261,31 @@ def _evictables(
     need: Need,
     keep_loaded: frozenset[str],
     hosts: set[str],
+    may_drain: Mapping[str, float],
+    settle_after: float,
 ) -> tuple[dict[str, list[Victim]], int, int]:
-    """Idle READY instances per host in `hosts`, least recently used first; (busy, kept)."""
+    """Victims per host in `hosts`: idle READY (or drained) instances least recently used
+    first, then busy ones allowed to drain in their `may_drain` rank; (busy, kept) counts
+    what stays out."""
     by_host: dict[str, list[Victim]] = defaultdict(list)
     busy = kept = 0
     for inst in instances:
-        if inst.state != InstanceState.READY or inst.host not in hosts or inst.model == need.model:
+        if inst.state not in _SERVING or inst.host not in hosts or inst.model == need.model:
+            continue
+        if inst.state == InstanceState.DRAINING and inst.drain_for != need.model:
+            busy += 1  # its room is promised to the model it yields to
+            continue
+        ready_at = inst.ready_at if inst.ready_at is not None else inst.updated
+        if inst.state == InstanceState.READY and ready_at > settle_after:
+            busy += 1  # just ready: the requests that waited for it may not show yet
             continue
         act = activity.get(inst.instance_id)
         if act is not None and act.in_flight > 0:
-            busy += 1
+            if inst.instance_id in may_drain:
+                order = DRAIN_ORDER + may_drain[inst.instance_id]
+                by_host[inst.host].append((order, inst.instance_id, inst))
+            else:
+                busy += 1
         elif inst.model in keep_loaded:
             kept += 1
         else:
@@ -252,7 +311,9 @@ def _lru_until(
 
 def _evicting(o: _Option, chosen: Sequence[Victim], freed: float) -> _Option:
     ids = tuple(v[1] for v in chosen)
-    return replace(o, evict=ids, freed_mib=int(freed), newest_evicted=max(v[0] for v in chosen))
+    drains = sum(1 for v in chosen if v[0] >= DRAIN_ORDER)
+    newest = max(v[0] for v in chosen)
+    return replace(o, evict=ids, freed_mib=int(freed), newest_evicted=newest, drains=drains)
 
 
 def _evict_one_gpu(v: _HostView, victims: list[Victim], need: Need) -> list[_Option]:
@@ -319,7 +380,7 @@ def _best_with_eviction(
     base = _rank(strategy, need.file_hosts)
 
     def key(o: _Option) -> SortKey:
-        return (len(o.evict), o.newest_evicted, base(o))
+        return (o.drains, len(o.evict), o.newest_evicted, base(o))
 
     hosts = [(v, by_host[v.host_id]) for v in views if by_host.get(v.host_id)]
     single = [o for v, vs in hosts for o in _evict_one_gpu(v, vs, need)]
@@ -378,7 +439,10 @@ def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> s
         s = f"CPU on {o.host}: {gib(o.free_mib)} RAM free after the reserve, model needs {needs}"
     if o.host in need.file_hosts:
         s += f"; the file is already on {o.host}"
-    if o.evict:
+    if o.evict and o.drains:
+        who = _names(list(o.evict))
+        s += f"; once {who} yield (drain, then stop), which frees {gib(o.freed_mib)}"
+    elif o.evict:
         idle = _names(list(o.evict))
         s += f"; after stopping least recently used idle {idle}, which frees {gib(o.freed_mib)}"
     return "; ".join([s, *notes])
@@ -476,8 +540,16 @@ def place(
     ram_reserve_mib: int = 1024,
     keep_loaded: frozenset[str] = frozenset(),
     split_overhead_mib: int = GPU_OVERHEAD_MIB,
+    may_drain: Mapping[str, float] | None = None,
+    settled_before: float | None = None,
 ) -> Placed | NoFit:
-    """Choose a host and GPUs for one new instance of `need.model`, or say why none fits."""
+    """Choose a host and GPUs for one new instance of `need.model`, or say why none fits.
+
+    `may_drain` (instance id -> rank, lower first) lists busy instances that may yield
+    their memory (see turns.may_yield); a decision that needs them says so in `drain`.
+    Instances that became ready after `settled_before` (the oldest activity report) are
+    never stopped for another model: the requests that waited for them may not be counted
+    yet, and swapping them out at once would thrash."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown placement strategy {strategy!r} (use one of {STRATEGIES})")
     if not hosts:
@@ -503,7 +575,15 @@ def place(
     best = _best_without_eviction(views, need, strategy, split_overhead_mib)
     if best is None:
         here = {v.host_id for v in views}
-        by_host, busy, kept = _evictables(instances, activity, need, keep_loaded, here)
+        by_host, busy, kept = _evictables(
+            instances,
+            activity,
+            need,
+            keep_loaded,
+            here,
+            may_drain or {},
+            now if settled_before is None else settled_before,
+        )
         best = _best_with_eviction(views, by_host, need, strategy, split_overhead_mib)
         if best is None:
             room = _no_room(views, need, len(hosts), split_overhead_mib)
@@ -517,7 +597,35 @@ def place(
         memory_mib=best.memory_mib,
         reason=_placed_reason(best, need, strategy, notes),
         evict=best.evict,
+        drain=_drains(best, instances, activity),
     )
+
+
+def _drains(
+    o: _Option, instances: Sequence[InstanceRecord], activity: Mapping[str, InstanceActivity]
+) -> tuple[str, ...]:
+    if not o.drains:
+        return ()
+    busy = {
+        i.instance_id
+        for i in instances
+        if (a := activity.get(i.instance_id)) is not None and a.in_flight > 0
+    }
+    return tuple(iid for iid in o.evict if iid in busy)
+
+
+def at_rest(hosts: Sequence[HostRecord]) -> list[HostRecord]:
+    """The hosts as they would be with none of our instances running: GPUs hold only other
+    processes' memory, CPU hosts all their RAM. `place` over this view (with only the
+    instances that never yield) tells whether a model can ever fit, however turns go."""
+    out = []
+    for h in hosts:
+        gpus = [
+            replace_struct(g, memory_used_mib=sum(p.used_mib for p in g.processes if not p.ours))
+            for g in h.gpus
+        ]
+        out.append(replace_struct(h, gpus=gpus, ram_free_mib=h.ram_total_mib))
+    return out
 
 
 def _fail(need: Need, notes: list[str]) -> str:
@@ -533,6 +641,14 @@ def _fmt_duration(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
+def keep_alive_timeout(keep_alive: float) -> float:
+    """An Ollama request's keep_alive as an idle timeout: 0 unloads right after the answer,
+    a negative value keeps the model loaded (our 0, never)."""
+    if keep_alive < 0:
+        return 0.0
+    return keep_alive if keep_alive > 0 else 1e-6
+
+
 def idle_to_stop(
     instances: Sequence[InstanceRecord],
     activity: Mapping[str, InstanceActivity],
@@ -544,7 +660,8 @@ def idle_to_stop(
 
     Idle is measured from the end of the last request (activity.last_used), or from ready_at
     when never used; a timeout of 0 means never; an instance with requests in flight is
-    never idle.
+    never idle. The last request's Ollama keep_alive, when it set one, replaces the model's
+    timeout.
     """
     out: list[tuple[float, str, str]] = []
     for inst in instances:
@@ -552,11 +669,15 @@ def idle_to_stop(
             continue
         timeout = idle_timeouts.get(inst.model, default_idle)
         act = activity.get(inst.instance_id)
+        if act is not None and act.keep_alive is not None:
+            timeout = keep_alive_timeout(act.keep_alive)
         if timeout <= 0 or (act is not None and act.in_flight > 0):
             continue
         idle = now - _last_use(inst, act)
         if idle >= timeout:
             why = f"idle for {_fmt_duration(idle)} (idle_timeout {timeout:g} s)"
+            if act is not None and act.keep_alive is not None:
+                why = f"idle for {_fmt_duration(idle)} (the last request's keep_alive {act.keep_alive:g} s)"
             out.append((-idle, inst.instance_id, why))
     out.sort()
     return [(iid, why) for _, iid, why in out]

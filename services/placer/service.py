@@ -5,6 +5,9 @@ decides from. Each pass looks at what the instance records say and takes the nex
 
     demand for M, size unknown      -> a downloader reads M's header from its source first
     demand for M, no live instance  -> place (pure `placement.place`) -> record PENDING
+    ... only busy models in the way -> they yield in turn (pure `turns`): DRAINING, then
+                                       stopped once their requests finish; M waits
+    DRAINING, moot or past deadline -> back to READY (past deadline: M's requests refused)
     PENDING/DOWNLOADING on host H   -> file in H's store? start it : send a download
     STARTING with no word from H    -> resend the (idempotent) start
     READY and idle too long         -> stop; host heartbeat stale -> instances LOST
@@ -30,14 +33,17 @@ from proto import InstanceRecord, InstanceState
 
 from .lease import Lease
 from .memory import estimate_mib
-from .placement import Need, NoFit, Placed, idle_to_stop, lost_hosts, place
+from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
+from .turns import Waiting, drain_status, group_conflicts, may_yield, merged_queues, waiting_order
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
-BUSY_WAIT_S = 10.0  # demand blocked only by busy instances waits this long before a refusal
+BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
+DEMAND_FRESH_S = 5.0  # a demand event counts this long (gateways resend every 2 s)
+REPORT_MARGIN_S = 0.1  # a gateway's report reflects what began this long before it
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
@@ -59,10 +65,12 @@ class Placer:
         self.inspect_sent: dict[str, float] = {}  # model -> when its header was last asked for
         self.lost: set[str] = set()
         self.wake = asyncio.Event()
-        self.demanded: dict[str, float] = {}  # model -> when demand last arrived
+        self.demanded: dict[str, float] = {}  # model -> demand since the last pass
+        self.last_demand: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
         self.inbox: list[proto.StopRequested | proto.DownloadFailed] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
+        self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
@@ -93,6 +101,8 @@ class Placer:
 
     def _on_activity(self, key: str, rep: proto.ActivityReport, _rev: int) -> None:
         self.activity[rep.gateway_id] = rep
+        if rep.draining or rep.queues:
+            self.wake.set()  # a drain may be done, or a queue formed: decide now
 
     def _on_activity_del(self, key: str) -> None:
         self.activity.pop(key, None)
@@ -107,9 +117,11 @@ class Placer:
             for iid, a in rep.instances.items():
                 cur = out.get(iid)
                 if cur is None:
-                    out[iid] = proto.InstanceActivity(a.in_flight, a.last_used)
+                    out[iid] = proto.InstanceActivity(a.in_flight, a.last_used, a.keep_alive)
                 else:
                     cur.in_flight += a.in_flight
+                    if a.last_used >= cur.last_used:  # the latest request's keep_alive holds
+                        cur.keep_alive = a.keep_alive
                     cur.last_used = max(cur.last_used, a.last_used)
         return out
 
@@ -228,10 +240,15 @@ class Placer:
             if self._header(model) is not None or now - held >= INSPECT_WAIT_S:
                 del self.awaiting_header[model]
                 self.demanded.setdefault(model, now)
-        for model, at in list(self.demanded.items()):
-            del self.demanded[model]
-            if now - at < 30:  # stale demand (a gateway resends while it still waits)
-                await self._demand(model, now)
+        # Demand events are taken once; what still waits shows in the gateways' queues.
+        fresh, self.demanded = self.demanded, {}
+        for model, at in fresh.items():
+            self.last_demand[model] = max(at, self.last_demand.get(model, 0.0))
+        fresh = {m: at for m, at in fresh.items() if now - at < DEMAND_FRESH_S}
+        queues = merged_queues(self.activity.values(), now - ACTIVITY_STALE_S)
+        await self._advance_drains(now, queues)
+        for model in waiting_order(fresh, queues):
+            await self._demand(model, now, queues)
         for rec in list(self.instances.values()):
             if rec.state in (InstanceState.PENDING, InstanceState.DOWNLOADING):
                 await self._advance(rec, now)
@@ -247,13 +264,16 @@ class Placer:
             if r.model == model and r.state in proto.LIVE_STATES and r.host not in self.lost
         ]
 
-    async def _demand(self, model: str, now: float) -> None:
+    async def _demand(self, model: str, now: float, queues: dict[str, Waiting]) -> None:
         mcfg = self.cfg.models.get(model)
         if mcfg is None:
             await self._refuse(model, f"model {model!r} is not configured", 60)
             return
         if self._live(model):
             return
+        yielding = self._yielding_to(model)
+        if any(r.state == InstanceState.DRAINING and not self._drained(r, now) for r in yielding):
+            return  # a swap for it is under way
         failed = self._recent_failure(model, now)
         if failed is not None:
             wait = failed.updated + self.cfg.placer.failure_backoff - now
@@ -269,15 +289,24 @@ class Placer:
         need = self._need(model, mcfg, host=None)
         if not need.memory_mib and await self._wait_for_header(model, mcfg, now):
             return  # the next passes place it once the header is in, or after INSPECT_WAIT_S
-        decision = self._place(need, now)
+        if await self._make_way_in_group(model, now, queues):
+            return  # its exclusive group's other models go first
+        may_drain = self._may_drain(model, now, queues)
+        if now < self.no_swap_until.get(model, 0.0):
+            may_drain = {}  # its last swap was abandoned: no new drain before the retry time
+        decision = self._place(need, now, may_drain=may_drain, queues=queues)
         if isinstance(decision, NoFit):
-            # Busy instances may free room soon: let requests wait (bounded) before refusing.
-            since = self.blocked_since.setdefault(model, now)
-            if not decision.busy or now - since >= BUSY_WAIT_S:
-                self.blocked_since.pop(model, None)
-                await self._refuse(model, decision.reason, 5)
+            never = self._never_fits(need, now)
+            if never is not None:
+                await self._refuse(model, never, 60)
+            # else: room is held by models in their turn, or starting, or stopping; it
+            # waits (the requests' own deadlines bound it) and the next passes decide again
             return
-        self.blocked_since.pop(model, None)
+        if any(not self._yields_now(iid, model) for iid in decision.evict):
+            # Every instance in the way drains first, idle ones too: only the gateways know
+            # for sure that nothing is in flight on it, and they say so once they saw it.
+            await self._start_swap(model, decision, now)
+            return
         iid = f"{proto.kv_key(model)}-{new_id()[:8]}"
         rec = InstanceRecord(
             instance_id=iid,
@@ -306,7 +335,21 @@ class Placer:
         )
         for victim in decision.evict:
             vic = self.instances.get(victim)
-            if vic is not None:
+            if vic is None:
+                continue
+            if vic.state == InstanceState.DRAINING and vic.drain_for == model:
+                await self._stop(vic, f"evicted to make room for {model} (drained first)")
+                await self.bus.emit(
+                    proto.SwapChanged(
+                        model=model,
+                        stage="done",
+                        yielding=[vic.instance_id],
+                        yielding_models=[vic.model],
+                        reason=f"{vic.model} drained; {model} starts in its room",
+                        drain_s=now - (vic.drain_since or now),
+                    )
+                )
+            else:
                 await self._stop(vic, f"evicted to make room for {model}")
         # A fit decided with the header's estimate and no eviction holds as it is; after an
         # eviction, the fit is re-checked until the victims' memory is really free.
@@ -407,6 +450,8 @@ class Placer:
     async def _send_start(
         self, rec: InstanceRecord, mcfg: ModelConfig, filename: str, decision: Placed
     ) -> None:
+        # model and placement only: the agent builds argv (ctx_size, args, embeddings) from
+        # its own config, so nobody on the bus can hand it flags
         await self.bus.command(
             proto.cmd_agent(rec.host or ""),
             proto.StartInstance(
@@ -414,12 +459,9 @@ class Placer:
                 instance_id=rec.instance_id,
                 model=rec.model,
                 filename=filename,
-                ctx_size=mcfg.ctx_size,
                 n_gpu_layers=decision.n_gpu_layers,
                 gpus=list(decision.gpus),
                 memory_mib=decision.memory_mib,
-                args=list(mcfg.args),
-                embeddings=mcfg.embeddings,
             ),
         )
 
@@ -481,8 +523,22 @@ class Placer:
             file_hosts=file_hosts,
         )
 
-    def _place(self, need: Need, now: float, *, exclude: str | None = None) -> Placed | NoFit:
+    def _place(
+        self,
+        need: Need,
+        now: float,
+        *,
+        exclude: str | None = None,
+        may_drain: dict[str, float] | None = None,
+        queues: dict[str, Waiting] | None = None,
+    ) -> Placed | NoFit:
         instances = [r for r in self.instances.values() if r.instance_id != exclude]
+        activity = self.merged_activity()
+        for r in instances:  # a model with requests queued is busy, even between two of them
+            if r.state == InstanceState.READY and queues and r.model in queues:
+                act = activity.get(r.instance_id)
+                if act is None or act.in_flight == 0:
+                    activity[r.instance_id] = proto.InstanceActivity(1, now)
         keep = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
         # Memory unknown until the file's header is read: fetch where the most is free, so
         # the re-check after the download most likely fits on that same host.
@@ -490,14 +546,218 @@ class Placer:
         return place(
             list(self.hosts.values()),
             instances,
-            self.merged_activity(),
+            activity,
             need,
             now=now,
             strategy=strategy,
             host_lost_after=self.cfg.placer.host_lost_after,
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
+            may_drain=may_drain,
+            settled_before=self._reports_since(now),
         )
+
+    def _reports_since(self, now: float) -> float:
+        """The time every live gateway has reported since: activity newer than this counts."""
+        fresh = [r.ts for r in self.activity.values() if r.ts >= now - ACTIVITY_STALE_S]
+        return min(fresh) - REPORT_MARGIN_S if fresh else now
+
+    def _keep_loaded(self) -> frozenset[str]:
+        return frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+
+    def _never_fits(self, need: Need, now: float) -> str | None:
+        """Why `need` cannot fit even with every model that may yield stopped, or None when
+        it can once others take their turn (then it waits instead of being refused)."""
+        keep = self._keep_loaded()
+        fixed = [
+            r
+            for r in self.instances.values()
+            if r.state in proto.LIVE_STATES and r.model in keep and r.model != need.model
+        ]
+        at_rest_hosts = at_rest(list(self.hosts.values()))
+        decision = place(
+            at_rest_hosts,
+            fixed,
+            {},
+            need,
+            now=now,
+            strategy=self.cfg.placer.strategy,
+            host_lost_after=self.cfg.placer.host_lost_after,
+            ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
+            keep_loaded=keep,
+        )
+        if isinstance(decision, NoFit):
+            return decision.reason + (
+                "; this holds even with every model that can yield stopped, so it never fits"
+            )
+        return None
+
+    def _may_drain(self, model: str, now: float, queues: dict[str, Waiting]) -> dict[str, float]:
+        return may_yield(
+            list(self.instances.values()),
+            self.merged_activity(),
+            queues,
+            for_model=model,
+            now=now,
+            min_turn_s=self.cfg.placer.min_turn,
+            keep_loaded=self._keep_loaded(),
+        )
+
+    def _yields_now(self, iid: str, model: str) -> bool:
+        """Whether an instance in `model`'s way has drained for it and may stop now."""
+        rec = self.instances.get(iid)
+        return (
+            rec is not None
+            and rec.state == InstanceState.DRAINING
+            and rec.drain_for == model
+            and self._drained(rec, time.time())
+        )
+
+    def _yielding_to(self, model: str) -> list[InstanceRecord]:
+        return [
+            r
+            for r in self.instances.values()
+            if r.drain_for == model and r.state == InstanceState.DRAINING
+        ]
+
+    def _drained(self, rec: InstanceRecord, now: float) -> bool:
+        return (
+            drain_status(
+                rec,
+                self.activity.values(),
+                now=now,
+                fresh_after=now - ACTIVITY_STALE_S,
+                drain_timeout_s=self.cfg.placer.drain_timeout,
+                still_wanted=True,
+            )
+            == "drained"
+        )
+
+    # ------------------------------------------------------------------ turns
+
+    async def _start_swap(self, model: str, decision: Placed, now: float) -> None:
+        """The busy instances in the way stop admitting requests; once theirs finish, the
+        next pass places `model` into the room they leave."""
+        victims = [
+            v
+            for iid in decision.evict
+            if (v := self.instances.get(iid)) is not None and v.state == InstanceState.READY
+        ]
+        why = f"yielding to {model}, which waits: {decision.reason}"
+        log.info("swap for %s: %s drain", model, ", ".join(v.instance_id for v in victims))
+        for vic in victims:
+            await self._write(
+                vic, state=InstanceState.DRAINING, drain_for=model, drain_since=now, reason=why
+            )
+        await self.bus.emit(
+            proto.SwapChanged(
+                model=model,
+                stage="draining",
+                yielding=[v.instance_id for v in victims],
+                yielding_models=sorted({v.model for v in victims}),
+                reason=why,
+            )
+        )
+
+    async def _advance_drains(self, now: float, queues: dict[str, Waiting]) -> None:
+        """A drain whose waiting model no longer needs it goes back to serving; one that
+        outlasts placer.drain_timeout is abandoned and the waiting model's requests are
+        told why, so nothing waits on it for ever."""
+        for rec in list(self.instances.values()):
+            if rec.state != InstanceState.DRAINING:
+                continue
+            target = rec.drain_for
+            wanted = (
+                target in self.cfg.models
+                and not self._live(target)
+                and (
+                    target in queues
+                    or now - self.last_demand.get(target, -DEMAND_FRESH_S) < DEMAND_FRESH_S
+                )
+            )
+            status = drain_status(
+                rec,
+                self.activity.values(),
+                now=now,
+                fresh_after=now - ACTIVITY_STALE_S,
+                drain_timeout_s=self.cfg.placer.drain_timeout,
+                still_wanted=wanted,
+            )
+            if status == "moot":
+                why = (
+                    f"swap cancelled: {target} no longer waits"
+                    if not self._live(target)
+                    else f"swap cancelled: {target} runs elsewhere"
+                )
+                await self._end_drain(rec, "cancelled", why, now)
+            elif status == "expired":
+                act = self.merged_activity().get(rec.instance_id)
+                running = act.in_flight if act is not None else 0
+                why = (
+                    f"{rec.model} did not finish its {running} running request(s) within "
+                    f"placer.drain_timeout ({self.cfg.placer.drain_timeout:g} s), so {target} "
+                    "could not take its turn"
+                )
+                await self._end_drain(rec, "abandoned", why, now)
+                retry = self.cfg.placer.drain_timeout
+                self.no_swap_until[target] = now + retry
+                await self._refuse(target, why, retry)
+            elif status == "drained" and self._group_of(target) == self._group_of(rec.model):
+                if self._group_of(target):  # group swaps stop the drained model directly
+                    await self._stop(rec, f"yielded to {target} (exclusive group)")
+
+    async def _end_drain(self, rec: InstanceRecord, stage: str, why: str, now: float) -> None:
+        log.info("swap %s: %s", stage, why)
+        if await self._write(rec, state=InstanceState.READY, drain_for="", drain_since=None):
+            await self.bus.emit(
+                proto.SwapChanged(
+                    model=rec.drain_for,
+                    stage=stage,
+                    yielding=[rec.instance_id],
+                    yielding_models=[rec.model],
+                    reason=why,
+                    drain_s=now - (rec.drain_since or now),
+                )
+            )
+
+    def _group_of(self, model: str) -> str:
+        mcfg = self.cfg.models.get(model)
+        return (mcfg.group or "") if mcfg is not None else ""
+
+    async def _make_way_in_group(self, model: str, now: float, queues: dict[str, Waiting]) -> bool:
+        """Whether other models of `model`'s exclusive group still run; each is stopped if
+        idle, asked to yield if its turn is over, and otherwise waited for."""
+        groups = {n: m.group for n, m in self.cfg.models.items() if m.group}
+        conflicts = group_conflicts(model, groups, self.instances.values())
+        if not conflicts:
+            return False
+        activity = self.merged_activity()
+        yieldable = self._may_drain(model, now, queues)
+        group = groups[model]
+        for rec in conflicts:
+            if rec.state != InstanceState.READY:
+                continue  # starting, stopping or yielding already: wait for it
+            act = activity.get(rec.instance_id)
+            if act is None or act.in_flight == 0:
+                await self._stop(rec, f"exclusive group {group}: {model} is wanted")
+            elif rec.instance_id in yieldable:
+                await self._write(
+                    rec,
+                    state=InstanceState.DRAINING,
+                    drain_for=model,
+                    drain_since=now,
+                    reason=f"yielding to {model} (exclusive group {group})",
+                )
+                await self.bus.emit(
+                    proto.SwapChanged(
+                        model=model,
+                        stage="draining",
+                        yielding=[rec.instance_id],
+                        yielding_models=[rec.model],
+                        reason=f"exclusive group {group}",
+                    )
+                )
+        return True
 
     def _recent_failure(self, model: str, now: float) -> InstanceRecord | None:
         fails = [

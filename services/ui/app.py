@@ -1,8 +1,13 @@
 """The dashboard's HTTP app. Every route lives under /dashboard because the gateway proxies
-that prefix here unchanged; the page uses URLs relative to itself."""
+that prefix here unchanged; the page uses URLs relative to itself.
+
+Only the gateway is answered: every request must carry the shared secret (services.ui.secret)
+that the gateway adds after its admin check. Errors use the project's one form,
+`{"error": {"message", "type", "code"}}`."""
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,8 +15,12 @@ from pathlib import Path
 import msgspec
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.ui.hub import Hub
+from services.ui.secret import SECRET_HEADER
 from services.ui.view import View
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
@@ -47,9 +56,37 @@ async def stream(view: View, hub: Hub) -> AsyncIterator[bytes]:
         hub.unsubscribe(client)
 
 
+def error(status: int, message: str, code: str) -> Response:
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return Response(msgspec.json.encode(body), status, media_type="application/json")
+
+
+def require_secret(app: ASGIApp, secret: str) -> ASGIApp:
+    """Refuse every request that does not carry the gateway's secret header."""
+    want = secret.encode()
+    header = SECRET_HEADER.encode()
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == header), b"")
+            if not hmac.compare_digest(given, want):
+                msg = "the dashboard is served through the gateway (/dashboard, admin key)"
+                await error(401, msg, "ui_secret_required")(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return asgi
+
+
 def create_app(view: View, hub: Hub) -> FastAPI:
     app = FastAPI(title="llama.cpp scheduler dashboard", docs_url=None, redoc_url=None)
     page = PAGE.read_bytes()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_req: Request, exc: HTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return error(exc.status_code, str(exc.detail), code)
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:

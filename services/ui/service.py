@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import socket
 from urllib.parse import urlparse
 
 import uvicorn
 
 from lls.service import ServiceContext
-from services.ui.app import create_app
+from services.ui.app import create_app, require_secret
 from services.ui.feed import Feed
 from services.ui.hub import Hub
+from services.ui.secret import ENV, ui_secret
 from services.ui.view import View
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,21 @@ def listen_port(ctx: ServiceContext) -> int:
     if ctx.port is not None:
         return ctx.port
     return urlparse(ctx.cfg.gateway.ui_url).port or DEFAULT_PORT
+
+
+def listen_host(ctx: ServiceContext) -> str:
+    """The host of gateway.ui_url (loopback by default), never gateway.host: exposing the
+    gateway must not expose the dashboard's data past the gateway's admin check."""
+    return urlparse(ctx.cfg.gateway.ui_url).hostname or "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -53,11 +71,18 @@ async def run(ctx: ServiceContext) -> None:
     view = View(list(ctx.cfg.models), ctx.cfg.placer.host_lost_after)
     hub = Hub()
     feed = Feed(ctx.bus, view, hub)
-    host, port = ctx.cfg.gateway.host, listen_port(ctx)
+    host, port = listen_host(ctx), listen_port(ctx)
+    if not is_loopback(host) and not os.environ.get(ENV):
+        log.warning(
+            "ui: listening on %s; set %s to the same value for the gateway and the UI, "
+            "or the gateway cannot reach the dashboard from another host",
+            host,
+            ENV,
+        )
     sock = bind(host, port)
     server = _Server(
         uvicorn.Config(
-            create_app(view, hub),
+            require_secret(create_app(view, hub), ui_secret()),
             log_level="warning",
             access_log=False,
             lifespan="off",

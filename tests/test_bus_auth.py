@@ -1,0 +1,450 @@
+"""The bus is closed: identities, per-role permissions and TLS on a real nats-server.
+
+Every denial is shown two ways: the action fails, and the server's own error names the
+subject it refused (so a test cannot pass by timing out for another reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+
+import proto
+from conftest import ROOT, NatsServer, free_port, require
+from lls import auth
+from lls.bus import Bus, connect, durable_config, kv_snapshot
+from lls.config import ConfigError, NatsTls, parse
+
+CMDS = proto.CMDS_STREAM
+
+
+@pytest.fixture
+async def as_user(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[Callable[[str], Awaitable[Bus]]]:
+    """as_user(user) -> a Bus connected as that identity (hosts get theirs on demand)."""
+    caplog.set_level(logging.WARNING, logger="lls.bus")
+    opened: list[Bus] = []
+
+    async def open_as(user: str) -> Bus:
+        for p in auth.PER_HOST:
+            if user.startswith(p + "-"):
+                nats_server.add_host(user[len(p) + 1 :])
+        bus = await connect(nats_server.url, user, creds=auth.identity_file(nats_server.auth, user))
+        opened.append(bus)
+        return bus
+
+    yield open_as
+    for bus in opened:
+        await bus.close()
+
+
+async def refused(
+    action: Awaitable[object], subject: str, caplog: pytest.LogCaptureFixture, kind: str = "publish"
+) -> None:
+    """The server reports a permissions violation for `subject`, and `action` did not succeed
+    (a denied request gets no reply: it is cancelled once the server has said why)."""
+    want = f'permissions violation for {kind} to "{subject}"'.lower()
+    task = asyncio.ensure_future(action)
+    deadline = time.monotonic() + 5
+    while want not in caplog.text.lower():
+        assert time.monotonic() < deadline, f"no violation for {subject}:\n{caplog.text}"
+        if task.done() and task.exception() is None:
+            pytest.fail(f"{subject}: allowed")
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    assert task.cancelled() or task.exception() is not None, f"{subject}: allowed"
+
+
+async def pending(bus: Bus, subject: str) -> int:
+    """Messages waiting on a command subject (read by the operator)."""
+    info = await bus.js.stream_info(CMDS, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+# ------------------------------------------------------------------ who gets in
+
+
+async def test_no_credentials_and_a_wrong_password_are_refused(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(auth.ENV_CREDS)
+    t0 = time.monotonic()
+    with pytest.raises(PermissionError, match="no credentials"):
+        await connect(nats_server.url, "outsider")
+    forged = tmp_path / "forged.json"
+    forged.write_text('{"user": "placer", "password": "guess"}')
+    with pytest.raises(PermissionError, match="placer"):
+        await connect(nats_server.url, "outsider", creds=forged)
+    assert time.monotonic() - t0 < 10  # refused promptly, not after the 30 s deadline
+
+
+def test_identity_files_are_private_and_the_server_knows_each_one(
+    nats_server: NatsServer,
+) -> None:
+    nats_server.add_host("gpu-a")
+    assert stat.S_IMODE(nats_server.auth.stat().st_mode) == 0o700
+    users = {p.stem for p in nats_server.auth.glob("*.json")}
+    assert users == {"gateway", "placer", "ui", "cli", "agent-gpu-a", "downloader-gpu-a"}
+    for path in [*nats_server.auth.glob("*.json"), nats_server.auth / auth.SERVER_CONF]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+# ------------------------------------------------------------------ what each may do
+
+
+async def test_gateway_publishes_demand_but_cannot_command_agents(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await as_user("gateway")
+    await gw.emit(proto.Demand(model="m", gateway_id="g1"))  # what it is for
+    await gw.put(gw.activity, "g1", proto.LeaseRecord(holder="g1", ts=1.0))
+    assert (await kv_snapshot(gw, gw.instances, proto.InstanceRecord)) == {}
+    subject = proto.cmd_agent("h1")
+    cmd = proto.StopInstance(cmd_id="c1", instance_id="x-0123abcd")
+    await refused(gw.command(subject, cmd), subject, caplog)
+    await refused(gw.put(gw.instances, "x", b"{}"), f"$KV.{proto.KV_INSTANCES}.x", caplog)
+    assert await pending(bus, subject) == 0
+
+
+async def test_an_agent_consumes_only_its_own_commands_and_commands_nobody(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await as_user("agent-A")
+    await as_user("agent-B")  # host B exists too
+    for host in ("A", "B"):
+        await bus.command(
+            proto.cmd_agent(host), proto.StopInstance(cmd_id=f"c-{host}", instance_id="x")
+        )
+
+    own = proto.cmd_agent("A")
+    sub = await a.js.pull_subscribe(
+        own, durable="agent-A", stream=CMDS, config=durable_config("agent-A", own)
+    )
+    [msg] = await sub.fetch(1, timeout=5)
+    assert proto.decode(msg.data, proto.AgentCommand).cmd_id == "c-A"
+    await msg.ack()
+    await sub.unsubscribe()
+
+    other = proto.cmd_agent("B")
+    js = a.nc.jetstream(timeout=1)
+    # B's durable, or its own durable name pointed at B's subject: both refused.
+    await refused(
+        js.pull_subscribe(other, durable="agent-B", stream=CMDS),
+        f"$JS.API.CONSUMER.INFO.{CMDS}.agent-B",
+        caplog,
+    )
+    await refused(
+        js.add_consumer(CMDS, durable_config("agent-A2", other).evolve(name="agent-A2")),
+        f"$JS.API.CONSUMER.CREATE.{CMDS}.agent-A2.{other}",
+        caplog,
+    )
+    # Listening in on the subject, or on every command, is refused too.
+    await a.nc.subscribe("lls.cmd.>")
+    await a.nc.flush()
+    await refused(asyncio.sleep(5), "lls.cmd.>", caplog, kind="subscription")
+    assert await pending(bus, other) == 1  # B's command is still there for B
+
+    for subject in (other, own, proto.cmd_download("B"), proto.cmd_inspect()):
+        await refused(
+            a.command(subject, proto.StopInstance(cmd_id="forged", instance_id="x")),
+            subject,
+            caplog,
+        )
+
+
+async def test_an_agent_writes_its_own_host_record_only(
+    as_user, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await as_user("agent-A")
+    record = proto.encode(proto.LeaseRecord(holder="A", ts=1.0))
+    await a.hosts.put("A", record)
+    await refused(a.hosts.put("B", record), f"$KV.{proto.KV_HOSTS}.B", caplog)
+    await refused(a.leases.put("placer", record), f"$KV.{proto.KV_LEASES}.placer", caplog)
+    await refused(a.emit(proto.Demand(model="m", gateway_id="g")), "lls.evt.demand", caplog)
+
+
+async def test_a_downloader_takes_its_downloads_and_shared_inspections_only(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = await as_user("downloader-A")
+    for subject in (proto.cmd_download("A"), proto.cmd_inspect()):
+        durable = "downloader-A" if "download" in subject else "inspector"
+        await d.js.pull_subscribe(
+            subject, durable=durable, stream=CMDS, config=durable_config(durable, subject)
+        )
+    js = d.nc.jetstream(timeout=1)
+    await refused(
+        js.pull_subscribe(proto.cmd_download("B"), durable="downloader-B", stream=CMDS),
+        f"$JS.API.CONSUMER.INFO.{CMDS}.downloader-B",
+        caplog,
+    )
+    await d.put(d.models, "m", proto.LeaseRecord(holder="x", ts=1.0))
+    await refused(d.put(d.hosts, "A", b"{}"), f"$KV.{proto.KV_HOSTS}.A", caplog)
+
+
+async def test_the_ui_only_reads(as_user, bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    await bus.put(bus.hosts, "A", proto.LeaseRecord(holder="A", ts=1.0))
+    await bus.emit(proto.Demand(model="m", gateway_id="g"))
+    ui = await as_user("ui")
+    assert set(await kv_snapshot(ui, ui.hosts, proto.LeaseRecord)) == {"A"}
+    assert (await ui.hosts.get("A")).value
+    watcher = await ui.hosts.watchall()
+    assert (await watcher.updates(timeout=5)).key == "A"
+    await watcher.stop()
+    events = await ui.js.subscribe(
+        proto.EVENTS_SUBJECTS, stream=proto.EVENTS_STREAM, ordered_consumer=True
+    )
+    assert (await events.next_msg(timeout=5)).subject == "lls.evt.demand"
+    await events.unsubscribe()
+
+    await refused(ui.hosts.put("A", b"{}"), f"$KV.{proto.KV_HOSTS}.A", caplog)
+    await refused(ui.emit(proto.Demand(model="m", gateway_id="g")), "lls.evt.demand", caplog)
+    await refused(
+        ui.command(proto.cmd_agent("A"), proto.StopInstance(cmd_id="x", instance_id="x")),
+        proto.cmd_agent("A"),
+        caplog,
+    )
+    await refused(
+        ui.js.delete_stream(proto.EVENTS_STREAM),
+        f"$JS.API.STREAM.DELETE.{proto.EVENTS_STREAM}",
+        caplog,
+    )
+
+
+async def test_inboxes_are_private(as_user, caplog: pytest.LogCaptureFixture) -> None:
+    # With the shared _INBOX.>, any identity could read every other one's replies.
+    a = await as_user("agent-A")
+    for subject in ("_INBOX.>", "_INBOX_gateway.>"):
+        await a.nc.subscribe(subject)
+    await a.nc.flush()
+    await refused(asyncio.sleep(5), "_INBOX_gateway.>", caplog, kind="subscription")
+    assert 'subscription to "_inbox.>"' in caplog.text.lower()
+
+
+async def test_services_bind_streams_the_placer_creates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the placer and the operator may create streams: the others wait for them."""
+    monkeypatch.delenv(auth.ENV_CREDS, raising=False)  # restored after (start() sets it)
+    srv = NatsServer(tmp_path / "nats")
+    srv.declared = True  # a bare server: nothing declared yet
+    srv.start()
+    try:
+        creds = srv.auth
+        gateway = asyncio.create_task(
+            connect(srv.url, "gateway", creds=auth.identity_file(creds, "gateway"))
+        )
+        await asyncio.sleep(1.5)
+        assert not gateway.done()  # waiting, not failing and not creating
+        placer = await connect(srv.url, "placer", creds=auth.identity_file(creds, "placer"))
+        gw = await asyncio.wait_for(gateway, 10)
+        assert await gw.js.stream_info(proto.CMDS_STREAM)
+        await gw.close()
+        await placer.close()
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------ operating it
+
+
+async def test_adding_a_host_reloads_the_server_and_prints_no_secret(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    running = await connect(nats_server.url, "gw", creds=nats_server.auth / "gateway.json")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"nats": {"url": nats_server.url, "credentials_dir": str(nats_server.auth)}})
+    )
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "lls.cli", "--config", str(cfg), "hosts", "add", "gpu-b"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    ident = auth.load_identity(nats_server.auth / "agent-gpu-b.json")
+    assert "reloaded" in r.stdout and str(nats_server.auth / "agent-gpu-b.json") in r.stdout
+    assert ident.password not in r.stdout + r.stderr
+    bus = await connect(nats_server.url, "agent", creds=nats_server.auth / "agent-gpu-b.json")
+    await bus.hosts.put("gpu-b", b"{}")
+    await bus.close()
+    # The reload kept everyone else connected.
+    await running.emit(proto.Demand(model="m", gateway_id="g"))
+    assert running.reconnects == 0
+    await running.close()
+
+
+async def test_rotating_a_password_locks_out_the_old_one(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    old = tmp_path / "old.json"
+    old.write_bytes((nats_server.auth / "gateway.json").read_bytes())
+    running = await connect(nats_server.url, "gateway", creds=old)
+    auth.rotate(nats_server.auth, ["gateway"])
+    assert auth.reload_server(nats_server.auth)
+    deadline = time.monotonic() + 5
+    while not running.nc.is_closed:  # the server drops it; it cannot log in again
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    with pytest.raises(PermissionError):
+        await connect(nats_server.url, "gateway", creds=old)
+    bus = await connect(nats_server.url, "gateway", creds=nats_server.auth / "gateway.json")
+    await bus.close()
+
+
+def test_a_service_without_its_identity_says_how_to_get_one(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(auth.ENV_CREDS)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"nats": {"url": nats_server.url, "credentials_dir": str(tmp_path)}})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "services.agent", "--config", str(cfg), "--host-id", "gpu-c"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert "agent-gpu-c" in r.stderr and "lls hosts add gpu-c" in r.stderr
+
+
+def test_make_runs_embedded_server_requires_credentials(tmp_path: Path) -> None:
+    """`make run`: identities are created on first start, and outsiders are refused."""
+    store = tmp_path / "nats"
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "nats": {"url": "embedded", "port": port, "store_dir": str(store)},
+                "gateway": {"port": free_port(), "ui_url": f"http://127.0.0.1:{free_port()}"},
+                "agent": {"host_id": "solo", "runtime": "process", "store": str(tmp_path / "m")},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != auth.ENV_CREDS}
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lls.run", "--config", str(cfg)],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        creds = store / "auth"
+        deadline = time.monotonic() + 60
+        while "gateway:" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert {p.stem for p in creds.glob("*.json")} >= {"agent-solo", "downloader-solo", "ui"}
+
+        async def probe() -> None:
+            url = f"nats://127.0.0.1:{port}"
+            with pytest.raises(PermissionError):
+                await connect(url, "outsider", deadline_s=5)
+            bus = await connect(url, "cli", creds=creds / "cli.json")
+            try:  # the agent got in with its own identity and heartbeats
+                until = time.monotonic() + 30
+                while "solo" not in await kv_snapshot(bus, bus.hosts, proto.HostRecord):
+                    assert time.monotonic() < until, log.read_text()
+                    await asyncio.sleep(0.5)
+            finally:
+                await bus.close()
+
+        asyncio.run(probe())
+        text = log.read_text(errors="replace")
+        for path in creds.glob("*.json"):
+            assert auth.load_identity(path).password not in text  # never printed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    require("openssl", subprocess.run(["which", "openssl"], capture_output=True).returncode == 0)
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = auth.make_tls(folder, ["localhost", "127.0.0.1"])
+    rogue = tmp_path_factory.mktemp("rogue")
+    rogue_cert, rogue_key = auth.make_tls(rogue, ["127.0.0.1"])
+    return {
+        "ca": folder / "ca.pem",
+        "cert": cert,
+        "key": key,
+        "rogue_ca": rogue / "ca.pem",
+        "rogue_cert": rogue_cert,
+        "rogue_key": rogue_key,
+    }
+
+
+async def test_tls_verifies_the_server_and_requires_client_certificates(
+    tmp_path: Path, certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(auth.ENV_CREDS, raising=False)  # restored after (start() sets it)
+    tls = NatsTls(ca=str(certs["ca"]), cert=str(certs["cert"]), key=str(certs["key"]))
+    srv = NatsServer(tmp_path / "nats", tls=msgspec.structs.replace(tls, verify_client=True))
+    srv.start()
+    try:
+        creds = srv.creds
+        bus = await connect(srv.url, "t", creds=creds, tls=tls)
+        await bus.close()
+        for name, bad in {
+            "no CA: the system's do not know ours": None,
+            "no client certificate": NatsTls(ca=str(certs["ca"])),
+            "a server we do not trust": NatsTls(
+                ca=str(certs["rogue_ca"]), cert=str(certs["cert"]), key=str(certs["key"])
+            ),
+            "a client certificate from another CA": NatsTls(
+                ca=str(certs["ca"]), cert=str(certs["rogue_cert"]), key=str(certs["rogue_key"])
+            ),
+        }.items():
+            t0 = time.monotonic()
+            with pytest.raises(PermissionError, match="SSL"):
+                await connect(srv.url, "t", creds=creds, tls=bad, deadline_s=10)
+            assert time.monotonic() - t0 < 5, name  # said at once, not retried to the deadline
+    finally:
+        srv.stop()
+
+
+def test_tls_config_is_checked_naming_the_key(tmp_path: Path, certs: dict[str, Path]) -> None:
+    ok = {"ca": str(certs["ca"]), "cert": str(certs["cert"]), "key": str(certs["key"])}
+    parse({"nats": {"tls": ok}})
+    for tls, key in [
+        ({**ok, "ca": str(tmp_path / "missing.pem")}, "nats.tls.ca"),
+        ({"ca": ok["ca"], "cert": ok["cert"]}, "nats.tls"),
+        ({"ca": ok["ca"]}, "nats.tls.cert"),  # the embedded server needs one
+        ({**ok, "verfy_client": True}, "verfy_client"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse({"nats": {"tls": tls}})
+    parse({"nats": {"url": "nats://h:4222", "tls": {"ca": ok["ca"]}}})  # a client may go certless
+    with pytest.raises(ConfigError, match="nats.url"):
+        parse({"nats": {"url": "http://h:4222"}})
