@@ -29,25 +29,32 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT)]
 import proto  # noqa: E402
 from conftest import NatsServer  # noqa: E402
 from lls.bus import connect, kv_snapshot  # noqa: E402
+from lls.config import expand  # noqa: E402
+from lls.config import load as load_config  # noqa: E402
+from lls.instance_key import instance_key, load_or_create  # noqa: E402
 from make_tiny_gguf import write  # noqa: E402
 from stack import Stack  # noqa: E402
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
 
-def session(clients: int, fresh: bool = False) -> aiohttp.ClientSession:
+HEADERS: dict[str, dict[str, str]] = {}  # base URL -> headers (the instance's API key)
+
+
+def session(clients: int, fresh: bool = False, url: str = "") -> aiohttp.ClientSession:
     # aiohttp: a cheap client, so the load generator leaves the 2 cores to what we measure.
     # `fresh`: a new connection per request (llama-server closes streamed ones).
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=clients, force_close=fresh),
         timeout=aiohttp.ClientTimeout(total=30),
+        headers=HEADERS.get(url),
     )
 
 
 async def load(url: str, clients: int, seconds: float, body: dict = BODY) -> tuple[float, int, int]:
     """(requests/s, ok, errors) from `clients` loops posting `body` for `seconds`."""
     ok = errors = 0
-    async with session(clients) as c:
+    async with session(clients, url=url) as c:
         deadline = time.monotonic() + seconds
 
         async def loop() -> None:
@@ -67,7 +74,7 @@ async def load(url: str, clients: int, seconds: float, body: dict = BODY) -> tup
 
 
 async def latency(url: str, n: int) -> float:
-    async with session(1) as c:
+    async with session(1, url=url) as c:
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -80,7 +87,7 @@ async def latency(url: str, n: int) -> float:
 
 async def ttft(url: str, n: int) -> float:
     body = {**BODY, "stream": True, "max_tokens": 16}
-    async with session(1, fresh=True) as c:
+    async with session(1, fresh=True, url=url) as c:
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -92,11 +99,15 @@ async def ttft(url: str, n: int) -> float:
         return statistics.median(samples)
 
 
-async def endpoint(nats_url: str) -> str:
+async def endpoint(nats_url: str, config: Path) -> str:
+    """The instance's URL; its API key (as the gateway derives it) goes in HEADERS."""
+    secret = load_or_create(expand(load_config(config).cluster.secret_file))
     bus = await connect(nats_url, "bench")
     try:
         for rec in (await kv_snapshot(bus, bus.instances, proto.InstanceRecord)).values():
             if rec.state == proto.InstanceState.READY and rec.endpoint:
+                key = instance_key(secret, rec.instance_id)
+                HEADERS[rec.endpoint] = {"Authorization": f"Bearer {key}"}
                 return rec.endpoint
     finally:
         await bus.close()
@@ -134,7 +145,7 @@ async def main() -> None:
         stack.start()
         try:
             httpx.post(f"{stack.base}/v1/completions", json=BODY, timeout=60).raise_for_status()
-            direct = await endpoint(nats.url)
+            direct = await endpoint(nats.url, stack.config)
             gw = stack.base
             print(f"llama-server {direct}  gateway {gw}  ({args.clients} clients, {args.seconds}s)")
             await load(direct, 4, 1)  # warm both paths
