@@ -192,3 +192,24 @@ def test_ollama_keep_alive_zero_unloads_after_the_answer(four_models):
         time.sleep(0.2)
     assert "the last request's keep_alive 0 s" in four_models.logs()
     assert httpx.get(f"{base}/api/ps", timeout=10).json()["models"] == []
+
+
+def test_models_of_an_exclusive_group_never_run_together(
+    tmp_path, nats_url, llama_server_bin, tiny_gguf
+):
+    s = start(
+        tmp_path,
+        nats_url,
+        tiny_gguf,
+        {"ga": (40, {"group": "g"}), "gb": (41, {"group": "g"}), "free": (42, {})},
+        gpus=[{"name": "sim", "memory_mib": 8000}],  # room for all three
+    )
+    try:
+        for model in ("ga", "free", "gb", "ga"):
+            r = httpx.post(f"{s.base}/v1/chat/completions", json=chat(model), timeout=60)
+            assert r.status_code == 200, r.text
+        ps = httpx.get(f"{s.base}/api/ps", timeout=10).json()["models"]
+        assert sorted(m["name"] for m in ps) == ["free", "ga"]
+        assert s.logs().count("exclusive group g: ") >= 2  # ga stopped for gb, gb for ga
+    finally:
+        s.stop()

@@ -237,6 +237,7 @@ class Router:
         return min(usable, key=lambda r: self.in_flight.get(r.instance_id, 0))
 
     def mark_bad(self, rec: InstanceRecord) -> None:
+        log.warning("%s refused a connection; skipped for %g s", rec.endpoint, BAD_ENDPOINT_S)
         self.bad_until[rec.endpoint or ""] = time.monotonic() + BAD_ENDPOINT_S
 
     async def acquire(self, model: str, wait_s: float) -> InstanceRecord:

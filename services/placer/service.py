@@ -44,6 +44,7 @@ INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dro
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
 DEMAND_FRESH_S = 5.0  # a demand event counts this long (gateways resend every 2 s)
 REPORT_MARGIN_S = 0.1  # a gateway's report reflects what began this long before it
+NEVER_FITS_RETRY_S = 10.0  # Retry-After for a model that cannot fit even with turns
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
@@ -71,6 +72,7 @@ class Placer:
         self.inbox: list[proto.StopRequested | proto.DownloadFailed] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
+        self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
@@ -186,7 +188,8 @@ class Placer:
         self._enqueue(msg.data, proto.StopRequested)
 
     async def _on_download(self, msg) -> None:  # type: ignore[no-untyped-def]
-        self._enqueue(msg.data, proto.DownloadFailed if msg.subject.endswith("failed") else None)
+        kinds = {"failed": proto.DownloadFailed, "completed": proto.DownloadCompleted}
+        self._enqueue(msg.data, kinds.get(msg.subject.rsplit(".", 1)[-1]))
 
     def _enqueue(self, data: bytes, typ: type | None) -> None:
         """Callbacks only hand events to the loop, which alone decides and writes."""
@@ -205,6 +208,10 @@ class Placer:
             if isinstance(ev, proto.StopRequested):
                 for rec in self._live(ev.model):
                     await self._stop(rec, f"stop requested by {ev.requested_by}")
+            elif isinstance(ev, proto.DownloadCompleted):
+                # The file is there now; the host's next heartbeat would say so up to a
+                # second later, and a swap would wait for it.
+                self.fetched[(ev.host, ev.filename)] = time.time()
             elif isinstance(ev, proto.DownloadFailed):
                 for rec in self._live(ev.model):
                     if rec.host == ev.host and rec.state == InstanceState.DOWNLOADING:
@@ -297,8 +304,8 @@ class Placer:
         decision = self._place(need, now, may_drain=may_drain, queues=queues)
         if isinstance(decision, NoFit):
             never = self._never_fits(need, now)
-            if never is not None:
-                await self._refuse(model, never, 60)
+            if never is not None:  # (a lost host may come back: retry soon, not never)
+                await self._refuse(model, never, NEVER_FITS_RETRY_S)
             # else: room is held by models in their turn, or starting, or stopping; it
             # waits (the requests' own deadlines bound it) and the next passes decide again
             return
@@ -399,6 +406,8 @@ class Placer:
         host = self.hosts.get(rec.host)
         filename = store_filename(rec.model, mcfg.url)
         info = next((f for f in host.files if f.filename == filename), None) if host else None
+        if info is None and self._fetched_and_sized(rec.host, rec.model, filename):
+            info = proto.FileInfo(model=rec.model, filename=filename, size=0)
         if info is None:
             if rec.state == InstanceState.PENDING:
                 await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
@@ -446,6 +455,16 @@ class Placer:
         )
         if ok:
             await self._send_start(rec, mcfg, filename, decision)
+
+    def _fetched_and_sized(self, host: str, model: str, filename: str) -> bool:
+        """A download completed on `host` that its heartbeat does not list yet, for a model
+        whose memory need is known without the file's header (configured, or read)."""
+        at = self.fetched.get((host, filename))
+        if at is None or time.time() - at > ACTIVITY_STALE_S:
+            return False  # by then the heartbeat lists it, or the file is gone
+        mcfg = self.cfg.models[model]
+        header = self._header(model)
+        return bool(mcfg.memory_mib) or (header is not None and header.gguf is not None)
 
     async def _send_start(
         self, rec: InstanceRecord, mcfg: ModelConfig, filename: str, decision: Placed
@@ -702,9 +721,8 @@ class Placer:
                 retry = self.cfg.placer.drain_timeout
                 self.no_swap_until[target] = now + retry
                 await self._refuse(target, why, retry)
-            elif status == "drained" and self._group_of(target) == self._group_of(rec.model):
-                if self._group_of(target):  # group swaps stop the drained model directly
-                    await self._stop(rec, f"yielded to {target} (exclusive group)")
+            elif status == "drained" and self._same_group(target, rec.model):
+                await self._stop(rec, f"yielded to {target} (exclusive group)")
 
     async def _end_drain(self, rec: InstanceRecord, stage: str, why: str, now: float) -> None:
         log.info("swap %s: %s", stage, why)
@@ -719,6 +737,10 @@ class Placer:
                     drain_s=now - (rec.drain_since or now),
                 )
             )
+
+    def _same_group(self, a: str, b: str) -> bool:
+        """Whether two models are in one exclusive group (a drain then just stops `b`)."""
+        return bool(self._group_of(a)) and self._group_of(a) == self._group_of(b)
 
     def _group_of(self, model: str) -> str:
         mcfg = self.cfg.models.get(model)
