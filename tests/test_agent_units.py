@@ -387,3 +387,14 @@ def test_cpu_only_servers_leave_one_core_free_unless_the_model_sets_threads():
     assert "-t" not in argv(n_gpu_layers=999, n_gpus=1, cpu_count=16)  # GPU does the work
     own = argv(n_gpu_layers=0, cpu_count=16, args=["--threads", "4"])
     assert own.count("--threads") == 1 and "-t" not in own
+
+
+def test_argv_gives_llama_server_an_http_thread_per_gateway_connection() -> None:
+    from services.agent.service import http_threads
+
+    assert http_threads(32) >= 2 * 32  # two gateways, each at its per-model limit
+    a = argv(http_threads=http_threads(32))
+    assert a[a.index("--threads-http") + 1] == str(http_threads(32))
+    assert "--threads-http" not in argv()  # 0: llama-server's default
+    own = argv(http_threads=72, args=["--threads-http", "4"])
+    assert own.count("--threads-http") == 1 and own[-1] == "4"  # the model's own wins

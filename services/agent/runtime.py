@@ -37,6 +37,7 @@ class LaunchSpec:
     args: tuple[str, ...] = ()  # extra llama-server flags from the agent's model config
     memory_mib: int = 0
     api_key: str = ""  # LLAMA_API_KEY (environment, never argv: argv is visible in ps)
+    http_threads: int = 0  # --threads-http; 0 = llama-server's default
 
 
 @dataclass
@@ -86,6 +87,7 @@ def has_flag(args: Iterable[str], flags: set[str]) -> bool:
 
 _SPLIT_FLAGS = frozenset({"-ts", "--tensor-split"})
 _THREAD_FLAGS = {"-t", "--threads"}
+_HTTP_THREAD_FLAGS = {"--threads-http"}
 
 
 def cpu_threads(cpu_count: int) -> int:
@@ -113,6 +115,7 @@ def build_argv(
     args: Iterable[str] = (),
     fit_off: bool = False,
     cpu_count: int = 0,
+    http_threads: int = 0,
 ) -> list[str]:
     """llama-server arguments (without the program). -c and -ngl are always explicit so the
     memory placement reserved is what gets used; the model's own args come last so they win."""
@@ -125,6 +128,11 @@ def build_argv(
         argv += ["-np", "1"]  # the default (4 slots sharing -c) would quarter the context
     if n_gpu_layers == 0 and cpu_count and not has_flag(args, _THREAD_FLAGS):
         argv += ["-t", str(cpu_threads(cpu_count))]
+    if http_threads and not has_flag(args, _HTTP_THREAD_FLAGS):
+        # One HTTP thread per connection: llama-server's default (slots + 4) is fewer than
+        # the connections a gateway opens under load, and an idle keep-alive connection
+        # holds its thread for 5 s, so requests past the threads stalled in 5 s steps.
+        argv += ["--threads-http", str(http_threads)]
     if n_gpus > 1 and n_gpu_layers and not has_flag(args, _SPLIT_FLAGS):
         # placement reserved an equal share on each GPU; llama.cpp would weigh by free memory
         argv += ["--tensor-split", ",".join(["1"] * n_gpus)]

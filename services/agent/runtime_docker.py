@@ -145,6 +145,7 @@ class DockerRuntime:
             args=spec.args,
             fit_off=knows_fit(self.image),
             cpu_count=os.cpu_count() or 1,
+            http_threads=spec.http_threads,
         )
         devices = None
         if spec.gpu_uuids:  # real GPUs only: simulated ones have nothing to pass through

@@ -110,6 +110,7 @@ class ProcessRuntime:
             args=spec.args,
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
             cpu_count=os.cpu_count() or 1,
+            http_threads=spec.http_threads,
         )
         log_file = self._log_file(spec.instance_id)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

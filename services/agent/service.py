@@ -65,6 +65,12 @@ BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the
 NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
 
 
+def http_threads(max_in_flight: int) -> int:
+    """HTTP threads for an instance: every connection the gateways may hold open to it
+    (two gateways at their per-model limit), plus a few for health checks and tokenizing."""
+    return 2 * max_in_flight + 8
+
+
 class StartupError(RuntimeError):
     """The agent cannot run as configured (e.g. runtime docker without an engine)."""
 
@@ -533,6 +539,7 @@ class Agent:
                     args=tuple(mcfg.args),
                     memory_mib=cmd.memory_mib,
                     api_key=instance_key.instance_key(self.secret, inst.instance_id),
+                    http_threads=http_threads(self.ctx.cfg.gateway.max_in_flight),
                 )
                 inst.handle = await self._call(self.runtime.launch, spec)
             except LaunchError as e:
