@@ -334,3 +334,54 @@ async def test_two_gateway_replicas_share_instances_and_activity(cluster, bus, t
         return [i for i in await instances(bus) if i.state == proto.InstanceState.STOPPED]
 
     await wait_for(stopped, 15, "idle stop after use ends")
+
+
+async def test_a_host_whose_clock_is_off_is_not_lost(cluster, bus, tiny_gguf):
+    """Liveness is judged by when the placer received a heartbeat, not by the host's clock."""
+    c = cluster(gguf_models(tiny_gguf, ["m"], 300))
+    c.spawn("placer")
+    lost: list[bytes] = []
+
+    async def on_lost(msg) -> None:  # noqa: ANN001
+        lost.append(msg.data)
+
+    sub = await bus.nc.subscribe(proto.evt("host.lost"), cb=on_lost)
+
+    async def heartbeat(ts_offset: float) -> None:
+        rec = proto.HostRecord(
+            host_id="skewed",
+            ts=time.time() + ts_offset,
+            started_at=time.time(),
+            runtime="process",
+            gpus=[],
+            cpu_count=2,
+            ram_total_mib=8000,
+            ram_free_mib=8000,
+        )
+        await bus.put(bus.hosts, "skewed", rec)
+
+    for _ in range(12):  # 6 s of heartbeats from a host whose clock is 30 s behind
+        await heartbeat(-30)
+        await asyncio.sleep(0.5)
+    assert lost == []  # host_lost_after is 3 s here: by its own clock it was long gone
+    await asyncio.sleep(4.5)  # now it really is silent
+    assert len(lost) == 1 and b"skewed" in lost[0]
+    await sub.unsubscribe()
+
+
+async def test_nats_frozen_then_back_marks_no_host_lost(cluster, bus, tiny_gguf, nats_server):
+    """A placer that heard nothing because the bus itself stopped must not conclude the
+    hosts are gone; warm models serve again once it is back."""
+    c = cluster(gguf_models(tiny_gguf, ["m"], 300))
+    await start_services(c, bus, {"h1": [{"name": "sim", "memory_mib": 4000}]})
+    assert (await ask(c.base, "m")).status_code == 200
+    nats_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(6)  # twice placer.host_lost_after (3 s here)
+    finally:
+        nats_server.proc.send_signal(signal.SIGCONT)
+    await asyncio.sleep(5)  # the placer's first passes after the bus came back
+    recs = await instances(bus)
+    assert [i.state for i in recs if i.model == "m"] == [proto.InstanceState.READY], recs
+    assert (await ask(c.base, "m")).status_code == 200
+    assert "host h1 lost" not in c.logs("placer")

@@ -148,31 +148,46 @@ def test_a_model_that_never_fits_beside_a_kept_one_is_refused_at_once(
 async def test_a_drain_past_its_deadline_is_abandoned_with_a_clear_answer(
     tmp_path, nats_url, llama_server_bin, tiny_gguf
 ):
-    """Requests on the only model that could yield outlast placer.drain_timeout: the waiting
-    model's request gets a 503 naming why, and none of the running requests is cut off."""
+    """A request on the only model that could yield outlasts placer.drain_timeout: the
+    waiting model's request gets a 503 naming why, and the running request is not cut off."""
     s = start(
         tmp_path,
         nats_url,
         tiny_gguf,
-        {"long": (30, {"args": ["-np", "1"]}), "waits": (31, {})},
+        # --context-shift: one answer generates for as long as its client reads it
+        {"long": (30, {"args": ["-np", "1", "--context-shift"]}), "waits": (31, {})},
         gpus=[{"name": "sim", "memory_mib": 2000}],
         drain_timeout=2,
         min_turn=0.5,
     )
+    chunks = 0
+    streaming, done = asyncio.Event(), asyncio.Event()
+
+    async def hold(c: httpx.AsyncClient) -> int:
+        nonlocal chunks
+        body = chat("long", max_tokens=1_000_000, stream=True)
+        async with c.stream("POST", f"{s.base}/v1/chat/completions", json=body) as r:
+            async for _ in r.aiter_raw():
+                chunks += 1
+                if chunks >= 10:
+                    streaming.set()
+                if done.is_set():
+                    break
+            return r.status_code
+
     try:
         async with httpx.AsyncClient(timeout=120) as c:
-            # one slot: twelve answers of ~2,000 tokens each keep it busy for many seconds
-            running = [
-                asyncio.create_task(post(c, s.base, chat("long", max_tokens=2000)))
-                for _ in range(12)
-            ]
-            await asyncio.sleep(1.5)
+            running = asyncio.create_task(hold(c))
+            await asyncio.wait_for(streaming.wait(), 30)
             status, body, waited = await post(c, s.base, chat("waits"))
             assert status == 503, body
             assert "drain_timeout" in body["error"]["message"]
             assert waited < 15
-            assert not all(t.done() for t in running), "the drain should have had work to wait for"
-            assert [st for st, _, _ in await asyncio.gather(*running)] == [200] * 12
+            seen = chunks
+            await asyncio.sleep(1)
+            assert not running.done() and chunks > seen, "the running answer was cut off"
+            done.set()
+            assert await running == 200
         assert "could not take its turn" in s.logs()
     finally:
         s.stop()

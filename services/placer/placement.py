@@ -505,9 +505,20 @@ def _no_eviction(busy: int, kept: int, reachable: float, had_candidates: bool) -
 # ---------------------------------------------------------------- the decisions
 
 
-def lost_hosts(hosts: Sequence[HostRecord], now: float, host_lost_after: float) -> list[str]:
-    """Hosts whose last heartbeat is older than `host_lost_after` seconds."""
-    return [h.host_id for h in hosts if now - h.ts > host_lost_after]
+def lost_hosts(
+    hosts: Sequence[HostRecord],
+    now: float,
+    host_lost_after: float,
+    heard: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Hosts whose last heartbeat is older than `host_lost_after` seconds.
+
+    `heard`, where given, says when the placer received each host's last heartbeat, on the
+    placer's own clock (as `now` is): a host whose clock is off is then not lost for it.
+    Without it, the heartbeat's own `ts` is used (the host's clock)."""
+    if heard is None:
+        return [h.host_id for h in hosts if now - h.ts > host_lost_after]
+    return [h.host_id for h in hosts if now - heard.get(h.host_id, now) > host_lost_after]
 
 
 def _pin_host(
@@ -540,6 +551,7 @@ def place(
     ram_reserve_mib: int = 1024,
     keep_loaded: frozenset[str] = frozenset(),
     split_overhead_mib: int = GPU_OVERHEAD_MIB,
+    heard: Mapping[str, float] | None = None,
     may_drain: Mapping[str, float] | None = None,
     settled_before: float | None = None,
 ) -> Placed | NoFit:
@@ -555,7 +567,7 @@ def place(
     if not hosts:
         return NoFit("no hosts have joined yet: start an agent")
     notes: list[str] = []
-    lost = lost_hosts(hosts, now, host_lost_after)
+    lost = lost_hosts(hosts, now, host_lost_after, heard)
     if lost:
         notes.append(
             f"{len(lost)} of {len(hosts)} hosts excluded: no heartbeat for over"

@@ -58,6 +58,7 @@ class Placer:
         self.cfg = ctx.cfg
         self.bus = ctx.bus
         self.hosts: dict[str, proto.HostRecord] = {}
+        self.received: dict[str, float] = {}  # host -> when its last heartbeat arrived
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.activity: dict[str, proto.ActivityReport] = {}
@@ -80,10 +81,19 @@ class Placer:
 
     def _on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
         self.hosts[rec.host_id] = rec
+        self.received[rec.host_id] = time.time()  # our clock: hosts' clocks may be off
         self.wake.set()
 
     def _on_host_del(self, key: str) -> None:
         self.hosts.pop(key, None)
+        self.received.pop(key, None)
+
+    def _heard(self) -> dict[str, float]:
+        """When each host was last heard, on our clock; never before the bus last came back
+        to us: a placer that heard nothing while the bus was away must not judge hosts by
+        that silence."""
+        back = self.lease.bus_back_at
+        return {h: max(t, back) for h, t in self.received.items()}
 
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
         self.instances[rec.instance_id] = rec
@@ -570,6 +580,7 @@ class Placer:
             now=now,
             strategy=strategy,
             host_lost_after=self.cfg.placer.host_lost_after,
+            heard=self._heard(),
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
             may_drain=may_drain,
@@ -602,6 +613,7 @@ class Placer:
             now=now,
             strategy=self.cfg.placer.strategy,
             host_lost_after=self.cfg.placer.host_lost_after,
+            heard=self._heard(),
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
         )
@@ -792,7 +804,10 @@ class Placer:
         return max(fails, key=lambda r: r.updated) if fails else None
 
     async def _mark_lost_hosts(self, now: float) -> None:
-        lost = set(lost_hosts(list(self.hosts.values()), now, self.cfg.placer.host_lost_after))
+        if not self.lease.bus_answering(now):
+            return  # silence from every host says nothing while the bus itself is quiet
+        after = self.cfg.placer.host_lost_after
+        lost = set(lost_hosts(list(self.hosts.values()), now, after, self._heard()))
         for host_id in lost - self.lost:
             await self.bus.emit(
                 proto.HostLost(
