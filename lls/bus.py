@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -32,7 +33,7 @@ from nats.js.kv import KeyValue
 
 import proto
 from lls import auth
-from lls.config import NatsTls, expand
+from lls.config import NatsLimits, NatsTls, expand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,6 +125,7 @@ async def connect(
     creds: str | Path | None = None,
     tls: NatsTls | None = None,
     deadline_s: float = 30.0,
+    limits: NatsLimits | None = None,
 ) -> Bus:
     """Connect as the identity in `creds` (default: the file named by $LLS_NATS_CREDS; none:
     no credentials) and bind the streams and buckets: the placer and the operator create or
@@ -192,15 +194,16 @@ async def connect(
     connecting.result()
     js = nc.jetstream(timeout=10)
     declare = ident is None or ident.may_declare
+    limits = limits or NatsLimits()
     for cfg in STREAMS:
         if declare:
-            await _ensure_stream(js, cfg)
+            await _ensure_stream(js, cfg, limits)
         else:
             await _await_stream(js, cfg.name, until)
     kv = {}
     for cfg in BUCKETS:
         if declare:
-            kv[cfg.bucket] = await _ensure_bucket(js, cfg)
+            kv[cfg.bucket] = await _ensure_bucket(js, cfg, limits)
         else:
             await _await_stream(js, f"KV_{cfg.bucket}", until)
             kv[cfg.bucket] = await js.key_value(cfg.bucket)
@@ -233,25 +236,75 @@ async def _await_stream(js: JetStreamContext, name: str, until: float) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+DEFAULT_LIMITS = NatsLimits(
+    events_max_bytes=1 << 30,
+    commands_max_bytes=256 << 20,
+    bucket_max_bytes=64 << 20,
+    max_msg_bytes=1 << 20,
+)
+
+
+def size_limits(stream: str, limits: NatsLimits) -> dict[str, int]:
+    """The size fields of `stream` (a KV bucket's is KV_<bucket>) that `limits` sets; the
+    ones it leaves out (None) are not there, so what the server has stays."""
+    size = {
+        proto.EVENTS_STREAM: limits.events_max_bytes,
+        proto.CMDS_STREAM: limits.commands_max_bytes,
+    }.get(stream, limits.bucket_max_bytes)
+    out = {"max_bytes": size, "max_msg_size": limits.max_msg_bytes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _with_defaults(limits: NatsLimits) -> NatsLimits:
+    given = msgspec.structs.asdict(limits)
+    return NatsLimits(
+        **{k: v if v is not None else getattr(DEFAULT_LIMITS, k) for k, v in given.items()}
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig, limits: NatsLimits) -> None:
+    """Create the stream with the configured limits (defaults where unset); an existing one
+    keeps its limits (an operator may have set them on purpose) except those the config sets."""
     try:
-        await js.stream_info(cfg.name)
-        await js.update_stream(cfg)
+        info = await js.stream_info(cfg.name)
     except NotFoundError:
         try:
-            await js.add_stream(cfg)
+            await js.add_stream(
+                dataclasses.replace(cfg, **size_limits(cfg.name, _with_defaults(limits)))
+            )
+            return
         except BadRequestError:  # another service created it meanwhile
-            await js.update_stream(cfg)
+            info = await js.stream_info(cfg.name)
+    await _apply(js, info.config, size_limits(cfg.name, limits), subjects=cfg.subjects)
 
 
-async def _ensure_bucket(js: JetStreamContext, cfg: KeyValueConfig) -> KeyValue:
+async def _apply(
+    js: JetStreamContext, cur: StreamConfig, changes: dict[str, Any], **ours: Any
+) -> None:
+    wanted = {**changes, **ours}
+    if any(getattr(cur, k) != v for k, v in wanted.items()):
+        log.info("stream %s: setting %s", cur.name, wanted)
+        await js.update_stream(dataclasses.replace(cur, **wanted))
+
+
+async def _ensure_bucket(js: JetStreamContext, cfg: KeyValueConfig, limits: NatsLimits) -> KeyValue:
+    stream = f"KV_{cfg.bucket}"
     try:
-        return await js.key_value(cfg.bucket)
+        kv = await js.key_value(cfg.bucket)
     except Exception:
+        made = size_limits(stream, _with_defaults(limits))
+        sized = dataclasses.replace(
+            cfg, max_bytes=made["max_bytes"], max_value_size=made["max_msg_size"]
+        )
         try:
-            return await js.create_key_value(cfg)
+            kv = await js.create_key_value(sized)
         except BadRequestError:
-            return await js.key_value(cfg.bucket)
+            kv = await js.key_value(cfg.bucket)
+    # No roll-ups: permissions see subjects, not headers, so an identity allowed one key
+    # could otherwise empty the whole bucket with `Nats-Rollup: all` (we never purge).
+    info = await js.stream_info(stream)
+    await _apply(js, info.config, size_limits(stream, limits), allow_rollup_hdrs=False)
+    return kv
 
 
 def durable_config(name: str, subject: str, ack_wait_s: float = 30) -> ConsumerConfig:

@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
 
     async def go() -> int:
         try:
-            bus = await connect(url, "cli", creds=creds, tls=cfg.nats.tls, deadline_s=10)
+            bus = await connect(
+                url, "cli", creds=creds, tls=cfg.nats.tls, deadline_s=10, limits=cfg.nats.limits
+            )
         except Exception as e:  # noqa: BLE001
             print(f"error: cannot reach NATS at {url}: {e}", file=sys.stderr)
             return 2

@@ -55,6 +55,16 @@ class NatsTls(Strict):
     verify_client: bool = False  # the (embedded) server accepts only clients with a cert from ca
 
 
+class NatsLimits(Strict):
+    """Size limits of the streams and buckets. A key left out keeps what the server has (a
+    limit an operator set there stays); on first creation the default below applies."""
+
+    events_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # created with 1 GiB
+    commands_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # created with 256 MiB
+    bucket_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # each KV bucket; 64 MiB
+    max_msg_bytes: Annotated[int, Meta(gt=0)] | None = None  # one message or record; 1 MiB
+
+
 class NatsConfig(Strict):
     url: str = "embedded"  # "embedded" starts nats-server; else nats://host:port or tls://
     port: Port = 4222  # for the embedded server; a busy port falls back to a free one
@@ -62,6 +72,7 @@ class NatsConfig(Strict):
     # Identity files (<user>.json, 0600) and the server's auth config; empty = store_dir/auth
     credentials_dir: str = ""
     tls: NatsTls | None = None
+    limits: NatsLimits = msgspec.field(default_factory=NatsLimits)
 
 
 class SimulatedGpu(Strict):

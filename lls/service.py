@@ -92,7 +92,9 @@ async def _serve(
     creds: Path,
     args: argparse.Namespace,
 ) -> None:
-    bus = await asyncio.wait_for(connect(url, name, creds=creds, tls=cfg.nats.tls), 35)
+    bus = await asyncio.wait_for(
+        connect(url, name, creds=creds, tls=cfg.nats.tls, limits=cfg.nats.limits), 35
+    )
     ctx = ServiceContext(
         name=name, cfg=cfg, bus=bus, host_id=args.host_id or cfg.host_id(), port=args.port
     )

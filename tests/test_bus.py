@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from nats.js.api import KeyValueConfig
 
@@ -52,3 +53,35 @@ async def test_concurrent_snapshots_during_writes_never_miss_an_existing_key(bus
     await writer
     for snap in snaps:
         assert {f"k{i}" for i in range(200)} <= snap.keys()
+
+
+async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url: str) -> None:
+    from lls.bus import connect
+    from lls.config import NatsLimits
+
+    first = await connect(nats_url, "t1")
+    try:
+        info = await first.js.stream_info(proto.EVENTS_STREAM)
+        assert info.config.max_bytes == 1 << 30 and info.config.max_msg_size == 1 << 20
+        kv = await first.js.stream_info(f"KV_{proto.KV_INSTANCES}")
+        assert kv.config.max_bytes == 64 << 20
+        # An operator shrinks the event stream by hand (nats stream edit).
+        await first.js.update_stream(dataclasses.replace(info.config, max_bytes=200 << 20))
+    finally:
+        await first.close()
+    again = await connect(nats_url, "t2")  # a restart with no limits in its config
+    try:
+        info = await again.js.stream_info(proto.EVENTS_STREAM)
+        assert info.config.max_bytes == 200 << 20  # not overwritten
+    finally:
+        await again.close()
+    limits = NatsLimits(commands_max_bytes=32 << 20, bucket_max_bytes=8 << 20)
+    configured = await connect(nats_url, "t3", limits=limits)  # a limit set in the config
+    try:
+        cmds = await configured.js.stream_info(proto.CMDS_STREAM)
+        kv = await configured.js.stream_info(f"KV_{proto.KV_HOSTS}")
+        events = await configured.js.stream_info(proto.EVENTS_STREAM)
+        assert cmds.config.max_bytes == 32 << 20 and kv.config.max_bytes == 8 << 20
+        assert events.config.max_bytes == 200 << 20
+    finally:
+        await configured.close()

@@ -179,6 +179,15 @@ async def test_an_agent_writes_its_own_host_record_only(
     await refused(a.emit(proto.Demand(model="m", gateway_id="g")), "lls.evt.demand", caplog)
 
 
+async def test_no_identity_can_empty_a_bucket_with_a_rollup(as_user, bus: Bus) -> None:
+    await bus.hosts.put("B", proto.encode(proto.LeaseRecord(holder="B", ts=1.0)))
+    a = await as_user("agent-A")
+    record = proto.encode(proto.LeaseRecord(holder="A", ts=1.0))
+    with pytest.raises(Exception, match="(?i)rollup"):
+        await a.js.publish(f"$KV.{proto.KV_HOSTS}.A", record, headers={"Nats-Rollup": "all"})
+    assert (await bus.hosts.get("B")).value  # host B's record is still there
+
+
 async def test_a_downloader_takes_its_downloads_and_shared_inspections_only(
     as_user, bus: Bus, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -372,12 +372,18 @@ async def test_a_host_whose_clock_is_off_is_not_lost(cluster, bus, tiny_gguf):
 async def test_nats_frozen_then_back_marks_no_host_lost(cluster, bus, tiny_gguf, nats_server):
     """A placer that heard nothing because the bus itself stopped must not conclude the
     hosts are gone; warm models serve again once it is back."""
-    c = cluster(gguf_models(tiny_gguf, ["m"], 300))
+    c = cluster(gguf_models(tiny_gguf, ["m", "cold"], 300))
     await start_services(c, bus, {"h1": [{"name": "sim", "memory_mib": 4000}]})
     assert (await ask(c.base, "m")).status_code == 200
     nats_server.proc.send_signal(signal.SIGSTOP)
     try:
-        await asyncio.sleep(6)  # twice placer.host_lost_after (3 s here)
+        await asyncio.sleep(2.5)
+        assert (await ask(c.base, "m")).status_code == 200  # warm: served from the view
+        t0 = time.monotonic()
+        cold = await ask(c.base, "cold")  # cold: needs the bus, refused fast and clearly
+        assert cold.status_code == 503 and "bus" in cold.json()["error"]["message"].lower()
+        assert time.monotonic() - t0 < 8 and cold.headers.get("retry-after")
+        await asyncio.sleep(max(0.0, 8 - (time.monotonic() - t0)))  # over 2x host_lost_after
     finally:
         nats_server.proc.send_signal(signal.SIGCONT)
     await asyncio.sleep(5)  # the placer's first passes after the bus came back
