@@ -162,9 +162,8 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
     elif user.startswith("agent-"):
         host = user[len("agent-") :]
         pub += [proto.evt("host.joined"), proto.evt("instance.>"), proto.evt("command.refused")]
-        # Own host record only. Instance records are keyed by instance id, not host, so an
-        # agent can write any of them (docs/security.md, "Limits").
-        pub += [f"$KV.{proto.KV_HOSTS}.{host}", f"$KV.{proto.KV_INSTANCES}.>"]
+        # Its own host's records only: instance records are keyed `<host>.<instance id>`.
+        pub += [f"$KV.{proto.KV_HOSTS}.{host}", f"$KV.{proto.KV_INSTANCES}.{host}.>"]
         pub += _consume(user, proto.cmd_agent(host))
     elif user.startswith("downloader-"):
         host = user[len("downloader-") :]

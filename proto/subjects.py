@@ -53,3 +53,15 @@ def cmd_inspect() -> str:
 def kv_key(name: str) -> str:
     """KV keys allow [-/_=.a-zA-Z0-9]; map anything else to '_' (model names may hold ':')."""
     return "".join(c if c.isalnum() or c in "-_=." else "_" for c in name)
+
+
+def instance_key(host: str, instance_id: str) -> str:
+    """An instance record's key in KV instances: `<host>.<instance id>`. Keyed by host, so a
+    host's agent identity may write its own host's records and no other's (its NATS
+    permission is `$KV.lls_instances.<host>.>`)."""
+    return f"{kv_key(host)}.{kv_key(instance_id)}"
+
+
+def instance_of_key(key: str) -> str:
+    """The instance id in an instance record's key (host ids hold no dot; ids may)."""
+    return key.split(".", 1)[1] if "." in key else key

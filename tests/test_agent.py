@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import proto
-from lls.bus import Bus, connect, new_id
+from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, parse
 from lls.instance_key import instance_key, load_or_create
 from lls.service import ServiceContext
@@ -96,11 +96,9 @@ async def eventually(
 
 
 async def get_record(bus: Bus, iid: str) -> InstanceRecord | None:
-    try:
-        e = await bus.instances.get(proto.kv_key(iid))
-    except Exception:  # noqa: BLE001 - not there (yet)
-        return None
-    return proto.decode(e.value, InstanceRecord) if e.value else None
+    """Instance `iid`'s record, whichever host's key it is under."""
+    records = await kv_snapshot(bus, bus.instances, InstanceRecord)
+    return next((r for r in records.values() if r.instance_id == iid), None)
 
 
 async def wait_state(
@@ -143,7 +141,7 @@ async def put_record(
     rec = InstanceRecord(
         instance_id=iid, model=model, state=state, created=t, updated=t, host=host, **kw
     )
-    await bus.put(bus.instances, iid, rec)
+    await bus.instances.put(proto.instance_key(host or "", iid), proto.encode(rec))
 
 
 def start_cmd(iid: str, filename: str, model: str = "tiny", **kw: Any) -> StartInstance:

@@ -168,7 +168,7 @@ async def test_an_agent_consumes_only_its_own_commands_and_commands_nobody(
         )
 
 
-async def test_an_agent_writes_its_own_host_record_only(
+async def test_an_agent_writes_its_own_host_records_only(
     as_user, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = await as_user("agent-A")
@@ -177,6 +177,10 @@ async def test_an_agent_writes_its_own_host_record_only(
     await refused(a.hosts.put("B", record), f"$KV.{proto.KV_HOSTS}.B", caplog)
     await refused(a.leases.put("placer", record), f"$KV.{proto.KV_LEASES}.placer", caplog)
     await refused(a.emit(proto.Demand(model="m", gateway_id="g")), "lls.evt.demand", caplog)
+    # instance records are keyed <host>.<instance id>: its own host's only
+    await a.instances.put(proto.instance_key("A", "m-0000000a"), record)
+    other = proto.instance_key("B", "m-0000000b")
+    await refused(a.instances.put(other, record), f"$KV.{proto.KV_INSTANCES}.{other}", caplog)
 
 
 async def test_no_identity_can_empty_a_bucket_with_a_rollup(as_user, bus: Bus) -> None:

@@ -288,7 +288,7 @@ async def test_two_stacks_on_one_machine_never_adopt_or_stop_each_others_instanc
     ready_x = await wait_state(bus, x, InstanceState.READY)
     [sx] = state_files(tmp_path)
     await first.crash()
-    await bus.instances.delete(proto.kv_key(x))  # stack b's bus knows nothing of it
+    await bus.instances.delete(proto.instance_key(host, x))  # stack b's bus knows nothing
 
     second = await agents.start(cfg("stack-b"), host)  # its adoption is done now
     assert alive(sx["pid"], sx["start_ticks"]) and await get_record(bus, x) is None
@@ -298,7 +298,7 @@ async def test_two_stacks_on_one_machine_never_adopt_or_stop_each_others_instanc
     sy = next(s for s in state_files(tmp_path) if s["instance_id"] == y)
     assert {s["cluster"] for s in state_files(tmp_path)} == {"stack-a", "stack-b"}
     await second.crash()
-    await bus.instances.delete(proto.kv_key(y))
+    await bus.instances.delete(proto.instance_key(host, y))
     await put_record(bus, x, "a", InstanceState.READY, host, endpoint=ready_x.endpoint)
 
     third = await agents.start(cfg("stack-a"), host)  # adopts x, leaves y alone

@@ -702,7 +702,7 @@ class Agent:
 
     async def _get(self, instance_id: str) -> InstanceRecord | None:
         try:
-            entry = await self.bus.instances.get(proto.kv_key(instance_id))
+            entry = await self.bus.instances.get(proto.instance_key(self.host, instance_id))
         except KeyNotFoundError:  # deleted keys too
             return None
         if not entry.value:
@@ -721,7 +721,7 @@ class Agent:
         self, instance_id: str, model: str, mutate: Callable[[InstanceRecord], None]
     ) -> InstanceRecord:
         """Read-modify-write with optimistic concurrency (the placer writes records too)."""
-        kv, key = self.bus.instances, proto.kv_key(instance_id)
+        kv, key = self.bus.instances, proto.instance_key(self.host, instance_id)
         for _ in range(20):
             try:
                 entry = await kv.get(key)

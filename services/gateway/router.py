@@ -127,8 +127,9 @@ class Router:
         self._reindex(rec.model)
 
     def on_instance_deleted(self, key: str) -> None:
-        rec = self.instances.pop(key, None)
-        self.draining.discard(key)
+        iid = proto.instance_of_key(key)
+        rec = self.instances.pop(iid, None)
+        self.draining.discard(iid)
         if rec is not None:
             self._reindex(rec.model)
 

@@ -101,8 +101,9 @@ class Placer:
         self.wake.set()
 
     def _on_instance_del(self, key: str) -> None:
-        self.instances.pop(key, None)
-        self.revisions.pop(key, None)
+        iid = proto.instance_of_key(key)
+        self.instances.pop(iid, None)
+        self.revisions.pop(iid, None)
 
     def _on_header(self, key: str, info: proto.ModelInfo, _rev: int) -> None:
         self.headers[info.model] = info
@@ -337,7 +338,8 @@ class Placer:
             reason="placed",
             placement=decision.reason if need.memory_mib else unknown_need(decision.host),
         )
-        rev = await self.bus.instances.create(proto.kv_key(iid), proto.encode(rec))
+        key = proto.instance_key(decision.host, iid)
+        rev = await self.bus.instances.create(key, proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
         await self.bus.emit(
             proto.PlacementDecided(
@@ -840,7 +842,7 @@ class Placer:
         ttl = END_RECORD_TTL_S + self.cfg.placer.failure_backoff
         for rec in list(self.instances.values()):
             if rec.state in proto.END_STATES and now - rec.updated > ttl:
-                await self.bus.instances.delete(proto.kv_key(rec.instance_id))
+                await self.bus.instances.delete(proto.instance_key(rec.host or "", rec.instance_id))
 
     # ------------------------------------------------------------------ writes
 
@@ -870,7 +872,7 @@ class Placer:
         rev = self.revisions.get(rec.instance_id)
         try:
             rev = await self.bus.instances.update(
-                proto.kv_key(rec.instance_id), proto.encode(new), last=rev
+                proto.instance_key(rec.host or "", rec.instance_id), proto.encode(new), last=rev
             )
         except KeyWrongLastSequenceError:
             return False  # the next pass sees the newer record and decides again
