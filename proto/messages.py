@@ -199,6 +199,7 @@ class ActivityReport(Struct):
     instances: dict[str, InstanceActivity] = {}
     queues: dict[str, ModelQueue] = {}  # model -> what waits for it here
     draining: list[str] = []  # DRAINING instance ids this gateway sends nothing new to
+    instances_rev: int = 0  # the KV instances revision this gateway's view has reached
 
 
 class ModelInfo(Struct):

@@ -124,14 +124,16 @@ def test_room_promised_to_a_waiting_model_is_not_taken_by_another() -> None:
     assert placed(place(hosts, instances, idle, first, now=NOW)).evict == ("a",)
 
 
-def test_an_instance_ready_after_the_last_activity_report_is_not_evicted() -> None:
+def test_an_instance_no_gateway_has_reported_on_since_it_was_ready_is_not_evicted() -> None:
     hosts = [host("h", gpu(0, 3))]
     instances = [inst("a", "h", [0], 1.2, ready_at=NOW - 1), inst("b", "h", [0], 1.2)]
     activity = {"b": used(NOW, in_flight=1)}
-    # The report is older than a's start: a's waiting requests may not show in it yet.
-    reason = nofit(place(hosts, instances, activity, need(1.2), now=NOW, settled_before=NOW - 2))
+    # The gateways have not yet reported since `a` became ready: its waiting requests may
+    # not show in what they said.
+    unsettled = frozenset({"a"})
+    reason = nofit(place(hosts, instances, activity, need(1.2), now=NOW, unsettled=unsettled))
     assert "2 busy" in reason
-    p = placed(place(hosts, instances, activity, need(1.2), now=NOW, settled_before=NOW))
+    p = placed(place(hosts, instances, activity, need(1.2), now=NOW))
     assert p.evict == ("a",)
 
 

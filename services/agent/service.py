@@ -57,7 +57,7 @@ MAX_COMMANDS = 16  # commands handled at once (each in its own task)
 LAUNCH_ACK_S = 20.0  # a start is acked once launched, at the latest after this (< ack_wait)
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL
 STOP_WAIT_S = STOP_GRACE_S + 20.0  # a stop command waits this long for the instance to end
-HEALTH_POLL_S = 0.05  # a start is noticed fast: a swap waits on it
+HEALTH_POLL_S = 0.02  # a start is noticed fast: a swap waits on it
 WATCH_POLL_S = 1.0
 RECONCILE_EVERY_S = 5.0
 STALL_CHECK_EVERY = 30  # idle fetches between checks that the pull consumer still delivers
@@ -331,7 +331,10 @@ class Agent:
                     )
                     continue
                 try:
-                    msgs = await sub.fetch(batch=room, timeout=1)
+                    # One at a time: nats-py's fetch of n, once one message came, waits
+                    # out its timeout for the rest, so a second start sent just after
+                    # the first waited up to a second.
+                    msgs = await sub.fetch(batch=1, timeout=1)
                     errors = idle = 0
                 except TimeoutError:
                     idle += 1

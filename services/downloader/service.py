@@ -155,7 +155,9 @@ class Downloader:
                     await asyncio.wait(active, timeout=1, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await psub.fetch(free, timeout=1)
+                    # One at a time: a fetch of n waits out its timeout for the rest once
+                    # one came, which delayed a second download by up to a second.
+                    msgs = await psub.fetch(1, timeout=1)
                 except TimeoutError:
                     continue  # nothing to do
                 except Exception as e:  # noqa: BLE001 - NATS reconnecting: keep polling

@@ -38,7 +38,7 @@ BAD_ENDPOINT_S = 5.0  # an endpoint that refused a connection is skipped this lo
 BUS_GRACE_S = 2.0  # a bus silent this long refuses cold requests (503) instead of waiting
 BUS_RETRY_S = 5.0
 REPORT_EVERY_S = 1.0  # activity report period
-REPORT_SOONEST_S = 0.02  # an early report (a drain may be done) waits at least this long
+REPORT_SOONEST_S = 0.005  # an early report waits this long for changes that come together
 
 
 def endpoint_refusal(rec: InstanceRecord, hosts: Mapping[str, proto.HostRecord]) -> str | None:
@@ -97,6 +97,7 @@ class Router:
         self.queued: dict[str, dict[int, float]] = {}
         self._tickets = itertools.count()
         self.draining: set[str] = set()  # DRAINING instances this gateway has seen
+        self.view_rev = 0  # the instances bucket's revision this view has reached
         self.keep_alive: dict[str, float] = {}  # instance id -> the last request's keep_alive
         self.swap_wait = Ewma()  # seconds a request waited for a model to become ready
         self._report_now = asyncio.Event()
@@ -104,7 +105,8 @@ class Router:
 
     # ------------------------------------------------------------------ view upkeep
 
-    def on_instance(self, _key: str, rec: InstanceRecord, _rev: int) -> None:
+    def on_instance(self, _key: str, rec: InstanceRecord, rev: int) -> None:
+        self.view_rev = max(self.view_rev, rev)
         old = self.instances.get(rec.instance_id)
         self.instances[rec.instance_id] = rec
         if rec.state == InstanceState.DRAINING:
@@ -383,8 +385,11 @@ class Router:
         iid = rec.instance_id
         left = self.in_flight[iid] = max(0, self.in_flight.get(iid, 0) - 1)
         self.last_used[iid] = time.time()
-        if left == 0 and iid in self.draining:
-            self._report_now.set()  # this drain may be done: tell the placer now
+        if left == 0 and (iid in self.draining or self._others_wait(rec.model)):
+            self._report_now.set()  # a drain may be done, or room is free for who waits
+
+    def _others_wait(self, model: str) -> bool:
+        return any(waits for m, waits in self.queued.items() if m != model)
 
     async def _report_activity(self, stop: asyncio.Event) -> None:
         """Every second, and soon after a drain may have finished or a queue formed, tell the
@@ -415,6 +420,7 @@ class Router:
                     if waits
                 },
                 draining=sorted(self.draining),
+                instances_rev=self.view_rev,
             )
             try:
                 await self.bus.put(self.bus.activity, self.gateway_id, report)

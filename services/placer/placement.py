@@ -262,7 +262,7 @@ def _evictables(
     keep_loaded: frozenset[str],
     hosts: set[str],
     may_drain: Mapping[str, float],
-    settle_after: float,
+    unsettled: frozenset[str],
 ) -> tuple[dict[str, list[Victim]], int, int]:
     """Victims per host in `hosts`: idle READY (or drained) instances least recently used
     first, then busy ones allowed to drain in their `may_drain` rank; (busy, kept) counts
@@ -275,8 +275,7 @@ def _evictables(
         if inst.state == InstanceState.DRAINING and inst.drain_for != need.model:
             busy += 1  # its room is promised to the model it yields to
             continue
-        ready_at = inst.ready_at if inst.ready_at is not None else inst.updated
-        if inst.state == InstanceState.READY and ready_at > settle_after:
+        if inst.state == InstanceState.READY and inst.instance_id in unsettled:
             busy += 1  # just ready: the requests that waited for it may not show yet
             continue
         act = activity.get(inst.instance_id)
@@ -553,15 +552,15 @@ def place(
     split_overhead_mib: int = GPU_OVERHEAD_MIB,
     heard: Mapping[str, float] | None = None,
     may_drain: Mapping[str, float] | None = None,
-    settled_before: float | None = None,
+    unsettled: frozenset[str] = frozenset(),
 ) -> Placed | NoFit:
     """Choose a host and GPUs for one new instance of `need.model`, or say why none fits.
 
     `may_drain` (instance id -> rank, lower first) lists busy instances that may yield
     their memory (see turns.may_yield); a decision that needs them says so in `drain`.
-    Instances that became ready after `settled_before` (the oldest activity report) are
-    never stopped for another model: the requests that waited for them may not be counted
-    yet, and swapping them out at once would thrash."""
+    `unsettled` instances (ready, but not yet seen so by every gateway) are never stopped
+    for another model: the requests that waited for them may not be counted yet, and
+    swapping them out at once would thrash."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown placement strategy {strategy!r} (use one of {STRATEGIES})")
     if not hosts:
@@ -594,7 +593,7 @@ def place(
             keep_loaded,
             here,
             may_drain or {},
-            now if settled_before is None else settled_before,
+            unsettled,
         )
         best = _best_with_eviction(views, by_host, need, strategy, split_overhead_mib)
         if best is None:

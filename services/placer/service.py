@@ -43,7 +43,6 @@ START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resen
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
 DEMAND_FRESH_S = 5.0  # a demand event counts this long (gateways resend every 2 s)
-REPORT_MARGIN_S = 0.1  # a gateway's report reflects what began this long before it
 NEVER_FITS_RETRY_S = 10.0  # Retry-After for a model that cannot fit even with turns
 NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
@@ -61,6 +60,7 @@ class Placer:
         self.received: dict[str, float] = {}  # host -> when its last heartbeat arrived
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
+        self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
         self.activity: dict[str, proto.ActivityReport] = {}
         self.headers: dict[str, proto.ModelInfo] = {}  # model -> header read from its source
         self.awaiting_header: dict[str, float] = {}  # model -> when its demand was held
@@ -98,12 +98,17 @@ class Placer:
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
         self.instances[rec.instance_id] = rec
         self.revisions[rec.instance_id] = rev
+        if rec.state == InstanceState.READY:
+            self.ready_rev.setdefault(rec.instance_id, rev)
+        elif rec.state != InstanceState.DRAINING:
+            self.ready_rev.pop(rec.instance_id, None)
         self.wake.set()
 
     def _on_instance_del(self, key: str) -> None:
         iid = proto.instance_of_key(key)
         self.instances.pop(iid, None)
         self.revisions.pop(iid, None)
+        self.ready_rev.pop(iid, None)
 
     def _on_header(self, key: str, info: proto.ModelInfo, _rev: int) -> None:
         self.headers[info.model] = info
@@ -586,13 +591,16 @@ class Placer:
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
             may_drain=may_drain,
-            settled_before=self._reports_since(now),
+            unsettled=self._unsettled(now),
         )
 
-    def _reports_since(self, now: float) -> float:
-        """The time every live gateway has reported since: activity newer than this counts."""
-        fresh = [r.ts for r in self.activity.values() if r.ts >= now - ACTIVITY_STALE_S]
-        return min(fresh) - REPORT_MARGIN_S if fresh else now
+    def _unsettled(self, now: float) -> frozenset[str]:
+        """READY instances some live gateway has not reported on since it saw them ready:
+        its waiting requests may be about to start there (no clocks compared)."""
+        seen = [r.instances_rev for r in self.activity.values() if r.ts >= now - ACTIVITY_STALE_S]
+        if not seen:
+            return frozenset()  # no gateway: nothing can be sent to them
+        return frozenset(iid for iid, rev in self.ready_rev.items() if rev > min(seen))
 
     def _keep_loaded(self) -> frozenset[str]:
         return frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
