@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+import proto
+from lls.bus import kv_snapshot
 from stack import Stack
 
 SLOT_MIB = 1200
@@ -51,6 +53,23 @@ async def post(c: httpx.AsyncClient, base: str, body: dict) -> tuple[int, dict, 
     t0 = time.monotonic()
     r = await c.post(f"{base}/v1/chat/completions", json=body)
     return r.status_code, r.json(), time.monotonic() - t0
+
+
+async def hold_stream(
+    c: httpx.AsyncClient, base: str, model: str, streaming: asyncio.Event, done: asyncio.Event
+) -> int:
+    """A streamed answer read until `done` (a model with --context-shift generates for as
+    long as it is read); `streaming` is set once it flows. Its status."""
+    body = chat(model, max_tokens=1_000_000, stream=True)
+    async with c.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        chunks = 0
+        async for _ in r.aiter_raw():
+            chunks += 1
+            if chunks >= 10:
+                streaming.set()
+            if done.is_set():
+                break
+        return r.status_code
 
 
 @pytest.fixture
@@ -154,38 +173,22 @@ async def test_a_drain_past_its_deadline_is_abandoned_with_a_clear_answer(
         tmp_path,
         nats_url,
         tiny_gguf,
-        # --context-shift: one answer generates for as long as its client reads it
         {"long": (30, {"args": ["-np", "1", "--context-shift"]}), "waits": (31, {})},
         gpus=[{"name": "sim", "memory_mib": 2000}],
         drain_timeout=2,
         min_turn=0.5,
     )
-    chunks = 0
     streaming, done = asyncio.Event(), asyncio.Event()
-
-    async def hold(c: httpx.AsyncClient) -> int:
-        nonlocal chunks
-        body = chat("long", max_tokens=1_000_000, stream=True)
-        async with c.stream("POST", f"{s.base}/v1/chat/completions", json=body) as r:
-            async for _ in r.aiter_raw():
-                chunks += 1
-                if chunks >= 10:
-                    streaming.set()
-                if done.is_set():
-                    break
-            return r.status_code
-
     try:
         async with httpx.AsyncClient(timeout=120) as c:
-            running = asyncio.create_task(hold(c))
+            running = asyncio.create_task(hold_stream(c, s.base, "long", streaming, done))
             await asyncio.wait_for(streaming.wait(), 30)
             status, body, waited = await post(c, s.base, chat("waits"))
             assert status == 503, body
             assert "drain_timeout" in body["error"]["message"]
             assert waited < 15
-            seen = chunks
             await asyncio.sleep(1)
-            assert not running.done() and chunks > seen, "the running answer was cut off"
+            assert not running.done(), "the running answer was cut off"
             done.set()
             assert await running == 200
         assert "could not take its turn" in s.logs()
@@ -226,5 +229,42 @@ def test_models_of_an_exclusive_group_never_run_together(
         ps = httpx.get(f"{s.base}/api/ps", timeout=10).json()["models"]
         assert sorted(m["name"] for m in ps) == ["free", "ga"]
         assert s.logs().count("exclusive group g: ") >= 2  # ga stopped for gb, gb for ga
+    finally:
+        s.stop()
+
+
+async def test_a_client_that_leaves_while_queued_frees_its_place(
+    tmp_path, nats_url, llama_server_bin, tiny_gguf, bus
+):
+    # m0 and m1 each hold a stream and are in a long turn: m2's request has to wait
+    shift = {"args": ["-np", "1", "--context-shift"]}
+    models = {"m0": (50, shift), "m1": (51, shift), "m2": (52, {})}
+    s = start(tmp_path, nats_url, tiny_gguf, models, min_turn=60)
+
+    async def queued_for(model: str) -> int:
+        reports = await kv_snapshot(bus, bus.activity, proto.ActivityReport)
+        return sum(q.waiting for r in reports.values() for m, q in r.queues.items() if m == model)
+
+    flowing = [asyncio.Event(), asyncio.Event()]
+    done = asyncio.Event()
+    try:
+        async with httpx.AsyncClient(timeout=60) as c:
+            holds = [
+                asyncio.create_task(hold_stream(c, s.base, m, ev, done))
+                for m, ev in zip(("m0", "m1"), flowing, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in flowing)), 30)
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(f"{s.base}/v1/chat/completions", json=chat("m2"), timeout=1.5)
+            for _ in range(25):  # the next reports (at most 5 s)
+                if not await queued_for("m2"):
+                    break
+                await asyncio.sleep(0.2)
+            assert await queued_for("m2") == 0  # its place in the queue is gone
+            done.set()
+            assert await asyncio.gather(*holds) == [200, 200]
+        await asyncio.sleep(3)  # m0 and m1 are idle now: nothing would stop m2 loading
+        recs = await kv_snapshot(bus, bus.instances, proto.InstanceRecord)
+        assert not [r for r in recs.values() if r.model == "m2"]  # nobody waits: not loaded
     finally:
         s.stop()

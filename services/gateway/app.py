@@ -28,7 +28,7 @@ from lls.config import ApiKey, Config
 from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama
-from .edge import check_depth
+from .edge import decode_body
 from .errors import ApiError, error_response, is_ollama
 from .metrics import TPS_KEY, Metrics, predicted_per_second
 from .proxy import Passthrough, Upstream, forward_headers
@@ -54,20 +54,7 @@ _HEAD = msgspec.json.Decoder(_Head)
 
 
 def parse_head(body: bytes) -> _Head:
-    if not body:
-        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
-    check_depth(body)  # llama-server parses the same bytes: no deep nesting reaches it
-    try:
-        return _HEAD.decode(body)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        if "missing required field" in msg:
-            raise ApiError(400, "missing required field `model`", "missing_model") from None
-        if msg.startswith("Expected `object`"):
-            raise ApiError(400, "request body must be a JSON object", "invalid_request") from None
-        raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+    return decode_body(_HEAD, body)
 
 
 async def until_disconnected(request: Request) -> None:

@@ -26,14 +26,16 @@ import logging
 import re
 import resource
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httptools
+import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import ApiError, error_body
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEAD_TIMEOUT_S = 10.0  # a request head (request line + headers) must arrive within this
 BODY_GRACE_S = 10.0  # a body may take this long plus 1 s per MIN_BODY_RATE bytes
@@ -68,6 +70,25 @@ def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
         rest = shorter
     if rest:
         raise ApiError(400, f"request body nests JSON deeper than {limit} levels", "invalid_json")
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A request body decoded and type-checked by `decoder`, or a 400 that says what is
+    wrong (empty, not JSON, too deep, not an object, no `model`, a field of a wrong type)."""
+    if not body:
+        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    check_depth(body)  # llama-server parses the same bytes: no deep nesting reaches it
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        if "missing required field `model`" in msg:
+            raise ApiError(400, "missing required field `model`", "missing_model") from None
+        if msg.startswith("Expected `object`"):
+            raise ApiError(400, "request body must be a JSON object", "invalid_request") from None
+        raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
 
 
 def open_file_limit() -> int:

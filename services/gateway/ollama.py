@@ -16,7 +16,7 @@ import msgspec
 
 from proto import GgufSummary
 
-from .edge import check_depth
+from .edge import decode_body
 from .errors import ApiError
 
 OLLAMA_VERSION = "0.6.8"  # the API level we mirror; clients only check that it answers
@@ -145,21 +145,8 @@ _DECODERS: dict[type, msgspec.json.Decoder] = {}
 
 def parse_body(body: bytes, kind: type[B]) -> B:
     """Decode and type-check an Ollama request body; any problem is a 400 saying what."""
-    if not body:
-        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
-    check_depth(body)
     decoder = _DECODERS.get(kind) or _DECODERS.setdefault(kind, msgspec.json.Decoder(kind))
-    try:
-        req = decoder.decode(body)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        if "missing required field `model`" in msg:
-            raise ApiError(400, "missing required field `model`", "missing_model") from None
-        if msg.startswith("Expected `object`"):
-            raise ApiError(400, "request body must be a JSON object", "invalid_request") from None
-        raise ApiError(400, f"invalid request: {msg}", "invalid_request") from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+    req = decode_body(decoder, body)
     if isinstance(req, ShowRequest) and not (req.model or req.name):
         raise ApiError(400, "missing required field `model`", "missing_model")
     for img in _all_images(req):

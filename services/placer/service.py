@@ -363,16 +363,9 @@ class Placer:
                 continue
             if vic.state == InstanceState.DRAINING and vic.drain_for == model:
                 await self._stop(vic, f"evicted to make room for {model} (drained first)")
-                await self.bus.emit(
-                    proto.SwapChanged(
-                        model=model,
-                        stage="done",
-                        yielding=[vic.instance_id],
-                        yielding_models=[vic.model],
-                        reason=f"{vic.model} drained; {model} starts in its room",
-                        drain_s=now - (vic.drain_since or now),
-                    )
-                )
+                why = f"{vic.model} drained; {model} starts in its room"
+                drained_in = now - (vic.drain_since or now)
+                await self._swap_event(model, "done", [vic], why, drain_s=drained_in)
             else:
                 await self._stop(vic, f"evicted to make room for {model}")
         # A fit decided with the header's estimate and no eviction holds as it is; after an
@@ -684,19 +677,35 @@ class Placer:
             for iid in decision.evict
             if (v := self.instances.get(iid)) is not None and v.state == InstanceState.READY
         ]
-        why = f"yielding to {model}, which waits: {decision.reason}"
+        await self._drain(
+            model, victims, f"yielding to {model}, which waits: {decision.reason}", now
+        )
+
+    async def _drain(self, model: str, victims: list[InstanceRecord], why: str, now: float) -> None:
+        """The first step of a swap: `victims` stop taking requests, for `model`'s sake."""
         log.info("swap for %s: %s drain", model, ", ".join(v.instance_id for v in victims))
         for vic in victims:
             await self._write(
                 vic, state=InstanceState.DRAINING, drain_for=model, drain_since=now, reason=why
             )
+        await self._swap_event(model, "draining", victims, why)
+
+    async def _swap_event(
+        self,
+        model: str,
+        stage: str,
+        victims: list[InstanceRecord],
+        why: str,
+        drain_s: float | None = None,
+    ) -> None:
         await self.bus.emit(
             proto.SwapChanged(
                 model=model,
-                stage="draining",
+                stage=stage,
                 yielding=[v.instance_id for v in victims],
                 yielding_models=sorted({v.model for v in victims}),
                 reason=why,
+                drain_s=drain_s,
             )
         )
 
@@ -749,16 +758,8 @@ class Placer:
     async def _end_drain(self, rec: InstanceRecord, stage: str, why: str, now: float) -> None:
         log.info("swap %s: %s", stage, why)
         if await self._write(rec, state=InstanceState.READY, drain_for="", drain_since=None):
-            await self.bus.emit(
-                proto.SwapChanged(
-                    model=rec.drain_for,
-                    stage=stage,
-                    yielding=[rec.instance_id],
-                    yielding_models=[rec.model],
-                    reason=why,
-                    drain_s=now - (rec.drain_since or now),
-                )
-            )
+            drained_for = now - (rec.drain_since or now)
+            await self._swap_event(rec.drain_for, stage, [rec], why, drain_s=drained_for)
 
     def _same_group(self, a: str, b: str) -> bool:
         """Whether two models are in one exclusive group (a drain then just stops `b`)."""
@@ -785,21 +786,8 @@ class Placer:
             if act is None or act.in_flight == 0:
                 await self._stop(rec, f"exclusive group {group}: {model} is wanted")
             elif rec.instance_id in yieldable:
-                await self._write(
-                    rec,
-                    state=InstanceState.DRAINING,
-                    drain_for=model,
-                    drain_since=now,
-                    reason=f"yielding to {model} (exclusive group {group})",
-                )
-                await self.bus.emit(
-                    proto.SwapChanged(
-                        model=model,
-                        stage="draining",
-                        yielding=[rec.instance_id],
-                        yielding_models=[rec.model],
-                        reason=f"exclusive group {group}",
-                    )
+                await self._drain(
+                    model, [rec], f"yielding to {model} (exclusive group {group})", now
                 )
         return True
 
