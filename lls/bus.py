@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,6 +38,10 @@ from lls.config import NatsLimits, NatsTls, expand
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+PROBE_SUBJECT = "$JS.API.INFO"  # answered by the server itself; every identity may ask it
+PROBE_EVERY_S = 1.0
+PROBE_TIMEOUT_S = 1.0
 
 STREAMS = [
     StreamConfig(
@@ -72,9 +77,44 @@ class Bus:
         self.nc = nc
         self.js = js
         self.kv = kv
-        # Bumped on every reconnect. Push consumers (KV watchers, ordered consumers) do not
-        # survive a NATS server restart in nats-py: watchers compare this and re-subscribe.
+        # Bumped on every reconnect, and when the server answers again after a silence.
+        # Push consumers (KV watchers, ordered consumers) do not survive a NATS server
+        # restart in nats-py, nor a server frozen long enough to drop their ephemeral
+        # consumers: watchers compare this and re-subscribe.
         self.reconnects = 0
+        self.silent_since: float | None = None  # monotonic: since when the server is silent
+        self.back_at = time.time()  # when the server last answered again after a silence
+        self._probe: asyncio.Task[None] | None = None
+
+    def start_probe(self) -> None:
+        """Ask the server something every PROBE_EVERY_S: nats-py goes on saying "connected"
+        to a frozen server for minutes, so this is how services learn that the bus is away
+        (`silent_since`) and back (`reconnects` bumped)."""
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._watch_health(), name="bus probe")
+
+    async def _watch_health(self) -> None:
+        while not self.nc.is_closed:
+            t0 = time.monotonic()
+            try:
+                if not self.nc.is_connected:
+                    raise ConnectionError("not connected")
+                # A request, never nc.flush(timeout): a flush that times out leaves a
+                # cancelled future among nats-py's PONG waiters, and the PONG that comes
+                # after a freeze then raises inside its reader, after which every request
+                # on the connection timed out.
+                await self.nc.request(PROBE_SUBJECT, b"", timeout=PROBE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - any failure: the bus did not answer
+                if self.silent_since is None:
+                    log.warning("the message bus (NATS) does not answer: %r", e)
+                    self.silent_since = t0
+            else:
+                if self.silent_since is not None:
+                    log.info("the message bus (NATS) answers again")
+                    self.silent_since = None
+                    self.back_at = time.time()
+                    self.reconnects += 1  # its watches may be gone: set them up again
+            await asyncio.sleep(max(0.0, PROBE_EVERY_S - (time.monotonic() - t0)))
 
     @property
     def hosts(self) -> KeyValue:
@@ -112,6 +152,9 @@ class Bus:
         return await bucket.put(proto.kv_key(key), proto.encode(record))  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         try:
             await asyncio.wait_for(self.nc.drain(), 5)
         except Exception:  # closing anyway

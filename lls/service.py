@@ -95,6 +95,7 @@ async def _serve(
     bus = await asyncio.wait_for(
         connect(url, name, creds=creds, tls=cfg.nats.tls, limits=cfg.nats.limits), 35
     )
+    bus.start_probe()  # so a frozen bus is noticed, and watches are set up again after it
     ctx = ServiceContext(
         name=name, cfg=cfg, bus=bus, host_id=args.host_id or cfg.host_id(), port=args.port
     )

@@ -391,3 +391,9 @@ async def test_nats_frozen_then_back_marks_no_host_lost(cluster, bus, tiny_gguf,
     assert [i.state for i in recs if i.model == "m"] == [proto.InstanceState.READY], recs
     assert (await ask(c.base, "m")).status_code == 200
     assert "host h1 lost" not in c.logs("placer")
+    # And what needs the bus works again: the gateway's demand, the placer's and agent's
+    # watches and commands (a frozen bus once left the gateway's requests all timing out).
+    t0 = time.monotonic()
+    r = await ask(c.base, "cold")
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 15

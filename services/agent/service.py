@@ -293,7 +293,8 @@ class Agent:
 
     async def _reconcile(self) -> None:
         """Stop ready instances whose record says nobody wants them any more (marked lost
-        while this host was unreachable, or deleted)."""
+        while this host was unreachable, or deleted); say again that a ready one is ready
+        when its record missed it (the write was lost while the bus was away)."""
         for inst in list(self.instances.values()):
             if inst.state != InstanceState.READY or inst.stop_reason is not None:
                 continue
@@ -302,6 +303,23 @@ class Agent:
                 why = "no record" if rec is None else f"record is {rec.state.value} on {rec.host}"
                 log.warning("stopping %s: %s; nobody wants it", inst.instance_id, why)
                 inst.request_stop(f"{why}; nobody wants it", quiet=True)
+            elif rec.state in (InstanceState.PENDING, InstanceState.STARTING):
+                log.warning(
+                    "%s is ready but its record says %s: recording it again",
+                    inst.instance_id,
+                    rec.state.value,
+                )
+                await self._mark_ready(inst, "ready (recorded again after the bus was away)")
+
+    async def _mark_ready(self, inst: Instance, reason: str) -> None:
+        await self._set(
+            inst,
+            InstanceState.READY,
+            endpoint=f"http://{self.cfg.advertise_host}:{inst.port}",
+            ready_at=proto.now(),
+            reason=reason,
+            log_tail="",
+        )
 
     # ------------------------------------------------------------ commands
 
@@ -573,14 +591,7 @@ class Agent:
         if outcome == "stopped":
             return True
         if outcome == "ready":
-            await self._set(
-                inst,
-                InstanceState.READY,
-                endpoint=f"http://{self.cfg.advertise_host}:{inst.port}",
-                ready_at=proto.now(),
-                reason=ready_reason,
-                log_tail="",
-            )
+            await self._mark_ready(inst, ready_reason)
             return True
         tail = await self._call(self.runtime.log_tail, h)
         if outcome == "timeout":

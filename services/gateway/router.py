@@ -429,16 +429,14 @@ class Router:
 
     # ------------------------------------------------------------------ bus health (edge)
 
-    bus_silent_since: float | None = None  # monotonic; set by the gateway's bus probe
-
     def bus_down_reason(self, grace_s: float = BUS_GRACE_S) -> str | None:
         """Why no model can be started now: the bus has been unreachable for `grace_s`.
 
-        nats-py keeps saying "connected" to a frozen server for minutes, so the gateway's
-        probe (services.gateway.service.probe_bus) pings it every second and sets
-        `bus_silent_since`. Warm requests never ask: they need no bus.
+        nats-py keeps saying "connected" to a frozen server for minutes, so the bus's own
+        probe (`Bus.start_probe`) asks it something every second and dates the silence.
+        Warm requests never ask: they need no bus.
         """
-        since = self.bus_silent_since
+        since = self.bus.silent_since
         if since is None and not self.bus.nc.is_connected:
             since = time.monotonic()  # lost just now; the probe will date it
         if since is None or time.monotonic() - since < grace_s:

@@ -10,9 +10,7 @@ while the bus is silent (warm ones need no bus and keep being served).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 
 import uvicorn
 
@@ -25,32 +23,7 @@ from .router import Router
 
 log = logging.getLogger(__name__)
 
-BUS_PROBE_EVERY_S = 1.0
-BUS_PROBE_TIMEOUT_S = 1.0
 KEEP_ALIVE_S = 15.0  # an idle keep-alive connection is closed after this
-
-
-async def probe_bus(router: Router, stop: asyncio.Event) -> None:
-    """Ping NATS every second; `router.bus_silent_since` says since when it has not answered."""
-    nc = router.bus.nc
-    while not stop.is_set():
-        t0 = time.monotonic()
-        try:
-            if not nc.is_connected:
-                raise ConnectionError("not connected")
-            await asyncio.wait_for(nc.flush(timeout=BUS_PROBE_TIMEOUT_S), BUS_PROBE_TIMEOUT_S + 1)
-        except Exception as e:  # noqa: BLE001 - any failure means the bus did not answer
-            if router.bus_silent_since is None:
-                log.warning("the message bus (NATS) does not answer: %r", e)
-                router.bus_silent_since = t0
-        else:
-            if router.bus_silent_since is not None:
-                log.info("the message bus (NATS) answers again")
-            router.bus_silent_since = None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                stop.wait(), max(0.0, BUS_PROBE_EVERY_S - (time.monotonic() - t0))
-            )
 
 
 async def run(ctx: ServiceContext) -> None:
@@ -73,7 +46,6 @@ async def run(ctx: ServiceContext) -> None:
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     watch = asyncio.create_task(router.run(ctx.stop))
-    probe = asyncio.create_task(probe_bus(router, ctx.stop))
     serve = asyncio.create_task(server.serve())
     log.info(
         "gateway listening on http://%s:%d (at most %d connections)",
@@ -85,7 +57,7 @@ async def run(ctx: ServiceContext) -> None:
     done, _ = await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     ctx.stop.set()
-    await asyncio.gather(serve, watch, probe, return_exceptions=True)
+    await asyncio.gather(serve, watch, return_exceptions=True)
     stop.cancel()
     if serve in done and serve.exception():
         raise serve.exception()  # type: ignore[misc]

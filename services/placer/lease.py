@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 KEY = "placer"
 LEASE_TTL_S = 3.0
 RENEW_S = 0.5
-BUS_QUIET_S = 3 * RENEW_S  # no lease round answered this long: the bus, not the hosts, is away
 
 
 class Lease:
@@ -31,11 +30,6 @@ class Lease:
         self.kv = kv
         self.holder = holder
         self.held = False
-        # When the bus last came back (a round that worked after one that failed, or the
-        # first): what a placer did not hear before then says nothing about the hosts.
-        self.bus_back_at = 0.0
-        self.last_ok = 0.0  # when a round last got its answers from the bus
-        self._bus_ok = False
 
     async def try_acquire(self) -> bool:
         """One round: renew if ours, take over if expired; returns whether we hold it now."""
@@ -55,17 +49,8 @@ class Lease:
         except (KeyWrongLastSequenceError, Exception) as e:  # lost the race, or bus trouble
             if not isinstance(e, KeyWrongLastSequenceError):
                 log.warning("lease round failed: %s", e)
-                self._bus_ok = False
             return self._set(False)
-        if not self._bus_ok:
-            self._bus_ok = True
-            self.bus_back_at = time.time()
-        self.last_ok = time.time()
         return self._set(True)
-
-    def bus_answering(self, now: float) -> bool:
-        """Whether the bus answered a lease round lately (a frozen server does not)."""
-        return now - self.last_ok <= BUS_QUIET_S
 
     def _set(self, held: bool) -> bool:
         if held != self.held:
@@ -75,7 +60,11 @@ class Lease:
 
     async def hold(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.try_acquire()
+            try:  # a round the bus never answers is a lost round, not a held lease
+                await asyncio.wait_for(self.try_acquire(), LEASE_TTL_S)
+            except TimeoutError:
+                log.warning("lease round got no answer in %.0f s", LEASE_TTL_S)
+                self._set(False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), RENEW_S)
         if self.held:  # hand over at once on a clean stop

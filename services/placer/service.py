@@ -92,7 +92,7 @@ class Placer:
         """When each host was last heard, on our clock; never before the bus last came back
         to us: a placer that heard nothing while the bus was away must not judge hosts by
         that silence."""
-        back = self.lease.bus_back_at
+        back = self.bus.back_at
         return {h: max(t, back) for h, t in self.received.items()}
 
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
@@ -253,6 +253,8 @@ class Placer:
 
     async def reconcile(self) -> None:
         now = time.time()
+        if self.bus.silent_since is not None:
+            return  # the bus is away: nothing we see now is current, nothing we write lands
         await self._handle_inbox()
         await self._mark_lost_hosts(now)
         for model, mcfg in self.cfg.models.items():  # preload: once, when this placer leads
@@ -321,6 +323,7 @@ class Placer:
         if isinstance(decision, NoFit):
             never = self._never_fits(need, now)
             if never is not None:  # (a lost host may come back: retry soon, not never)
+                log.info("refusing %s: %s", model, never)
                 await self._refuse(model, never, NEVER_FITS_RETRY_S)
             # else: room is held by models in their turn, or starting, or stopping; it
             # waits (the requests' own deadlines bound it) and the next passes decide again
@@ -591,9 +594,17 @@ class Placer:
         """READY instances some live gateway has not reported on since it saw them ready:
         its waiting requests may be about to start there (no clocks compared)."""
         seen = [r.instances_rev for r in self.activity.values() if r.ts >= now - ACTIVITY_STALE_S]
-        if not seen:
-            return frozenset()  # no gateway: nothing can be sent to them
+        if not seen:  # none lately: no gateway at all, or we cannot tell (the bus was away)
+            return frozenset(self.ready_rev) if self.activity else frozenset()
         return frozenset(iid for iid, rev in self.ready_rev.items() if rev > min(seen))
+
+    def _activity_known(self, now: float) -> bool:
+        """Whether the gateways' reports tell what is in use: some are fresh, or there are
+        none at all. Reports that all went stale mean the bus was away, not that nothing is
+        used: idle stops wait until the gateways report again."""
+        return not self.activity or any(
+            r.ts >= now - ACTIVITY_STALE_S for r in self.activity.values()
+        )
 
     def _keep_loaded(self) -> frozenset[str]:
         return frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
@@ -683,7 +694,7 @@ class Placer:
 
     async def _drain(self, model: str, victims: list[InstanceRecord], why: str, now: float) -> None:
         """The first step of a swap: `victims` stop taking requests, for `model`'s sake."""
-        log.info("swap for %s: %s drain", model, ", ".join(v.instance_id for v in victims))
+        log.info("swap for %s: %s drain; %s", model, ", ".join(v.instance_id for v in victims), why)
         for vic in victims:
             await self._write(
                 vic, state=InstanceState.DRAINING, drain_for=model, drain_since=now, reason=why
@@ -802,8 +813,6 @@ class Placer:
         return max(fails, key=lambda r: r.updated) if fails else None
 
     async def _mark_lost_hosts(self, now: float) -> None:
-        if not self.lease.bus_answering(now):
-            return  # silence from every host says nothing while the bus itself is quiet
         after = self.cfg.placer.host_lost_after
         lost = set(lost_hosts(list(self.hosts.values()), now, after, self._heard()))
         for host_id in lost - self.lost:
@@ -819,6 +828,8 @@ class Placer:
                 await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
 
     async def _stop_idle(self, now: float) -> None:
+        if not self._activity_known(now):
+            return
         timeouts = {
             n: m.idle_timeout for n, m in self.cfg.models.items() if m.idle_timeout is not None
         }
