@@ -4,6 +4,7 @@ client disconnects, and a fuzz pass that must find no 500 and no hang."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import random
 import time
@@ -12,6 +13,8 @@ import httpx
 import ollama
 import pytest
 
+import proto
+from lls.bus import connect, kv_snapshot
 from stack import Stack
 
 KEY = "test-key-123456"
@@ -189,7 +192,15 @@ def test_client_disconnect_releases_its_slot(stack):
     assert r.status_code == 200
 
 
-def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(stack):
+async def _activity(url: str) -> list[proto.ActivityReport]:
+    bus = await connect(url, "test")
+    try:
+        return list((await kv_snapshot(bus, bus.activity, proto.ActivityReport)).values())
+    finally:
+        await bus.close()
+
+
+def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(stack, nats_url):
     warm = {"model": "tiny", "prompt": "a", "max_tokens": 1}
     assert httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=60)
     endless = {"model": "tiny", "prompt": "a", "max_tokens": 10**6, "ignore_eos": True}
@@ -207,8 +218,19 @@ def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(st
         assert list(pool.map(give_up, range(4))) == ["gave up"] * 4
     # Endless answers would hold both gateway slots and llama-server's one slot for good: this
     # request is answered only if the walk-aways released them and stopped the generation.
-    r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=15)
+    # (30 s: on a loaded 2-core machine llama-server may take a while to see the walk-aways)
+    r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=30)
     assert r.status_code == 200, r.text
+    # nothing stays counted in flight on the instance (a leak would keep it "busy" for good:
+    # never idle, never drained); the gateway reports every second
+    busy: dict[str, int] = {}
+    for _ in range(30):
+        reports = asyncio.run(_activity(nats_url))
+        busy = {i: a.in_flight for r in reports for i, a in r.instances.items() if a.in_flight}
+        if not busy:
+            break
+        time.sleep(0.2)
+    assert busy == {}
 
 
 def test_fuzzed_requests_get_4xx_never_500_or_hang(stack):

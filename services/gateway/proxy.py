@@ -6,6 +6,7 @@ caller must call `release` exactly once (Passthrough does, whatever ends the res
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
@@ -150,6 +151,9 @@ class Upstream:
                 raise ApiError(
                     502, f"instance of {model} unreachable: {e}", "upstream_error", 2
                 ) from None
+            except asyncio.CancelledError:  # the client left while we waited for the head
+                self.router.end(rec)  # else its in-flight count would pin the instance busy
+                raise
             except http.TransportError as e:
                 self.router.end(rec)
                 raise ApiError(
