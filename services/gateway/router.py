@@ -87,7 +87,7 @@ class Router:
         self.last_used: dict[str, float] = {}
         self.failures: dict[str, Failure] = {}
         self.bad_until: dict[str, float] = {}  # endpoint -> monotonic time
-        self.waiting: dict[str, int] = {}
+        self._demanding: dict[str, asyncio.Task[None]] = {}  # model -> demand being sent
         self.last_demand: dict[str, float] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self.hosts: dict[str, proto.HostRecord] = {}  # from heartbeats: who may serve where
@@ -250,45 +250,47 @@ class Router:
             return rec
         t0 = time.monotonic()
         deadline = t0 + wait_s
-        self.waiting[model] = self.waiting.get(model, 0) + 1
-        try:
-            while True:
-                rec = self.pick(model)
-                if rec is not None:
-                    self.swap_wait.add(model, time.monotonic() - t0)
-                    return rec
-                now = time.monotonic()
-                fail = self.failures.get(model)
-                if fail is not None and now < fail.until:
-                    raise ApiError(503, fail.reason, "model_unavailable", fail.until - now)
-                if (bus_down := self.bus_down_reason()) is not None:  # no start without a bus
-                    raise ApiError(503, bus_down, "bus_unavailable", BUS_RETRY_S)
-                if now >= deadline:
-                    raise ApiError(
-                        503,
-                        f"model {model} is not ready after {wait_s:.0f} s "
-                        f"({self.describe(model)}); try again shortly",
-                        "cold_start_timeout",
-                        self.swap_wait.get(model, 5.0),
-                    )
-                if now - self.last_demand.get(model, -1e9) >= DEMAND_EVERY_S:
-                    self.last_demand[model] = now
-                    await self._demand(model)
-                changed = self._changed.setdefault(model, asyncio.Event())
-                try:
-                    wait = min(deadline - now, DEMAND_EVERY_S)
-                    await asyncio.wait_for(changed.wait(), wait)
-                except TimeoutError:
-                    pass
-        finally:
-            self.waiting[model] -= 1
+        while True:
+            rec = self.pick(model)
+            if rec is not None:
+                self.swap_wait.add(model, time.monotonic() - t0)
+                return rec
+            now = time.monotonic()
+            fail = self.failures.get(model)
+            if fail is not None and now < fail.until:
+                raise ApiError(503, fail.reason, "model_unavailable", fail.until - now)
+            if (bus_down := self.bus_down_reason()) is not None:  # no start without a bus
+                raise ApiError(503, bus_down, "bus_unavailable", BUS_RETRY_S)
+            if now >= deadline:
+                raise ApiError(
+                    503,
+                    f"model {model} is not ready after {wait_s:.0f} s "
+                    f"({self.describe(model)}); try again shortly",
+                    "cold_start_timeout",
+                    self.swap_wait.get(model, 5.0),
+                )
+            if now - self.last_demand.get(model, -1e9) >= DEMAND_EVERY_S:
+                self.last_demand[model] = now
+                self._send_demand(model)
+            changed = self._changed.setdefault(model, asyncio.Event())
+            try:
+                wait = min(deadline - now, DEMAND_EVERY_S)
+                await asyncio.wait_for(changed.wait(), wait)
+            except TimeoutError:
+                pass
+
+    def _send_demand(self, model: str) -> None:
+        """Publish demand aside, one at a time per model: a wait must not hang on the bus
+        (a frozen one holds a publish for its whole timeout)."""
+        running = self._demanding.get(model)
+        if running is None or running.done():
+            self._demanding[model] = asyncio.create_task(self._demand(model))
 
     async def _demand(self, model: str) -> None:
         try:
+            waiting = max(1, len(self.queued.get(model, {})))
             await self.bus.emit(
-                proto.Demand(
-                    model=model, gateway_id=self.gateway_id, waiting=self.waiting.get(model, 1)
-                )
+                proto.Demand(model=model, gateway_id=self.gateway_id, waiting=waiting)
             )
         except Exception as e:  # the wait's deadline still bounds the request
             log.warning("could not publish demand for %s: %s", model, e)

@@ -34,7 +34,15 @@ from proto import InstanceRecord, InstanceState
 from .lease import Lease
 from .memory import estimate_mib
 from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
-from .turns import Waiting, drain_status, group_conflicts, may_yield, merged_queues, waiting_order
+from .turns import (
+    DrainStatus,
+    Waiting,
+    drain_status,
+    group_conflicts,
+    may_yield,
+    merged_queues,
+    waiting_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -666,16 +674,16 @@ class Placer:
         ]
 
     def _drained(self, rec: InstanceRecord, now: float) -> bool:
-        return (
-            drain_status(
-                rec,
-                self.activity.values(),
-                now=now,
-                fresh_after=now - ACTIVITY_STALE_S,
-                drain_timeout_s=self.cfg.placer.drain_timeout,
-                still_wanted=True,
-            )
-            == "drained"
+        return self._drain_status(rec, now, still_wanted=True) == "drained"
+
+    def _drain_status(self, rec: InstanceRecord, now: float, still_wanted: bool) -> DrainStatus:
+        return drain_status(
+            rec,
+            self.activity.values(),
+            now=now,
+            fresh_after=now - ACTIVITY_STALE_S,
+            drain_timeout_s=self.cfg.placer.drain_timeout,
+            still_wanted=still_wanted,
         )
 
     # ------------------------------------------------------------------ turns
@@ -736,14 +744,7 @@ class Placer:
                     or now - self.last_demand.get(target, -DEMAND_FRESH_S) < DEMAND_FRESH_S
                 )
             )
-            status = drain_status(
-                rec,
-                self.activity.values(),
-                now=now,
-                fresh_after=now - ACTIVITY_STALE_S,
-                drain_timeout_s=self.cfg.placer.drain_timeout,
-                still_wanted=wanted,
-            )
+            status = self._drain_status(rec, now, still_wanted=wanted)
             if status == "moot":
                 why = (
                     f"swap cancelled: {target} no longer waits"
