@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 
 import proto
 from lls import auth
+from lls.aio import wait_event
 from lls.config import NatsLimits, NatsTls, expand
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ class Bus:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.nc.drain(), 5)
+            async with asyncio.timeout(5):
+                await self.nc.drain()
         except Exception:  # closing anyway
             await self.nc.close()
 
@@ -462,7 +464,7 @@ async def watch_kv(
             if stop.is_set():
                 return
             log.warning("watch of %s failed (%s); retrying", getattr(kv, "_name", "kv"), e)
-            await _sleep_or_stop(stop, 1.0)
+            await wait_event(stop, 1.0)
 
 
 async def consume(
@@ -501,13 +503,8 @@ async def consume(
             if stop.is_set():
                 return
             log.warning("consumer %s failed (%s); resubscribing", durable, e)
-            await _sleep_or_stop(stop, 1.0)
+            await wait_event(stop, 1.0)
         finally:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -86,7 +86,8 @@ async def _wait_events(bus: Bus, subject: str, until, wait_s: float) -> int:  # 
                 print(f"\nerror: no result within {wait_s:.0f} s", file=sys.stderr)
                 return 1
             try:
-                ev = await asyncio.wait_for(queue.get(), left)
+                async with asyncio.timeout(left):
+                    ev = await queue.get()
             except TimeoutError:
                 continue
             code = until(ev)

@@ -92,9 +92,8 @@ async def _serve(
     creds: Path,
     args: argparse.Namespace,
 ) -> None:
-    bus = await asyncio.wait_for(
-        connect(url, name, creds=creds, tls=cfg.nats.tls, limits=cfg.nats.limits), 35
-    )
+    async with asyncio.timeout(35):
+        bus = await connect(url, name, creds=creds, tls=cfg.nats.tls, limits=cfg.nats.limits)
     bus.start_probe()  # so a frozen bus is noticed, and watches are set up again after it
     ctx = ServiceContext(
         name=name, cfg=cfg, bus=bus, host_id=args.host_id or cfg.host_id(), port=args.port

@@ -37,6 +37,21 @@ def require(part: str, ok: bool, why: str = "") -> None:
     pytest.skip(msg)
 
 
+LOG_TAIL_CHARS = 6000  # of each service log a failed test shows
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    """A failed test that ran services shows the end of their logs: CI keeps nothing else."""
+    report = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path):
+        for log in sorted(tmp.rglob("*.log")):
+            tail = log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            report.sections.append((f"log {log.relative_to(tmp)}", tail))
+    return report
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

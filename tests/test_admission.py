@@ -74,3 +74,19 @@ async def test_queued_request_times_out_with_429():
         await gate.enter()
     assert e.value.status == 429 and e.value.code == "queue_timeout"
     assert gate.queued == 0
+
+
+async def test_a_caller_cancelled_as_its_slot_is_granted_leaves_and_hands_the_slot_on():
+    # The grant and the cancel land in the same loop turn (a client leaves just as a slot
+    # frees): the caller must see the cancel, not run its request for nobody.
+    gate = Gate("m", Limits(1, 10, 5))
+    await gate.enter()
+    leaving = asyncio.create_task(gate.enter())
+    next_in_line = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0)
+    gate.leave()  # grants `leaving` its slot...
+    leaving.cancel()  # ...which it no longer wants
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await asyncio.wait_for(next_in_line, 1)
+    assert gate.in_flight == 1 and gate.queued == 0

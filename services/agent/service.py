@@ -31,6 +31,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
 from lls import instance_key
+from lls.aio import wait_event
 from lls.bus import durable_config, kv_snapshot
 from lls.config import AgentConfig, Config, expand, store_filename
 from lls.paths import llama_server_binary
@@ -244,7 +245,8 @@ class Agent:
         await self._cancel(bg[:1])
         self.instances.clear()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._heartbeat(), 5)
+            async with asyncio.timeout(5):
+                await self._heartbeat()
         await self._close()
 
     async def _close(self) -> None:
@@ -277,7 +279,8 @@ class Agent:
             advertise_host=self.cfg.advertise_host,
             port_range=self.cfg.port_range,
         )
-        await asyncio.wait_for(self.bus.put(self.bus.hosts, self.host, rec), 5)
+        async with asyncio.timeout(5):
+            await self.bus.put(self.bus.hosts, self.host, rec)
 
     async def _heartbeat_loop(self) -> None:
         next_reconcile = time.monotonic() + RECONCILE_EVERY_S
@@ -430,8 +433,7 @@ class Agent:
             return
         inst = Instance(cmd.instance_id, cmd.model, tuple(cmd.gpus), cmd.memory_mib, cmd=cmd)
         self._spawn(inst)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(inst.launched.wait(), LAUNCH_ACK_S)
+        await wait_event(inst.launched, LAUNCH_ACK_S)
 
     async def _refuse(
         self, command: str, instance_id: str, model: str, reason: str, cmd_id: str
@@ -664,9 +666,7 @@ class Agent:
     @staticmethod
     async def _pause(inst: Instance, seconds: float) -> bool:
         """Sleep, waking early on a stop request; True if a stop was requested."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(inst.stop_event.wait(), seconds)
-        return inst.stop_event.is_set()
+        return await wait_event(inst.stop_event, seconds)
 
     def _ports_taken(self, inst: Instance) -> set[int]:
         return {i.port for i in self.instances.values() if i is not inst and i.port is not None}
@@ -776,7 +776,8 @@ class Agent:
                 setattr(r, k, v)
 
         try:
-            rec = await asyncio.wait_for(self._update(instance_id, model, mutate), 10)
+            async with asyncio.timeout(10):
+                rec = await self._update(instance_id, model, mutate)
         except Exception as e:  # noqa: BLE001 - the bus is away; the lifecycle goes on
             log.error("cannot record %s %s: %s", instance_id, state.value, e)
             return

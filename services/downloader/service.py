@@ -30,6 +30,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 import proto
+from lls.aio import wait_event
 from lls.bus import Bus, consume, durable_config
 from lls.config import Config, expand, store_filename
 from lls.service import ServiceContext
@@ -162,8 +163,7 @@ class Downloader:
                     continue  # nothing to do
                 except Exception as e:  # noqa: BLE001 - NATS reconnecting: keep polling
                     log.warning("fetching commands: %r", e)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1)
+                    await wait_event(stop, 1)
                     continue
                 for m in msgs:
                     t = asyncio.create_task(self._on_message(m))

@@ -73,7 +73,10 @@ class Gate:
         self.waiters.append(fut)
         t0 = time.monotonic()
         try:
-            await asyncio.wait_for(fut, self.limits.queue_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancel that
+            # comes with the grant, and a client that left would then run its request anyway.
+            async with asyncio.timeout(self.limits.queue_timeout):
+                await fut
         except BaseException as exc:  # timed out, or the caller went away
             if fut.done() and not fut.cancelled():
                 self.leave()  # granted in the same instant: hand the slot on
@@ -81,7 +84,7 @@ class Gate:
                 fut.cancel()
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(fut)
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(exc, TimeoutError):
                 raise ApiError(
                     429,
                     f"model {self.model}: no slot freed within {time.monotonic() - t0:.0f} s "

@@ -63,17 +63,33 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def unless(gone: asyncio.Future[None], work: Awaitable[T]) -> T:
+async def unless(
+    gone: asyncio.Future[None],
+    work: Awaitable[T],
+    undo: Callable[[T], Awaitable[None]] | None = None,
+) -> T:
     """`work`'s result, unless the client goes first: then `work` is cancelled (releasing
-    what it held) and ClientGone is raised."""
+    what it held) and a 499 ApiError is raised. Should `work` finish anyway (the cancel
+    came too late), `undo` gives back what its result holds."""
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         return task.result()
     task.cancel()
     with contextlib.suppress(BaseException):
-        await task
+        result = await task
+        if undo is not None:
+            await undo(result)
     raise ApiError(499, "client closed the request", "client_closed")
+
+
+async def discard(opened: tuple[http.Reply, Callable[[], None]]) -> None:
+    """Give back an opened upstream response nobody will read: close it, free its slot."""
+    resp, release = opened
+    try:
+        await resp.aclose()  # unread: closing it stops the generation
+    finally:
+        release()
 
 
 def presented_key(request: Request) -> str:
@@ -253,7 +269,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         # must not keep a slot (or the instance's work) for a client that is gone.
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            resp, release = await unless(gone, upstream.open(model, route, body, headers))
+            resp, release = await unless(gone, upstream.open(model, route, body, headers), discard)
 
             def done() -> None:
                 release()
@@ -294,6 +310,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         async def events() -> AsyncIterator[bytes]:
             ticket = router.enqueue(model)
             opening = asyncio.ensure_future(upstream.open(model, route, body, headers, ticket))
+            taken = None
             try:
                 wait = FIRST_COMMENT_S  # say at once that it waits and where, then now and then
                 while True:
@@ -303,7 +320,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                     yield waiting_comment(model, ticket)
                     wait = KEEPALIVE_S
                 try:
-                    resp, release = opening.result()
+                    resp, release = taken = opening.result()
                 except ApiError as e:
                     err = {
                         "error": {
@@ -324,10 +341,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                     metrics.requests.labels(model, route, str(resp.status_code)).inc()
             finally:
                 router.dequeue(model, ticket)
-                if not opening.done():  # client gone while waiting: give up the wait
+                if taken is None:  # client gone while waiting: give up the wait
                     opening.cancel()
                     with contextlib.suppress(BaseException):
-                        await opening
+                        await discard(await opening)  # opened all the same: give it back
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -363,7 +380,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             # Opened before the answer's head, streamed or not: an error the instance gives
             # (images for a model without vision, say) is then a 4xx, not a 200 stream.
             opening = upstream.open(model, path, body, headers, keep_alive=keep_alive)
-            resp, release = await unless(gone, opening)
+            resp, release = await unless(gone, opening, discard)
             if streamed and resp.status_code == 200:
                 lines = ollama.sse_to_ndjson(
                     resp.aiter_lines(), model, started, bool(stream_generate)

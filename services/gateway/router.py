@@ -13,7 +13,6 @@ this gateway has seen; it goes out at once when a drain could finish, not only e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 import proto
+from lls.aio import wait_event
 from lls.bus import Bus, kv_snapshot, watch_kv
 from lls.config import Config, store_filename
 from proto import InstanceRecord, InstanceState
@@ -273,11 +273,7 @@ class Router:
                 self.last_demand[model] = now
                 self._send_demand(model)
             changed = self._changed.setdefault(model, asyncio.Event())
-            try:
-                wait = min(deadline - now, DEMAND_EVERY_S)
-                await asyncio.wait_for(changed.wait(), wait)
-            except TimeoutError:
-                pass
+            await wait_event(changed, min(deadline - now, DEMAND_EVERY_S))
 
     def _send_demand(self, model: str) -> None:
         """Publish demand aside, one at a time per model: a wait must not hang on the bus
@@ -397,8 +393,7 @@ class Router:
         """Every second, and soon after a drain may have finished or a queue formed, tell the
         placer what this gateway uses, what waits here, and which drains it has seen."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), REPORT_EVERY_S)
+            await wait_event(self._report_now, REPORT_EVERY_S)
             await asyncio.sleep(REPORT_SOONEST_S)  # batch what changes together
             self._report_now.clear()
             live = {i for i, r in self.instances.items() if r.state in proto.LIVE_STATES}

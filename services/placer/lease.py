@@ -17,6 +17,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 import proto
+from lls.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,12 @@ class Lease:
     async def hold(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:  # a round the bus never answers is a lost round, not a held lease
-                await asyncio.wait_for(self.try_acquire(), LEASE_TTL_S)
+                async with asyncio.timeout(LEASE_TTL_S):
+                    await self.try_acquire()
             except TimeoutError:
                 log.warning("lease round got no answer in %.0f s", LEASE_TTL_S)
                 self._set(False)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), RENEW_S)
+            await wait_event(stop, RENEW_S)
         if self.held:  # hand over at once on a clean stop
             with contextlib.suppress(Exception):
                 await self.kv.delete(KEY)

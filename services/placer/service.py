@@ -26,6 +26,7 @@ import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 
 import proto
+from lls.aio import wait_event
 from lls.bus import new_id, watch_kv
 from lls.config import ModelConfig, store_filename
 from lls.service import ServiceContext
@@ -252,10 +253,7 @@ class Placer:
                     log.exception("reconcile pass failed")
             else:
                 self.inbox.clear()  # the leader handles these; a standby must not replay them
-            try:
-                await asyncio.wait_for(self.wake.wait(), TICK_S)
-            except TimeoutError:
-                pass
+            await wait_event(self.wake, TICK_S)
 
     # ------------------------------------------------------------------ one pass
 

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import proto
+from lls.aio import wait_event
 from lls.bus import Bus, watch_kv
 from services.ui.hub import Hub
 from services.ui.view import View, decode_event
@@ -60,8 +61,7 @@ class Feed:
             )
         await self._subscribe_events()
         self._tasks.append(asyncio.create_task(self._follow_reconnects()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._caught_up.wait(), CATCH_UP_S)
+        await wait_event(self._caught_up, CATCH_UP_S)
 
     async def _follow_reconnects(self) -> None:
         """A restarted NATS server forgets our consumer: resume after the last event seen."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from lls.aio import wait_event
+
 QUEUE_MAX = 1000  # messages per client before the oldest are dropped
 
 
@@ -36,11 +38,7 @@ class Client:
 
     async def wait(self, within: float) -> bool:
         """Wait for messages; False when none came within `within` seconds."""
-        try:
-            await asyncio.wait_for(self.wakeup.wait(), within)
-            return True
-        except TimeoutError:
-            return False
+        return await wait_event(self.wakeup, within)
 
 
 class Hub:
