@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 llama-server: setup
-	@PIP="$(BIN)/pip" bash scripts/build-llama-server.sh >/dev/null
+	@PYTHON="$(BIN)/python" PIP="$(BIN)/pip" bash scripts/build-llama-server.sh >/dev/null
 
 demo/models/demo.gguf: | setup
 	$(BIN)/python scripts/make_tiny_gguf.py $@ --seed 1

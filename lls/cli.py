@@ -5,16 +5,20 @@ lls load MODEL         start MODEL now and wait until it is ready
 lls stop MODEL         stop MODEL's instances
 lls pull MODEL         download MODEL's file to a host's store, with a progress bar
 lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
+lls usage              requests and tokens per API key and model (the gateway's /metrics)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
+import httpx
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 import proto
 from lls import auth
@@ -179,6 +183,58 @@ async def cmd_pull(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
     return await task
 
 
+def usage_rows(metrics_text: str) -> list[tuple[str, ...]]:
+    """Per key and model, from the gateway's /metrics: requests, those refused by the key's
+    limits (429), prompt and completion tokens."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "lls_key_requests_total":
+                row = table.setdefault((s.labels["key"], s.labels["model"]), [0.0] * 4)
+                row[0] += s.value
+                if s.labels.get("code") == "429":
+                    row[1] += s.value
+            elif s.name == "lls_tokens_total":
+                row = table.setdefault((s.labels["key"], s.labels["model"]), [0.0] * 4)
+                row[2 if s.labels.get("kind") == "prompt" else 3] += s.value
+    return [(k, m, *(f"{v:.0f}" for v in row)) for (k, m), row in sorted(table.items())]
+
+
+def gateway_url(cfg: Config) -> str:
+    host = cfg.gateway.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return f"http://{host}:{cfg.gateway.port}"
+
+
+def cmd_usage(cfg: Config, args: argparse.Namespace) -> int:
+    base = (args.gateway or gateway_url(cfg)).rstrip("/")
+    # /metrics needs an admin key when keys are set: --key, $LLS_API_KEY, else the config's
+    key = args.key or os.environ.get("LLS_API_KEY", "")
+    key = key or next((k.key for k in cfg.gateway.api_keys if k.admin), "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.get(f"{base}/metrics", headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach the gateway at {base}: {e}", file=sys.stderr)
+        return 2
+    if r.status_code in (401, 403):
+        print(f"error: {base}/metrics needs an admin key (--key or $LLS_API_KEY)", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"error: {base}/metrics answered {r.status_code}", file=sys.stderr)
+        return 1
+    rows = usage_rows(r.text)
+    if not rows:
+        print("no requests counted yet (counters start when the gateway starts)")
+        return 0
+    rows.insert(0, ("KEY", "MODEL", "REQUESTS", "REFUSED", "PROMPT_TOKENS", "COMPLETION_TOKENS"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 COMMANDS = {"ps": cmd_ps, "load": cmd_load, "stop": cmd_stop, "pull": cmd_pull}
 
 
@@ -207,11 +263,18 @@ def main(argv: list[str] | None = None) -> None:
     hosts = sub.add_parser("hosts", help="manage GPU hosts' NATS identities")
     hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True)
     hosts_sub.add_parser("add", help="create agent-HOST and downloader-HOST").add_argument("host")
+    use = sub.add_parser("usage", help="requests and tokens per API key and model")
+    use.add_argument("--gateway", default="", help="gateway URL (default: the config's)")
+    use.add_argument(
+        "--key", default="", help="admin API key (default: $LLS_API_KEY, else the config's)"
+    )
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.command == "usage":  # the gateway's /metrics: no bus needed
+        raise SystemExit(cmd_usage(cfg, args))
     if args.command == "hosts":  # files only: no bus needed
         try:
             print(auth.add_host(auth.credentials_dir(cfg), args.host, cfg.nats.tls))

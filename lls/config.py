@@ -28,10 +28,29 @@ class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+Positive = Annotated[int, Meta(gt=0)]
+KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}$"
+
+
+def key_label(key: str) -> str:
+    """A key's default name: stable and non-secret (a hash prefix), for metrics and logs."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 class ApiKey(Strict):
     key: Annotated[str, Meta(min_length=8)]
     models: list[str] = []  # empty = every model
     admin: bool = False  # may use the dashboard and /metrics
+    # Who the key is in /metrics and `lls usage`; never the key itself. Empty = key_label(key).
+    name: Annotated[str, Meta(pattern=KEY_NAME)] = ""
+    # Limits per key; None = unlimited. Past one: 429 with Retry-After (services/gateway/usage.py).
+    requests_per_minute: Positive | None = None
+    tokens_per_minute: Positive | None = None  # prompt + completion, counted after each answer
+    max_concurrent: Positive | None = None  # requests of this key running at once
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = key_label(self.key)
 
 
 class GatewayConfig(Strict):
@@ -257,6 +276,17 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"agent.{host_key}: an IP address or host name")
     if not cfg.agent.advertise_host:
         raise ConfigError("agent.advertise_host: must not be empty")
+    names: set[str] = set()
+    secrets = {k.key for k in cfg.gateway.api_keys}
+    for i, k in enumerate(cfg.gateway.api_keys):
+        # One name, one set of counters and limits; and a name is printed, so never a secret.
+        if k.name in names:
+            same = sum(o.key == k.key for o in cfg.gateway.api_keys) > 1
+            why = "the same key is listed twice" if same else f"{k.name!r} names another key too"
+            raise ConfigError(f"gateway.api_keys[{i}]: {why}")
+        if k.name in secrets:
+            raise ConfigError(f"gateway.api_keys[{i}].name: is an API key; names are not secret")
+        names.add(k.name)
 
 
 def parse(data: object, source: str = "config") -> Config:

@@ -36,10 +36,14 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} lls        {msg}", file=sys.stderr, flush=True)
 
 
-def port_free(port: int) -> bool:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now. Binds with SO_REUSEADDR, as uvicorn
+    and nats-server do, so only a live listener counts: the TIME_WAIT sockets that closed
+    connections leave behind for a minute after Ctrl-C do not."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -155,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load(args.config)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if not port_free(cfg.gateway.port) and cfg.gateway.host in ("127.0.0.1", "0.0.0.0"):
+    if cfg.gateway.host in ("127.0.0.1", "0.0.0.0") and not port_free(
+        cfg.gateway.port, cfg.gateway.host
+    ):
         raise SystemExit(f"error: gateway.port {cfg.gateway.port} is already in use")
 
     received: list[int] = []
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"dashboard: {base}/dashboard")
             log(f"models:    {', '.join(cfg.models) or '(none configured)'}")
             log("Ctrl-C stops everything")
-        else:
+        elif not received:
             log("the gateway did not answer /health within 60 s; see the logs above")
         while not received:
             sup.check()

@@ -37,6 +37,7 @@ __all__ = [
     "InspectModel",
     "InstanceState",
     "LeaseRecord",
+    "MeasuredMemory",
     "ModelInfo",
     "ModelInspected",
     "PlacementDecided",
@@ -46,6 +47,8 @@ __all__ = [
     "StopRequested",
     "SwapChanged",
     "ModelQueue",
+    "ModelServing",
+    "SERVING_BUCKETS_S",
     "decode",
     "encode",
     "now",
@@ -103,6 +106,20 @@ class GgufSummary(Struct, frozen=True):
     n_params: int = 0  # weights' element count; 0 = unknown (a split GGUF's first part)
 
 
+class MeasuredMemory(Struct, frozen=True):
+    """What one of this host's instances really holds on its GPUs: NVML per-process used
+    memory of its process (or its container's processes), summed over the GPUs it runs on.
+    Only where NVML reads it: never for simulated GPUs. The placer raises the model's need
+    on this kind of GPU to it (services/placer/memory.py)."""
+
+    instance_id: str
+    model: str
+    ctx_size: int  # the configured ctx_size it was started with (0 = the trained context)
+    gpu_name: str  # the GPU kind, as NVML names it
+    used_mib: int
+    gpus: int = 1  # how many GPUs it spans
+
+
 class FileInfo(Struct, frozen=True):
     """A model file present in a host's store."""
 
@@ -128,6 +145,7 @@ class HostRecord(Struct):
     # pointing anywhere else is forged or stale). Empty: an older agent, trusted with nothing.
     advertise_host: str = ""
     port_range: tuple[int, int] | None = None
+    measured: list[MeasuredMemory] = []  # our instances' real GPU memory (empty without NVML)
     v: int = SCHEMA_VERSION
 
 
@@ -190,6 +208,26 @@ class ModelQueue(Struct):
     since: float  # when the oldest of them began to wait
 
 
+# Upper bounds (seconds) of ModelServing's histogram buckets, the same for every gateway so
+# that readers can sum buckets across gateways. Changing them is a breaking change.
+SERVING_BUCKETS_S: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
+)  # fmt: skip
+
+
+class ModelServing(Struct, omit_defaults=True):
+    """One model's requests through one gateway since `ActivityReport.serving_since`.
+
+    Cumulative counters, so a reader gets rates and quantiles over any window by differencing
+    two reports, and a cluster's by summing gateways. A histogram holds one count per bucket
+    of SERVING_BUCKETS_S plus one for slower than the last bound (not cumulative)."""
+
+    requests: int = 0  # finished requests, whatever their status
+    errors: int = 0  # of them, answered with a status >= 400
+    latency: list[int] = []  # request to last byte
+    ttft: list[int] = []  # request to first chunk (streamed requests only)
+
+
 class ActivityReport(Struct):
     """Published by each gateway every second, and at once when a drain needs to know: what
     it uses, what waits, and which draining instances it has stopped admitting to."""
@@ -200,6 +238,8 @@ class ActivityReport(Struct):
     queues: dict[str, ModelQueue] = {}  # model -> what waits for it here
     draining: list[str] = []  # DRAINING instance ids this gateway sends nothing new to
     instances_rev: int = 0  # the KV instances revision this gateway's view has reached
+    serving: dict[str, ModelServing] = {}  # model -> requests served here (for the dashboard)
+    serving_since: float = 0.0  # when `serving` began counting: a new value means a restart
 
 
 class ModelInfo(Struct):

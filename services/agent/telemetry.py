@@ -3,6 +3,11 @@ config, whose memory use is what this agent's instances claim. CPU and RAM from 
 
 NVML calls block and may fail one by one (a field a GPU does not support): each reading
 falls back to None instead of failing the heartbeat.
+
+Our instances' real footprint (`measure`): NVML's per-process used memory of the
+llama-server process, or of the container's processes (its main pid and their children),
+summed over the GPUs the instance runs on. Simulated GPUs measure nothing: their "usage" is
+our own claims, and feeding that back would prove the estimate right by construction.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +33,10 @@ class Claim:
 
     gpus: tuple[int, ...]
     memory_mib: int
-    pid: int | None = None
+    pid: int | None = None  # the process, or the container's main process
+    instance_id: str = ""  # with model and ctx_size: what a measurement is reported under
+    model: str = ""
+    ctx_size: int = 0
 
 
 def claims_by_gpu(claims: Iterable[Claim]) -> dict[int, int]:
@@ -84,6 +92,74 @@ def host_memory(meminfo: str | None = None) -> tuple[int, int]:
     return total // 1024, free // 1024
 
 
+def ppid(pid: int) -> int | None:
+    """The parent of `pid` from /proc, or None when it is gone (or not in our namespace)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner_pid(
+    pid: int, ours: Collection[int], parent_of: Callable[[int], int | None], depth: int = 4
+) -> int | None:
+    """Which of `ours` `pid` is, or descends from (a container's main process and its
+    children), looking `depth` generations up; None when it is not ours."""
+    for _ in range(depth + 1):
+        if pid in ours:
+            return pid
+        up = parent_of(pid)
+        if up is None or up <= 1:
+            return None
+        pid = up
+    return None
+
+
+def nvml_process_mib(nvml: Any, dev: Any) -> dict[int, int]:
+    """pid -> MiB it holds on this GPU, from NVML's compute and graphics process lists
+    (pynvml's nvmlDeviceGetComputeRunningProcesses is the v3 call). A process whose usage
+    NVML cannot tell (usedGpuMemory None, as without access to other users' processes)
+    reads 0. A list NVML does not support is skipped."""
+    procs: dict[int, int] = {}
+    for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        for p in _safe(lambda g=getter: getattr(nvml, g)(dev), []):
+            used = getattr(p, "usedGpuMemory", None)
+            procs[p.pid] = max(procs.get(p.pid, 0), (used or 0) // MIB)
+    return procs
+
+
+def measure(
+    gpus: Sequence[proto.GpuInfo],
+    claims: Iterable[Claim],
+    parent_of: Callable[[int], int | None] = ppid,
+) -> list[proto.MeasuredMemory]:
+    """What each of our instances holds on its real GPUs: the NVML-listed memory of its
+    processes summed over its GPUs. Nothing for simulated GPUs, for an instance whose
+    processes NVML does not list (yet), or one on a GPU this reading lacks."""
+    real = {g.index: g for g in gpus if not g.simulated}
+    ours = {c.pid: c for c in claims if c.pid is not None and c.instance_id and c.gpus}
+    used: dict[int, int] = {}
+    for g in real.values():
+        for p in g.processes:
+            root = owner_pid(p.pid, ours, parent_of)
+            if root is not None and g.index in ours[root].gpus:
+                used[root] = used.get(root, 0) + p.used_mib
+    return [
+        proto.MeasuredMemory(
+            instance_id=c.instance_id,
+            model=c.model,
+            ctx_size=c.ctx_size,
+            gpu_name=real[c.gpus[0]].name,
+            used_mib=used[pid],
+            gpus=len(c.gpus),
+        )
+        for pid, c in sorted(ours.items())
+        if used.get(pid, 0) > 0 and all(i in real for i in c.gpus)
+    ]
+
+
 def _safe(fn: Callable[[], T], default: T) -> T:
     try:
         return fn()
@@ -110,9 +186,14 @@ def load_nvml() -> Any | None:
 
 class Telemetry:
     def __init__(
-        self, host_id: str, gpus_cfg: str | Sequence[SimulatedGpu], nvml: Any | None = None
+        self,
+        host_id: str,
+        gpus_cfg: str | Sequence[SimulatedGpu],
+        nvml: Any | None = None,
+        parent_of: Callable[[int], int | None] = ppid,
     ):
         self.host_id = host_id
+        self.parent_of = parent_of  # tests pass a fake process tree
         self.simulated: list[SimulatedGpu] | None = None
         self.nvml = None
         if isinstance(gpus_cfg, str):  # "auto": real GPUs where NVML sees some
@@ -164,14 +245,7 @@ class Telemetry:
         assert nv is not None
         dev = _safe(lambda: self._dev(i), None)
         mem = _safe(lambda: nv.nvmlDeviceGetMemoryInfo(dev), None)
-        procs: dict[int, int] = {}
-        for getter in (
-            "nvmlDeviceGetComputeRunningProcesses",
-            "nvmlDeviceGetGraphicsRunningProcesses",
-        ):
-            for p in _safe(lambda g=getter: getattr(nv, g)(dev), []):
-                used = getattr(p, "usedGpuMemory", None)
-                procs[p.pid] = max(procs.get(p.pid, 0), (used or 0) // MIB)
+        procs = nvml_process_mib(nv, dev)
         power_mw = _safe(lambda: nv.nvmlDeviceGetPowerUsage(dev), None)
         return proto.GpuInfo(
             index=i,
@@ -189,10 +263,18 @@ class Telemetry:
             ),
             power_w=power_mw / 1000 if power_mw is not None else None,
             processes=[
-                proto.GpuProcess(pid=pid, used_mib=used, ours=pid in ours)
+                proto.GpuProcess(
+                    pid=pid, used_mib=used, ours=owner_pid(pid, ours, self.parent_of) is not None
+                )
                 for pid, used in sorted(procs.items())
             ],
         )
+
+    def measure(
+        self, gpus: Sequence[proto.GpuInfo], claims: Iterable[Claim]
+    ) -> list[proto.MeasuredMemory]:
+        """Our instances' real footprint on these GPUs (empty for simulated ones)."""
+        return measure(gpus, claims, self.parent_of)
 
     def close(self) -> None:
         if self.nvml is not None:

@@ -29,10 +29,11 @@ from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama
 from .edge import decode_body
-from .errors import ApiError, error_response, is_ollama
+from .errors import ApiError, error_response, sse_error, style_of
 from .metrics import TPS_KEY, Metrics, predicted_per_second
 from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
+from .usage import Lease, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,7 +41,22 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 32 << 20
 KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
 FIRST_COMMENT_S = 0.1  # a wait longer than this is announced with the request's place
-OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
+# Proxied by model: the body's `model` picks the instance, the rest passes through as sent.
+# llama-server serves them all natively (OpenAI, Anthropic's messages, rerank, infill).
+OPENAI_ROUTES = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/responses/input_tokens",
+    "/v1/messages",  # Anthropic; its errors in Anthropic's shape (errors.style_of)
+    "/v1/messages/count_tokens",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/reranking",
+    "/infill",
+]
 
 
 class _Head(msgspec.Struct):
@@ -143,34 +159,34 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     metrics = Metrics()
     router.on_change = metrics.observe_instance
     upstream = Upstream(cfg, router, metrics)
+    usage = Usage(cfg.gateway.api_keys, metrics)  # per-key limits and token counts
     ui_url = cfg.gateway.ui_url.rstrip("/")
     ui_clients: list[http.Client] = []  # made on first use, inside the running loop
     app.state.upstream = upstream
     app.state.metrics = metrics
 
-    # Every error in the route's own style: Ollama's on /api/..., OpenAI's everywhere else.
+    # Every error in the route's own style: Ollama's on /api/..., Anthropic's on
+    # /v1/messages..., OpenAI's everywhere else.
     @app.exception_handler(ApiError)
     async def _api_error(req: Request, exc: ApiError) -> Response:
-        return exc.response(is_ollama(req.url.path))
+        return exc.response(style_of(req.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(req: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return error_response(
-            exc.status_code, str(exc.detail), code, ollama=is_ollama(req.url.path)
-        )
+        return error_response(exc.status_code, str(exc.detail), code, style=style_of(req.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(req: Request, exc: RequestValidationError) -> Response:
         return error_response(
-            400, "invalid request", "invalid_request", ollama=is_ollama(req.url.path)
+            400, "invalid request", "invalid_request", style=style_of(req.url.path)
         )
 
     @app.exception_handler(Exception)
     async def _bug(req: Request, exc: Exception) -> Response:  # still an answer, in JSON
         log.error("request to %s failed", req.url.path, exc_info=exc)
         return error_response(
-            500, "internal error in the gateway", "internal_error", ollama=is_ollama(req.url.path)
+            500, "internal error in the gateway", "internal_error", style=style_of(req.url.path)
         )
 
     def resolve(name: str, key: ApiKey | None, path: str) -> str:
@@ -243,11 +259,17 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 "owned_by": "llama-scheduler",
                 "state": router.state_of(name),
                 "aliases": cfg.models[name].aliases,
+                # what the Anthropic client's models.list() reads; OpenAI's ignore them
+                "type": "model",
+                "display_name": name,
+                "created_at": "1970-01-01T00:00:00Z",
             }
             for name in cfg.models
             if may_use(key, name)
         ]
-        return JSONResponse({"object": "list", "data": data})
+        page = {"has_more": False, "first_id": data[0]["id"] if data else None}
+        page["last_id"] = data[-1]["id"] if data else None
+        return JSONResponse({"object": "list", "data": data, **page})
 
     def observe_speed(model: str, data: bytes) -> None:
         if (tps := predicted_per_second(data)) is not None:
@@ -263,25 +285,30 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         if head.model != model or cfg.models[model].defaults:
             body = rewrite(body, model)
         headers = forward_headers(request.headers)
+        lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
         if head.stream and router.pick(model) is None:
-            return cold_stream(model, route, body, headers, started)
+            return cold_stream(model, route, body, headers, started, lease)
         # Watch for the client leaving: a non-streamed answer, or a wait for a cold model,
         # must not keep a slot (or the instance's work) for a client that is gone.
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            resp, release = await unless(gone, upstream.open(model, route, body, headers), discard)
+            opening = lease.open(upstream.open(model, route, body, headers))
+            resp, release = await unless(gone, opening, discard)
 
             def done() -> None:
                 release()
                 metrics.requests.labels(model, route, str(resp.status_code)).inc()
                 metrics.latency.labels(model, route).observe(time.monotonic() - started)
+                router.stats.done(model, resp.status_code, time.monotonic() - started)
 
             if head.stream and resp.status_code == 200:
 
                 def first_chunk() -> None:
                     metrics.ttft.labels(model, route).observe(time.monotonic() - started)
+                    router.stats.first_token(model, time.monotonic() - started)
 
                 def chunk(data: bytes) -> None:
+                    lease.feed(data)  # the token counts, when the stream ends
                     if TPS_KEY in data:  # the last chunk carries the timings
                         observe_speed(model, data)
 
@@ -294,6 +321,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 await resp.aclose()  # unread (client gone): closing it stops the generation
                 done()
             observe_speed(model, data)
+            lease.count(data)
         finally:
             gone.cancel()
         if resp.status_code >= 400:
@@ -301,7 +329,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         return Response(data, resp.status_code, headers=forward_headers(resp.headers))
 
     def cold_stream(
-        model: str, route: str, body: bytes, headers: dict[str, str], started: float
+        model: str, route: str, body: bytes, headers: dict[str, str], started: float, lease: Lease
     ) -> Response:
         """A streaming request for a cold model: answer the head now and send SSE comments
         while it waits (its place in the model's queue and what the model is doing), so the
@@ -309,7 +337,8 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             ticket = router.enqueue(model)
-            opening = asyncio.ensure_future(upstream.open(model, route, body, headers, ticket))
+            opened = lease.open(upstream.open(model, route, body, headers, ticket))
+            opening = asyncio.ensure_future(opened)
             taken = None
             try:
                 wait = FIRST_COMMENT_S  # say at once that it waits and where, then now and then
@@ -321,24 +350,20 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                     wait = KEEPALIVE_S
                 try:
                     resp, release = taken = opening.result()
-                except ApiError as e:
-                    err = {
-                        "error": {
-                            "message": e.message,
-                            "type": "service_unavailable",
-                            "code": e.code,
-                        }
-                    }
-                    yield b"data: " + msgspec.json.encode(err) + b"\n\n"
+                except ApiError as e:  # the 200 head is sent: the error is an event
+                    yield sse_error(e, style_of(route))
                     return
                 try:
                     metrics.ttft.labels(model, route).observe(time.monotonic() - started)
+                    router.stats.first_token(model, time.monotonic() - started)
                     async for chunk in resp.aiter_raw():
+                        lease.feed(chunk)
                         yield chunk
                 finally:
                     await resp.aclose()
                     release()
                     metrics.requests.labels(model, route, str(resp.status_code)).inc()
+                    router.stats.done(model, resp.status_code, time.monotonic() - started)
             finally:
                 router.dequeue(model, ticket)
                 if taken is None:  # client gone while waiting: give up the wait
@@ -375,15 +400,16 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         body = msgspec.json.encode(out)
         headers = {"content-type": "application/json"}
         streamed = stream_generate is not None and bool(out.get("stream"))
+        lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
             # Opened before the answer's head, streamed or not: an error the instance gives
             # (images for a model without vision, say) is then a 4xx, not a 200 stream.
-            opening = upstream.open(model, path, body, headers, keep_alive=keep_alive)
+            opening = lease.open(upstream.open(model, path, body, headers, keep_alive=keep_alive))
             resp, release = await unless(gone, opening, discard)
             if streamed and resp.status_code == 200:
                 lines = ollama.sse_to_ndjson(
-                    resp.aiter_lines(), model, started, bool(stream_generate)
+                    lease.lines(resp.aiter_lines()), model, started, bool(stream_generate)
                 )
                 return Streamed(lines, resp, release, media_type="application/x-ndjson")
             try:
@@ -396,6 +422,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         if resp.status_code != 200:
             raise upstream_error(model, resp.status_code, data)
         observe_speed(model, data)
+        lease.count(data)
         try:
             answer = msgspec.json.decode(data)
         except msgspec.DecodeError:
@@ -576,10 +603,15 @@ def fast_path(app: FastAPI) -> ASGIApp:
         try:
             response = await forward(Request(scope, receive))
         except ApiError as e:
-            response = e.response()
+            response = e.response(style_of(scope["path"]))
         except Exception:  # a bug: still an answer in the documented form
             log.exception("request to %s failed", scope["path"])
-            response = error_response(500, "internal error in the gateway", "internal_error")
+            response = error_response(
+                500,
+                "internal error in the gateway",
+                "internal_error",
+                style=style_of(scope["path"]),
+            )
         await response(scope, receive, send)
 
     return asgi
@@ -602,7 +634,7 @@ async def guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> N
             raise
         log.exception("request to %s failed", scope.get("path"))
         await error_response(
-            500, "internal error in the gateway", "internal_error", ollama=is_ollama(scope["path"])
+            500, "internal error in the gateway", "internal_error", style=style_of(scope["path"])
         )(scope, receive, send)
 
 
@@ -643,4 +675,5 @@ CLIENT_FAULTS = (
     "must be",
     "Expected",
     "expected",
+    "is required",  # a field the request lacks ("'messages' is required" on /v1/messages)
 )

@@ -32,7 +32,7 @@ import httptools
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import ApiError, error_body
+from .errors import ApiError, error_body, style_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,7 +265,7 @@ class GuardedHttp(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         url = getattr(self, "url", b"") or b""
-        body = error_body(status, message, code, ollama=url.startswith(b"/api/"))
+        body = error_body(status, message, code, style_of(url.decode("latin-1")))
         reason = {
             408: b"Request Timeout",
             414: b"URI Too Long",

@@ -84,6 +84,26 @@ class Metrics:
             registry=r,
         )
 
+        # Per API key, by its configured name (never the secret); "open" when no keys are set.
+        self.key_tokens = Counter(
+            "lls_tokens",
+            "Tokens by API key, model and kind (prompt or completion), from each answer's usage",
+            ["key", "model", "kind"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "lls_key_requests",
+            "Requests by API key, model and HTTP status (429: refused by the key's limits)",
+            ["key", "model", "code"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "lls_key_limited",
+            "Requests refused by a per-key limit, by key and limit",
+            ["key", "limit"],
+            registry=r,
+        )
+
     def observe_instance(self, old: InstanceRecord | None, new: InstanceRecord) -> None:
         """Swaps and drain times, from the instance records as they change."""
         was = old.state if old is not None else None
@@ -94,19 +114,67 @@ class Metrics:
                 self.drain.labels(old.model).observe(max(0.0, new.updated - old.drain_since))
 
 
-def predicted_per_second(data: bytes) -> float | None:
-    """llama-server's generation speed from the `timings` in an answer or its last streamed
-    chunk, found with a byte search rather than by parsing a body we only forward."""
-    i = data.rfind(TPS_KEY)
+def _number_after(data: bytes, key: bytes) -> float | None:
+    """The JSON number after the last `key` in `data`, found with a byte search rather than
+    by parsing a body we only forward. A JSON string cannot hold an unescaped quote, so
+    generated text cannot forge a key. None when absent, not a number, or cut off."""
+    i = data.rfind(key)
     if i < 0:
         return None
-    start = end = i + len(TPS_KEY)
+    start = end = i + len(key)
     while end < len(data) and data[end] in _NUMBER:
         end += 1
     if end == len(data):  # the number may go on in the next chunk: skip, do not misread
         return None
     try:
-        value = float(data[start:end])
+        return float(data[start:end])
     except ValueError:
         return None
-    return value if value > 0 else None
+
+
+def predicted_per_second(data: bytes) -> float | None:
+    """llama-server's generation speed from the `timings` in an answer or its last streamed
+    chunk."""
+    value = _number_after(data, TPS_KEY)
+    return value if value is not None and value > 0 else None
+
+
+# A chunk with either carries an answer's token counts.
+USAGE_KEYS = (b'"usage"', b'"timings"')
+
+
+def input_tokens(data: bytes) -> int | None:
+    """Prompt tokens as Anthropic's messages and OpenAI's responses API count them: Anthropic
+    leaves the tokens read from the cache out of input_tokens, so they are added back."""
+    given = _number_after(data, b'"input_tokens":')
+    if given is None:
+        return None
+    return max(0, int(given + (_number_after(data, b'"cache_read_input_tokens":') or 0)))
+
+
+def answer_tokens(data: bytes, prompt_hint: int | None = None) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an answer, or of a stream's tail from its last chunk.
+
+    OpenAI's `usage` first (llama-server sends it in whole answers, and in the last streamed
+    chunk when stream_options.include_usage); else llama-server's `timings` (every answer's
+    end, streamed or not), whose prompt_n counts only the tokens not taken from the cache,
+    so cache_n is added back; else input/output tokens (`prompt_hint`: the input tokens of
+    an earlier event, as Anthropic's streams send them first and the output tokens last).
+    """
+    prompt = _number_after(data, b'"prompt_tokens":')
+    if prompt is not None:
+        completion = _number_after(data, b'"completion_tokens":') or 0  # embeddings: none
+        return max(0, int(prompt)), max(0, int(completion))
+    processed = _number_after(data, b'"prompt_n":')
+    predicted = _number_after(data, b'"predicted_n":')
+    if processed is not None and predicted is not None:
+        cached = _number_after(data, b'"cache_n":') or 0
+        return max(0, int(processed + cached)), max(0, int(predicted))
+    # Anthropic's messages and OpenAI's responses API: input/output. Both, so that a
+    # count_tokens answer (input only, nothing generated) is not charged.
+    given = input_tokens(data)
+    given = given if given is not None else prompt_hint
+    generated = _number_after(data, b'"output_tokens":')
+    if given is None or generated is None:
+        return None
+    return given, max(0, int(generated))

@@ -29,6 +29,7 @@ from lls.config import Config, store_filename
 from proto import InstanceRecord, InstanceState
 
 from .errors import ApiError
+from .stats import ServingStats
 from .timing import Ewma
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Router:
         self.view_rev = 0  # the instances bucket's revision this view has reached
         self.keep_alive: dict[str, float] = {}  # instance id -> the last request's keep_alive
         self.swap_wait = Ewma()  # seconds a request waited for a model to become ready
+        self.stats = ServingStats()  # per-model request counts and times, for the dashboard
         self._report_now = asyncio.Event()
         self.on_change: Callable[[InstanceRecord | None, InstanceRecord], None] | None = None
 
@@ -418,6 +420,8 @@ class Router:
                 },
                 draining=sorted(self.draining),
                 instances_rev=self.view_rev,
+                serving=self.stats.report(),
+                serving_since=self.stats.since,
             )
             try:
                 await self.bus.put(self.bus.activity, self.gateway_id, report)

@@ -1,4 +1,5 @@
-"""How much memory one llama-server instance needs, from the GGUF header alone.
+"""How much memory one llama-server instance needs, from the GGUF header alone, and how
+what the agents measured raises it.
 
     total = weights + kv_cache + compute + overhead            (each rounded up to MiB)
 
@@ -12,30 +13,62 @@
                shared by all `-np` slots, so `parallel` does not multiply it.
                b = bytes per element of the cache type: f32 4, f16/bf16 2, q8_0 34/32,
                q4_0 18/32, q4_1 20/32, q5_0 22/32, q5_1 24/32, iq4_nl 18/32.
-    compute  = n_ubatch x 4 x (n_vocab + 4 x n_embd + n_ctx)     n_ubatch = 512
-               f32 logits of one micro-batch, its activations, and the attention mask; this
-               assumes flash attention (llama.cpp's default on GPUs). Without it the KQ matrix
-               adds n_ubatch x n_ctx x n_head x 4 bytes: set `memory_mib` then.
-    overhead = 512 MiB per process on a GPU (CUDA context, cuBLAS workspace, pools);
-               128 MiB for a CPU-only process.
+    compute  = n_ubatch x (4 x (n_vocab + 32 x n_embd) + 2 x n_ctx)      n_ubatch = 512
+               f32 logits of one micro-batch, its activations, and the f16 attention mask;
+               this assumes flash attention (llama.cpp's default on GPUs). Without it the KQ
+               matrix adds n_ubatch x n_ctx x n_head x 4 bytes: set `memory_mib` then.
+    overhead = 656 MiB per process on a GPU (CUDA context, cuBLAS handle, workspace and
+               kernels, the CUDA pool); 128 MiB for a CPU-only process.
+
+Calibration. The compute and overhead constants were fitted to one measurement, on one H200
+(driver 580, CUDA 13.0, llama-server for sm_90, process runtime), NVML per-process memory:
+
+    model                          ctx    real MiB   llama.cpp buffers (model/KV/compute)
+    tiny f32 (make_tiny_gguf.py)   512       628      0.4 / 0.3 / 5.6
+    1.4 GiB F16, n_embd 2048      4096      2434      1441 / 256 / 50
+    1.4 GiB F16, n_embd 2048     32768      4230      1441 / 2048 / 53
+
+What is not weights, KV or compute there is 622 MiB for the tiny model and 687-688 MiB for
+the F16 one: the CUDA context, plus cuBLAS (handle, workspace, lazily loaded kernels) and
+the CUDA pool's temporaries, which the F16 model's mat-muls use and the tiny one's barely
+do, and which llama.cpp's compute-buffer report leaves out. Two models cannot tell whether
+that extra follows the width or the weight type; the fit assumes width and puts it in the
+compute term: 32 x n_embd f32 values per micro-batch token (llama.cpp's buffer alone was
+about 12 x n_embd: the FFN's gate, up and product at n_ff ~ 2.75 x n_embd), over a 656 MiB
+floor. The mask is 2 B per context cell (f16 with flash attention); llama.cpp's buffer grew
+only 3 MiB from 4k to 32k context, so this bounds it from above. The estimate is then
+664 / 2488 / 4308 MiB, 2-6% above each real figure (tests/test_memory.py pins this); the old
+512 MiB overhead and 4 x n_embd activations were 111-198 MiB short. One card, one llama.cpp
+build, two models: the agents' measurements (below) correct what the fit gets wrong
+elsewhere. The CPU overhead (128 MiB) was not part of that measurement.
+
+Measured memory. Once an instance runs on an NVIDIA GPU, its agent reports what the process
+really holds (`proto.MeasuredMemory`, NVML per process, in each heartbeat). The placer keeps
+the highest reading per (model, ctx_size, GPU name) (`remember_measured`), and a model needs
+max(estimate, measured) on that kind of GPU (`gpu_needs`), so the next placement is right
+even where the formula is not. Only single-GPU instances teach it (a split one holds a
+context per GPU). Nothing is persisted: a restarted placer relearns it from the heartbeats.
 
 Sliding-window layers are sized for the full context, a safe upper bound (llama.cpp
 allocates less for them). n_gpu_layers: None (or >= n_layers) = everything on the GPU; 0 = a
 CPU process, the total is RAM; in between, weights, KV and compute scale with the offloaded
 fraction (the GPU part only). Worked example, Llama-3-8B Q4_K_M at 8192 context (32 layers,
 8 KV heads of 128 dims, 128256 tokens): weights 4.6 GiB + KV 8192 x 32 x 8 x 512 B = 1.0 GiB
-+ compute 512 x 4 x (128256 + 16384 + 8192) B = 0.3 GiB + overhead 0.5 GiB = 6.4 GiB.
++ compute 512 x (4 x (128256 + 32 x 4096) + 2 x 8192) B = 0.5 GiB + overhead 0.6 GiB
+= 6.7 GiB.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from proto.messages import GgufSummary
+from proto.messages import GgufSummary, MeasuredMemory
 
 N_UBATCH = 512  # llama-server's default -ub
-GPU_OVERHEAD_MIB = 512
+ACTIVATION_WIDTHS = 32  # f32 values per micro-batch token, in units of n_embd (fitted)
+GPU_OVERHEAD_MIB = 656  # fitted to one H200 measurement (see the module docstring)
 CPU_OVERHEAD_MIB = 128
 MIB = 1 << 20
 
@@ -95,7 +128,8 @@ def kv_cache_bytes(s: GgufSummary, n_ctx: int, cache_type_k: str, cache_type_v: 
 
 
 def compute_bytes(s: GgufSummary, n_ctx: int) -> int:
-    return N_UBATCH * 4 * (s.n_vocab + 4 * s.n_embd + n_ctx)
+    # f32 logits and activations of one micro-batch, plus its f16 attention mask
+    return N_UBATCH * (4 * (s.n_vocab + ACTIVATION_WIDTHS * s.n_embd) + 2 * n_ctx)
 
 
 def _mib(n_bytes: float) -> int:
@@ -125,3 +159,37 @@ def estimate_mib(
         weights, kv, compute = weights * part, kv * part, compute * part
     parts = (_mib(weights), _mib(kv), _mib(compute), overhead)
     return Estimate(*parts, sum(parts), n_ctx, cache_type_k, cache_type_v)
+
+
+# ---------------------------------------------------------------- what the agents measured
+
+# (model, configured ctx_size, GPU name): what one instance of that model holds on that kind
+MeasuredKey = tuple[str, int, str]
+
+
+def remember_measured(
+    seen: Mapping[MeasuredKey, int], readings: Iterable[MeasuredMemory]
+) -> dict[MeasuredKey, int]:
+    """`seen` raised by a heartbeat's readings. The highest reading stays: a process grows
+    after loading (cuBLAS makes its workspace on the first request), so a lower reading
+    from an instance that has not served yet must not undo what a busy one showed. Split
+    instances are left out: they hold a context on each GPU, not what one instance needs."""
+    out = dict(seen)
+    for r in readings:
+        if r.gpus != 1 or r.used_mib <= 0:
+            continue
+        key = (r.model, r.ctx_size, r.gpu_name)
+        out[key] = max(out.get(key, 0), r.used_mib)
+    return out
+
+
+def gpu_needs(
+    estimate_mib: int, measured: Mapping[MeasuredKey, int], model: str, ctx_size: int
+) -> dict[str, int]:
+    """GPU name -> MiB the model needs on that kind of GPU, where it was measured above the
+    estimate: max(estimate, measured). Kinds not listed need the estimate."""
+    return {
+        gpu: mib
+        for (m, ctx, gpu), mib in measured.items()
+        if m == model and ctx == ctx_size and mib > estimate_mib
+    }

@@ -47,11 +47,18 @@ ALL_LAYERS = 999  # -ngl value that puts every layer on the GPU(s)
 @dataclass(frozen=True)
 class Need:
     model: str
-    memory_mib: int  # estimate or ModelConfig.memory_mib override
+    memory_mib: int  # on a GPU: estimate or ModelConfig.memory_mib override
     n_layers: int = 0
     pin_host: str | None = None
     pin_gpus: tuple[int, ...] = ()
     file_hosts: frozenset[str] = frozenset()  # hosts whose store already holds the file
+    cpu_memory_mib: int = 0  # on a CPU-only host, without the GPU overhead; 0 = memory_mib
+    # GPU name -> MiB on that kind of GPU, where agents measured more than memory_mib
+    gpu_memory_mib: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def ram_mib(self) -> int:
+        return self.cpu_memory_mib or self.memory_mib
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class _HostView:
     host_id: str
     has_file: bool
     gpu_free: dict[int, int] = field(default_factory=dict)  # GPU index -> free MiB
+    # GPU index -> MiB the model needs there beyond need.memory_mib (measured on that kind)
+    gpu_extra: dict[int, int] = field(default_factory=dict)
     ram_free: int | None = None  # CPU-only hosts: RAM free after reserve and claims
 
 
@@ -156,6 +165,9 @@ def _build_view(
             claimed = gpu_claims.get((h.host_id, g.index), 0.0) + foreign
             used = g.memory_used_mib - gone_gpu.get((h.host_id, g.index), 0.0)
             v.gpu_free[g.index] = int(g.memory_total_mib - max(used, claimed))
+            extra = need.gpu_memory_mib.get(g.name, 0) - need.memory_mib
+            if extra > 0:
+                v.gpu_extra[g.index] = extra
         if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
             used = h.ram_total_mib - h.ram_free_mib - gone_ram.get(h.host_id, 0.0)
             claimed = ram_claims.get(h.host_id, 0.0)
@@ -178,18 +190,19 @@ def _best_single(views: list[_HostView], need: Need, strategy: str) -> _Option |
     """The one-GPU option `_rank` would pick, without building an option per GPU (a scan
     of 8,000 GPUs runs on every decision)."""
     sign = 1 if strategy == "binpack" else -1
-    best: tuple[bool, int, str, int, int] | None = None
+    best: tuple[bool, int, str, int, int, int] | None = None
     for v in views:
         away = v.host_id not in need.file_hosts
         for i, free in v.gpu_free.items():
-            if free >= need.memory_mib:
-                k = (away, sign * free, v.host_id, i, free)
+            needed = need.memory_mib + v.gpu_extra.get(i, 0)
+            if free >= needed:
+                k = (away, sign * free, v.host_id, i, free, needed)
                 if best is None or k < best:
                     best = k
     if best is None:
         return None
-    _, _, host, i, free = best
-    return _Option(host, (i,), need.memory_mib, free, "gpu")
+    _, _, host, i, free, needed = best
+    return _Option(host, (i,), needed, free, "gpu")
 
 
 def _split_option(v: _HostView, need: Need, overhead_mib: int) -> _Option | None:
@@ -199,16 +212,17 @@ def _split_option(v: _HostView, need: Need, overhead_mib: int) -> _Option | None
     for k in range(2, max_k + 1):
         total, share = _split_share(need.memory_mib, k, overhead_mib)
         tightest = ranked[k - 1][1]
-        if tightest >= share:
+        if all(f >= share + v.gpu_extra.get(i, 0) for i, f in ranked[:k]):
             gpus = tuple(sorted(i for i, _ in ranked[:k]))
-            return _Option(v.host_id, gpus, total, tightest, "split")
+            extra = sum(v.gpu_extra.get(i, 0) for i in gpus)
+            return _Option(v.host_id, gpus, total + extra, tightest, "split")
     return None
 
 
 def _cpu_option(v: _HostView, need: Need) -> _Option | None:
-    if v.ram_free is None or v.ram_free < need.memory_mib:
+    if v.ram_free is None or v.ram_free < need.ram_mib:
         return None
-    return _Option(v.host_id, (), need.memory_mib, v.ram_free, "cpu")
+    return _Option(v.host_id, (), need.ram_mib, v.ram_free, "cpu")
 
 
 SortKey = tuple[object, ...]
@@ -325,14 +339,19 @@ def _evict_one_gpu(v: _HostView, victims: list[Victim], need: Need) -> list[_Opt
     hits = []
     for g, here in on_gpu.items():
         free = v.gpu_free.get(g)
-        if free is not None and (hit := _lru_until(free, need.memory_mib, here)):
+        needed = need.memory_mib + v.gpu_extra.get(g, 0)
+        if free is not None and (hit := _lru_until(free, needed, here)):
             chosen, freed = hit
             hits.append((len(chosen), max(c[0] for c in chosen), g, free, chosen, freed))
     if not hits:
         return []
     least = min(h[:2] for h in hits)
     return [
-        _evicting(_Option(v.host_id, (g,), need.memory_mib, free, "gpu"), chosen, freed)
+        _evicting(
+            _Option(v.host_id, (g,), need.memory_mib + v.gpu_extra.get(g, 0), free, "gpu"),
+            chosen,
+            freed,
+        )
         for n, newest, g, free, chosen, freed in hits
         if (n, newest) == least
     ]
@@ -350,7 +369,9 @@ def _evict_split(v: _HostView, victims: list[Victim], need: Need, overhead: int)
             if g in gpu_free:
                 gpu_free[g] += int(inst.memory_mib / len(inst.gpus))
         chosen.append(x)
-        o = _split_option(_HostView(v.host_id, v.has_file, gpu_free), need, overhead)
+        o = _split_option(
+            _HostView(v.host_id, v.has_file, gpu_free, gpu_extra=v.gpu_extra), need, overhead
+        )
         if o is not None:
             return _evicting(o, chosen, sum(c[2].memory_mib for c in chosen))
     return None
@@ -360,11 +381,11 @@ def _evict_cpu(v: _HostView, victims: list[Victim], need: Need) -> _Option | Non
     if v.ram_free is None:
         return None
     hit = _lru_until(
-        v.ram_free, need.memory_mib, [(x, x[2].memory_mib) for x in victims if not x[2].gpus]
+        v.ram_free, need.ram_mib, [(x, x[2].memory_mib) for x in victims if not x[2].gpus]
     )
     if hit is None:
         return None
-    return _evicting(_Option(v.host_id, (), need.memory_mib, v.ram_free, "cpu"), *hit)
+    return _evicting(_Option(v.host_id, (), need.ram_mib, v.ram_free, "cpu"), *hit)
 
 
 def _best_with_eviction(
@@ -424,7 +445,7 @@ def _where(o: _Option) -> str:
 
 
 def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> str:
-    needs = gib(need.memory_mib)
+    needs = gib(o.memory_mib if o.kind != "split" else need.memory_mib)
     if o.kind == "gpu":
         how = "best fit" if strategy == "binpack" else "most free memory"
         s = f"{how} on {_where(o)}: {gib(o.free_mib)} free, model needs {needs}"
@@ -466,7 +487,7 @@ def _no_room(views: list[_HostView], need: Need, total_hosts: int, overhead_mib:
         best_ram = max(v.ram_free or 0 for v in cpu_views)
         out.append(
             f"{len(cpu_views)} of {total_hosts} hosts excluded: CPU-only with at most"
-            f" {gib(max(best_ram, 0))} RAM free after the reserve, model needs {needs}"
+            f" {gib(max(best_ram, 0))} RAM free after the reserve, model needs {gib(need.ram_mib)}"
         )
     empty = [v.host_id for v in views if not v.gpu_free and v.ram_free is None]
     if empty:

@@ -33,7 +33,14 @@ from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState
 
 from .lease import Lease
-from .memory import estimate_mib
+from .memory import (
+    CPU_OVERHEAD_MIB,
+    GPU_OVERHEAD_MIB,
+    MeasuredKey,
+    estimate_mib,
+    gpu_needs,
+    remember_measured,
+)
 from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
 from .turns import (
     DrainStatus,
@@ -83,6 +90,9 @@ class Placer:
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
         self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
+        # (model, ctx_size, GPU name) -> the most an instance was measured to hold: rebuilt
+        # from heartbeats, so nothing is persisted
+        self.measured: dict[MeasuredKey, int] = {}
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
 
@@ -91,6 +101,8 @@ class Placer:
     def _on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
         self.hosts[rec.host_id] = rec
         self.received[rec.host_id] = time.time()  # our clock: hosts' clocks may be off
+        if rec.measured:
+            self.measured = remember_measured(self.measured, rec.measured)
         self.wake.set()
 
     def _on_host_del(self, key: str) -> None:
@@ -532,6 +544,7 @@ class Placer:
             h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
         )
         memory = mcfg.memory_mib or 0
+        cpu_memory = 0  # a CPU process has no GPU overhead; 0: the same as on a GPU
         n_layers = 0
         if not memory:
             infos = [
@@ -545,12 +558,20 @@ class Placer:
             header = self._header(model) if info is None else None
             if info is not None and info.gguf is not None:
                 memory = estimate_mib(info.gguf, info.size, mcfg.ctx_size).total_mib
+                cpu_memory = estimate_mib(
+                    info.gguf, info.size, mcfg.ctx_size, n_gpu_layers=0
+                ).total_mib
                 n_layers = info.gguf.n_layers
             elif info is not None:
-                memory = info.size // (1 << 20) + 512
+                memory = info.size // (1 << 20) + GPU_OVERHEAD_MIB
+                cpu_memory = info.size // (1 << 20) + CPU_OVERHEAD_MIB
             elif header is not None and header.gguf is not None:
                 if header.gguf.tensor_bytes or header.size:  # else the weights are unknown
-                    memory = estimate_mib(header.gguf, header.size or 0, mcfg.ctx_size).total_mib
+                    size = header.size or 0
+                    memory = estimate_mib(header.gguf, size, mcfg.ctx_size).total_mib
+                    cpu_memory = estimate_mib(
+                        header.gguf, size, mcfg.ctx_size, n_gpu_layers=0
+                    ).total_mib
                     n_layers = header.gguf.n_layers
         return Need(
             model=model,
@@ -559,6 +580,11 @@ class Placer:
             pin_host=host or mcfg.host,
             pin_gpus=tuple(mcfg.gpus),
             file_hosts=file_hosts,
+            cpu_memory_mib=cpu_memory,
+            # what agents measured, per GPU kind, where above the estimate (not over an override)
+            gpu_memory_mib=gpu_needs(memory, self.measured, model, mcfg.ctx_size)
+            if memory and not mcfg.memory_mib
+            else {},
         )
 
     def _place(

@@ -61,7 +61,18 @@ class Feed:
             )
         await self._subscribe_events()
         self._tasks.append(asyncio.create_task(self._follow_reconnects()))
+        self._tasks.append(asyncio.create_task(self._sample()))
         await wait_event(self._caught_up, CATCH_UP_S)
+
+    async def _sample(self) -> None:
+        """A chart point per series every few seconds, whether or not anything changed:
+        a flat line is news too (and rates need a steady clock)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(self.view.history.every_s)
+            try:
+                self.hub.publish("history", msgspec.json.encode(self.view.sample()))
+            except Exception:  # one bad record must not end the charts
+                log.exception("ui: chart sample failed")
 
     async def _follow_reconnects(self) -> None:
         """A restarted NATS server forgets our consumer: resume after the last event seen."""

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 import proto
+from services.ui.history import History
 
 Json = dict[str, Any]
 
@@ -63,6 +64,13 @@ class View:
         self.downloads: dict[str, Json] = {}  # "host/model" -> last DownloadProgress
         self.events: deque[Json] = deque(maxlen=MAX_EVENTS)
         self.last_seq = 0
+        self.history = History(self.models)  # the charts' samples over the last hour
+
+    def sample(self, now: float | None = None) -> Json:
+        """One chart point per series from the current tables; the delta for browsers."""
+        now = now or time.time()
+        self.prune(now)
+        return self.history.sample(now, self.hosts, self.instances, self.activity)
 
     def apply_event(self, seq: int, ev: Json) -> bool:
         """Fold one event in; False when it was already seen (a consumer redelivery)."""
@@ -115,4 +123,5 @@ class View:
             "downloads": self.downloads,
             "events": list(self.events),
             "last_seq": self.last_seq,
+            "history": self.history.snapshot(),
         }
