@@ -151,14 +151,18 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
     sub = [f"_INBOX_{user}.>", proto.EVENTS_SUBJECTS]
     for stream in [proto.EVENTS_STREAM, *(f"KV_{b}" for b in KV_BUCKETS)]:
         pub += _read_stream(stream)  # every service may read the views and the events
+    # Every service says when it reloaded or refused its config (lls.service), for the log.
+    pub += [proto.evt("config.reloaded"), proto.evt("config.refused")]
     deny: list[str] = []
     if user == "gateway":
         pub += [proto.evt("demand"), f"$KV.{proto.KV_ACTIVITY}.>"]
+        # Ollama's pull and delete: requests the placer weighs, never commands to a host.
+        pub += [proto.evt("pull.requested"), proto.evt("delete.requested")]
     elif user == "placer":  # the coordinator: commands, every view, stream declarations
         pub += ["lls.evt.>", "lls.cmd.>", "$KV.>", f"{JS}.>", "$JS.ACK.>", "$JS.FC.>"]
         deny = [f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.PURGE.>"]
     elif user == "ui":
-        pass  # reads only
+        pass  # reads only (and reports its reloads, as every role does)
     elif user.startswith("agent-"):
         host = user[len("agent-") :]
         pub += [proto.evt("host.joined"), proto.evt("instance.>"), proto.evt("command.refused")]
@@ -169,6 +173,7 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
         host = user[len("downloader-") :]
         pub += [proto.evt("download.>"), proto.evt("model.inspected")]
         pub += [proto.evt("command.refused"), f"$KV.{proto.KV_MODELS}.>"]
+        pub += [proto.evt("file.deleted"), proto.evt("file.delete_failed")]
         pub += _consume(user, proto.cmd_download(host)) + _consume("inspector", proto.cmd_inspect())
     else:
         raise AuthError(f"unknown NATS identity {user!r}")

@@ -6,6 +6,7 @@ lls stop MODEL         stop MODEL's instances
 lls pull MODEL         download MODEL's file to a host's store, with a progress bar
 lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
 lls usage              requests and tokens per API key and model (the gateway's /metrics)
+lls reload             every service of `make run` re-reads the config file (SIGHUP)
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -24,6 +27,7 @@ import proto
 from lls import auth
 from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, ConfigError, load, store_filename
+from lls.run import pid_file
 
 
 def fmt_age(seconds: float) -> str:
@@ -47,7 +51,7 @@ async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
             last_used[iid] = max(last_used.get(iid, 0), a.last_used)
     if not args.all:
         recs = [r for r in recs if r.state not in proto.END_STATES]
-    rows = [("MODEL", "INSTANCE", "HOST", "GPUS", "STATE", "MEMORY", "IDLE", "REASON")]
+    rows = [tuple("MODEL INSTANCE HOST GPUS STATE BACKEND MEMORY IDLE BINARY REASON".split())]
     now = time.time()
     for r in sorted(recs, key=lambda r: (r.model, r.created)):
         used = last_used.get(r.instance_id, r.ready_at or r.updated)
@@ -60,8 +64,10 @@ async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
                 r.host or "-",
                 gpus,
                 r.state.value,
+                r.backend or "-",  # empty until the agent starts it (or an older agent)
                 f"{r.memory_mib} MiB",
                 idle,
+                r.binary or "-",
                 r.reason[:60],
             )
         )
@@ -235,6 +241,28 @@ def cmd_usage(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    """SIGHUP to `make run` (lls.run), which passes it to every service. The config was
+    loaded before this runs, so a bad one is refused here already, naming the key."""
+    path = pid_file(cfg)
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        print(
+            f"error: no `make run` found ({path} names no running process). Services run "
+            "apart reload on SIGHUP: send it to each (e.g. `docker kill -s HUP NAME`)",
+            file=sys.stderr,
+        )
+        return 1
+    if b"lls.run" not in cmdline:  # a stale pid file whose pid was taken by another process
+        print(f"error: process {pid} from {path} is not `make run`", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"reloading {args.config}: every service re-reads it (see their logs and events)")
+    return 0
+
+
 COMMANDS = {"ps": cmd_ps, "load": cmd_load, "stop": cmd_stop, "pull": cmd_pull}
 
 
@@ -263,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     hosts = sub.add_parser("hosts", help="manage GPU hosts' NATS identities")
     hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True)
     hosts_sub.add_parser("add", help="create agent-HOST and downloader-HOST").add_argument("host")
+    sub.add_parser("reload", help="every service re-reads the config file")
     use = sub.add_parser("usage", help="requests and tokens per API key and model")
     use.add_argument("--gateway", default="", help="gateway URL (default: the config's)")
     use.add_argument(
@@ -275,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     if args.command == "usage":  # the gateway's /metrics: no bus needed
         raise SystemExit(cmd_usage(cfg, args))
+    if args.command == "reload":  # a signal to this machine's `make run`: no bus needed
+        raise SystemExit(cmd_reload(cfg, args))
     if args.command == "hosts":  # files only: no bus needed
         try:
             print(auth.add_host(auth.credentials_dir(cfg), args.host, cfg.nats.tls))

@@ -165,6 +165,14 @@ class ModelConfig(Strict):
     group: str | None = None  # exclusive group: at most one model of a group runs at a time
 
 
+def launch_fingerprint(m: ModelConfig) -> str:
+    """A short hash of what an instance of `m` was launched with (its file and llama-server
+    flags). A reload that changes it makes the placer replace the model's instances; keys
+    that only steer placement or the gateway (aliases, defaults, pins...) do not count."""
+    launch = (m.url, (m.sha256 or "").lower(), m.ctx_size, m.args, m.embeddings)
+    return hashlib.sha256(msgspec.json.encode(launch)).hexdigest()[:16]
+
+
 def store_filename(model: str, url: str = "") -> str:
     """The model's file name in a host's store (the downloader writes it, the agent runs it).
 

@@ -3,7 +3,8 @@
 Starts an embedded NATS server with JetStream (unless the config names one), then the
 gateway, ui, placer, downloader and agent, restarting any that dies (with backoff).
 SIGINT/SIGTERM stop them all; the agent stops its llama-server instances on the way out, so
-nothing is left running.
+nothing is left running. SIGHUP (`lls reload`, which finds this process by `pid_file`) is
+passed on to every service: each re-reads the config file (lls.service).
 
     python -m lls.run [--config config.yaml]
 """
@@ -11,6 +12,7 @@ nothing is left running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +32,13 @@ from lls.config import Config, ConfigError, expand, load
 
 SERVICES = ["placer", "downloader", "agent", "ui", "gateway"]
 STOP_GRACE_S = 20.0
+PID_FILE = "lls-run.pid"
+
+
+def pid_file(cfg: Config) -> Path:
+    """Where `make run` writes its pid, for `lls reload`: in this stack's run directory
+    beside the model store (the agent's runtime state is under it too)."""
+    return cfg.store_dir().absolute().parent / "run" / cfg.cluster_id() / PID_FILE
 
 
 def log(msg: str) -> None:
@@ -124,6 +133,13 @@ class Supervisor:
             self.restarts[name] = recent + [time.time()]
             self.spawn(name)
 
+    def reload(self) -> None:
+        """Every running service re-reads the config file."""
+        log("reloading the config: SIGHUP to every service")
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         self.stopping = True
         for proc in self.procs.values():
@@ -171,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
 
     nats_proc = None
     if cfg.nats.url == "embedded":
@@ -180,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         nats_url = cfg.nats.url
     ui_port = urlparse(cfg.gateway.ui_url).port or 5001
     sup = Supervisor(os.path.abspath(args.config), nats_url, ui_port, cfg)
+    pids = pid_file(cfg)
+    pids.parent.mkdir(parents=True, exist_ok=True)
+    pids.write_text(f"{os.getpid()}\n")
     try:
         for name in SERVICES:
             sup.spawn(name)
@@ -193,8 +214,14 @@ def main(argv: list[str] | None = None) -> None:
             log("the gateway did not answer /health within 60 s; see the logs above")
         while not received:
             sup.check()
+            if hups:
+                hups.clear()
+                sup.reload()
             time.sleep(0.2)
     finally:
+        with contextlib.suppress(OSError):
+            if pids.read_text().strip() == str(os.getpid()):  # not a later run's
+                pids.unlink()
         log("stopping all services")
         sup.stop()
         if nats_proc is not None:

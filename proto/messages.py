@@ -18,12 +18,20 @@ __all__ = [
     "ActivityReport",
     "AgentCommand",
     "CommandRefused",
+    "ConfigRefused",
+    "ConfigReloaded",
+    "DeleteAnswered",
+    "DeleteFile",
+    "DeleteRequested",
+    "DownloaderCommand",
     "Demand",
     "DownloadCompleted",
     "DownloadFailed",
     "DownloadFile",
     "DownloadProgress",
     "Event",
+    "FileDeleteFailed",
+    "FileDeleted",
     "FileInfo",
     "GgufSummary",
     "GpuInfo",
@@ -42,6 +50,8 @@ __all__ = [
     "ModelInspected",
     "PlacementDecided",
     "PlacementFailed",
+    "PullAnswered",
+    "PullRequested",
     "StartInstance",
     "StopInstance",
     "StopRequested",
@@ -192,6 +202,13 @@ class InstanceRecord(Struct):
     ready_at: float | None = None
     drain_for: str = ""  # DRAINING: the waiting model this instance yields its memory to
     drain_since: float | None = None  # DRAINING: when the drain began (its deadline counts)
+    # What runs it, set by the agent at STARTING: the llama-server path (or Docker image) and
+    # its backend, "cpu" | "cuda" | "unknown" ("docker/cuda" etc. in a container)
+    binary: str = ""
+    backend: str = ""
+    # lls.config.launch_fingerprint of the model config it was placed for ("" = unknown, an
+    # older record): after a reload the placer replaces instances whose fingerprint is stale
+    config_fp: str = ""
     v: int = SCHEMA_VERSION
 
 
@@ -295,6 +312,19 @@ class DownloadFile(Struct, tag="download", kw_only=True):
     url: str
     filename: str
     sha256: str | None = None
+
+
+class DeleteFile(Struct, tag="delete", kw_only=True):
+    """Remove a model's file (all parts of a split GGUF) from the host's store. The downloader
+    deletes only `lls.config.store_filename` of a model in its own config; an absent file is
+    success, so a resent command does no harm."""
+
+    cmd_id: str
+    model: str
+    filename: str
+
+
+DownloaderCommand = DownloadFile | DeleteFile
 
 
 class InspectModel(Struct, tag="inspect", kw_only=True):
@@ -401,6 +431,65 @@ class SwapChanged(_Event, tag="swap"):
         return evt(f"swap.{self.stage}")
 
 
+class PullRequested(_Event, tag="pull.requested"):
+    """A client asks (through a gateway) for a model's file on the host it would run on."""
+
+    model: str
+    request_id: str
+    gateway_id: str = ""
+
+
+class PullAnswered(_Event, tag="pull.answered"):
+    """The placer's answer to a PullRequested. `status`: "present" (`host` has the file),
+    "downloading" (DownloadFile sent to `host`: its download.* events follow) or "refused"
+    (`reason` says why)."""
+
+    model: str
+    request_id: str
+    status: str
+    host: str = ""
+    filename: str = ""
+    reason: str = ""
+
+
+class DeleteRequested(_Event, tag="delete.requested"):
+    """A client asks (through a gateway) for a model's file to leave every host's store."""
+
+    model: str
+    request_id: str
+    gateway_id: str = ""
+
+
+class DeleteAnswered(_Event, tag="delete.answered"):
+    """The placer's answer to a DeleteRequested. `status`: "deleting" (DeleteFile sent to each
+    of `hosts`: file.* events follow), "absent" (no host holds it) or "refused" (`reason`:
+    e.g. the model runs)."""
+
+    model: str
+    request_id: str
+    status: str
+    hosts: list[str] = []
+    filename: str = ""
+    reason: str = ""
+
+
+class FileDeleted(_Event, tag="file.deleted"):
+    model: str
+    host: str
+    filename: str
+    cmd_id: str = ""
+    existed: bool = True  # False: it was not there (a resent command)
+
+
+class FileDeleteFailed(_Event, tag="file.delete_failed"):
+    model: str
+    host: str
+    filename: str
+    reason: str
+    cmd_id: str = ""
+    busy: bool = False  # refused because the file is in use (being downloaded): try later
+
+
 class CommandRefused(_Event, tag="command.refused"):
     """An agent refused a command that does not match its config; nothing was run."""
 
@@ -410,6 +499,25 @@ class CommandRefused(_Event, tag="command.refused"):
     model: str = ""
     reason: str = ""
     cmd_id: str = ""
+
+
+class ConfigReloaded(_Event, tag="config.reloaded"):
+    """A service re-read its config file (SIGHUP or `lls reload`) and follows it now."""
+
+    service: str
+    host: str
+    added: list[str] = []  # models
+    removed: list[str] = []
+    changed: list[str] = []
+    restart_needed: list[str] = []  # changed keys that take effect only at the next start
+
+
+class ConfigRefused(_Event, tag="config.refused"):
+    """A service refused a new config (the reason names the key); the running one stays."""
+
+    service: str
+    host: str
+    reason: str
 
 
 class HostJoined(_Event, tag="host.joined"):
@@ -437,6 +545,14 @@ Event = (
     | HostJoined
     | HostLost
     | CommandRefused
+    | ConfigReloaded
+    | ConfigRefused
+    | PullRequested
+    | PullAnswered
+    | DeleteRequested
+    | DeleteAnswered
+    | FileDeleted
+    | FileDeleteFailed
 )
 
 _DECODERS: dict[object, msgspec.json.Decoder] = {}

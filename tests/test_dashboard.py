@@ -175,6 +175,8 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
                 endpoint="http://127.0.0.1:39001",
                 reason="binpack: most free memory after placement",
                 ready_at=time.time() - 75,
+                binary="/opt/llama.cpp/llama-server",
+                backend="cuda",
             )
             failed = instance(
                 "i-failed",
@@ -217,6 +219,9 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
 
             await expect(page.locator('[data-host="gpu-b"]')).to_contain_text("NVIDIA RTX 4090")
             await expect(page.locator('[data-instance="i-ready"]')).to_contain_text("ready")
+            backend = page.locator('[data-backend="i-ready"]')  # the binary on hover
+            await expect(backend).to_have_text("cuda")
+            await expect(backend).to_have_attribute("title", "/opt/llama.cpp/llama-server")
             await expect(page.locator('[data-kind="instance.ready"]')).to_contain_text("demo")
             bar = page.locator('[data-download="gpu-b/qwen2.5-7b"] [role=progressbar]')
             await expect(bar).to_have_attribute("aria-valuenow", "60.0")

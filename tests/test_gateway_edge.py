@@ -128,7 +128,7 @@ def hostile_inputs(port: int) -> list[tuple[str, str, bytes, list[bytes]]]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         cases.append((label, path, data, ([key] if keyed else []) + list(extra)))
 
-    chat, gen, embed = "/api/chat", "/api/generate", "/api/embed"
+    chat, gen, embed, pull = "/api/chat", "/api/generate", "/api/embed", "/api/pull"
     v1 = "/v1/chat/completions"
     # Credentials: non-ASCII, invalid UTF-8, huge, in every place a key is read.
     for where in (v1, chat, "/v1/models", "/api/tags", "/metrics", "/dashboard"):
@@ -153,7 +153,7 @@ def hostile_inputs(port: int) -> list[tuple[str, str, bytes, list[bytes]]]:
     add("empty bearer", v1, OK_CHAT, b"Authorization: Bearer ", keyed=False)
     add("basic auth", v1, OK_CHAT, b"Authorization: Basic dXNlcjpwYXNz", keyed=False)
     # Bodies that are not JSON objects, or nest absurdly.
-    for path in (v1, "/v1/completions", "/v1/embeddings", chat, gen, embed, "/api/show"):
+    for path in (v1, "/v1/completions", "/v1/embeddings", chat, gen, embed, "/api/show", pull):
         add(f"array body {path}", path, b"[1, 2]")
         add(f"deep nesting {path}", path, b"[" * 100_000 + b"]" * 100_000)
         add(f"invalid utf-8 model {path}", path, b'{"model": "ti\xffny", "prompt": "a"}')
@@ -261,7 +261,11 @@ def hostile_inputs(port: int) -> list[tuple[str, str, bytes, list[bytes]]]:
         keyed=False,
     )
     add("unknown route", "/v2/chat", OK_CHAT)
-    add("unknown ollama route", "/api/pull", {"model": "tiny"})
+    add("unknown ollama route", "/api/push", {"model": "tiny"})
+    add("pull of an unknown model", pull, {"model": "nope"})
+    add("pull model int", pull, {"model": 5})
+    add("pull stream str", pull, {"model": "tiny", "stream": "yes"})
+    add("delete by POST", "/api/delete", {"model": "tiny"})
     add("header of 8 KB", v1, {"model": "tiny", "messages": 5}, b"X-Junk: " + b"j" * 8000)
     add(
         "100 extra header lines",

@@ -53,6 +53,8 @@ class Handle:
 
 class Runtime(Protocol):
     name: str  # "process" | "docker"
+    program: str  # what runs the instances: the llama-server path, or the image
+    backend: str  # lls.paths backend ("cpu", "cuda", "unknown"); "docker/<backend>" in Docker
 
     def launch(self, spec: LaunchSpec) -> Handle: ...
 

@@ -21,7 +21,8 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig
 
 import proto
-from services.agent.image import ensure_image, knows_fit
+from lls.paths import CPU, CUDA, UNKNOWN
+from services.agent.image import ensure_image, is_local_build, knows_fit, official_image
 from services.agent.runtime import (
     LOG_TAIL_LINES,
     Handle,
@@ -82,6 +83,16 @@ def model_mounts(store: Path, filename: str) -> tuple[str, dict[str, dict[str, s
         return inside, volumes
 
 
+def image_backend(image: str, binary_backend: str) -> str:
+    """What an image runs on: a local image, its binary's backend; one tagged for CUDA (the
+    official server-cuda), cuda; the official plain server, cpu; any other, unknown."""
+    if is_local_build(image):
+        return binary_backend
+    if "cuda" in image.rsplit("/", 1)[-1].lower():
+        return CUDA
+    return CPU if image == official_image(False) else UNKNOWN
+
+
 class DockerRuntime:
     name = "docker"
 
@@ -92,12 +103,15 @@ class DockerRuntime:
         store: Path,
         image: str,
         cluster_id: str = "",
+        backend: str = UNKNOWN,  # the image's (image_backend)
     ):
         self.client = client
         self.host_id = host_id
         self.cluster_id = cluster_id
         self.store = store
         self.image = image
+        self.program = image
+        self.backend = f"docker/{backend}"
 
     @classmethod
     def create(
@@ -109,10 +123,12 @@ class DockerRuntime:
         nvidia: bool,
         binary: Path | None,
         cluster_id: str = "",
+        binary_backend: str = UNKNOWN,
     ) -> DockerRuntime:
         image = ensure_image(client, configured_image, nvidia, binary)
-        log.info("docker runtime uses image %s", image)
-        return cls(client, host_id, store, image, cluster_id)
+        backend = image_backend(image, binary_backend)
+        log.info("docker runtime uses image %s (%s)", image, backend)
+        return cls(client, host_id, store, image, cluster_id, backend)
 
     def _labels(self, spec: LaunchSpec) -> dict[str, str]:
         return {

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import proto
+from lls.paths import UNKNOWN
 from services.agent.runtime import (
     LOG_TAIL_LINES,
     Handle,
@@ -73,13 +74,21 @@ class ProcessRuntime:
     name = "process"
 
     def __init__(
-        self, host_id: str, store: Path, run_dir: Path, binary: Path | None, cluster_id: str = ""
+        self,
+        host_id: str,
+        store: Path,
+        run_dir: Path,
+        binary: Path | None,
+        cluster_id: str = "",
+        backend: str = UNKNOWN,  # the binary's (lls.paths.choose_llama_server)
     ):
         self.host_id = host_id
         self.cluster_id = cluster_id
         self.store = store
         self.run_dir = run_dir
         self.binary = binary
+        self.program = str(binary or "")
+        self.backend = backend
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._ticks: dict[str, int | None] = {}
 

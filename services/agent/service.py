@@ -33,8 +33,8 @@ import proto
 from lls import instance_key
 from lls.aio import wait_event
 from lls.bus import durable_config, kv_snapshot
-from lls.config import AgentConfig, Config, expand, store_filename
-from lls.paths import llama_server_binary
+from lls.config import AgentConfig, Config, expand, launch_fingerprint, store_filename
+from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
 from services.agent.image import ImageError
@@ -108,9 +108,10 @@ def choose_runtime(
     cfg: AgentConfig, host_id: str, store: Path, telemetry: Telemetry, cluster_id: str
 ) -> Runtime:
     """auto: Docker when an engine answers (and an image can be had), else processes."""
-    binary = llama_server_binary(cfg.llama_server)
+    chosen = choose_llama_server(cfg.llama_server, gpus=telemetry.has_nvidia)
+    binary, backend = (chosen.path, chosen.backend) if chosen else (None, UNKNOWN)
     run_dir = run_dir_for(store, host_id, cluster_id)
-    process = ProcessRuntime(host_id, store, run_dir, binary, cluster_id)
+    process = ProcessRuntime(host_id, store, run_dir, binary, cluster_id, backend)
     if cfg.runtime == "process":
         return process
     from services.agent.runtime_docker import DockerRuntime, engine
@@ -126,7 +127,7 @@ def choose_runtime(
         return process
     try:
         return DockerRuntime.create(
-            client, host_id, store, cfg.image, telemetry.has_nvidia, binary, cluster_id
+            client, host_id, store, cfg.image, telemetry.has_nvidia, binary, cluster_id, backend
         )
     except ImageError as e:
         if cfg.runtime == "docker":
@@ -179,6 +180,19 @@ class Agent:
         self.bind = bind_host(self.cfg.advertise_host, self.cfg.bind_host)
         self.runtime = runtime
         self.telemetry = telemetry
+        # A CPU-only llama-server cannot use this host's GPUs: offer none, so the placer puts
+        # instances in RAM (-ngl 0) and accounts them there, instead of on GPUs they never use.
+        self.cpu_only = telemetry.has_nvidia and runtime.backend.endswith(CPU)
+        if self.cpu_only:
+            log.warning(
+                "this host has %d NVIDIA GPU(s) but its llama-server is a CPU build (%s): "
+                "instances run on the CPU and the GPUs are not offered. For the GPUs, build "
+                "the CUDA one (scripts/build-llama-server.sh --cuda, needs the CUDA toolkit), "
+                "set agent.llama_server to a CUDA build, or use runtime: docker (README: GPU "
+                "hosts)",
+                telemetry.gpu_count,
+                runtime.program,
+            )
         self.store = store
         self.started_at = proto.now()
         self.instances: dict[str, Instance] = {}
@@ -271,7 +285,7 @@ class Agent:
             )
             for i in self.instances.values()
         ]
-        gpus = await self._call(self.telemetry.gpus, claims)
+        gpus = [] if self.cpu_only else await self._call(self.telemetry.gpus, claims)
         measured = await self._call(
             self.telemetry.measure, gpus, [c for c in claims if c.ctx_size >= 0]
         )
@@ -539,6 +553,15 @@ class Agent:
         ):
             # a redelivered start for an instance that already ended: the placer decides retries
             log.info("not starting %s: its record is %s", inst.instance_id, rec.state.value)
+            return False
+        mine = launch_fingerprint(self.ctx.cfg.models[cmd.model])  # refusal(): ours
+        if rec is not None and rec.config_fp and rec.config_fp != mine:
+            # placed for another version of the model's config: one side has not reloaded yet
+            why = (
+                f"the placer placed it for a different config of {cmd.model} than this agent's "
+                "(reload every service's config: SIGHUP or `lls reload`)"
+            )
+            await self._set(inst, InstanceState.FAILED, reason=why)
             return False
         try:
             uuids = self.telemetry.uuids(cmd.gpus)
@@ -810,6 +833,7 @@ class Agent:
         inst.state = state
         if state == InstanceState.STARTING:
             fields["gpus"] = list(inst.gpus)
+            fields["binary"], fields["backend"] = self.runtime.program, self.runtime.backend
             if inst.memory_mib:  # keep what the placer reserved when the command has none
                 fields["memory_mib"] = inst.memory_mib
         log.info(

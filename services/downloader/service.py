@@ -1,4 +1,5 @@
 """The downloader service: DownloadFile commands in; progress, completed and failed events out.
+DeleteFile commands remove a configured model's file from the store (file.deleted / failed).
 
 It also reads models' headers from their sources on InspectModel commands (one consumer that
 every downloader shares), so the placer knows a model's memory before anything is fetched.
@@ -44,7 +45,7 @@ from services.downloader.sources import (
     resolve,
     split_names,
 )
-from services.downloader.store import Outcome, obtain, sweep_partials
+from services.downloader.store import Outcome, obtain, remove, sweep_partials
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Downloader:
             for model, m in cfg.models.items()
             for name in split_names(store_filename(model, m.url))
         }
+        # model -> its store file: the only file a DeleteFile for that model may remove
+        self.filenames = {model: store_filename(model, m.url) for model, m in cfg.models.items()}
         self.ollama_roots = ollama_roots
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
@@ -185,14 +188,18 @@ class Downloader:
 
     async def _on_message(self, msg: Msg) -> None:
         try:
-            cmd = proto.decode(msg.data, proto.DownloadFile)
+            cmd = proto.decode(msg.data, proto.DownloaderCommand)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             log.error("dropping a malformed download command: %s", e)
             await msg.term()
             return
         keepalive = asyncio.create_task(_keep_alive(msg))
+        event: proto.Event
         try:
-            event = await self.handle(cmd)
+            if isinstance(cmd, proto.DeleteFile):
+                event = await self.delete(cmd)
+            else:
+                event = await self.handle(cmd)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()  # stopping: hand it back for the next downloader start
@@ -241,6 +248,58 @@ class Downloader:
             size=outcome.size,
             reused=outcome.reused,
         )
+
+    async def delete(self, cmd: proto.DeleteFile) -> proto.FileDeleted | proto.FileDeleteFailed:
+        """Remove a configured model's store file (all its parts); absent is success. Only the
+        name this config gives that model, as a plain name in the store: a command cannot
+        name any other file."""
+        existed = False
+        why, busy = self._refuse_delete(cmd)
+        if not why:
+            try:
+                for name in split_names(cmd.filename):
+                    existed = await remove(self.store, name) or existed
+            except TimeoutError:  # another downloader process holds the file's lock
+                busy = True
+                why = f"{cmd.filename} is being written on {self.host}; delete it once that ends"
+            except OSError as e:
+                why = f"could not delete {cmd.filename} on {self.host}: {e.strerror or e}"
+        if why:
+            log.warning("delete %s refused: %s", cmd.model, why)
+            return proto.FileDeleteFailed(
+                model=cmd.model,
+                host=self.host,
+                filename=cmd.filename,
+                reason=why,
+                cmd_id=cmd.cmd_id,
+                busy=busy,
+            )
+        log.info("deleted %s: %s (%s)", cmd.model, cmd.filename, "done" if existed else "absent")
+        return proto.FileDeleted(
+            model=cmd.model,
+            host=self.host,
+            filename=cmd.filename,
+            cmd_id=cmd.cmd_id,
+            existed=existed,
+        )
+
+    def _refuse_delete(self, cmd: proto.DeleteFile) -> tuple[str, bool]:
+        """(why a DeleteFile must not run here or '', whether only because the file is busy)."""
+        expected = self.filenames.get(cmd.model)
+        if expected is None:
+            return f"model {cmd.model!r} is not in this host's config", False
+        if cmd.filename != expected:
+            why = f"file {cmd.filename!r} is not model {cmd.model}'s store file ({expected})"
+            return why, False
+        names = split_names(expected)
+        if any(Path(n).name != n or n in (".", "..") for n in names):  # store_filename's job
+            return f"file {expected!r} is not a plain name in the store", False
+        for n in names:
+            job = self.jobs.get(self.store / n)
+            if job is not None and job.task is not None and not job.task.done():
+                why = f"{expected} is being downloaded on {self.host}; delete it once that ends"
+                return why, True
+        return "", False
 
     def _sources(self, url: str, filename: str) -> list[Source]:
         """What to fetch, refusing local files outside the allowed roots."""
@@ -398,11 +457,38 @@ async def run(ctx: ServiceContext) -> None:
             f"error: host id {ctx.host_id!r} (--host-id or agent.host_id): 1 to 64 letters, "
             "digits, '-' and '_' only"
         )
-    d = ctx.cfg.downloader
-    await Downloader(
-        ctx.cfg,
-        ctx.bus,
-        ctx.host_id,
-        ollama_roots=[expand(p) for p in d.ollama_dirs] or None,
-        hf_roots=[expand(p) for p in d.hf_cache_dirs] or None,
-    ).serve(ctx.stop)
+
+    def make(cfg: Config) -> Downloader:
+        d = cfg.downloader
+        return Downloader(
+            cfg,
+            ctx.bus,
+            ctx.host_id,
+            ollama_roots=[expand(p) for p in d.ollama_dirs] or None,
+            hf_roots=[expand(p) for p in d.hf_cache_dirs] or None,
+        )
+
+    downloader = make(ctx.cfg)
+
+    def reload(_old: Config, new: Config) -> None:
+        """What the downloader derives from the config follows a reload (the models' URLs,
+        file roots and store files, limits); downloads under way go on as they are."""
+        fresh = make(new)
+        for name in RELOADED:
+            setattr(downloader, name, getattr(fresh, name))
+
+    ctx.on_reload.append(reload)
+    await downloader.serve(ctx.stop)
+
+
+# Downloader attributes made from the config alone, replaced on a reload.
+RELOADED = (
+    "timeout",
+    "opts",
+    "file_roots",
+    "keep",
+    "filenames",
+    "max_active",
+    "ollama_roots",
+    "hf_roots",
+)

@@ -282,3 +282,18 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+async def remove(store: Path, filename: str, lock_wait_s: float = 5.0) -> bool:
+    """Delete `store/filename` with its digest cache and any unfinished download of it, under
+    the file's lock (so no downloader process is writing it). Whether the file was there.
+    TimeoutError: a download of it holds the lock (in this process or another)."""
+    st = Staging.of(store, filename)
+    async with asyncio.timeout(lock_wait_s), locked(st.lock):
+        existed = st.dest.is_file()
+        st.dest.unlink(missing_ok=True)
+        st.digest.unlink(missing_ok=True)
+        discard(st)
+    if existed:
+        _fsync_dir(st.dest.parent)
+    return existed

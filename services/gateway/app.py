@@ -24,16 +24,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import proto
-from lls.config import ApiKey, Config
+from lls.config import ApiKey, Config, store_filename
 from services.ui.secret import SECRET_HEADER, ui_secret
 
-from . import http, ollama
+from . import http, ollama, pull
+from .admission import Limits
 from .edge import decode_body
 from .errors import ApiError, error_response, sse_error, style_of
 from .metrics import TPS_KEY, Metrics, predicted_per_second
 from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
-from .usage import Lease, Usage
+from .usage import KeyLimits, KeyWindow, Lease, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,6 +162,23 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     upstream = Upstream(cfg, router, metrics)
     usage = Usage(cfg.gateway.api_keys, metrics)  # per-key limits and token counts
     ui_url = cfg.gateway.ui_url.rstrip("/")
+
+    def reload(_old: Config, new: Config) -> None:
+        """A reloaded config (lls.service): models, aliases, defaults and keys are read from
+        `cfg` per request already; the limits derived from it are set again, keeping what
+        runs (admission slots, each key's window of requests)."""
+        g = new.gateway
+        upstream.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
+        for gate in upstream.gates.values():
+            gate.limits = upstream.limits
+        windows: dict[str, KeyWindow] = {}
+        for k in g.api_keys:
+            if (limits := KeyLimits.of(k)).any:
+                windows[k.name] = usage.windows.get(k.name) or KeyWindow(limits)
+                windows[k.name].limits = limits
+        usage.windows = windows
+
+    app.state.reload = reload
     ui_clients: list[http.Client] = []  # made on first use, inside the running loop
     app.state.upstream = upstream
     app.state.metrics = metrics
@@ -514,6 +532,51 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 "capabilities": ["embedding"] if m.embeddings else ["completion"],
             }
         )
+
+    def bus_up() -> None:
+        if (down := router.bus_down_reason()) is not None:
+            raise ApiError(503, down, "bus_unavailable", 5)
+
+    @app.post("/api/pull")
+    async def api_pull(request: Request) -> Response:
+        """Download a configured model where it would run, as a cold start would (the placer
+        picks the host; see pull.py), with Ollama's progress lines."""
+        key = authenticate(cfg, request)
+        req = ollama.parse_body(await read_body(request), ollama.PullRequest)
+        model = resolve(req.model or req.name, key, request.url.path)
+        bus_up()
+        m = cfg.models[model]
+        filename = store_filename(model, m.url)
+
+        def size_on(host: str) -> int | None:
+            files = router.hosts[host].files if host in router.hosts else []
+            return next((f.size for f in files if f.filename == filename), None)
+
+        job = pull.Pull(
+            router.bus, router.gateway_id, model, ollama.pull_digest(filename, m.sha256), size_on
+        )
+        total_s = cfg.downloader.timeout + 60  # the downloader's own deadline, then its word
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await unless(gone, job.begin(), lambda _: job.follow.close())
+            if not req.stream:
+                return JSONResponse(await unless(gone, job.result(total_s)))
+        finally:
+            gone.cancel()
+        return pull.PullStream(job, total_s)
+
+    @app.delete("/api/delete")
+    async def api_delete(request: Request) -> Response:
+        """Remove a model's file from every host's store; refused while the model runs.
+        Destructive for everyone using the model: an admin key's when keys are configured."""
+        key = authenticate(cfg, request)
+        if key is not None and not key.admin:
+            raise ApiError(403, "deleting a model needs an admin API key", "forbidden")
+        req = ollama.parse_body(await read_body(request), ollama.DeleteRequest)
+        model = resolve(req.model or req.name, key, request.url.path)
+        bus_up()
+        await pull.delete(router.bus, router.gateway_id, model)
+        return JSONResponse({"status": "success"})
 
     @app.get("/api/version")
     async def api_version() -> Response:

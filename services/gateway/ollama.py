@@ -138,8 +138,22 @@ class ShowRequest(msgspec.Struct):
     verbose: bool = False
 
 
-Body = ChatRequest | GenerateRequest | EmbedRequest | ShowRequest
-B = TypeVar("B", ChatRequest, GenerateRequest, EmbedRequest, ShowRequest)
+class PullRequest(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # older clients send `name`
+    insecure: bool = False  # registries' TLS: nothing to us (models come from their config url)
+    stream: bool = True
+
+
+class DeleteRequest(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # older clients send `name`
+
+
+Body = ChatRequest | GenerateRequest | EmbedRequest | ShowRequest | PullRequest | DeleteRequest
+B = TypeVar(
+    "B", ChatRequest, GenerateRequest, EmbedRequest, ShowRequest, PullRequest, DeleteRequest
+)
 _DECODERS: dict[type, msgspec.json.Decoder] = {}
 
 
@@ -147,7 +161,7 @@ def parse_body(body: bytes, kind: type[B]) -> B:
     """Decode and type-check an Ollama request body; any problem is a 400 saying what."""
     decoder = _DECODERS.get(kind) or _DECODERS.setdefault(kind, msgspec.json.Decoder(kind))
     req = decode_body(decoder, body)
-    if isinstance(req, ShowRequest) and not (req.model or req.name):
+    if isinstance(req, ShowRequest | PullRequest | DeleteRequest) and not (req.model or req.name):
         raise ApiError(400, "missing required field `model`", "missing_model")
     for img in _all_images(req):
         if not _BASE64.fullmatch(img):
@@ -375,6 +389,26 @@ def model_entry(name: str, size: int, family: str = "llama") -> dict[str, Any]:
             "quantization_level": "",
         },
     }
+
+
+# ---------------------------------------------------------------- /api/pull lines
+# What `ollama pull` prints: a status per step, and a progress bar per digest (keyed by it).
+PULL_START = "pulling manifest"
+PULL_END = ("verifying sha256 digest", "writing manifest", "success")
+
+
+def pull_digest(filename: str, sha256: str | None) -> str:
+    """The `digest` a pull's progress lines carry: the configured checksum, else the store
+    file's name (there is no registry blob to name)."""
+    return f"sha256:{sha256.lower()}" if sha256 else filename
+
+
+def pull_progress(digest: str, completed: int, total: int | None) -> dict[str, Any]:
+    name = digest.removeprefix("sha256:")[:12] if digest.startswith("sha256:") else digest
+    line: dict[str, Any] = {"status": f"pulling {name}", "digest": digest, "completed": completed}
+    if total is not None:
+        line["total"] = total
+    return line
 
 
 def parameter_size(n: int) -> str:

@@ -29,6 +29,7 @@ KEEP_ALIVE_S = 15.0  # an idle keep-alive connection is closed after this
 async def run(ctx: ServiceContext) -> None:
     router = Router(ctx.bus, ctx.cfg, gateway_id=f"gw-{ctx.host_id}-{new_id()[:6]}")
     app = create_app(ctx.cfg, router)
+    ctx.on_reload.append(app.state.reload)
     port = ctx.port or ctx.cfg.gateway.port
     GuardedHttp.max_connections = connection_budget(open_file_limit())
     server = uvicorn.Server(

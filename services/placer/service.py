@@ -28,7 +28,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 import proto
 from lls.aio import wait_event
 from lls.bus import new_id, watch_kv
-from lls.config import ModelConfig, store_filename
+from lls.config import ModelConfig, launch_fingerprint, store_filename
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState
 
@@ -42,6 +42,7 @@ from .memory import (
     remember_measured,
 )
 from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
+from .reload import plan as reload_plan
 from .turns import (
     DrainStatus,
     Waiting,
@@ -86,10 +87,11 @@ class Placer:
         self.demanded: dict[str, float] = {}  # model -> demand since the last pass
         self.last_demand: dict[str, float] = {}  # model -> when demand last arrived
         self.preloaded: set[str] = set()
-        self.inbox: list[proto.StopRequested | proto.DownloadFailed] = []
+        self.inbox: list[proto.Event] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
         self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
+        self.deleted: dict[tuple[str, str], float] = {}  # (host, file) told to delete -> when
         # (model, ctx_size, GPU name) -> the most an instance was measured to hold: rebuilt
         # from heartbeats, so nothing is persisted
         self.measured: dict[MeasuredKey, int] = {}
@@ -203,6 +205,8 @@ class Placer:
             await self.bus.nc.subscribe(proto.evt("demand"), cb=self._on_demand),
             await self.bus.nc.subscribe(proto.evt("download.*"), cb=self._on_download),
             await self.bus.nc.subscribe(proto.evt("stop.requested"), cb=self._on_stop_requested),
+            await self.bus.nc.subscribe(proto.evt("pull.requested"), cb=self._on_file_request),
+            await self.bus.nc.subscribe(proto.evt("delete.requested"), cb=self._on_file_request),
         ]
         try:
             await self._loop()
@@ -223,6 +227,10 @@ class Placer:
 
     async def _on_stop_requested(self, msg) -> None:  # type: ignore[no-untyped-def]
         self._enqueue(msg.data, proto.StopRequested)
+
+    async def _on_file_request(self, msg) -> None:  # type: ignore[no-untyped-def]
+        kinds = {"pull": proto.PullRequested, "delete": proto.DeleteRequested}
+        self._enqueue(msg.data, kinds.get(msg.subject.split(".")[-2]))
 
     async def _on_download(self, msg) -> None:  # type: ignore[no-untyped-def]
         kinds = {"failed": proto.DownloadFailed, "completed": proto.DownloadCompleted}
@@ -249,10 +257,15 @@ class Placer:
                 # The file is there now; the host's next heartbeat would say so up to a
                 # second later, and a swap would wait for it.
                 self.fetched[(ev.host, ev.filename)] = time.time()
+                self.deleted.pop((ev.host, ev.filename), None)
             elif isinstance(ev, proto.DownloadFailed):
                 for rec in self._live(ev.model):
                     if rec.host == ev.host and rec.state == InstanceState.DOWNLOADING:
                         await self._fail(rec, f"download failed: {ev.reason}")
+            elif isinstance(ev, proto.PullRequested):
+                await self._pull(ev)
+            elif isinstance(ev, proto.DeleteRequested):
+                await self._delete_file(ev)
 
     async def _loop(self) -> None:
         await asyncio.sleep(0.5)  # let the watchers load current state first
@@ -290,6 +303,7 @@ class Placer:
         fresh = {m: at for m, at in fresh.items() if now - at < DEMAND_FRESH_S}
         queues = merged_queues(self.activity.values(), now - ACTIVITY_STALE_S)
         await self._advance_drains(now, queues)
+        await self._follow_config(now)
         for model in waiting_order(fresh, queues):
             await self._demand(model, now, queues)
         for rec in list(self.instances.values()):
@@ -351,6 +365,10 @@ class Placer:
             # for sure that nothing is in flight on it, and they say so once they saw it.
             await self._start_swap(model, decision, now)
             return
+        await self._create(model, need, decision, now)
+
+    async def _create(self, model: str, need: Need, decision: Placed, now: float) -> None:
+        """Record a placed instance PENDING, stop what it evicts, and take its first step."""
         iid = f"{proto.kv_key(model)}-{new_id()[:8]}"
         rec = InstanceRecord(
             instance_id=iid,
@@ -363,6 +381,7 @@ class Placer:
             memory_mib=decision.memory_mib,
             reason="placed",
             placement=decision.reason if need.memory_mib else unknown_need(decision.host),
+            config_fp=launch_fingerprint(self.cfg.models[model]),
         )
         key = proto.instance_key(decision.host, iid)
         rev = await self.bus.instances.create(key, proto.encode(rec))
@@ -437,6 +456,8 @@ class Placer:
         host = self.hosts.get(rec.host)
         filename = store_filename(rec.model, mcfg.url)
         info = next((f for f in host.files if f.filename == filename), None) if host else None
+        if info is not None and rec.host not in self._file_hosts(filename):
+            info = None  # just deleted there; its heartbeat has not caught up yet
         if info is None and self._fetched_and_sized(rec.host, rec.model, filename):
             info = proto.FileInfo(model=rec.model, filename=filename, size=0)
         if info is None:
@@ -644,15 +665,23 @@ class Placer:
     def _never_fits(self, need: Need, now: float) -> str | None:
         """Why `need` cannot fit even with every model that may yield stopped, or None when
         it can once others take their turn (then it waits instead of being refused)."""
+        decision = self._place_at_rest(need, now)
+        if isinstance(decision, NoFit):
+            return decision.reason + (
+                "; this holds even with every model that can yield stopped, so it never fits"
+            )
+        return None
+
+    def _place_at_rest(self, need: Need, now: float) -> Placed | NoFit:
+        """Where `need` goes once every model that may yield has stopped."""
         keep = self._keep_loaded()
         fixed = [
             r
             for r in self.instances.values()
             if r.state in proto.LIVE_STATES and r.model in keep and r.model != need.model
         ]
-        at_rest_hosts = at_rest(list(self.hosts.values()))
-        decision = place(
-            at_rest_hosts,
+        return place(
+            at_rest(list(self.hosts.values())),
             fixed,
             {},
             need,
@@ -663,11 +692,6 @@ class Placer:
             ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
             keep_loaded=keep,
         )
-        if isinstance(decision, NoFit):
-            return decision.reason + (
-                "; this holds even with every model that can yield stopped, so it never fits"
-            )
-        return None
 
     def _may_drain(self, model: str, now: float, queues: dict[str, Waiting]) -> dict[str, float]:
         return may_yield(
@@ -757,8 +781,8 @@ class Placer:
         outlasts placer.drain_timeout is abandoned and the waiting model's requests are
         told why, so nothing waits on it for ever."""
         for rec in list(self.instances.values()):
-            if rec.state != InstanceState.DRAINING:
-                continue
+            if rec.state != InstanceState.DRAINING or not rec.drain_for:
+                continue  # (no drain_for: retiring after a reload, see _follow_config)
             target = rec.drain_for
             wanted = (
                 target in self.cfg.models
@@ -790,6 +814,59 @@ class Placer:
                 await self._refuse(target, why, retry)
             elif status == "drained" and self._same_group(target, rec.model):
                 await self._stop(rec, f"yielded to {target} (exclusive group)")
+
+    # ------------------------------------------------------------------ config reloads
+
+    async def _follow_config(self, now: float) -> None:
+        """After a reload: instances of removed models, and of models whose launch config
+        changed, are stopped or retired (drained, then stopped); a changed model gets a
+        current instance beside its stale one first (pure `reload.plan`)."""
+        live = [r for r in self.instances.values() if r.host not in self.lost]
+        todo = reload_plan(self.cfg.models, live)
+        for iid, why in todo.stop:
+            if (rec := self.instances.get(iid)) is not None:
+                await self._stop(rec, why)
+        for iid, why in todo.retire:
+            if (rec := self.instances.get(iid)) is not None:
+                log.info("retiring %s: %s", iid, why)
+                await self._write(
+                    rec, state=InstanceState.DRAINING, drain_for="", drain_since=now, reason=why
+                )
+        for model in todo.replace:
+            await self._replace(model, now)
+        for rec in list(self.instances.values()):
+            if rec.state != InstanceState.DRAINING or rec.drain_for:
+                continue
+            # Its requests finish first; none outlives gateway.request_timeout anyway.
+            status = drain_status(
+                rec,
+                self.activity.values(),
+                now=now,
+                fresh_after=now - ACTIVITY_STALE_S,
+                drain_timeout_s=self.cfg.gateway.request_timeout,
+                still_wanted=True,
+            )
+            if status in ("drained", "expired"):
+                await self._stop(rec, rec.reason)
+
+    async def _replace(self, model: str, now: float) -> None:
+        """Place a current instance of `model` beside its stale one, which serves until the
+        new one is READY. Without room beside it, the stale one drains and stops first:
+        requests then wait (queued, within their deadline) for the one their demand places."""
+        if self._recent_failure(model, now) is not None:
+            return  # the replacement failed (bad new args?): the stale one serves; retry later
+        need = self._need(model, self.cfg.models[model], host=None)
+        decision = self._place(need, now)
+        if isinstance(decision, Placed) and not decision.evict:
+            log.info("replacing %s: its config changed; a new instance first", model)
+            await self._create(model, need, decision, now)
+            return
+        why = f"{model}'s config changed (reload); no room for a new instance beside it"
+        for rec in self._live(model):
+            if rec.state == InstanceState.READY:
+                await self._write(
+                    rec, state=InstanceState.DRAINING, drain_for="", drain_since=now, reason=why
+                )
 
     async def _end_drain(self, rec: InstanceRecord, stage: str, why: str, now: float) -> None:
         log.info("swap %s: %s", stage, why)
@@ -876,6 +953,109 @@ class Placer:
             if rec.state in proto.END_STATES and now - rec.updated > ttl:
                 await self.bus.instances.delete(proto.instance_key(rec.host or "", rec.instance_id))
 
+    # ------------------------------------------------------------------ pull and delete
+
+    def _file_hosts(self, filename: str) -> set[str]:
+        """Hosts whose store holds `filename` as far as we know: listed in a heartbeat or just
+        downloaded, and not just told to delete it (a heartbeat may still list it)."""
+        now = time.time()
+        hosts = {
+            h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
+        }
+        hosts |= {
+            h
+            for (h, f), at in self.fetched.items()
+            if f == filename and now - at <= ACTIVITY_STALE_S
+        }
+        return {
+            h
+            for h in hosts
+            if now - self.deleted.get((h, filename), -ACTIVITY_STALE_S) >= ACTIVITY_STALE_S
+        }
+
+    async def _pull(self, ev: proto.PullRequested) -> None:
+        """Ollama's pull: the model's file to the host it would be placed on, with the same
+        DownloadFile a cold start sends; a host that holds it already is the answer."""
+        mcfg = self.cfg.models.get(ev.model)
+        if mcfg is None:
+            await self._answer_pull(ev, "refused", reason=f"model {ev.model!r} is not configured")
+            return
+        filename = store_filename(ev.model, mcfg.url)
+        holders = sorted(self._file_hosts(filename) - self.lost)
+        if holders:
+            await self._answer_pull(ev, "present", holders[0], filename)
+            return
+        now = time.time()
+        need = self._need(ev.model, mcfg, host=None)
+        decision = self._place(need, now)
+        if isinstance(decision, NoFit):  # room taken now: where it goes in its turn
+            decision = self._place_at_rest(need, now)
+        if isinstance(decision, NoFit):
+            await self._answer_pull(ev, "refused", reason=decision.reason)
+            return
+        await self.bus.command(
+            proto.cmd_download(decision.host),
+            proto.DownloadFile(
+                cmd_id=f"pull-{ev.request_id}",
+                model=ev.model,
+                url=mcfg.url,
+                filename=filename,
+                sha256=mcfg.sha256,
+            ),
+        )
+        await self._answer_pull(ev, "downloading", decision.host, filename)
+
+    async def _answer_pull(
+        self,
+        ev: proto.PullRequested,
+        status: str,
+        host: str = "",
+        filename: str = "",
+        reason: str = "",
+    ) -> None:
+        log.info("pull %s: %s %s", ev.model, status, reason or host)
+        await self.bus.emit(
+            proto.PullAnswered(
+                model=ev.model,
+                request_id=ev.request_id,
+                status=status,
+                host=host,
+                filename=filename,
+                reason=reason,
+            )
+        )
+
+    async def _delete_file(self, ev: proto.DeleteRequested) -> None:
+        """Ollama's delete: refused while the model has a live instance (its file is in use or
+        about to be); otherwise each host holding the file is told to delete it."""
+        mcfg = self.cfg.models.get(ev.model)
+        answer = proto.DeleteAnswered(model=ev.model, request_id=ev.request_id, status="refused")
+        live = self._live(ev.model)
+        if mcfg is None:
+            answer.reason = f"model {ev.model!r} is not configured"
+        elif live:
+            r = max(live, key=lambda r: r.updated)
+            answer.reason = (
+                f"model {ev.model} is in use: instance {r.instance_id} is {r.state.value} on "
+                f"{r.host}; stop it first (lls stop {ev.model}) or wait for its idle stop"
+            )
+        else:
+            answer.filename = filename = store_filename(ev.model, mcfg.url)
+            answer.hosts = sorted(self._file_hosts(filename) - self.lost)
+            answer.status = "deleting" if answer.hosts else "absent"
+            now = time.time()
+            for host in answer.hosts:
+                self.deleted[(host, filename)] = now
+                self.fetched.pop((host, filename), None)
+                await self.bus.command(
+                    proto.cmd_download(host),
+                    proto.DeleteFile(
+                        cmd_id=f"del-{ev.request_id}-{host}", model=ev.model, filename=filename
+                    ),
+                )
+        log.info("delete %s: %s %s", ev.model, answer.status, answer.reason or answer.hosts)
+        await self.bus.emit(answer)
+
     # ------------------------------------------------------------------ writes
 
     async def _stop(self, rec: InstanceRecord, reason: str) -> None:
@@ -930,4 +1110,6 @@ def unknown_need(host: str) -> str:
 
 
 async def run(ctx: ServiceContext) -> None:
-    await Placer(ctx).run()
+    placer = Placer(ctx)
+    ctx.on_reload.append(lambda _old, _new: placer.wake.set())  # act on it now, not next tick
+    await placer.run()
