@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 import proto  # noqa: E402
 from conftest import NatsServer  # noqa: E402
 from lls.bus import connect  # noqa: E402
-from lls.config import parse, store_filename  # noqa: E402
+from lls.config import parse, store_filename_of  # noqa: E402
 from lls.service import ServiceContext  # noqa: E402
 from services.placer.service import Placer  # noqa: E402
 
@@ -64,7 +64,10 @@ async def main() -> None:
         for i in range(args.models)
     }
     cfg = parse({"models": models, "placer": {"host_lost_after": 600}})
-    files = [proto.FileInfo(model=m, filename=store_filename(m), size=1 << 30) for m in models]
+    files = [
+        proto.FileInfo(model=m, filename=store_filename_of(m, cfg.models[m]), size=1 << 30)
+        for m in models
+    ]
     with tempfile.TemporaryDirectory() as d:
         nats = NatsServer(Path(d) / "nats")
         nats.start()

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import proto
 from lls import auth
 from lls.bus import Bus, connect, kv_snapshot, new_id
-from lls.config import Config, ConfigError, load, store_filename
+from lls.config import Config, ConfigError, load, store_filename_of
 from lls.run import pid_file
 
 
@@ -182,7 +182,7 @@ async def cmd_pull(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
             cmd_id=f"pull-{new_id()}",
             model=model,
             url=mcfg.url,
-            filename=store_filename(model, mcfg.url),
+            filename=store_filename_of(model, mcfg),
             sha256=mcfg.sha256,
         ),
     )

@@ -173,15 +173,35 @@ def launch_fingerprint(m: ModelConfig) -> str:
     return hashlib.sha256(msgspec.json.encode(launch)).hexdigest()[:16]
 
 
-def store_filename(model: str, url: str = "") -> str:
-    """The model's file name in a host's store (the downloader writes it, the agent runs it).
+def _stem(model: str) -> str:
+    """A model name as one plain file name: no separators, nothing a shell or path reads."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+
+
+def store_filename(model: str, url: str = "", sha256: str | None = "") -> str:
+    """The model's file name in a host's store (the downloader writes it, the agent runs it):
+    `<model>-<source hash>.gguf`, the hash of its `url` and `sha256`. A changed source is a
+    new file, fetched like any other; the old one is simply no longer referenced (and stays
+    until deleted, so an instance still running from it is never pulled from under it).
 
     A split GGUF keeps its `-00001-of-0000N.gguf` suffix: llama-server finds the other
     parts from the first part's name.
     """
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    source = hashlib.sha256(f"{url}\n{(sha256 or '').lower()}".encode()).hexdigest()[:8]
+    stem = f"{_stem(model)}-{source}"
     split = SPLIT_SUFFIX.search(url)
     return f"{stem}-{split.group(1)}-of-{split.group(2)}.gguf" if split else f"{stem}.gguf"
+
+
+def store_filename_of(model: str, m: ModelConfig) -> str:
+    """store_filename of a configured model: the one way call sites name its file."""
+    return store_filename(model, m.url, m.sha256)
+
+
+def legacy_store_filename(model: str) -> str:
+    """The name a model's file had before names followed the source (one per model): the
+    downloader reuses such a file when it matches the model's configured sha256."""
+    return f"{_stem(model)}.gguf"
 
 
 class Config(Strict):

@@ -133,7 +133,7 @@ class MeasuredMemory(Struct, frozen=True):
 class FileInfo(Struct, frozen=True):
     """A model file present in a host's store."""
 
-    model: str
+    model: str  # the configured model it is the store file of, else its name without .gguf
     filename: str
     size: int
     gguf: GgufSummary | None = None

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import ROOT, free_port
 from lls import auth
+from lls.config import load, store_filename_of
 
 
 def wait_healthy(base: str, timeout: float, gave_up=lambda: False) -> bool:  # noqa: ANN001
@@ -83,6 +84,10 @@ class Stack:
         for name, values in sections.items():
             cfg.setdefault(name, {}).update(values)
         self.config.write_text(yaml.safe_dump(cfg))
+
+    def stored(self, model: str) -> str:
+        """Model `model`'s file name in the store, as the config file says now."""
+        return store_filename_of(model, load(self.config).models[model])
 
     def start(self, timeout: float = 60) -> None:
         self.proc = subprocess.Popen(

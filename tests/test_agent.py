@@ -25,7 +25,7 @@ import yaml
 
 import proto
 from lls.bus import Bus, connect, kv_snapshot, new_id
-from lls.config import Config, parse
+from lls.config import Config, parse, store_filename
 from lls.instance_key import instance_key, load_or_create
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
@@ -37,9 +37,14 @@ T = TypeVar("T")
 ADOPTED = "adopted after an agent restart"
 SIM_GPUS = [{"name": "Sim 8G", "memory_mib": 8192}, {"name": "Sim 4G", "memory_mib": 4096}]
 # The agent runs only models of its config, with the config's flags; their files are
-# <name>.gguf in the store (put there by put_model, so the urls are never fetched).
+# stored(name) in the store (put there by put_model, so the urls are never fetched).
 MODEL_NAMES = ("tiny", "a", "b", "broken", "m", "absent")
 MODELS = {n: {"url": f"file:///nowhere/{n}.gguf", "ctx_size": 512} for n in MODEL_NAMES}
+
+
+def stored(model: str = "tiny") -> str:
+    """A model of MODELS: its file name in the store, as the placer sends it."""
+    return store_filename(model, MODELS[model]["url"])
 
 
 # ---------------------------------------------------------------- harness
@@ -78,8 +83,8 @@ def key_for(tmp_path: Path, iid: str) -> str:
 def put_model(tmp_path: Path, src: Path, name: str = "tiny") -> str:
     store = tmp_path / "store"
     store.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, store / f"{name}.gguf")
-    return f"{name}.gguf"
+    shutil.copy(src, store / stored(name))
+    return stored(name)
 
 
 async def eventually(
@@ -226,7 +231,7 @@ class Agents:
         return a
 
     async def start_with_tiny(self, src: Path) -> tuple[str, str]:
-        """An agent on a new host id whose store holds `src` as tiny.gguf: (host, file name)."""
+        """An agent on a new host id whose store holds `src` as stored("tiny"): (host, file name)."""
         host = unique_host()
         filename = put_model(self.tmp_path, src, "tiny")
         await self.start(parse(agent_config(self.tmp_path, host)), host)
@@ -296,8 +301,8 @@ async def test_heartbeat_reports_simulated_gpus_host_resources_and_store_files(
         (0, "Sim 8G", 8192, 0, True),
         (1, "Sim 4G", 4096, 0, True),
     ]
-    assert [(f.model, f.filename) for f in first.files] == [("tiny", "tiny.gguf")]
-    assert first.files[0].size == (tmp_path / "store" / "tiny.gguf").stat().st_size
+    assert [(f.model, f.filename) for f in first.files] == [("tiny", stored("tiny"))]
+    assert first.files[0].size == (tmp_path / "store" / stored("tiny")).stat().st_size
     assert first.instances == []
     later = await heartbeat(bus, host, lambda r: r.ts > first.ts, 5, "a second heartbeat")
     assert later.started_at == first.started_at
@@ -390,10 +395,10 @@ async def test_corrupt_gguf_fails_with_the_log_tail_and_is_not_retried(
 ) -> None:
     host = unique_host()
     (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "broken.gguf").write_bytes(b"GGUF" + os.urandom(4000))
+    (tmp_path / "store" / stored("broken")).write_bytes(b"GGUF" + os.urandom(4000))
     await agents.start(parse(agent_config(tmp_path, host)), host)
     iid = new_iid("broken")
-    await place(bus, host, start_cmd(iid, "broken.gguf", model="broken"))
+    await place(bus, host, start_cmd(iid, stored("broken"), model="broken"))
 
     rec = await wait_state(bus, iid, InstanceState.FAILED, InstanceState.READY)
     assert rec.state == InstanceState.FAILED
@@ -402,7 +407,7 @@ async def test_corrupt_gguf_fails_with_the_log_tail_and_is_not_retried(
     failed = await last_event(bus, proto.evt("instance.failed"))
     assert failed.instance_id == iid and failed.reason == rec.reason
     # a redelivered or repeated start does not retry: the placer decides that
-    await bus.command(proto.cmd_agent(host), start_cmd(iid, "broken.gguf", model="broken"))
+    await bus.command(proto.cmd_agent(host), start_cmd(iid, stored("broken"), model="broken"))
     await asyncio.sleep(1.0)
     assert (await get_record(bus, iid)).updated == rec.updated
     assert state_files(tmp_path) == [] and server_pids(tmp_path / "store") == []
@@ -414,9 +419,9 @@ async def test_missing_model_file_fails_without_launching(
     host = unique_host()
     await agents.start(parse(agent_config(tmp_path, host)), host)
     iid = new_iid("absent")
-    await place(bus, host, start_cmd(iid, "absent.gguf", model="absent"))
+    await place(bus, host, start_cmd(iid, stored("absent"), model="absent"))
     rec = await wait_state(bus, iid, InstanceState.FAILED)
-    assert "absent.gguf is not in the store" in rec.reason
+    assert f"{stored('absent')} is not in the store" in rec.reason
 
 
 async def test_server_that_never_gets_healthy_is_killed_and_failed(
@@ -424,7 +429,7 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
 ) -> None:
     host = unique_host()
     (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "m.gguf").write_bytes(b"x")
+    (tmp_path / "store" / stored("m")).write_bytes(b"x")
     fake = tmp_path / "llama-server"  # accepts anything, never listens
     fake.write_text(
         '#!/bin/sh\n[ "$1" = --help ] && exit 0\necho "loading forever"\nexec sleep 60\n'
@@ -433,7 +438,7 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
     cfg = agent_config(tmp_path, host, llama_server=str(fake), start_timeout=1.5)
     await agents.start(parse(cfg), host)
     iid = new_iid("m")
-    await place(bus, host, start_cmd(iid, "m.gguf", model="m"))
+    await place(bus, host, start_cmd(iid, stored("m"), model="m"))
     rec = await wait_state(bus, iid, InstanceState.FAILED)
     assert "within 1.5 s" in rec.reason and "loading forever" in rec.log_tail
     assert state_files(tmp_path) == []

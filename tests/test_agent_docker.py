@@ -76,7 +76,7 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     assert c.image.tags and c.image.tags[0].startswith("lls-llama-server:")
     [mount] = c.attrs["Mounts"]
     assert (mount["Destination"], mount["RW"]) == ("/models", False)
-    assert "/models/tiny.gguf" in c.attrs["Args"]
+    assert f"/models/{filename}" in c.attrs["Args"]
     assert not c.attrs["HostConfig"].get("DeviceRequests")  # simulated GPUs: nothing to pass
     hc = c.attrs["HostConfig"]
     assert hc["SecurityOpt"] == ["no-new-privileges:true"] and hc["CapDrop"] == ["ALL"]

@@ -57,7 +57,7 @@ def test_load_ps_stop_and_pull(stack):
     pull = lls(stack, "pull", "other")
     assert pull.returncode == 0, pull.stderr
     assert "other" in pull.stdout and "store" in pull.stdout
-    assert (stack.tmp / "store" / "other.gguf").exists()
+    assert (stack.tmp / "store" / stack.stored("other")).exists()
 
 
 def test_unknown_model_is_refused_by_name(stack):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,16 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from lls.config import Config, ConfigError, ModelConfig, load, parse
+from lls.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    legacy_store_filename,
+    load,
+    parse,
+    store_filename,
+    store_filename_of,
+)
 
 
 def test_example_config_documents_every_key_with_its_default():
@@ -58,6 +68,31 @@ def test_bad_config_is_rejected_naming_the_key(data, names):
 def test_relative_file_urls_resolve_against_the_config_folder(tmp_path: Path):
     (tmp_path / "c.yaml").write_text("models:\n  m:\n    url: file://models/m.gguf\n")
     assert load(tmp_path / "c.yaml").models["m"].url == f"file://{tmp_path}/models/m.gguf"
+
+
+def test_store_filename_follows_the_models_source():
+    url, digest = "https://h/q4.gguf", "AB" * 32
+    name = store_filename("m", url, digest)
+    assert re.fullmatch(r"m-[0-9a-f]{8}\.gguf", name)
+    assert store_filename("m", url, digest) == name  # stable: every service names it alike
+    assert store_filename("m", url, digest.lower()) == name  # a checksum's case is no change
+    assert store_filename("m", url) == store_filename("m", url, None)
+    others = {
+        store_filename("m", "https://h/q8.gguf", digest),  # another url
+        store_filename("m", url, "cd" * 32),  # another checksum
+        store_filename("m", url),  # none
+        store_filename("n", url, digest),  # another model
+    }
+    assert name not in others and len(others) == 4
+    assert store_filename_of("m", ModelConfig(url=url, sha256=digest)) == name
+
+    # a split GGUF keeps its suffix at the end: llama-server finds parts 2..N from it
+    split = store_filename("m", "hf://o/r/big-00001-of-00003.gguf")
+    assert re.fullmatch(r"m-[0-9a-f]{8}-00001-of-00003\.gguf", split)
+    # one plain name, whatever the model is called
+    odd = store_filename("org/../x y:latest", url)
+    assert "/" not in odd and " " not in odd and ":" not in odd
+    assert odd.startswith("org_.._x_y_latest-") and legacy_store_filename("a/b") == "a_b.gguf"
 
 
 def test_service_start_up_stops_on_bad_config_naming_the_key(tmp_path: Path):

@@ -18,7 +18,7 @@ import yaml
 
 import proto
 from lls.bus import Bus
-from lls.config import parse
+from lls.config import parse, store_filename
 from lls.service import ServiceContext
 from services.downloader.devserver import Behaviour, FileServer
 from services.downloader.fetch import chunk_size, state_path
@@ -144,6 +144,33 @@ async def test_command_over_nats_emits_progress_then_completed_and_is_acked(
     assert isinstance(again, proto.DownloadCompleted) and again.reused == "store"
 
 
+async def test_a_file_stored_before_names_followed_the_source_is_reused_if_its_sha256_matches(
+    bus: Bus, events: Events, service: Path
+):
+    """An upgraded store holds `<model>.gguf`. With a configured sha256 it matches, it is
+    hard-linked under the new name (and stays, for whatever still runs from it); another
+    content, or no sha256 to tell, is fetched again."""
+    data = blob(MiB, 1)
+    await asyncio.to_thread(service.mkdir, parents=True, exist_ok=True)
+    (service / "m.gguf").write_bytes(data)
+    (service / "n.gguf").write_bytes(blob(MiB, 2))  # not what n's sha256 says
+    (service / "u.gguf").write_bytes(data)  # u has no sha256: any old version
+    got: dict[str, tuple[str, proto.Event]] = {}
+    with FileServer({f"/{m}.gguf": data for m in "mnu"}) as srv:
+        for model in "mnu":
+            url, digest = srv.url(f"{model}.gguf"), None if model == "u" else sha(data)
+            name = store_filename(model, url, digest)
+            await bus.command(proto.cmd_download(HOST), command(model, model, url, name, digest))
+            got[model] = name, await events.final(model)
+    for name, done in got.values():
+        assert isinstance(done, proto.DownloadCompleted), done
+        assert (service / name).read_bytes() == data
+    assert got["m"][1].reused == "store:m.gguf" and "/m.gguf" not in srv.stats.paths
+    assert (service / "m.gguf").stat().st_ino == (service / got["m"][0]).stat().st_ino
+    assert got["n"][1].reused is None and (service / "n.gguf").read_bytes() == blob(MiB, 2)
+    assert got["u"][1].reused is None and srv.stats.paths["/u.gguf"] >= 1
+
+
 async def test_failure_is_an_event_with_a_reason_and_the_command_is_not_redelivered(
     bus: Bus, events: Events, service: Path
 ):
@@ -193,12 +220,13 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
     conns = 4
     store = tmp_path / "store"
     cfg_file = tmp_path / "config.yaml"
-    part = Staging.of(store, "m.gguf").part
     log_path = tmp_path / "downloader.log"
     log_file = await asyncio.to_thread(log_path.open, "wb")
     with FileServer({"/m.gguf": data}, Behaviour(rate_bps=0.5e6)) as srv:  # ~4 s in all
         # a configured model: its unfinished download is kept for the resume, not swept
         models = {"m": {"url": srv.url("m.gguf")}}
+        name = store_filename("m", srv.url("m.gguf"))
+        part = Staging.of(store, name).part
         cfg_file.write_text(yaml.safe_dump(config(store, conns, models)))
         proc = await asyncio.create_subprocess_exec(
             *[sys.executable, "-m", "services.downloader", "--config", str(cfg_file)],
@@ -209,7 +237,7 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
         )
         try:
             await bus.command(
-                proto.cmd_download(HOST), command("c1", "m", srv.url("m.gguf"), "m.gguf", sha(data))
+                proto.cmd_download(HOST), command("c1", "m", srv.url("m.gguf"), name, sha(data))
             )
             deadline = time.monotonic() + 20
             saved = 0
@@ -225,7 +253,7 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
             proc.send_signal(signal.SIGKILL)
             await asyncio.wait_for(proc.wait(), 10)
             log_file.close()
-        assert not (store / "m.gguf").exists(), "a partial file under the final name"
+        assert not (store / name).exists(), "a partial file under the final name"
         await asyncio.sleep(0.2)  # let the server notice the dead connections
         srv.behaviour.rate_bps = None  # the resume need not be slow
 
@@ -236,14 +264,14 @@ async def test_kill_9_mid_file_then_resume_refetches_at_most_the_chunks_in_fligh
         task = asyncio.create_task(run(ctx))
         try:
             await bus.command(
-                proto.cmd_download(HOST), command("c2", "m", srv.url("m.gguf"), "m.gguf", sha(data))
+                proto.cmd_download(HOST), command("c2", "m", srv.url("m.gguf"), name, sha(data))
             )
             done = await events.final("m")
         finally:
             ctx.stop.set()
             await asyncio.wait_for(task, 10)
     assert isinstance(done, proto.DownloadCompleted), done
-    assert (store / "m.gguf").read_bytes() == data
+    assert (store / name).read_bytes() == data
     refetched = srv.stats.bytes_sent - len(data) - 2  # minus the two 1-byte probes
     assert 0 <= refetched <= conns * chunk_size(len(data), conns)
     assert not part.exists() and not state_path(part).exists()

@@ -41,6 +41,7 @@ from test_agent import (
     server_pids,
     start_cmd,
     state_files,
+    stored,
     unique_host,
     wait_state,
 )
@@ -175,7 +176,7 @@ async def test_forged_start_commands_are_refused_and_nothing_runs_or_is_written(
     for bad in (f"/tmp/{name}", f"../{name}"):
         assert "id format" in by_id[bad].reason
     assert "not in this agent's config" in by_id[forged[3]["instance_id"]].reason
-    assert "tiny.gguf" in by_id[forged[4]["instance_id"]].reason
+    assert stored("tiny") in by_id[forged[4]["instance_id"]].reason
 
     await asyncio.sleep(1.0)  # anything launched would show by now
     assert server_pids(tmp_path / "store") == [] and state_files(tmp_path) == []
@@ -239,7 +240,7 @@ async def test_instance_requires_its_key_binds_the_advertised_address_and_inheri
     cfg = agent_config(tmp_path, host, advertise_host="127.0.0.2")
     await agents.start(parse(cfg), host)
     iid = new_iid()
-    await place(bus, host, start_cmd(iid, "tiny.gguf"))
+    await place(bus, host, start_cmd(iid, stored("tiny")))
     rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED)
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
     assert rec.endpoint and rec.endpoint.startswith("http://127.0.0.2:")
@@ -284,7 +285,7 @@ async def test_two_stacks_on_one_machine_never_adopt_or_stop_each_others_instanc
     secret = {"secret_file": str(tmp_path / "cluster.secret")}
     first = await agents.start(cfg("stack-a"), host)
     x = new_iid("a")
-    await place(bus, host, start_cmd(x, "a.gguf", model="a"))
+    await place(bus, host, start_cmd(x, stored("a"), model="a"))
     ready_x = await wait_state(bus, x, InstanceState.READY)
     [sx] = state_files(tmp_path)
     await first.crash()
@@ -293,7 +294,7 @@ async def test_two_stacks_on_one_machine_never_adopt_or_stop_each_others_instanc
     second = await agents.start(cfg("stack-b"), host)  # its adoption is done now
     assert alive(sx["pid"], sx["start_ticks"]) and await get_record(bus, x) is None
     y = new_iid("b")
-    await place(bus, host, start_cmd(y, "b.gguf", model="b"))
+    await place(bus, host, start_cmd(y, stored("b"), model="b"))
     await wait_state(bus, y, InstanceState.READY)
     sy = next(s for s in state_files(tmp_path) if s["instance_id"] == y)
     assert {s["cluster"] for s in state_files(tmp_path)} == {"stack-a", "stack-b"}

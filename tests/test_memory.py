@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from lls.config import parse, store_filename
+from lls.config import parse, store_filename_of
 from lls.gguf_header import read_summary
 from proto.messages import FileInfo, GgufSummary, GpuInfo, HostRecord, MeasuredMemory
 from services.placer.memory import (
@@ -249,7 +249,7 @@ def _placer_with(tiny_on: str, gpus: list[GpuInfo], measured: list[MeasuredMemor
     """A Placer with one host holding the tiny model's file, fed one heartbeat (no bus)."""
     cfg = parse({"models": {"tiny": {"url": "file:///m/tiny.gguf", "ctx_size": 512}}})
     placer = Placer(SimpleNamespace(cfg=cfg, bus=SimpleNamespace(leases=None), host_id="p"))  # type: ignore[arg-type]
-    filename = store_filename("tiny", cfg.models["tiny"].url)
+    filename = store_filename_of("tiny", cfg.models["tiny"])
     rec = HostRecord(
         host_id=tiny_on,
         ts=0.0,

@@ -16,7 +16,7 @@ from test_bus_auth import as_user, pending, refused  # noqa: F401 - as_user is a
 
 import proto
 from lls.bus import Bus, connect, kv_snapshot
-from lls.config import parse
+from lls.config import parse, store_filename
 from lls.service import ServiceContext
 from services.downloader.devserver import Behaviour, FileServer
 from services.downloader.service import run as run_downloader
@@ -104,12 +104,13 @@ def test_pull_streams_progress_then_success_and_the_model_serves(stack: Stack) -
     assert statuses[0] == "pulling manifest", statuses
     assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
     progress = [p for p in lines if p.digest]
-    assert all(p.digest == "slow.gguf" and p.status == "pulling slow.gguf" for p in progress)
+    name = stack.stored("slow")  # no sha256 configured: the digest is the store file's name
+    assert all(p.digest == name and p.status == f"pulling {name}" for p in progress)
     assert all(p.total == size for p in progress), progress
     done = [p.completed for p in progress]
     assert done == sorted(done) and done[-1] == size
     assert len({d for d in done if d < size}) >= 2, f"no progress over {took:.1f} s: {done}"
-    assert (store(stack) / "slow.gguf").read_bytes() == stack.data  # type: ignore[attr-defined]
+    assert (store(stack) / name).read_bytes() == stack.data  # type: ignore[attr-defined]
 
     # Already there: at once, with the bar full; `stream: false` and the older `name` too.
     t0 = time.monotonic()
@@ -136,7 +137,7 @@ def test_pull_streams_progress_then_success_and_the_model_serves(stack: Stack) -
     with pytest.raises(ollama.ResponseError) as e:  # deleting is for admins
         c.delete("slow")
     assert e.value.status_code == 403
-    assert (store(stack) / "slow.gguf").exists()
+    assert (store(stack) / name).exists()
 
 
 def test_delete_removes_the_file_everywhere_but_not_while_the_model_runs(
@@ -144,7 +145,7 @@ def test_delete_removes_the_file_everywhere_but_not_while_the_model_runs(
 ) -> None:
     c = client(stack)
     assert list(c.pull("local", stream=True))[-1].status == "success"
-    path = store(stack) / "local.gguf"
+    path = store(stack) / stack.stored("local")
     assert path.exists()
     say_hi(c, "local")
 
@@ -172,7 +173,8 @@ def test_delete_removes_the_file_everywhere_but_not_while_the_model_runs(
             assert err.status_code == 409 and time.monotonic() < deadline, err
             time.sleep(0.5)
     assert not path.exists()
-    eventually(lambda: "local.gguf" not in host_files(nats_url), what="heartbeat drops the file")
+    gone = lambda: path.name not in host_files(nats_url)  # noqa: E731
+    eventually(gone, what="heartbeat drops the file")
     assert "local" in {m.model for m in c.list().models}  # still configured, pullable
 
     with pytest.raises(ollama.ResponseError) as e:  # nothing left to delete
@@ -217,9 +219,14 @@ async def downloader(
 
 
 async def test_downloader_deletes_only_a_configured_models_own_file(
-    bus: Bus, downloader: tuple[Path, FileServer], tmp_path: Path
+    bus: Bus,
+    downloader: tuple[Path, FileServer],
+    tmp_path: Path,
+    tiny_gguf: Callable[[int], Path],
 ) -> None:
     store_dir, srv = downloader
+    a = store_filename("a", srv.url("a.gguf"))  # the fixture's config
+    b = store_filename("b", f"file://{tiny_gguf(9)}")
     seen: list[proto.Event] = []
 
     async def on_file(msg) -> None:  # type: ignore[no-untyped-def]
@@ -227,8 +234,8 @@ async def test_downloader_deletes_only_a_configured_models_own_file(
 
     sub = await bus.nc.subscribe("lls.evt.file.>", cb=on_file)
     store_dir.mkdir(parents=True, exist_ok=True)
-    (store_dir / "a.gguf").write_bytes(b"a")
-    (store_dir / "b.gguf").write_bytes(b"b")
+    (store_dir / a).write_bytes(b"a")
+    (store_dir / b).write_bytes(b"b")
     outside = tmp_path / "outside.gguf"
     outside.write_bytes(b"keep")
 
@@ -243,26 +250,27 @@ async def test_downloader_deletes_only_a_configured_models_own_file(
 
     forged = [
         ("c1", "a", "../outside.gguf"),  # out of the store
-        ("c2", "a", "b.gguf"),  # another model's file
-        ("c3", "a", str(store_dir / "b.gguf")),  # an absolute path
+        ("c2", "a", b),  # another model's file
+        ("c3", "a", str(store_dir / b)),  # an absolute path
+        ("c3a", "a", "a.gguf"),  # the name before names followed the source
         ("c4", "nope", "nope.gguf"),  # not a configured model
     ]
     for cmd_id, model, filename in forged:
         ev = await delete(cmd_id, model, filename)
         assert isinstance(ev, proto.FileDeleteFailed) and not ev.busy, ev
-    assert outside.read_bytes() == b"keep" and (store_dir / "b.gguf").exists()
+    assert outside.read_bytes() == b"keep" and (store_dir / b).exists()
 
-    ev = await delete("c5", "a", "a.gguf")
+    ev = await delete("c5", "a", a)
     assert isinstance(ev, proto.FileDeleted) and ev.existed and ev.host == "h1"
-    assert not (store_dir / "a.gguf").exists() and (store_dir / "b.gguf").exists()
-    ev = await delete("c6", "a", "a.gguf")  # again: nothing there, still success
+    assert not (store_dir / a).exists() and (store_dir / b).exists()
+    ev = await delete("c6", "a", a)  # again: nothing there, still success
     assert isinstance(ev, proto.FileDeleted) and not ev.existed
 
     # While it is being downloaded: refused as busy, and the download goes on.
-    get = proto.DownloadFile(cmd_id="g1", model="a", url=srv.url("a.gguf"), filename="a.gguf")
+    get = proto.DownloadFile(cmd_id="g1", model="a", url=srv.url("a.gguf"), filename=a)
     await bus.command(proto.cmd_download("h1"), get)
     await asyncio.sleep(1.0)
-    ev = await delete("c7", "a", "a.gguf")
+    ev = await delete("c7", "a", a)
     assert isinstance(ev, proto.FileDeleteFailed) and ev.busy, ev
     await sub.unsubscribe()
 

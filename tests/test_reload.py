@@ -20,7 +20,7 @@ import yaml
 import proto
 from conftest import ROOT
 from lls.aio import wait_event
-from lls.config import ModelConfig, launch_fingerprint, load, parse
+from lls.config import ModelConfig, launch_fingerprint, load, parse, store_filename
 from lls.service import apply_live
 from proto import InstanceRecord, InstanceState
 from services.placer.reload import plan
@@ -166,14 +166,69 @@ def wait_for(what: str, check, timeout: float, s: Stack):  # noqa: ANN001, ANN20
     raise AssertionError(f"{what} within {timeout} s:\n{s.logs()[-5000:]}")
 
 
-def ctx_sizes(s: Stack, model: str) -> list[str]:
-    """The -c of each llama-server running `model`'s store file."""
-    out = []
+def running_files(s: Stack) -> dict[str, list[str]]:
+    """Store file (its -m) -> the -c of each llama-server running it."""
+    out: dict[str, list[str]] = {}
     for pid in llama_server_pids(str(s.tmp)):
         argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-        if argv[argv.index("-m") + 1].endswith(f"/{model}.gguf"):
-            out.append(argv[argv.index("-c") + 1])
+        name = Path(argv[argv.index("-m") + 1]).name
+        out.setdefault(name, []).append(argv[argv.index("-c") + 1])
     return out
+
+
+def ctx_sizes(s: Stack, model: str) -> list[str]:
+    """The -c of each llama-server running `model`'s store file (as the config says now)."""
+    return running_files(s).get(s.stored(model), [])
+
+
+async def reload_under_load(
+    s: Stack, nats_url: str, models: dict, old: InstanceRecord
+) -> tuple[list[int], list[proto.Event]]:
+    """Write `models` and `lls reload` while a client sends a steady stream of requests to
+    old.model; return once `old` is stopped and another instance is ready: the statuses the
+    client got, and the events meanwhile (in order)."""
+    from lls.bus import connect
+
+    statuses: list[int] = []
+    events: list[proto.Event] = []
+
+    async def steady(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            while not stop.is_set():
+                r = await c.post(f"{s.base}/v1/chat/completions", json=chat(old.model))
+                statuses.append(r.status_code)
+                await asyncio.sleep(0.02)
+
+    async def on_event(msg) -> None:  # noqa: ANN001
+        events.append(proto.decode(msg.data, proto.Event))
+
+    bus = await connect(nats_url, "test")
+    sub = await bus.nc.subscribe("lls.evt.>", cb=on_event)
+    stop = asyncio.Event()
+    task = asyncio.create_task(steady(stop))
+    try:
+        await asyncio.sleep(1)
+        write_models(s, models)
+        out = await asyncio.to_thread(lls_reload, s)
+        assert out.returncode == 0, out.stderr
+        # the new instance comes up, then the old one drains and stops
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            recs = await records(nats_url, old.model)
+            ready = [r for r in recs if r.state == InstanceState.READY]
+            gone = next(r for r in recs if r.instance_id == old.instance_id)
+            if gone.state == InstanceState.STOPPED and ready:
+                break
+            await asyncio.sleep(0.3)
+        else:
+            raise AssertionError(f"{old.model} was not replaced:\n{s.logs()[-5000:]}")
+        await asyncio.sleep(1)
+    finally:
+        stop.set()
+        await task
+        await sub.unsubscribe()
+        await bus.close()
+    return statuses, events
 
 
 @pytest.fixture
@@ -212,38 +267,7 @@ def test_reload_adds_changes_and_removes_models_without_failing_requests(
         "a": {"url": f"file://{tiny_gguf(31)}", "ctx_size": 768},
         "new": {"url": f"file://{tiny_gguf(33)}", "ctx_size": 512},
     }
-    statuses: list[int] = []
-
-    async def steady(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(timeout=60) as c:
-            while not stop.is_set():
-                r = await c.post(f"{base}/v1/chat/completions", json=chat("a"))
-                statuses.append(r.status_code)
-                await asyncio.sleep(0.02)
-
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(steady(stop))
-        await asyncio.sleep(1)
-        write_models(s, models)
-        out = await asyncio.to_thread(lls_reload, s)
-        assert out.returncode == 0, out.stderr
-        # the new instance comes up, then the old one drains and stops
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            recs = await records(nats_url, "a")
-            ready = [r for r in recs if r.state == InstanceState.READY]
-            old = next(r for r in recs if r.instance_id == old_a.instance_id)
-            if old.state == InstanceState.STOPPED and ready:
-                break
-            await asyncio.sleep(0.3)
-        else:
-            raise AssertionError(f"a was not replaced:\n{s.logs()[-5000:]}")
-        await asyncio.sleep(1)
-        stop.set()
-        await task
-
-    asyncio.run(scenario())
+    statuses, _ = asyncio.run(reload_under_load(s, nats_url, models, old_a))
     assert statuses and set(statuses) == {200}, statuses
     (new_a,) = [r for r in asyncio.run(records(nats_url, "a")) if r.state == InstanceState.READY]
     assert new_a.config_fp == launch_fingerprint(load(s.config).models["a"])
@@ -262,6 +286,67 @@ def test_reload_adds_changes_and_removes_models_without_failing_requests(
         s,
     )
     assert "config reloaded" in s.logs()
+
+
+def test_a_changed_url_is_a_new_file_downloaded_then_started_without_failing_requests(
+    stack: Stack, nats_url: str, tiny_gguf
+) -> None:
+    """The store name follows the source: another url is another file, which the placer has
+    downloaded before it starts the replacement; the old file stays (nothing deletes a file
+    an instance may still run from) but is no longer any model's."""
+    s = stack
+    old_file = s.stored("a")
+    with httpx.Client(timeout=60) as c:
+        assert c.post(f"{s.base}/v1/chat/completions", json=chat("a")).status_code == 200
+    (old_a,) = [r for r in asyncio.run(records(nats_url, "a")) if r.state == InstanceState.READY]
+    assert running_files(s) == {old_file: ["512"]}
+
+    models = yaml.safe_load(s.config.read_text())["models"]
+    models["a"]["url"] = f"file://{tiny_gguf(34)}"  # another model file, same flags
+    statuses, events = asyncio.run(reload_under_load(s, nats_url, models, old_a))
+    assert statuses and set(statuses) == {200}, statuses
+
+    new_file = s.stored("a")
+    assert new_file == store_filename("a", models["a"]["url"]) != old_file
+    (new_a,) = [r for r in asyncio.run(records(nats_url, "a")) if r.state == InstanceState.READY]
+    assert new_a.config_fp == launch_fingerprint(load(s.config).models["a"])
+    assert running_files(s) == {new_file: ["512"]}  # the new file; the old server is gone
+
+    # placed, then the new file downloaded to its host, and only then started
+    def at(match) -> int:  # noqa: ANN001
+        return next(i for i, e in enumerate(events) if match(e))
+
+    def state_of(e: proto.Event, state: InstanceState) -> bool:
+        return isinstance(e, proto.InstanceChanged) and (e.instance_id, e.state) == (
+            new_a.instance_id,
+            state,
+        )
+
+    downloading = at(lambda e: state_of(e, InstanceState.DOWNLOADING))
+    downloaded = at(
+        lambda e: (
+            isinstance(e, proto.DownloadCompleted)
+            and (e.model, e.filename, e.host) == ("a", new_file, new_a.host)
+        )
+    )
+    starting = at(lambda e: state_of(e, InstanceState.STARTING))
+    assert downloading < downloaded < starting, events
+    assert (s.tmp / "store" / old_file).read_bytes() == tiny_gguf(31).read_bytes()
+    assert (s.tmp / "store" / new_file).read_bytes() == tiny_gguf(34).read_bytes()
+
+    async def host_files() -> dict[str, str]:
+        from lls.bus import connect
+
+        bus = await connect(nats_url, "test")
+        try:
+            host = proto.decode((await bus.hosts.get("h1")).value, proto.HostRecord)
+        finally:
+            await bus.close()
+        return {f.filename: f.model for f in host.files}
+
+    # the heartbeat names the configured model a file holds; the old one only by its name
+    files = wait_for("both files in h1's heartbeat", lambda: asyncio.run(host_files()), 10, s)
+    assert files == {new_file: "a", old_file: old_file.removesuffix(".gguf")}
 
 
 def test_removed_model_finishes_its_in_flight_request(stack: Stack, nats_url: str) -> None:

@@ -33,7 +33,7 @@ import proto
 from lls import instance_key
 from lls.aio import wait_event
 from lls.bus import durable_config, kv_snapshot
-from lls.config import AgentConfig, Config, expand, launch_fingerprint, store_filename
+from lls.config import AgentConfig, Config, expand, launch_fingerprint, store_filename_of
 from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
@@ -144,9 +144,13 @@ def refusal(cmd: StartInstance, cfg: Config) -> str | None:
     mcfg = cfg.models.get(cmd.model)
     if mcfg is None:
         return f"model {cmd.model!r} is not in this agent's config"
-    expected = store_filename(cmd.model, mcfg.url)
+    expected = store_filename_of(cmd.model, mcfg)
     if cmd.filename != expected:
-        return f"file {cmd.filename!r} is not model {cmd.model}'s store file ({expected})"
+        # also what a placer still on another url/sha256 of the model sends: say so
+        return (
+            f"file {cmd.filename!r} is not model {cmd.model}'s store file ({expected}); "
+            "if its url or sha256 just changed, reload every service's config"
+        )
     if cmd.n_gpu_layers < 0 or cmd.memory_mib < 0 or any(g < 0 for g in cmd.gpus):
         return "negative GPU layers, memory or GPU index"
     return None
@@ -290,6 +294,13 @@ class Agent:
             self.telemetry.measure, gpus, [c for c in claims if c.ctx_size >= 0]
         )
         files = await self._call(self.store.scan)
+        # a store name carries a hash of the model's source: report the configured model it
+        # holds; a file no model names now (an old source) keeps its name's stem
+        owners = {store_filename_of(m, mcfg): m for m, mcfg in models.items()}
+        files = [
+            msgspec.structs.replace(f, model=owners[f.filename]) if f.filename in owners else f
+            for f in files
+        ]
         total, free = host_memory()
         rec = proto.HostRecord(
             host_id=self.host,

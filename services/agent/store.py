@@ -48,7 +48,8 @@ def split_size(path: Path, size: int) -> int:
 
 
 def model_name(filename: str) -> str:
-    """The model a store file holds: its relative path without `.gguf`."""
+    """A store file's name without `.gguf`: the model it holds when no configured model
+    names it (the agent's heartbeat puts in the configured name where one does)."""
     return filename[: -len(".gguf")]
 
 

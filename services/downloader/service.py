@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 import proto
 from lls.aio import wait_event
 from lls.bus import Bus, consume, durable_config
-from lls.config import Config, expand, store_filename
+from lls.config import Config, expand, legacy_store_filename, store_filename_of
 from lls.service import ServiceContext
 from services.downloader.fetch import FetchError, Options, Progress
 from services.downloader.peek import peek
@@ -110,10 +110,10 @@ class Downloader:
         self.keep = {
             name
             for model, m in cfg.models.items()
-            for name in split_names(store_filename(model, m.url))
+            for name in split_names(store_filename_of(model, m))
         }
         # model -> its store file: the only file a DeleteFile for that model may remove
-        self.filenames = {model: store_filename(model, m.url) for model, m in cfg.models.items()}
+        self.filenames = {model: store_filename_of(model, m) for model, m in cfg.models.items()}
         self.ollama_roots = ollama_roots
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
@@ -355,6 +355,9 @@ class Downloader:
                     progress,
                     self.ollama_roots,
                     self.hf_roots,
+                    # a whole file from before the upgrade; a split one's other parts are
+                    # unverifiable, so those are fetched again
+                    legacy=legacy_store_filename(cmd.model) if len(sources) == 1 else None,
                 )
                 size += out.size
                 reused.append(out.reused)

@@ -171,8 +171,11 @@ async def obtain(
     progress: Progress,
     ollama_roots: list[Path] | None = None,
     hf_roots: list[Path] | None = None,
+    legacy: str | None = None,
 ) -> Outcome:
-    """Make `store/src.filename` a complete, verified copy of `src`."""
+    """Make `store/src.filename` a complete, verified copy of `src`. `legacy`: the file's
+    name in this store before names followed the source (lls.config.legacy_store_filename),
+    hard-linked when it matches `sha256`; without a checksum it could be any old version."""
     st = Staging.of(store, src.filename)
     sha256 = sha256.lower() if sha256 else None
     async with locked(st.lock):
@@ -183,7 +186,11 @@ async def obtain(
                 return Outcome(size, "store")
             log.warning("%s in the store does not match sha256 %s: replacing it", st.dest, sha256)
 
-        for hit in reuse.find(sha256, src.hf, src.ollama, ollama_roots, hf_roots):
+        hits = reuse.find(sha256, src.hf, src.ollama, ollama_roots, hf_roots)
+        old = store / legacy if legacy and sha256 else None
+        if old is not None and old.is_file() and old != st.dest:
+            hits.insert(0, reuse.Hit(old, f"store:{legacy}"))
+        for hit in hits:
             if sha256 and await asyncio.to_thread(sha256_file, hit.path) != sha256:
                 log.warning("%s does not match sha256 %s: not reused", hit.path, sha256)
                 continue

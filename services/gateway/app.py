@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import proto
-from lls.config import ApiKey, Config, store_filename
+from lls.config import ApiKey, Config, store_filename_of
 from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama, pull
@@ -546,7 +546,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         model = resolve(req.model or req.name, key, request.url.path)
         bus_up()
         m = cfg.models[model]
-        filename = store_filename(model, m.url)
+        filename = store_filename_of(model, m)
 
         def size_on(host: str) -> int | None:
             files = router.hosts[host].files if host in router.hosts else []

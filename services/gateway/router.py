@@ -25,7 +25,7 @@ import msgspec
 import proto
 from lls.aio import wait_event
 from lls.bus import Bus, kv_snapshot, watch_kv
-from lls.config import Config, store_filename
+from lls.config import Config, store_filename_of
 from proto import InstanceRecord, InstanceState
 
 from .errors import ApiError
@@ -318,7 +318,7 @@ class Router:
     async def header_of(self, model: str) -> tuple[proto.GgufSummary | None, int | None]:
         """A model's GGUF summary and size: from a host's store, else as read from its source
         (KV models). Bus reads, for /api/show only: never on the request path."""
-        filename = store_filename(model, self.cfg.models[model].url)
+        filename = store_filename_of(model, self.cfg.models[model])
         try:
             hosts = await kv_snapshot(self.bus, self.bus.hosts, proto.HostRecord, timeout=2)
             for host in hosts.values():

@@ -14,8 +14,11 @@ the config before the reload: a restarted placer sees the same records and decid
       none                                     -> replace: place a current one beside it
 
 So a changed model is never without a ready instance: the stale one serves until its
-replacement is READY. A record with no fingerprint (written before reloads existed) is left
-alone: what it runs with is unknown.
+replacement is READY. A changed `url` or `sha256` needs nothing more here: the store file
+name follows the source (`lls.config.store_filename`), so the replacement is placed on a new
+file, downloaded first like any cold start, while the stale instance keeps its old file. A
+record with no fingerprint (written before reloads existed) is left alone: what it runs with
+is unknown.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 import proto
 from lls.aio import wait_event
 from lls.bus import new_id, watch_kv
-from lls.config import ModelConfig, launch_fingerprint, store_filename
+from lls.config import ModelConfig, launch_fingerprint, store_filename_of
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState
 
@@ -431,7 +431,7 @@ class Placer:
                 cmd_id=f"inspect-{proto.kv_key(model)}-{int(now)}",
                 model=model,
                 url=mcfg.url,
-                filename=store_filename(model, mcfg.url),
+                filename=store_filename_of(model, mcfg),
             ),
         )
         return True
@@ -454,7 +454,7 @@ class Placer:
             await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
             return
         host = self.hosts.get(rec.host)
-        filename = store_filename(rec.model, mcfg.url)
+        filename = store_filename_of(rec.model, mcfg)
         info = next((f for f in host.files if f.filename == filename), None) if host else None
         if info is not None and rec.host not in self._file_hosts(filename):
             info = None  # just deleted there; its heartbeat has not caught up yet
@@ -555,12 +555,12 @@ class Placer:
             reason=rec.placement,
         )
         if await self._write(rec, reason="start resent: the agent had not taken it up"):
-            await self._send_start(rec, mcfg, store_filename(rec.model, mcfg.url), decision)
+            await self._send_start(rec, mcfg, store_filename_of(rec.model, mcfg), decision)
 
     # ------------------------------------------------------------------ decisions
 
     def _need(self, model: str, mcfg: ModelConfig, host: str | None) -> Need:
-        filename = store_filename(model, mcfg.url)
+        filename = store_filename_of(model, mcfg)
         file_hosts = frozenset(
             h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
         )
@@ -980,7 +980,7 @@ class Placer:
         if mcfg is None:
             await self._answer_pull(ev, "refused", reason=f"model {ev.model!r} is not configured")
             return
-        filename = store_filename(ev.model, mcfg.url)
+        filename = store_filename_of(ev.model, mcfg)
         holders = sorted(self._file_hosts(filename) - self.lost)
         if holders:
             await self._answer_pull(ev, "present", holders[0], filename)
@@ -1040,7 +1040,7 @@ class Placer:
                 f"{r.host}; stop it first (lls stop {ev.model}) or wait for its idle stop"
             )
         else:
-            answer.filename = filename = store_filename(ev.model, mcfg.url)
+            answer.filename = filename = store_filename_of(ev.model, mcfg)
             answer.hosts = sorted(self._file_hosts(filename) - self.lost)
             answer.status = "deleting" if answer.hosts else "absent"
             now = time.time()
