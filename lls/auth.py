@@ -139,7 +139,7 @@ def _consume(durable: str, subject: str) -> list[str]:
     ]
 
 
-def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
+def permissions(user: str) -> dict[str, object] | None:
     """nats-server publish/subscribe allow lists of a user; None = everything (the operator).
 
     The durable names (`agent-<host>`, `downloader-<host>`, `inspector`) are the ones the
@@ -162,13 +162,15 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
         pub += ["lls.evt.>", "lls.cmd.>", "$KV.>", f"{JS}.>", "$JS.ACK.>", "$JS.FC.>"]
         deny = [f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.PURGE.>"]
     elif user == "ui":
-        pass  # reads only (and reports its reloads, as every role does)
+        # Reads, and asks agents for log tails (the dashboard's); replies come to its inbox.
+        pub += [proto.logs("*")]
     elif user.startswith("agent-"):
         host = user[len("agent-") :]
         pub += [proto.evt("host.joined"), proto.evt("instance.>"), proto.evt("command.refused")]
         # Its own host's records only: instance records are keyed `<host>.<instance id>`.
         pub += [f"$KV.{proto.KV_HOSTS}.{host}", f"$KV.{proto.KV_INSTANCES}.{host}.>"]
         pub += _consume(user, proto.cmd_agent(host))
+        sub += [proto.logs(host)]  # its own host's log tail requests only
     elif user.startswith("downloader-"):
         host = user[len("downloader-") :]
         pub += [proto.evt("download.>"), proto.evt("model.inspected")]
@@ -177,9 +179,12 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
         pub += _consume(user, proto.cmd_download(host)) + _consume("inspector", proto.cmd_inspect())
     else:
         raise AuthError(f"unknown NATS identity {user!r}")
-    out: dict[str, dict[str, list[str]]] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
-    if deny:
-        out["publish"]["deny"] = deny
+    out: dict[str, object] = {"publish": {"allow": pub, **({"deny": deny} if deny else {})}}
+    out["subscribe"] = {"allow": sub}
+    if user.startswith("agent-"):
+        # Answers the log tail requests it received (one reply each, to the asker's inbox)
+        # without any right to publish to inboxes otherwise.
+        out["allow_responses"] = {"max": 1, "expires": "10s"}
     return out
 
 

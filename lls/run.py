@@ -98,6 +98,13 @@ def start_nats(cfg: Config) -> tuple[subprocess.Popen, str]:
     raise SystemExit("error: nats-server did not start within 15 s")
 
 
+CONFIG_ERROR = 2  # a service's exit code when its config does not load (lls.service)
+
+
+def _ignore_hup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 class Supervisor:
     def __init__(self, config_path: str, nats_url: str, ui_port: int, cfg: Config):
         self.config_path = config_path
@@ -107,6 +114,7 @@ class Supervisor:
         self.host_id = cfg.host_id()
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, list[float]] = {}
+        self.held: set[str] = set()  # could not start on the config file: wait for a reload
         self.stopping = False
 
     def spawn(self, name: str) -> None:
@@ -118,12 +126,21 @@ class Supervisor:
             cmd += ["--nats-creds", str(creds)]
         if name == "ui":
             cmd += ["--port", str(self.ui_port)]
-        self.procs[name] = subprocess.Popen(cmd)
+        # SIGHUP ignored from the first instruction (an ignored signal survives exec): a reload
+        # that lands while a service is still importing must not kill it; lls.service
+        # installs the real handler once it can re-read the config.
+        self.procs[name] = subprocess.Popen(cmd, preexec_fn=_ignore_hup)
 
     def check(self) -> None:
         """Restart a service that died, at most 5 times a minute."""
         for name, proc in list(self.procs.items()):
-            if proc.poll() is None or self.stopping:
+            if proc.poll() is None or self.stopping or name in self.held:
+                continue
+            if proc.returncode == CONFIG_ERROR:
+                # The file was edited into a bad state (it names the key above): restarting
+                # cannot help, and the other services keep the config they run on.
+                log(f"{name} cannot start on the config file; fix it, then `lls reload`")
+                self.held.add(name)
                 continue
             recent = [t for t in self.restarts.get(name, []) if time.time() - t < 60]
             if len(recent) >= 5:
@@ -139,6 +156,10 @@ class Supervisor:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
+        for name in sorted(self.held):  # those that could not start get another try
+            self.held.discard(name)
+            log(f"starting {name} again")
+            self.spawn(name)
 
     def stop(self) -> None:
         self.stopping = True

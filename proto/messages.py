@@ -45,6 +45,12 @@ __all__ = [
     "InspectModel",
     "InstanceState",
     "LeaseRecord",
+    "LogTail",
+    "LogTailError",
+    "LogTailReply",
+    "LogTailRequest",
+    "LOG_TAIL_MAX_BYTES",
+    "LOG_TAIL_MAX_LINES",
     "MeasuredMemory",
     "ModelInfo",
     "ModelInspected",
@@ -334,6 +340,36 @@ class InspectModel(Struct, tag="inspect", kw_only=True):
     model: str
     url: str
     filename: str
+
+
+# ---------------------------------------------------------------- log tails (request/reply)
+
+LOG_TAIL_MAX_LINES = 200  # an agent never sends more lines than this...
+LOG_TAIL_MAX_BYTES = 64 * 1024  # ...nor more of its log than this, whatever was asked
+
+
+class LogTailRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Ask a host's agent (subject `logs(host)`) for the end of an instance's llama-server
+    log. The agent answers only for instances it runs and reads only their own log: the
+    request names an instance, never a file."""
+
+    instance_id: str  # proto.INSTANCE_ID_RE
+    lines: int = 100  # clamped to 1..LOG_TAIL_MAX_LINES
+
+
+class LogTail(Struct, tag="log_tail", kw_only=True):
+    instance_id: str
+    lines: list[str]
+    truncated: bool = False  # the log holds more than these lines
+
+
+class LogTailError(Struct, tag="log_tail.error", kw_only=True):
+    instance_id: str
+    code: str  # "invalid" (bad request), "not_found" (not running here), "unavailable"
+    reason: str
+
+
+LogTailReply = LogTail | LogTailError
 
 
 # ---------------------------------------------------------------- events (stream LLS_EVENTS)

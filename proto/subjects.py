@@ -45,6 +45,12 @@ def cmd_download(host_id: str) -> str:
     return f"lls.cmd.download.{host_id}"
 
 
+def logs(host_id: str) -> str:
+    """LogTailRequest to a host's agent: a NATS core request/reply (no stream keeps them);
+    only that host's agent may subscribe, only the UI and the operator may ask."""
+    return f"lls.logs.{host_id}"
+
+
 def cmd_inspect() -> str:
     """InspectModel commands: one shared consumer, any downloader takes each."""
     return "lls.cmd.inspect"

@@ -240,6 +240,40 @@ async def test_the_ui_only_reads(as_user, bus: Bus, caplog: pytest.LogCaptureFix
     )
 
 
+async def test_only_the_ui_and_the_operator_ask_agents_for_log_tails(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agent A answers requests on its own host's log subject only; the UI asks; the
+    gateway (and every other service) may not."""
+    a = await as_user("agent-A")
+    await as_user("agent-B")  # host B exists too
+
+    async def answer(msg) -> None:  # noqa: ANN001
+        await msg.respond(b"tail of " + msg.data)
+
+    await a.nc.subscribe(proto.logs("A"), cb=answer)
+    await a.nc.flush()
+    ui = await as_user("ui")
+    assert (await ui.nc.request(proto.logs("A"), b"x", timeout=5)).data == b"tail of x"
+    assert (await bus.nc.request(proto.logs("A"), b"y", timeout=5)).data == b"tail of y"
+    # Answering is no right to publish into the asker's inbox otherwise.
+    inbox = auth.Identity("ui", "").inbox_prefix + ".forged"
+    await a.nc.publish(inbox, b"forged")
+    await a.nc.flush()
+    await refused(asyncio.sleep(5), inbox, caplog)
+
+    for user in ("gateway", "placer", "downloader-A"):
+        caplog.clear()  # each refusal is its own
+        other = await as_user(user)
+        await refused(other.nc.request(proto.logs("A"), b"z", timeout=5), proto.logs("A"), caplog)
+    # Agent A can neither listen on host B's log subject nor on every host's.
+    for subject in (proto.logs("B"), proto.logs("*"), "lls.logs.>"):
+        caplog.clear()
+        await a.nc.subscribe(subject)
+        await a.nc.flush()
+        await refused(asyncio.sleep(5), subject, caplog, kind="subscription")
+
+
 async def test_inboxes_are_private(as_user, caplog: pytest.LogCaptureFixture) -> None:
     # With the shared _INBOX.>, any identity could read every other one's replies.
     a = await as_user("agent-A")

@@ -389,10 +389,39 @@ def test_removed_model_finishes_its_in_flight_request(stack: Stack, nats_url: st
     )
 
 
+SERVICES = ("gateway", "placer", "agent", "downloader", "ui")
+
+
+def wait_all_started(s: Stack) -> None:
+    """Every service has loaded the config (the gateway answering is not enough: the others
+    may still be importing, and would read a file edited after start)."""
+    wait_for(
+        "every service started",
+        lambda: all(f"{name} started (host" in s.logs() for name in SERVICES),
+        30,
+        s,
+    )
+
+
+def service_pid(s: Stack, name: str) -> int:
+    """The pid of this stack's `services.<name>` process (its command line names our config)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"services.{name}".encode() in argv and str(s.config).encode() in argv:
+            return int(proc.name)
+    raise AssertionError(f"no {name} process for {s.config}")
+
+
 def test_bad_config_is_refused_naming_the_key_and_the_old_one_serves(
     stack: Stack, nats_url: str
 ) -> None:
     s = stack
+    wait_all_started(s)
     good = s.config.read_text()
     cfg = yaml.safe_load(good)
     cfg["gateway"]["max_in_flight"] = -1
@@ -424,8 +453,33 @@ def test_bad_config_is_refused_naming_the_key_and_the_old_one_serves(
         return got
 
     got = asyncio.run(refusals())
-    assert {e.service for e in got} == {"gateway", "placer", "agent", "downloader", "ui"}
+    assert {e.service for e in got} == set(SERVICES)
     assert all("gateway.max_in_flight" in e.reason for e in got)
     assert "config reload refused" in s.logs() and "gateway.max_in_flight" in s.logs()
     with httpx.Client(timeout=60) as c:  # the running config still serves a
         assert c.post(f"{s.base}/v1/chat/completions", json=chat("a")).status_code == 200
+
+
+def test_a_service_that_cannot_start_on_an_edited_config_waits_and_the_rest_serve(
+    stack: Stack,
+) -> None:
+    # The ui dies (a crash, an OOM kill) after the file was edited into a bad state: it
+    # cannot come back on that file, but that must not take the other services down.
+    s = stack
+    wait_all_started(s)
+    good = s.config.read_text()
+    cfg = yaml.safe_load(good)
+    cfg["gateway"]["max_in_flight"] = -1
+    s.config.write_text(yaml.safe_dump(cfg))
+    os.kill(service_pid(s, "ui"), signal.SIGKILL)
+    wait_for("the ui held", lambda: "ui cannot start on the config file" in s.logs(), 15, s)
+    time.sleep(2)  # no restart loop, no "stopping everything"
+    assert s.proc.poll() is None and "keeps dying" not in s.logs()
+    with httpx.Client(timeout=60) as c:
+        assert c.post(f"{s.base}/v1/chat/completions", json=chat("a")).status_code == 200
+
+    s.config.write_text(good)  # fixed: a reload starts it again
+    assert lls_reload(s).returncode == 0
+    wait_for("the ui back", lambda: s.logs().count("ui started (host") == 2, 30, s)
+    r = httpx.get(f"{s.base}/dashboard", params={"key": "unused"}, timeout=10)
+    assert r.status_code == 200, r.text  # proxied to a live ui again

@@ -64,6 +64,11 @@ class Runtime(Protocol):
 
     def log_tail(self, h: Handle, lines: int = LOG_TAIL_LINES) -> str: ...
 
+    def log_lines(self, h: Handle, lines: int, max_bytes: int) -> tuple[list[str], bool]:
+        """The last `lines` lines of its log within `max_bytes` (bounded_tail), and whether
+        the log holds more."""
+        ...
+
     def stop(self, h: Handle, grace_s: float) -> None:
         """SIGTERM, SIGKILL after `grace_s`, then release()."""
         ...
@@ -214,3 +219,18 @@ def pick_port(
 
 def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def bounded_tail(
+    data: bytes, lines: int, max_bytes: int, *, mid_line: bool = False, more: bool = False
+) -> tuple[list[str], bool]:
+    """The last `lines` lines of `data` within `max_bytes`, and whether anything was left out.
+
+    `mid_line`: `data` may begin inside a line (read from an offset), whose partial start is
+    dropped; `more`: the log holds more than `data`."""
+    if len(data) > max_bytes:
+        data, mid_line, more = data[-max_bytes:], True, True
+    if mid_line:
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    out = data.decode(errors="replace").splitlines()
+    return out[-lines:], more or len(out) > lines

@@ -28,6 +28,7 @@ from services.agent.runtime import (
     Handle,
     LaunchError,
     LaunchSpec,
+    bounded_tail,
     build_argv,
     tail_lines,
 )
@@ -210,6 +211,17 @@ class DockerRuntime:
             return tail_lines(c.logs(tail=lines).decode(errors="replace"), lines)
         except docker.errors.DockerException:
             return ""
+
+    def log_lines(self, h: Handle, lines: int, max_bytes: int) -> tuple[list[str], bool]:
+        c = self._container(h)
+        if c is None:
+            return [], False
+        try:
+            # one line more than wanted: the engine does not say whether the log holds more
+            data = c.logs(tail=lines + 1)
+        except docker.errors.DockerException:
+            return [], False
+        return bounded_tail(data, lines, max_bytes)
 
     def stop(self, h: Handle, grace_s: float) -> None:
         c = self._container(h)

@@ -25,6 +25,7 @@ from services.agent.runtime import (
     Handle,
     LaunchError,
     LaunchSpec,
+    bounded_tail,
     build_argv,
     gpu_env,
     minimal_env,
@@ -165,6 +166,17 @@ class ProcessRuntime:
 
     def log_tail(self, h: Handle, lines: int = LOG_TAIL_LINES) -> str:
         return read_tail(self._log_file(h.instance_id), lines)
+
+    def log_lines(self, h: Handle, lines: int, max_bytes: int) -> tuple[list[str], bool]:
+        # The path comes from the handle's checked id (_state_file), never from a request.
+        try:
+            with self._log_file(h.instance_id).open("rb") as f:
+                start = max(0, f.seek(0, os.SEEK_END) - max_bytes)
+                f.seek(start)
+                data = f.read(max_bytes)
+        except OSError:  # released meanwhile: its log went with it
+            return [], False
+        return bounded_tail(data, lines, max_bytes, mid_line=start > 0, more=start > 0)
 
     def stop(self, h: Handle, grace_s: float) -> None:
         proc = self._children.get(h.instance_id)

@@ -27,6 +27,8 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
@@ -64,6 +66,7 @@ RECONCILE_EVERY_S = 5.0
 STALL_CHECK_EVERY = 30  # idle fetches between checks that the pull consumer still delivers
 BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the server's bind
 NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
+LOG_PENDING_MAX = 32  # log tail requests waiting for an answer; more are dropped
 
 
 def http_threads(max_in_flight: int) -> int:
@@ -205,6 +208,7 @@ class Agent:
         # slow stops never delay health polls
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="agent-rt")
         self._http = httpx.AsyncClient(timeout=2.0)
+        self._logs_sub: Subscription | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -221,6 +225,7 @@ class Agent:
                 )
             )
             await self._heartbeat()
+            await self._serve_logs()
             bg = [
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                 asyncio.create_task(self._consume(), name="commands"),
@@ -268,6 +273,9 @@ class Agent:
         await self._close()
 
     async def _close(self) -> None:
+        if self._logs_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._logs_sub.unsubscribe()
         await self._http.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.telemetry.close()
@@ -362,6 +370,51 @@ class Agent:
             reason=reason,
             log_tail="",
         )
+
+    # ------------------------------------------------------------ log tails
+
+    async def _serve_logs(self) -> None:
+        """Answer LogTailRequests on this host's subject (core NATS: nats-py subscribes again
+        after a reconnect). Requests are answered one at a time, and few wait: a flood
+        overflows the pending bound and is dropped, not queued."""
+        self._logs_sub = await self.bus.nc.subscribe(
+            proto.logs(self.host), cb=self._answer_log, pending_msgs_limit=LOG_PENDING_MAX
+        )
+
+    async def _answer_log(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        reply = await self.log_tail(msg.data)
+        try:
+            await msg.respond(proto.encode(reply))
+        except Exception as e:  # noqa: BLE001 - the asker is gone or the bus away
+            log.warning("cannot answer a log tail request: %s", e)
+
+    async def log_tail(self, data: bytes) -> proto.LogTailReply:
+        """The end of a running instance's log. Only instances this agent runs, only their
+        own log (the runtime finds it from the handle); a request never names a file."""
+        try:
+            req = proto.decode(data, proto.LogTailRequest)
+        except msgspec.DecodeError as e:  # ValidationError too
+            return proto.LogTailError(instance_id="", code="invalid", reason=f"bad request: {e}")
+        iid = req.instance_id
+        if not proto.INSTANCE_ID_RE.fullmatch(iid):
+            why = "instance id does not have the project's id format"
+            return proto.LogTailError(instance_id=iid[:200], code="invalid", reason=why)
+        inst = self.instances.get(iid)
+        handle = inst.handle if inst is not None else None
+        if handle is None:
+            why = f"instance {iid} does not run on host {self.host}"
+            return proto.LogTailError(instance_id=iid, code="not_found", reason=why)
+        lines = max(1, min(req.lines, proto.LOG_TAIL_MAX_LINES))
+        try:
+            got, truncated = await self._call(
+                self.runtime.log_lines, handle, lines, proto.LOG_TAIL_MAX_BYTES
+            )
+        except Exception as e:  # noqa: BLE001 - say why instead of leaving the asker waiting
+            log.warning("%s: cannot read its log: %s", iid, e)
+            return proto.LogTailError(instance_id=iid, code="unavailable", reason=str(e)[:500])
+        return proto.LogTail(instance_id=iid, lines=got, truncated=truncated)
 
     # ------------------------------------------------------------ commands
 

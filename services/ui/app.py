@@ -19,7 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import proto
+from lls.bus import Bus
 from services.ui.hub import Hub
+from services.ui.logs import NoAnswer, ask_log_tail, find_instance
 from services.ui.secret import SECRET_HEADER
 from services.ui.view import View
 
@@ -79,7 +82,8 @@ def require_secret(app: ASGIApp, secret: str) -> ASGIApp:
     return asgi
 
 
-def create_app(view: View, hub: Hub) -> FastAPI:
+def create_app(view: View, hub: Hub, bus: Bus | None = None) -> FastAPI:
+    """`bus`: where instance log tails are asked for (none: that endpoint answers 503)."""
     app = FastAPI(title="llama.cpp scheduler dashboard", docs_url=None, redoc_url=None)
     page = PAGE.read_bytes()
 
@@ -100,6 +104,35 @@ def create_app(view: View, hub: Hub) -> FastAPI:
     @app.get("/dashboard/state")
     async def state() -> Response:
         return Response(msgspec.json.encode(view.snapshot()), media_type="application/json")
+
+    @app.get("/dashboard/instances/{instance_id}/log")
+    async def instance_log(instance_id: str, lines: str = "100") -> Response:
+        """A running instance's llama-server log tail, asked of its host's agent."""
+        if not proto.INSTANCE_ID_RE.fullmatch(instance_id):
+            return error(400, "not an instance id", "invalid_instance_id")
+        try:
+            n = int(lines)
+        except ValueError:
+            return error(400, "lines: a whole number", "invalid_lines")
+        n = max(1, min(n, proto.LOG_TAIL_MAX_LINES))
+        rec = find_instance(view.instances, instance_id)
+        if rec is None:
+            return error(404, f"no instance {instance_id}", "not_found")
+        host = rec.get("host")
+        if not isinstance(host, str) or not proto.HOST_ID_RE.fullmatch(host):
+            return error(404, f"instance {instance_id} is not on a host", "not_found")
+        if bus is None:
+            return error(503, "log tails are not available here", "unavailable")
+        try:
+            reply = await ask_log_tail(bus, host, instance_id, n)
+        except NoAnswer as e:
+            return error(e.status, str(e), "agent_timeout" if e.status == 504 else "bad_reply")
+        if isinstance(reply, proto.LogTailError):
+            status = {"invalid": 400, "not_found": 404}.get(reply.code, 502)
+            return error(status, f"{host}: {reply.reason}", reply.code)
+        body = {**msgspec.to_builtins(reply), "host": host}
+        body.pop("type", None)  # the wire tag: the page needs none
+        return Response(msgspec.json.encode(body), media_type="application/json")
 
     @app.get("/dashboard/events")
     async def events() -> Response:

@@ -82,7 +82,7 @@ async def run(ctx: ServiceContext) -> None:
     sock = bind(host, port)
     server = _Server(
         uvicorn.Config(
-            require_secret(create_app(view, hub), ui_secret()),
+            require_secret(create_app(view, hub, ctx.bus), ui_secret()),
             log_level="warning",
             access_log=False,
             lifespan="off",
