@@ -463,16 +463,7 @@ class Placer:
         if info is None:
             if rec.state == InstanceState.PENDING:
                 await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
-                await self.bus.command(
-                    proto.cmd_download(rec.host),
-                    proto.DownloadFile(
-                        cmd_id=f"dl-{rec.instance_id}",
-                        model=rec.model,
-                        url=mcfg.url,
-                        filename=filename,
-                        sha256=mcfg.sha256,
-                    ),
-                )
+                await self._download(rec.host, rec.model, filename, f"dl-{rec.instance_id}")
             elif now - rec.updated > self.cfg.downloader.timeout + 60:
                 await self._fail(rec, "download did not finish in time")
             return
@@ -993,17 +984,18 @@ class Placer:
         if isinstance(decision, NoFit):
             await self._answer_pull(ev, "refused", reason=decision.reason)
             return
+        await self._download(decision.host, ev.model, filename, f"pull-{ev.request_id}")
+        await self._answer_pull(ev, "downloading", decision.host, filename)
+
+    async def _download(self, host: str, model: str, filename: str, cmd_id: str) -> None:
+        """Tell `host`'s downloader to fetch the model's file (a cold start, or a pull)."""
+        mcfg = self.cfg.models[model]
         await self.bus.command(
-            proto.cmd_download(decision.host),
+            proto.cmd_download(host),
             proto.DownloadFile(
-                cmd_id=f"pull-{ev.request_id}",
-                model=ev.model,
-                url=mcfg.url,
-                filename=filename,
-                sha256=mcfg.sha256,
+                cmd_id=cmd_id, model=model, url=mcfg.url, filename=filename, sha256=mcfg.sha256
             ),
         )
-        await self._answer_pull(ev, "downloading", decision.host, filename)
 
     async def _answer_pull(
         self,
