@@ -47,6 +47,8 @@ class ApiKey(Strict):
     requests_per_minute: Positive | None = None
     tokens_per_minute: Positive | None = None  # prompt + completion, counted after each answer
     max_concurrent: Positive | None = None  # requests of this key running at once
+    # Its share of a model's slots while requests queue, against other keys' (fair queuing).
+    weight: Annotated[float, Meta(gt=0, le=1000)] = 1.0
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -90,3 +90,65 @@ async def test_a_caller_cancelled_as_its_slot_is_granted_leaves_and_hands_the_sl
         await leaving
     await asyncio.wait_for(next_in_line, 1)
     assert gate.in_flight == 1 and gate.queued == 0
+
+
+async def _queue(gate: Gate, who: str, n: int, order: list[str]) -> list[asyncio.Task]:
+    async def one() -> None:
+        await gate.enter(who)
+        order.append(who)
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.sleep(0)
+    return tasks
+
+
+async def _serve(gate: Gate, n: int) -> None:
+    for _ in range(n):
+        gate.leave()
+        await asyncio.sleep(0)
+
+
+def test_next_turn_goes_to_the_least_served_waiting_client():
+    from services.gateway.admission import next_turn
+
+    assert next_turn(["a", "b"], {"a": 3.0, "b": 1.0}) == "b"
+    assert next_turn(["a", "b"], {}) == "a"  # a tie: who started waiting first
+
+
+async def test_a_flooding_client_delays_another_by_one_turn_not_by_its_flood():
+    gate = Gate("m", Limits(1, 100, 5))
+    await gate.enter("flood")
+    order: list[str] = []
+    tasks = await _queue(gate, "flood", 10, order)
+    tasks += await _queue(gate, "polite", 1, order)  # arrives after the whole flood
+    await _serve(gate, 11)
+    await asyncio.gather(*tasks)
+    assert order.index("polite") <= 1, order  # FIFO would have served it 11th
+
+
+async def test_weights_share_the_slots_in_proportion():
+    gate = Gate("m", Limits(1, 100, 5), weights={"gold": 2.0})
+    await gate.enter("x")
+    order: list[str] = []
+    tasks = await _queue(gate, "gold", 12, order) + await _queue(gate, "bronze", 12, order)
+    await _serve(gate, 9)
+    assert order.count("gold") == 6 and order.count("bronze") == 3, order
+    await _serve(gate, 16)
+    await asyncio.gather(*tasks)
+
+
+async def test_a_full_queue_makes_room_for_a_lighter_client_at_the_heaviest_ones_cost():
+    gate = Gate("m", Limits(1, 3, 5))
+    await gate.enter("flood")
+    order: list[str] = []
+    flood = await _queue(gate, "flood", 3, order)
+    polite = await _queue(gate, "polite", 1, order)  # full queue: flood's newest goes
+    await asyncio.sleep(0)
+    pushed = flood[-1]
+    assert pushed.done() and isinstance(pushed.exception(), ApiError)
+    assert pushed.exception().status == 429
+    with pytest.raises(ApiError):  # flood itself cannot push itself in
+        await gate.enter("flood")
+    await _serve(gate, 3)
+    await asyncio.gather(*flood[:-1], *polite)
+    assert order.index("polite") <= 1 and gate.queued == 0, order

@@ -120,6 +120,13 @@ def presented_key(request: Request) -> str:
     return given
 
 
+def client(request: Request, key: ApiKey | None) -> str:
+    """Who a request is from, for fair queuing: its API key's name, else its address."""
+    if key is not None:
+        return key.name
+    return request.client.host if request.client else ""
+
+
 def authenticate(cfg: Config, request: Request) -> ApiKey | None:
     """The caller's API key, from headers only (before any body is read); None when the
     gateway is open. A missing, unknown or malformed key (non-ASCII, say) is a 401."""
@@ -171,6 +178,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         upstream.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
         for gate in upstream.gates.values():
             gate.limits = upstream.limits
+            gate.weights = upstream.weights
         windows: dict[str, KeyWindow] = {}
         for k in g.api_keys:
             if (limits := KeyLimits.of(k)).any:
@@ -304,13 +312,14 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             body = rewrite(body, model)
         headers = forward_headers(request.headers)
         lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
+        who = client(request, key)
         if head.stream and router.pick(model) is None:
-            return cold_stream(model, route, body, headers, started, lease)
+            return cold_stream(model, route, body, headers, started, lease, who)
         # Watch for the client leaving: a non-streamed answer, or a wait for a cold model,
         # must not keep a slot (or the instance's work) for a client that is gone.
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            opening = lease.open(upstream.open(model, route, body, headers))
+            opening = lease.open(upstream.open(model, route, body, headers, who=who))
             resp, release = await unless(gone, opening, discard)
 
             def done() -> None:
@@ -347,7 +356,13 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         return Response(data, resp.status_code, headers=forward_headers(resp.headers))
 
     def cold_stream(
-        model: str, route: str, body: bytes, headers: dict[str, str], started: float, lease: Lease
+        model: str,
+        route: str,
+        body: bytes,
+        headers: dict[str, str],
+        started: float,
+        lease: Lease,
+        who: str,
     ) -> Response:
         """A streaming request for a cold model: answer the head now and send SSE comments
         while it waits (its place in the model's queue and what the model is doing), so the
@@ -355,7 +370,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             ticket = router.enqueue(model)
-            opened = lease.open(upstream.open(model, route, body, headers, ticket))
+            opened = lease.open(upstream.open(model, route, body, headers, ticket, who=who))
             opening = asyncio.ensure_future(opened)
             taken = None
             try:
@@ -423,7 +438,11 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         try:
             # Opened before the answer's head, streamed or not: an error the instance gives
             # (images for a model without vision, say) is then a 4xx, not a 200 stream.
-            opening = lease.open(upstream.open(model, path, body, headers, keep_alive=keep_alive))
+            opening = lease.open(
+                upstream.open(
+                    model, path, body, headers, keep_alive=keep_alive, who=client(request, key)
+                )
+            )
             resp, release = await unless(gone, opening, discard)
             if streamed and resp.status_code == 200:
                 lines = ollama.sse_to_ndjson(

@@ -76,8 +76,13 @@ class Upstream:
     def gate(self, model: str) -> Gate:
         gate = self.gates.get(model)
         if gate is None:
-            gate = self.gates[model] = Gate(model, self.limits, self.service_time)
+            gate = self.gates[model] = Gate(model, self.limits, self.service_time, self.weights)
         return gate
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each API key's share of a model's slots when clients queue (fair queuing)."""
+        return {k.name: k.weight for k in self.cfg.gateway.api_keys}
 
     async def open(
         self,
@@ -87,17 +92,19 @@ class Upstream:
         headers: dict[str, str],
         ticket: int | None = None,
         keep_alive: float | None = None,
+        who: str = "",
     ) -> tuple[http.Reply, Callable[[], None]]:
         """Admit, find (or wait for) an instance, and send; the response is still streaming.
 
         From arrival until it is sent, the request is in the router's queue for `model`
-        (`ticket`, from `router.enqueue`, when the caller wants to ask for its position)."""
+        (`ticket`, from `router.enqueue`, when the caller wants to ask for its position).
+        `who` is the client the admission queue is fair across (admission.Gate)."""
         if ticket is None:
             ticket = self.router.enqueue(model)
         try:
             gate = self.gate(model)
             try:
-                await gate.enter()
+                await gate.enter(who)
             except ApiError:
                 self.metrics.refused.labels(model, "429").inc()
                 raise
