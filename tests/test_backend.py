@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_agent_units import FakeNvml
 
-from conftest import ROOT
+from conftest import ROOT, require
 from lls import paths
 from lls.config import parse
 from lls.paths import (
@@ -176,9 +176,9 @@ def test_detect_backend_runs_the_binary_once_with_a_timeout(
 
 
 def test_the_cached_cpu_build_is_detected_as_cpu(llama_server_bin: Path) -> None:
-    if llama_server_bin != cached_build(CPU):
-        pytest.skip("LLS_LLAMA_SERVER names another llama-server than the cached CPU build")
-    assert detect_backend(llama_server_bin) == CPU
+    built = cached_build(CPU)  # llama_server_bin: built (or found) before this test runs
+    require("the cached CPU llama-server build", built.exists(), str(built))
+    assert detect_backend(built) == CPU
 
 
 def test_image_backends() -> None:

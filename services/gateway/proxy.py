@@ -178,7 +178,9 @@ class Upstream:
     async def _fit_embedding_inputs(
         self, model: str, endpoint: str, body: bytes, headers: dict[str, str]
     ) -> bytes:
-        limit = embeddings.token_limit(self.cfg.models[model])
+        if (mcfg := self.cfg.models.get(model)) is None:  # removed by a reload meanwhile
+            return body
+        limit = embeddings.token_limit(mcfg)
         auth = {"Authorization": headers["Authorization"]}  # /tokenize needs the key too
         try:
             return await embeddings.truncate(self.client, endpoint, body, limit, auth)

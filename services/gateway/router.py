@@ -258,6 +258,8 @@ class Router:
                 self.swap_wait.add(model, time.monotonic() - t0)
                 return rec
             now = time.monotonic()
+            if model not in self.cfg.models:  # removed by a reload while it waited
+                raise ApiError(404, f"model {model} was removed from the config", "model_not_found")
             fail = self.failures.get(model)
             if fail is not None and now < fail.until:
                 raise ApiError(503, fail.reason, "model_unavailable", fail.until - now)
@@ -330,7 +332,8 @@ class Router:
         except Exception as e:  # noqa: BLE001 - no facts is an answer too (KeyNotFound, timeouts)
             log.debug("no header for %s: %r", model, e)
             return None, None
-        if info is None or info.url != self.cfg.models[model].url:
+        m = self.cfg.models.get(model)  # a reload may have removed it meanwhile
+        if info is None or m is None or info.url != m.url:
             return None, None
         return info.gguf, info.size
 

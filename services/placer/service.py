@@ -463,7 +463,7 @@ class Placer:
         if info is None:
             if rec.state == InstanceState.PENDING:
                 await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
-                await self._download(rec.host, rec.model, filename, f"dl-{rec.instance_id}")
+                await self._download(rec.host, rec.model, mcfg, filename, f"dl-{rec.instance_id}")
             elif now - rec.updated > self.cfg.downloader.timeout + 60:
                 await self._fail(rec, "download did not finish in time")
             return
@@ -984,12 +984,13 @@ class Placer:
         if isinstance(decision, NoFit):
             await self._answer_pull(ev, "refused", reason=decision.reason)
             return
-        await self._download(decision.host, ev.model, filename, f"pull-{ev.request_id}")
+        await self._download(decision.host, ev.model, mcfg, filename, f"pull-{ev.request_id}")
         await self._answer_pull(ev, "downloading", decision.host, filename)
 
-    async def _download(self, host: str, model: str, filename: str, cmd_id: str) -> None:
+    async def _download(
+        self, host: str, model: str, mcfg: ModelConfig, filename: str, cmd_id: str
+    ) -> None:
         """Tell `host`'s downloader to fetch the model's file (a cold start, or a pull)."""
-        mcfg = self.cfg.models[model]
         await self.bus.command(
             proto.cmd_download(host),
             proto.DownloadFile(
