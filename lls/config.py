@@ -65,6 +65,14 @@ class GatewayConfig(Strict):
     max_queue: Annotated[int, Meta(ge=0)] = 256  # per model; past it requests get 429
     queue_timeout: PositiveS = 60.0  # a queued request waits this long for a slot, then 429
     api_keys: list[ApiKey] = []  # empty = open; else Bearer / x-api-key required
+    # Which replica of a model serves a request (services/gateway/affinity.py): "prefix"
+    # sends prompts that share a beginning to the same replica (its KV cache holds it),
+    # within a load bound; "least_busy" ignores the prompt; "round_robin" is for benchmarks.
+    routing: Literal["prefix", "least_busy", "round_robin"] = "prefix"
+    prefix_chars: Annotated[int, Meta(ge=16, le=1_000_000)] = 2048  # the prompt start hashed
+    # A replica may take up to this factor times the average load before prefix affinity
+    # spills to the next one (consistent hashing with bounded load).
+    prefix_load_factor: Annotated[float, Meta(ge=1.0, le=10.0)] = 1.25
 
 
 class NatsTls(Strict):
@@ -115,6 +123,10 @@ class AgentConfig(Strict):
     start_timeout: PositiveS = 120.0  # /health must answer 200 within this
     heartbeat_s: PositiveS = 1.0
     ram_reserve_mib: Annotated[int, Meta(ge=0)] = 1024  # CPU-only hosts keep this much free
+    # Warm swaps: before an instance stops, its slots' KV caches are saved here (per host),
+    # and restored when the model starts again on this host. Oldest out past the size; 0 = off.
+    slot_cache_mib: Annotated[int, Meta(ge=0)] = 4096
+    slot_cache_dir: str = ""  # empty = <store>/slot-cache
 
 
 class DownloaderConfig(Strict):
@@ -150,6 +162,18 @@ class PlacerConfig(Strict):
     drain_timeout: PositiveS = 60.0  # in-flight requests of a yielding model get this long
 
 
+class Replicas(Strict):
+    """How many instances of a model may run (services/placer/replicas.py)."""
+
+    min: Annotated[int, Meta(ge=1, le=64)] = 1  # started on demand; idle ones above it go first
+    max: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Another replica starts when a request has waited this long while every instance is busy.
+    target_wait: PositiveS = 2.0
+    # A replica above `min` that has been idle this long is stopped (the model's idle_timeout
+    # still applies to the others).
+    idle_after: PositiveS = 60.0
+
+
 class ModelConfig(Strict):
     url: str
     sha256: str | None = None
@@ -165,6 +189,24 @@ class ModelConfig(Strict):
     host: str | None = None  # pin to this host id
     gpus: list[Annotated[int, Meta(ge=0)]] = []  # pin to these GPU indexes
     group: str | None = None  # exclusive group: at most one model of a group runs at a time
+    replicas: Replicas = msgspec.field(default_factory=Replicas)
+
+
+def slots_of(m: ModelConfig) -> int:
+    """Requests one instance of `m` serves at once: its `-np`/`--parallel` (1 by default,
+    as the agent starts it)."""
+    args = m.args
+    for i, a in enumerate(args):
+        flag, eq, value = a.partition("=")
+        if flag in ("-np", "--parallel"):
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            try:
+                n = int(value)
+            except ValueError:
+                return 1
+            return n if n > 0 else 1
+    return 1
 
 
 def launch_fingerprint(m: ModelConfig) -> str:
@@ -285,6 +327,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.url: must start with one of {', '.join(URL_SCHEMES)}")
         if m.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", m.sha256):
             raise ConfigError(f"{where}.sha256: expected 64 hex digits")
+        if m.replicas.min > m.replicas.max:
+            raise ConfigError(f"{where}.replicas.min: must not exceed replicas.max")
     seen: dict[str, str] = {}
     for name, m in cfg.models.items():
         for alias in m.aliases:

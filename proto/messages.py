@@ -62,6 +62,8 @@ __all__ = [
     "StopInstance",
     "StopRequested",
     "SwapChanged",
+    "ReplicaChanged",
+    "SlotCacheChanged",
     "ModelQueue",
     "ModelServing",
     "SERVING_BUCKETS_S",
@@ -229,6 +231,8 @@ class ModelQueue(Struct):
 
     waiting: int
     since: float  # when the oldest of them began to wait
+    # waiting requests per client: API key name, or "(by address)" summed when keys are off
+    clients: dict[str, int] = {}
 
 
 # Upper bounds (seconds) of ModelServing's histogram buckets, the same for every gateway so
@@ -467,6 +471,37 @@ class SwapChanged(_Event, tag="swap"):
         return evt(f"swap.{self.stage}")
 
 
+class ReplicaChanged(_Event, tag="replica"):
+    """The placer adds a replica of a busy model, or stops an idle one above replicas.min."""
+
+    model: str
+    stage: str  # "added" | "removed"
+    instance_id: str
+    replicas: int  # live instances of the model after the change
+    reason: str = ""
+
+    def subject(self) -> str:
+        return evt(f"replica.{self.stage}")
+
+
+class SlotCacheChanged(_Event, tag="slots"):
+    """An agent saved an instance's slot KV caches before it stopped (warm swap), or
+    restored them when the model started again on that host."""
+
+    model: str
+    host: str
+    instance_id: str
+    stage: str  # "saved" | "restored" | "failed"
+    slots: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+    def subject(self) -> str:
+        return evt(f"slots.{self.stage}")
+
+
 class PullRequested(_Event, tag="pull.requested"):
     """A client asks (through a gateway) for a model's file on the host it would run on."""
 
@@ -578,6 +613,8 @@ Event = (
     | InstanceChanged
     | StopRequested
     | SwapChanged
+    | ReplicaChanged
+    | SlotCacheChanged
     | HostJoined
     | HostLost
     | CommandRefused

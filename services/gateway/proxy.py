@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 from lls import instance_key
 from lls.config import Config, expand
 
-from . import embeddings, http
+from . import affinity, embeddings, http
 from .admission import Gate, Limits
 from .errors import ApiError
 from .metrics import Metrics
@@ -127,10 +127,13 @@ class Upstream:
         keep_alive: float | None,
     ) -> tuple[http.Reply, Callable[[], None]]:
         t0 = time.monotonic()
+        prefix = affinity.prefix_key(body, path, self.cfg.gateway.prefix_chars)
         for attempt in range(2):  # one retry: endpoint refused, or a stale pooled connection
             cold = self.router.pick(model) is None
             try:
-                rec = await self.router.acquire(model, self.cfg.gateway.cold_start_timeout)
+                rec = await self.router.acquire(
+                    model, self.cfg.gateway.cold_start_timeout, prefix=prefix
+                )
             except ApiError as e:
                 self.metrics.refused.labels(model, str(e.status)).inc()
                 raise

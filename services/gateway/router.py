@@ -230,8 +230,9 @@ class Router:
 
     # ------------------------------------------------------------------ requests
 
-    def pick(self, model: str) -> InstanceRecord | None:
-        """The ready instance with the fewest requests in flight here (a dict lookup)."""
+    def pick(self, model: str, prefix: str | None = None) -> InstanceRecord | None:
+        """The ready instance with the fewest requests in flight here (a dict lookup).
+        `prefix` (affinity.prefix_key of the request) is the key for prefix routing."""
         candidates = self.ready.get(model)
         if not candidates:
             return None
@@ -245,15 +246,15 @@ class Router:
         log.warning("%s refused a connection; skipped for %g s", rec.endpoint, BAD_ENDPOINT_S)
         self.bad_until[rec.endpoint or ""] = time.monotonic() + BAD_ENDPOINT_S
 
-    async def acquire(self, model: str, wait_s: float) -> InstanceRecord:
+    async def acquire(self, model: str, wait_s: float, prefix: str | None = None) -> InstanceRecord:
         """A ready instance of `model`, demanding one and waiting up to `wait_s` if none."""
-        rec = self.pick(model)
+        rec = self.pick(model, prefix)
         if rec is not None:
             return rec
         t0 = time.monotonic()
         deadline = t0 + wait_s
         while True:
-            rec = self.pick(model)
+            rec = self.pick(model, prefix)
             if rec is not None:
                 self.swap_wait.add(model, time.monotonic() - t0)
                 return rec
