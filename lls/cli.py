@@ -7,13 +7,16 @@ lls pull MODEL         download MODEL's file to a host's store, with a progress 
 lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
 lls usage              requests and tokens per API key and model (the gateway's /metrics)
 lls reload             every service of `make run` re-reads the config file (SIGHUP)
+lls events             the event history: --since 1h, --model M, --kind swap, --follow
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
+import re
 import signal
 import sys
 import time
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
 import proto
@@ -263,7 +267,99 @@ def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ps": cmd_ps, "load": cmd_load, "stop": cmd_stop, "pull": cmd_pull}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90s', '10m', '1h30m', '2d' (ValueError otherwise)."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise ValueError(f"not a duration like 90s, 10m, 1h or 2d: {text!r}")
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+_QUIET_FIELDS = frozenset({"ts", "v", "kind", "model"})
+
+
+def event_line(ev: proto.Event) -> str:
+    """One event as one line: time, kind, model, then its other fields."""
+    kind = ev.subject().removeprefix("lls.evt.")
+    when = datetime.datetime.fromtimestamp(ev.ts).strftime("%Y-%m-%d %H:%M:%S")
+    fields = []
+    for name in ev.__struct_fields__:
+        value = getattr(ev, name)
+        if name in _QUIET_FIELDS or value in (None, "", [], {}):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        elif isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif hasattr(value, "value"):  # an enum
+            value = value.value
+        fields.append(f"{name}={value}")
+    return f"{when}  {kind:<20} {getattr(ev, 'model', '-'):<16} {' '.join(fields)}".rstrip()
+
+
+def event_matches(ev: proto.Event, model: str, kind: str) -> bool:
+    """--model: the event's model (or an instance or host id naming it); --kind: a prefix of
+    its subject's kind, e.g. "swap" or "instance.ready"."""
+    if kind and not ev.subject().removeprefix("lls.evt.").startswith(kind):
+        return False
+    return not model or getattr(ev, "model", None) == model
+
+
+async def cmd_events(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
+    """Print the event history from --since on, oldest first; with --follow, then live."""
+    try:
+        since_s = parse_duration(args.since)
+    except ValueError as e:
+        print(f"error: --since: {e}", file=sys.stderr)
+        return 2
+    start = datetime.datetime.fromtimestamp(time.time() - since_s, datetime.UTC)
+    queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue(maxsize=10_000)
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        await queue.put((msg.data, msg.metadata.num_pending))
+
+    sub = await bus.js.subscribe(
+        proto.EVENTS_SUBJECTS,
+        cb=on_msg,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        config=ConsumerConfig(opt_start_time=start.isoformat().replace("+00:00", "Z")),
+    )
+    shown = 0
+    try:
+        while True:
+            try:
+                # an empty history (or the end of it) shows as a second of silence
+                async with asyncio.timeout(None if args.follow else 1.0):
+                    data, pending = await queue.get()
+            except TimeoutError:
+                return 0
+            try:
+                ev = proto.decode(data, proto.Event)
+            except msgspec.ValidationError:
+                continue  # a kind this CLI does not know (a newer service)
+            if event_matches(ev, args.only_model, args.kind):
+                print(msgspec.json.encode(ev).decode() if args.json else event_line(ev))
+                shown += 1
+            if not args.follow and pending == 0:
+                return 0
+    finally:
+        await sub.unsubscribe()
+        if not shown and not args.follow:
+            print(f"no events in the last {args.since}", file=sys.stderr)
+
+
+COMMANDS = {
+    "ps": cmd_ps,
+    "load": cmd_load,
+    "stop": cmd_stop,
+    "pull": cmd_pull,
+    "events": cmd_events,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,6 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True)
     hosts_sub.add_parser("add", help="create agent-HOST and downloader-HOST").add_argument("host")
     sub.add_parser("reload", help="every service re-reads the config file")
+    ev = sub.add_parser("events", help="the event history (placements, swaps, replicas...)")
+    ev.add_argument("--since", default="1h", help="how far back: 90s, 10m, 1h, 2d (default 1h)")
+    ev.add_argument("--model", dest="only_model", default="", help="only this model's events")
+    ev.add_argument("--kind", default="", help="only kinds starting with this, e.g. swap")
+    ev.add_argument("-f", "--follow", action="store_true", help="then keep printing new ones")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
     use = sub.add_parser("usage", help="requests and tokens per API key and model")
     use.add_argument("--gateway", default="", help="gateway URL (default: the config's)")
     use.add_argument(

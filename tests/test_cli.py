@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,6 +54,19 @@ def test_load_ps_stop_and_pull(stack):
             break
     assert "tiny" not in lls(stack, "ps").stdout
     assert "stopped" in lls(stack, "ps", "--all").stdout
+
+    # the history of what just happened, from the event stream
+    ev = lls(stack, "events", "--since", "10m", "--model", "tiny")
+    assert ev.returncode == 0, ev.stderr
+    kinds = [line.split()[2] for line in ev.stdout.splitlines()]
+    assert "placement.decided" in kinds and "instance.ready" in kinds, ev.stdout
+    assert kinds.index("placement.decided") < kinds.index("instance.ready")
+    assert all(line.split()[3] == "tiny" for line in ev.stdout.splitlines())
+    only = lls(stack, "events", "--since", "10m", "--kind", "instance.ready", "--json")
+    assert only.returncode == 0, only.stderr
+    rows = [json.loads(line) for line in only.stdout.splitlines()]
+    assert rows and all(r["kind"] == "instance" and r["state"] == "ready" for r in rows)
+    assert lls(stack, "events", "--since", "soon").returncode == 2
 
     pull = lls(stack, "pull", "other")
     assert pull.returncode == 0, pull.stderr
