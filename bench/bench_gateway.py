@@ -1,7 +1,8 @@
 """Gateway overhead against the same llama-server instance, straight vs through the gateway.
 
 Prints, from one run: requests/s at 16 concurrent non-streaming clients (ratio goal >= 0.95,
-zero errors) for 4-token and 128-token answers, added p50 latency at one client (goal
+zero errors) for 4-token and 128-token answers, the gateway process's CPU time per request
+during the 4-token load (from /proc; goal <= 150 us), added p50 latency at one client (goal
 <= 1 ms), and added time to the first streamed chunk. A benchmark that prints figures, not a
 test. On a 2-core machine the tiny model answers 4 tokens in well under a millisecond, so
 llama-server and the load generator already fill both cores and the gateway's own CPU shows
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -71,6 +73,27 @@ async def load(url: str, clients: int, seconds: float, body: dict = BODY) -> tup
         t0 = time.monotonic()
         await asyncio.gather(*(loop() for _ in range(clients)))
         return (ok + errors) / (time.monotonic() - t0), ok, errors
+
+
+def gateway_pid(root_pid: int) -> int:
+    """The gateway service process under `python -m lls.run` (pid `root_pid`)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == root_pid and b"services.gateway" in cmd:
+            return int(proc.name)
+    raise RuntimeError("no gateway process found")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def latency(url: str, n: int) -> float:
@@ -151,10 +174,17 @@ async def main() -> None:
             await load(direct, 4, 1)  # warm both paths
             await load(gw, 4, 1)
             d_rps, d_ok, d_err = await load(direct, args.clients, args.seconds)
+            gw_pid = gateway_pid(stack.proc.pid)
+            cpu0 = cpu_seconds(gw_pid)
             g_rps, g_ok, g_err = await load(gw, args.clients, args.seconds)
+            cpu = cpu_seconds(gw_pid) - cpu0
             print(
                 f"   4 tokens direct {d_rps:8.1f} req/s ({d_err} errors)   "
                 f"gateway {g_rps:8.1f} req/s ({g_err} errors)   ratio {g_rps / d_rps:.3f}"
+            )
+            print(
+                f"gateway CPU {cpu * 1e6 / max(1, g_ok + g_err):8.0f} us per request "
+                f"({cpu:.2f} s over {g_ok + g_err} requests, {args.clients} clients)"
             )
             long = {**BODY, "max_tokens": 128, "ignore_eos": True}
             d_rps, _, d_err = await load(direct, args.clients, args.seconds, long)

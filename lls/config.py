@@ -61,6 +61,9 @@ class GatewayConfig(Strict):
     cold_start_timeout: PositiveS = 120.0  # a cold request waits at most this long for ready
     request_timeout: PositiveS = 600.0  # upstream read deadline for one request
     ui_url: str = "http://127.0.0.1:5001"  # where /dashboard is proxied to
+    # Gateway processes sharing the port (SO_REUSEPORT; the kernel spreads connections): for
+    # hosts with cores to spare. Each is a gateway of its own (admission, queues, reports).
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
     max_in_flight: Annotated[int, Meta(ge=1)] = 32  # per model, across its instances
     max_queue: Annotated[int, Meta(ge=0)] = 256  # per model; past it requests get 429
     queue_timeout: PositiveS = 60.0  # a queued request waits this long for a slot, then 429

@@ -31,6 +31,15 @@ from lls import auth
 from lls.config import Config, ConfigError, expand, load
 
 SERVICES = ["placer", "downloader", "agent", "ui", "gateway"]
+
+
+def service_names(cfg: Config) -> list[str]:
+    """The processes to run: one of each service, and `gateway.workers` gateways, named
+    gateway, gateway#2, ... (one module, one port)."""
+    extra = [f"gateway#{i}" for i in range(2, cfg.gateway.workers + 1)]
+    return SERVICES + extra
+
+
 STOP_GRACE_S = 20.0
 PID_FILE = "lls-run.pid"
 
@@ -118,10 +127,11 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, name: str) -> None:
-        cmd = [sys.executable, "-m", f"services.{name}", "--config", self.config_path]
+        module = name.partition("#")[0]  # gateway#2: another worker of the gateway
+        cmd = [sys.executable, "-m", f"services.{module}", "--config", self.config_path]
         cmd += ["--nats", self.nats_url]
         # Each service its own identity (an inherited $LLS_NATS_CREDS must not win).
-        creds = auth.identity_file(self.creds, auth.service_user(name, self.host_id))
+        creds = auth.identity_file(self.creds, auth.service_user(module, self.host_id))
         if creds.is_file():
             cmd += ["--nats-creds", str(creds)]
         if name == "ui":
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     pids.parent.mkdir(parents=True, exist_ok=True)
     pids.write_text(f"{os.getpid()}\n")
     try:
-        for name in SERVICES:
+        for name in service_names(cfg):
             sup.spawn(name)
         base = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
         if wait_http(f"{base}/health", 60, lambda: bool(received)):

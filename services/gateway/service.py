@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import uvicorn
 
@@ -24,6 +25,20 @@ from .router import Router
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 15.0  # an idle keep-alive connection is closed after this
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that the other gateway workers bind too (SO_REUSEPORT): the kernel
+    spreads new connections over them. Only with gateway.workers > 1, so a second `make run`
+    by mistake still finds the port taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(False)
+    return sock
 
 
 async def run(ctx: ServiceContext) -> None:
@@ -46,8 +61,9 @@ async def run(ctx: ServiceContext) -> None:
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    sockets = [shared_socket(ctx.cfg.gateway.host, port)] if ctx.cfg.gateway.workers > 1 else None
     watch = asyncio.create_task(router.run(ctx.stop))
-    serve = asyncio.create_task(server.serve())
+    serve = asyncio.create_task(server.serve(sockets=sockets))
     log.info(
         "gateway listening on http://%s:%d (at most %d connections)",
         ctx.cfg.gateway.host,
