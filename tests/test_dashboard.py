@@ -21,6 +21,7 @@ from services.ui import history
 from services.ui.hub import Hub
 from services.ui.secret import SECRET_HEADER, ui_secret
 from services.ui.service import run
+from services.ui.view import View
 
 CHROMIUM = Path("/usr/bin/chromium")
 HAVE_CHROMIUM = CHROMIUM.exists()
@@ -75,13 +76,16 @@ def instance(iid: str, state: proto.InstanceState, **kw: object) -> proto.Instan
     )
 
 
+DEMO = {"demo": {"url": "file:///models/demo.gguf"}}
+
+
 @pytest.fixture
-async def start_ui(nats_url: str) -> AsyncIterator[Callable[[], Awaitable[str]]]:
-    """start_ui() -> base URL of a UI service running in this event loop."""
+async def start_ui(nats_url: str) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """start_ui(models=DEMO) -> base URL of a UI service running in this event loop."""
     stops: list[tuple[ServiceContext, asyncio.Task]] = []
 
-    async def start() -> str:
-        cfg = parse({"models": {"demo": {"url": "file:///models/demo.gguf"}}})
+    async def start(models: dict | None = None) -> str:
+        cfg = parse({"models": models or DEMO})
         ctx = ServiceContext(
             name="ui", cfg=cfg, bus=await connect(nats_url, "ui"), host_id="t", port=free_port()
         )
@@ -130,6 +134,7 @@ async def test_state_replays_recent_past(bus: Bus, start_ui) -> None:
     assert [e["name"] for e in state["events"]] == ["host.joined", "download.completed"]
     assert list(state["downloads"]) == ["h1/big"]
     assert state["models"] == ["demo"]
+    assert state["replicas"] == {"demo": {"min": 1, "max": 1}}  # the config's default
 
 
 def test_slow_client_is_bounded_and_resynced() -> None:
@@ -141,6 +146,22 @@ def test_slow_client_is_bounded_and_resynced() -> None:
         hub.publish("event", str(i).encode())
     assert len(client.queue) == 10 and client.dropped == 990
     assert client.resync  # the stream sends a snapshot instead of the stale deltas
+
+
+def test_reloaded_models_reach_every_page() -> None:
+    """A config reload swaps the models (and their replica limits) into the view, and every
+    open page gets a fresh snapshot: deltas do not carry the config."""
+    view, hub = View(["demo"]), Hub()
+    client = hub.subscribe()
+    client.take()
+    client.resync = False
+    cfg = parse({"models": {"b": {"url": "file:///b.gguf", "replicas": {"min": 2, "max": 4}}}})
+    view.set_models(cfg.models)
+    hub.resync()
+    snap = view.snapshot()
+    assert snap["models"] == ["b"] and snap["replicas"] == {"b": {"min": 2, "max": 4}}
+    assert view.history.models == ["b"]  # charted before its first request
+    assert client.resync and client.wakeup.is_set()
 
 
 @pytest.mark.browser
@@ -351,7 +372,9 @@ async def test_charts_filters_and_downloads_live(
             gateway_id="gw1", ts=time.time(), serving={"demo": serving(1000)}, serving_since=since
         ),
     )
-    base = await start_ui()
+    base = await start_ui(
+        {"demo": {"url": "file:///models/demo.gguf", "replicas": {"min": 1, "max": 2}}}
+    )
 
     stop = asyncio.Event()
     traffic = {"rate": 0}  # requests per report, set by the test as it goes
@@ -363,10 +386,19 @@ async def test_charts_filters_and_downloads_live(
             i += 1
             done += traffic["rate"] + (i % 3 if traffic["rate"] else 0)
             slow += 1 if traffic["rate"] and i % 4 == 0 else 0
-            queues = {"demo": proto.ModelQueue(4, time.time() - 1)} if traffic["rate"] else {}
+            clients = {"alice": 3, "bob": 1}
+            queues = (
+                {"demo": proto.ModelQueue(4, time.time() - 1, clients)} if traffic["rate"] else {}
+            )
+            busy = {  # both replicas of the screenshot serving while requests wait
+                iid: proto.InstanceActivity(in_flight=n, last_used=time.time())
+                for iid, n in (("i-ready", 2), ("i-ready-2", 1))
+                if traffic["rate"]
+            }
             rep = proto.ActivityReport(
                 gateway_id="gw1",
                 ts=time.time(),
+                instances=busy,
                 queues=queues,
                 serving={"demo": serving(done, slow)},
                 serving_since=since,
@@ -464,19 +496,41 @@ async def test_charts_filters_and_downloads_live(
 
             shot = os.environ.get("DASHBOARD_SCREENSHOT")  # docs/dashboard.png is made so
             if shot:
-                await bus.put(
-                    bus.instances,
-                    "i-ready",
-                    instance(
-                        "i-ready",
+                for iid, where, port in (
+                    ("i-ready", "gpu-a", 39001),
+                    ("i-ready-2", "gpu-b", 39002),
+                ):
+                    rec = instance(
+                        iid,
                         proto.InstanceState.READY,
-                        host="gpu-a",
+                        host=where,
                         gpus=[0],
                         memory_mib=4096,
-                        endpoint="http://127.0.0.1:39001",
+                        endpoint=f"http://127.0.0.1:{port}",
                         reason="binpack: most free memory after placement",
                         ready_at=time.time() - 75,
-                    ),
+                    )
+                    await bus.put(bus.instances, iid, rec)
+                await bus.emit(
+                    proto.ReplicaChanged(
+                        model="demo",
+                        stage="added",
+                        instance_id="i-ready-2",
+                        replicas=2,
+                        reason="waited 2.1 s with every instance busy",
+                    )
+                )
+                await bus.emit(
+                    proto.SlotCacheChanged(
+                        model="demo",
+                        host="gpu-b",
+                        instance_id="i-ready-2",
+                        stage="restored",
+                        slots=1,
+                        tokens=2000,
+                        bytes=47 << 20,
+                        seconds=0.21,
+                    )
                 )
                 await asyncio.sleep(history.SPAN_S)  # a full window of samples
                 await page.screenshot(path=shot, full_page=True)
@@ -484,4 +538,199 @@ async def test_charts_filters_and_downloads_live(
         finally:
             stop.set()
             await publisher
+            await browser.close()
+
+
+def queue(waiting: int, age_s: float, **clients: int) -> proto.ModelQueue:
+    return proto.ModelQueue(waiting, time.time() - age_s, clients)
+
+
+@pytest.mark.browser
+async def test_replicas_queues_and_warm_swaps_live(bus: Bus, start_ui) -> None:
+    """Per model: live replicas out of replicas.max, each replica, and what waits, merged by
+    client over live gateways; replica and slot-cache events read as sentences and filter."""
+    require("Chromium", HAVE_CHROMIUM, "apt-get install chromium")
+    from playwright.async_api import async_playwright, expect
+
+    models = {
+        "demo": {"url": "file:///models/demo.gguf", "replicas": {"min": 1, "max": 3}},
+        "other": {"url": "file:///models/other.gguf"},
+    }
+    base = await start_ui(models)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(
+                viewport={"width": 1400, "height": 1000}, extra_http_headers=GATEWAY
+            )
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(base + "/dashboard")
+            await expect(page.locator("#conn")).to_have_text("live", timeout=5000)
+            count = page.locator('[data-replicas="demo"]')
+            await expect(count).to_contain_text("0/3")
+            await expect(count).to_contain_text("min 1 · max 3")
+            await expect(page.locator('[data-replicas="other"]')).to_contain_text("0/1")
+
+            # Two replicas serving, a third starting; an ended one is not a replica.
+            for iid, state, where in (
+                ("demo-1", proto.InstanceState.READY, ("gpu-a", [0])),
+                ("demo-2", proto.InstanceState.READY, ("gpu-b", [1])),
+                ("demo-3", proto.InstanceState.STARTING, ("gpu-a", [1])),
+                ("demo-0", proto.InstanceState.STOPPED, ("gpu-a", [0])),
+            ):
+                rec = instance(iid, state, host=where[0], gpus=where[1], memory_mib=2048)
+                await bus.put(bus.instances, iid, rec)
+            t = time.time()
+            use = {
+                "demo-1": proto.InstanceActivity(in_flight=3, last_used=t),
+                "demo-2": proto.InstanceActivity(in_flight=1, last_used=t),
+            }
+            fresh = {"demo": queue(5, 4.0, alice=3, **{"(by address)": 2})}
+            await bus.put(
+                bus.activity,
+                "gw1",
+                proto.ActivityReport(gateway_id="gw1", ts=t, instances=use, queues=fresh),
+            )
+            other = {"demo": queue(2, 1.0, alice=1, bob=1), "other": queue(1, 0.5)}
+            await bus.put(
+                bus.activity, "gw2", proto.ActivityReport(gateway_id="gw2", ts=t, queues=other)
+            )
+            # Silent for 45 s: still in the UI's table, but no longer counted, as in "Waiting".
+            stale = {"demo": queue(50, 60.0, mallory=50)}
+            await bus.put(
+                bus.activity,
+                "gw3",
+                proto.ActivityReport(gateway_id="gw3", ts=t - 45, queues=stale),
+            )
+
+            await expect(count).to_contain_text("3/3")
+            row = page.locator('[data-model-replicas="demo"]')
+            await expect(row.locator("[data-replica]")).to_have_count(3)
+            demo1 = row.locator('[data-replica="demo-1"]')
+            await expect(demo1.locator(".state")).to_have_text("ready")
+            await expect(demo1).to_contain_text("gpu-a · GPU 0 · 3 in flight")
+            await expect(row.locator('[data-replica="demo-2"]')).to_contain_text("gpu-b · GPU 1")
+            await expect(row.locator('[data-replica="demo-2"]')).to_contain_text("1 in flight")
+            await expect(row.locator('[data-replica="demo-3"]')).to_contain_text("starting")
+            await expect(page.locator('[data-waiting="demo"]')).to_have_text("7")
+            await expect(page.locator('[data-queue="demo"]')).to_have_text("7")  # the old column
+            oldest = await page.locator('[data-oldest="demo"]').text_content()
+            assert oldest is not None and 4 <= int(oldest.removesuffix(" s")) <= 30, oldest
+            clients = page.locator('[data-clients="demo"] [data-client]')
+            await expect(clients).to_have_count(3)
+            names = await clients.evaluate_all(
+                "cs => cs.map(c => c.dataset.client + '=' + c.dataset.count)"
+            )
+            assert names == ["alice=4", "(by address)=2", "bob=1"]  # busiest first
+            await expect(page.locator('[data-clients="other"]')).to_have_text("no breakdown")
+            await expect(page.locator('[data-waiting="other"]')).to_have_text("1")
+
+            # The merge itself, on plain values.
+            merged = await page.evaluate(
+                "([reps, t]) => mergeQueues(reps, t)",
+                [
+                    [
+                        {
+                            "ts": 100,
+                            "queues": {"m": {"waiting": 2, "since": 90, "clients": {"a": 2}}},
+                        },
+                        {
+                            "ts": 99,
+                            "queues": {"m": {"waiting": 1, "since": 95, "clients": {"a": 1}}},
+                        },
+                        {
+                            "ts": 50,
+                            "queues": {"m": {"waiting": 9, "since": 10, "clients": {"z": 9}}},
+                        },
+                        {"ts": 100, "queues": {"idle": {"waiting": 0, "since": 0}}},
+                    ],
+                    100,
+                ],
+            )
+            assert merged == {"m": {"waiting": 3, "since": 90, "clients": {"a": 3}}}
+
+            # Replica and warm-swap events, one readable line each.
+            for ev in (
+                proto.ReplicaChanged(
+                    model="demo",
+                    stage="added",
+                    instance_id="demo-3",
+                    replicas=3,
+                    reason="waited 2.4 s with every instance busy",
+                ),
+                proto.SlotCacheChanged(
+                    model="demo",
+                    host="gpu-a",
+                    instance_id="demo-0",
+                    stage="saved",
+                    slots=2,
+                    tokens=2048,
+                    bytes=48 << 20,
+                    seconds=0.42,
+                ),
+                proto.SlotCacheChanged(
+                    model="demo",
+                    host="gpu-a",
+                    instance_id="demo-3",
+                    stage="restored",
+                    slots=2,
+                    tokens=2048,
+                    bytes=48 << 20,
+                    seconds=0.18,
+                ),
+                proto.SlotCacheChanged(
+                    model="other",
+                    host="gpu-b",
+                    instance_id="other-1",
+                    stage="failed",
+                    reason="slot save: 501 (server started without --slot-save-path)",
+                ),
+                proto.ReplicaChanged(
+                    model="demo",
+                    stage="removed",
+                    instance_id="demo-2",
+                    replicas=2,
+                    reason="idle 60 s above replicas.min 1",
+                ),
+            ):
+                await bus.emit(ev)
+            log = page.locator("#events")
+            await expect(log.locator('[data-kind="replica.added"]')).to_contain_text(
+                "started demo-3, 3 replicas live: waited 2.4 s with every instance busy"
+            )
+            await expect(log.locator('[data-kind="slots.saved"]')).to_contain_text(
+                "saved 2 slots of demo-0: 2,048 tokens, 48.0 MiB in 420 ms"
+            )
+            await expect(log.locator('[data-kind="slots.restored"]')).to_contain_text(
+                "restored 2 slots of demo-3: 2,048 tokens, 48.0 MiB in 180 ms"
+            )
+            await expect(log.locator('[data-kind="slots.restored"]')).to_contain_text(
+                "demo @ gpu-a"
+            )
+            await expect(log.locator('[data-kind="slots.failed"] .kind-bad')).to_be_visible()
+            await expect(log.locator('[data-kind="slots.failed"]')).to_contain_text(
+                "other-1: slot save: 501"
+            )
+            await expect(log.locator('[data-kind="replica.removed"]')).to_contain_text(
+                "stopped demo-2, 2 replicas live: idle 60 s above replicas.min 1"
+            )
+            rows = page.locator("#events tr:not([hidden])")
+            await expect(rows).to_have_count(5)
+            await page.select_option("#f-type", "slots.restored")
+            await expect(rows).to_have_count(1)
+            await page.select_option("#f-type", "")
+            await page.select_option("#f-model", "other")
+            await expect(rows).to_have_count(1)
+            await page.select_option("#f-model", "")
+            await page.fill("#filter", "replicas live")
+            await expect(rows).to_have_count(2)
+            await page.fill("#filter", "")
+
+            # The removed replica ends: the count follows the instance records.
+            await bus.put(bus.instances, "demo-2", instance("demo-2", proto.InstanceState.STOPPED))
+            await expect(count).to_contain_text("2/3")
+            await expect(row.locator('[data-replica="demo-2"]')).to_have_count(0)
+            assert errors == []
+        finally:
             await browser.close()

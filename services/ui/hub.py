@@ -58,6 +58,12 @@ class Hub:
         for client in self.clients:
             client.push(kind, data)
 
+    def resync(self) -> None:
+        """Send every browser a fresh snapshot (after something deltas do not carry changed)."""
+        for client in self.clients:
+            client.resync = True
+            client.wakeup.set()
+
     def close(self) -> None:
         """End every stream (on shutdown, so the server need not wait for browsers)."""
         for client in self.clients:

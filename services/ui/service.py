@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 
+from lls.config import Config
 from lls.service import ServiceContext
 from services.ui.app import create_app, require_secret
 from services.ui.feed import Feed
@@ -68,7 +69,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def run(ctx: ServiceContext) -> None:
-    view = View(list(ctx.cfg.models), ctx.cfg.placer.host_lost_after)
+    view = View(host_lost_after=ctx.cfg.placer.host_lost_after)
+    view.set_models(ctx.cfg.models)
     hub = Hub()
     feed = Feed(ctx.bus, view, hub)
     host, port = listen_host(ctx), listen_port(ctx)
@@ -80,6 +82,12 @@ async def run(ctx: ServiceContext) -> None:
             ENV,
         )
     sock = bind(host, port)
+
+    def follow_config(_old: Config, new: Config) -> None:  # models reload live
+        view.set_models(new.models)
+        hub.resync()
+
+    ctx.on_reload.append(follow_config)
     server = _Server(
         uvicorn.Config(
             require_secret(create_app(view, hub, ctx.bus), ui_secret()),

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 import proto
+from lls.config import ModelConfig
 from services.ui.history import History
 
 Json = dict[str, Any]
@@ -40,6 +42,11 @@ def decode_event(subject: str, data: bytes) -> Json | None:
     return ev
 
 
+def replica_limits(models: Mapping[str, ModelConfig]) -> dict[str, Json]:
+    """Each configured model's replicas {min, max}: the page shows "live/max" against them."""
+    return {name: {"min": m.replicas.min, "max": m.replicas.max} for name, m in models.items()}
+
+
 def slim_host(rec: Json) -> Json:
     """Drop GGUF summaries from the file list: the page shows names and sizes only, and
     hosts heartbeat every second to every browser."""
@@ -57,6 +64,7 @@ class View:
 
     def __init__(self, models: list[str] | None = None, host_lost_after: float = 10.0):
         self.models = sorted(models or [])  # configured model names
+        self.replicas: dict[str, Json] = {}  # model -> {min, max} from the config (set_models)
         self.host_lost_after = host_lost_after
         self.hosts: dict[str, Json] = {}
         self.instances: dict[str, Json] = {}
@@ -65,6 +73,12 @@ class View:
         self.events: deque[Json] = deque(maxlen=MAX_EVENTS)
         self.last_seq = 0
         self.history = History(self.models)  # the charts' samples over the last hour
+
+    def set_models(self, models: Mapping[str, ModelConfig]) -> None:
+        """Follow a reloaded config: the configured models and their replica limits."""
+        self.models = sorted(models)
+        self.replicas = replica_limits(models)
+        self.history.models = list(self.models)
 
     def sample(self, now: float | None = None) -> Json:
         """One chart point per series from the current tables; the delta for browsers."""
@@ -116,6 +130,7 @@ class View:
         return {
             "now": time.time(),
             "models": self.models,
+            "replicas": self.replicas,
             "host_lost_after": self.host_lost_after,
             "hosts": self.hosts,
             "instances": self.instances,
