@@ -38,6 +38,7 @@ __all__ = [
     "idle_to_stop",
     "lost_hosts",
     "place",
+    "spare_copies",
 ]
 
 STRATEGIES = ("binpack", "spread")
@@ -186,22 +187,55 @@ def _split_share(memory_mib: int, k: int, overhead_mib: int) -> tuple[int, int]:
     return total, math.ceil(total / k)
 
 
-def _best_single(views: list[_HostView], need: Need, strategy: str) -> _Option | None:
+# Where live copies of the model being placed run: host -> device indexes (CPU_DEVICE for a
+# CPU instance). Another copy goes apart from them: another host first, then another device.
+Copies = Mapping[str, frozenset[int]]
+CPU_DEVICE = -1
+
+
+def _copies(instances: Iterable[InstanceRecord], model: str) -> dict[str, frozenset[int]]:
+    out: dict[str, set[int]] = defaultdict(set)
+    for inst in instances:
+        if inst.model == model and inst.state in LIVE_STATES and inst.host is not None:
+            out[inst.host].update(inst.gpus or (CPU_DEVICE,))
+    return {h: frozenset(d) for h, d in out.items()}
+
+
+def _beside(copies: Copies, host: str, gpus: tuple[int, ...]) -> int:
+    """0: no copy of the model on this host; 1: on the host, not on these devices; 2: on
+    one of these devices (a replica there shares its compute: only if nothing else fits)."""
+    here = copies.get(host)
+    if not here:
+        return 0
+    return 2 if here.intersection(gpus or (CPU_DEVICE,)) else 1
+
+
+def _best_single(
+    views: list[_HostView], need: Need, strategy: str, copies: Copies
+) -> _Option | None:
     """The one-GPU option `_rank` would pick, without building an option per GPU (a scan
     of 8,000 GPUs runs on every decision)."""
     sign = 1 if strategy == "binpack" else -1
-    best: tuple[bool, int, str, int, int, int] | None = None
+    best: tuple[int, bool, int, str, int, int, int] | None = None
     for v in views:
         away = v.host_id not in need.file_hosts
         for i, free in v.gpu_free.items():
             needed = need.memory_mib + v.gpu_extra.get(i, 0)
             if free >= needed:
-                k = (away, sign * free, v.host_id, i, free, needed)
+                k = (
+                    _beside(copies, v.host_id, (i,)),
+                    away,
+                    sign * free,
+                    v.host_id,
+                    i,
+                    free,
+                    needed,
+                )
                 if best is None or k < best:
                     best = k
     if best is None:
         return None
-    _, _, host, i, free, needed = best
+    *_, host, i, free, needed = best
     return _Option(host, (i,), needed, free, "gpu")
 
 
@@ -228,24 +262,28 @@ def _cpu_option(v: _HostView, need: Need) -> _Option | None:
 SortKey = tuple[object, ...]
 
 
-def _rank(strategy: str, file_hosts: frozenset[str]) -> Callable[[_Option], SortKey]:
-    """Sort key: hosts holding the file first, then best fit (least left) or most free."""
+def _rank(
+    strategy: str, file_hosts: frozenset[str], copies: Copies
+) -> Callable[[_Option], SortKey]:
+    """Sort key: away from other copies of the model, then hosts holding the file, then
+    best fit (least left) or most free."""
 
     def key(o: _Option) -> SortKey:
         fit = o.free_mib - o.memory_mib if o.kind != "split" else o.free_mib
         room = fit if strategy == "binpack" else -o.free_mib
-        return (o.host not in file_hosts, len(o.gpus), room, o.host, o.gpus)
+        beside = _beside(copies, o.host, o.gpus)
+        return (beside, o.host not in file_hosts, len(o.gpus), room, o.host, o.gpus)
 
     return key
 
 
 def _best_without_eviction(
-    views: list[_HostView], need: Need, strategy: str, overhead_mib: int
+    views: list[_HostView], need: Need, strategy: str, overhead_mib: int, copies: Copies
 ) -> _Option | None:
-    single = _best_single(views, need, strategy)
+    single = _best_single(views, need, strategy, copies)
     if single is not None:
         return single
-    key = _rank(strategy, need.file_hosts)
+    key = _rank(strategy, need.file_hosts, copies)
     split = [o for v in views if (o := _split_option(v, need, overhead_mib))]
     if split:
         return min(split, key=key)
@@ -267,6 +305,22 @@ _SERVING = (InstanceState.READY, InstanceState.DRAINING)
 
 
 DRAIN_ORDER = 1e12  # sorts after every idle victim's last-use time: drains come last
+SPARE_FIRST = 1e12  # subtracted from a spare copy's last use: it goes before any last copy
+
+
+def spare_copies(
+    instances: Iterable[InstanceRecord], activity: Mapping[str, InstanceActivity]
+) -> frozenset[str]:
+    """READY instances whose model has another READY instance used more recently (ties: the
+    lower id stays). Stopping one costs its model throughput, not a cold start, so spares
+    are evicted, and yield, before any model's last instance."""
+    keeper: dict[str, tuple[float, str]] = {}  # model -> (-last use, id) of the one kept
+    ready = [i for i in instances if i.state == InstanceState.READY]
+    for inst in ready:
+        k = (-_last_use(inst, activity.get(inst.instance_id)), inst.instance_id)
+        if inst.model not in keeper or k < keeper[inst.model]:
+            keeper[inst.model] = k
+    return frozenset(i.instance_id for i in ready if keeper[i.model][1] != i.instance_id)
 
 
 def _evictables(
@@ -278,11 +332,12 @@ def _evictables(
     may_drain: Mapping[str, float],
     unsettled: frozenset[str],
 ) -> tuple[dict[str, list[Victim]], int, int]:
-    """Victims per host in `hosts`: idle READY (or drained) instances least recently used
-    first, then busy ones allowed to drain in their `may_drain` rank; (busy, kept) counts
-    what stays out."""
+    """Victims per host in `hosts`: idle READY (or drained) instances, spare copies of a
+    model first, least recently used first; then busy ones allowed to drain in their
+    `may_drain` rank; (busy, kept) counts what stays out."""
     by_host: dict[str, list[Victim]] = defaultdict(list)
     busy = kept = 0
+    spares = spare_copies(instances, activity)
     for inst in instances:
         if inst.state not in _SERVING or inst.host not in hosts or inst.model == need.model:
             continue
@@ -302,7 +357,8 @@ def _evictables(
         elif inst.model in keep_loaded:
             kept += 1
         else:
-            by_host[inst.host].append((_last_use(inst, act), inst.instance_id, inst))
+            order = _last_use(inst, act) - (SPARE_FIRST if inst.instance_id in spares else 0.0)
+            by_host[inst.host].append((order, inst.instance_id, inst))
     for lst in by_host.values():
         lst.sort(key=lambda v: v[:2])
     return by_host, busy, kept
@@ -394,10 +450,11 @@ def _best_with_eviction(
     need: Need,
     strategy: str,
     overhead: int,
+    copies: Copies,
 ) -> _Option | None:
     """Same preference as without eviction (one GPU, split, CPU); within a kind: fewest
     stopped, then the stalest ones, then the usual ranking."""
-    base = _rank(strategy, need.file_hosts)
+    base = _rank(strategy, need.file_hosts, copies)
 
     def key(o: _Option) -> SortKey:
         return (o.drains, len(o.evict), o.newest_evicted, base(o))
@@ -444,7 +501,7 @@ def _where(o: _Option) -> str:
     return f"{o.host} {label} {','.join(map(str, o.gpus))}"
 
 
-def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> str:
+def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str], copies: Copies) -> str:
     needs = gib(o.memory_mib if o.kind != "split" else need.memory_mib)
     if o.kind == "gpu":
         how = "best fit" if strategy == "binpack" else "most free memory"
@@ -459,6 +516,9 @@ def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str]) -> s
         s = f"CPU on {o.host}: {gib(o.free_mib)} RAM free after the reserve, model needs {needs}"
     if o.host in need.file_hosts:
         s += f"; the file is already on {o.host}"
+    if copies:
+        where = ["apart from", "on the same host as", "sharing a device with"]
+        s += f"; {where[_beside(copies, o.host, o.gpus)]} its other instance(s)"
     if o.evict and o.drains:
         who = _names(list(o.evict))
         s += f"; once {who} yield (drain, then stop), which frees {gib(o.freed_mib)}"
@@ -574,6 +634,7 @@ def place(
     heard: Mapping[str, float] | None = None,
     may_drain: Mapping[str, float] | None = None,
     unsettled: frozenset[str] = frozenset(),
+    may_evict: bool = True,
 ) -> Placed | NoFit:
     """Choose a host and GPUs for one new instance of `need.model`, or say why none fits.
 
@@ -581,7 +642,10 @@ def place(
     their memory (see turns.may_yield); a decision that needs them says so in `drain`.
     `unsettled` instances (ready, but not yet seen so by every gateway) are never stopped
     for another model: the requests that waited for them may not be counted yet, and
-    swapping them out at once would thrash."""
+    swapping them out at once would thrash.
+    Another copy of `need.model` is never evicted for it. A new copy goes apart from the
+    live ones: another host first, then another GPU of the same host, the same GPU (or CPU)
+    only if nothing else fits. `may_evict=False` (a replica) takes free room only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown placement strategy {strategy!r} (use one of {STRATEGIES})")
     if not hosts:
@@ -604,7 +668,11 @@ def place(
         for v in views:
             v.ram_free = None
 
-    best = _best_without_eviction(views, need, strategy, split_overhead_mib)
+    copies = _copies(instances, need.model)
+    best = _best_without_eviction(views, need, strategy, split_overhead_mib, copies)
+    if best is None and not may_evict:
+        room = _no_room(views, need, len(hosts), split_overhead_mib)
+        return NoFit(_fail(need, notes + room + ["nothing is stopped to make room for it"]))
     if best is None:
         here = {v.host_id for v in views}
         by_host, busy, kept = _evictables(
@@ -616,7 +684,7 @@ def place(
             may_drain or {},
             unsettled,
         )
-        best = _best_with_eviction(views, by_host, need, strategy, split_overhead_mib)
+        best = _best_with_eviction(views, by_host, need, strategy, split_overhead_mib, copies)
         if best is None:
             room = _no_room(views, need, len(hosts), split_overhead_mib)
             reach = _most_freeable(views, by_host)
@@ -627,7 +695,7 @@ def place(
         gpus=best.gpus,
         n_gpu_layers=0 if best.kind == "cpu" else ALL_LAYERS,
         memory_mib=best.memory_mib,
-        reason=_placed_reason(best, need, strategy, notes),
+        reason=_placed_reason(best, need, strategy, notes, copies),
         evict=best.evict,
         drain=_drains(best, instances, activity),
     )

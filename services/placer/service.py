@@ -11,6 +11,8 @@ decides from. Each pass looks at what the instance records say and takes the nex
     PENDING/DOWNLOADING on host H   -> file in H's store? start it : send a download
     STARTING with no word from H    -> resend the (idempotent) start
     READY and idle too long         -> stop; host heartbeat stale -> instances LOST
+    M busy, requests wait too long  -> another instance in free room (pure `replicas.plan`);
+                                       one above replicas.min idle -> retire it
 
 Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
 does no harm. Only the leaseholder acts (see `lease.py`).
@@ -43,6 +45,8 @@ from .memory import (
 )
 from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
 from .reload import plan as reload_plan
+from .replicas import AddReplica, StopReplica
+from .replicas import plan as replica_plan
 from .turns import (
     DrainStatus,
     Waiting,
@@ -90,6 +94,7 @@ class Placer:
         self.inbox: list[proto.Event] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
+        self.replica_blocked: dict[str, str] = {}  # model -> why its last replica found no room
         self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
         self.deleted: dict[tuple[str, str], float] = {}  # (host, file) told to delete -> when
         # (model, ctx_size, GPU name) -> the most an instance was measured to hold: rebuilt
@@ -304,8 +309,10 @@ class Placer:
         queues = merged_queues(self.activity.values(), now - ACTIVITY_STALE_S)
         await self._advance_drains(now, queues)
         await self._follow_config(now)
-        for model in waiting_order(fresh, queues):
+        order = waiting_order(fresh, queues)
+        for model in order:
             await self._demand(model, now, queues)
+        await self._replicas(now, queues, order)
         for rec in list(self.instances.values()):
             if rec.state in (InstanceState.PENDING, InstanceState.DOWNLOADING):
                 await self._advance(rec, now)
@@ -367,7 +374,101 @@ class Placer:
             return
         await self._create(model, need, decision, now)
 
-    async def _create(self, model: str, need: Need, decision: Placed, now: float) -> None:
+    async def _replicas(self, now: float, queues: dict[str, Waiting], order: list[str]) -> None:
+        """One replica step per model (pure `replicas.plan`), models with the oldest waiting
+        requests first. Runs after the demand pass: a model still without a live instance
+        then waits for room, and no model gets a replica before it is placed."""
+        by_model: dict[str, list[InstanceRecord]] = {}
+        for r in self.instances.values():
+            if r.state in proto.LIVE_STATES and r.host not in self.lost:
+                by_model.setdefault(r.model, []).append(r)
+        waiting = set(queues) | {
+            m for m, at in self.last_demand.items() if now - at < DEMAND_FRESH_S
+        }
+        starved = {m for m in waiting if m in self.cfg.models and m not in by_model}
+        activity = self.merged_activity()
+        known = self._activity_known(now)
+        first = [m for m in order if m in by_model]
+        for model in first + sorted(set(by_model) - set(first)):
+            mcfg = self.cfg.models.get(model)
+            if mcfg is None:
+                continue  # removed by a reload: _follow_config retires it
+            action = replica_plan(
+                model,
+                by_model[model],
+                activity,
+                queues.get(model),
+                mcfg.replicas,
+                now=now,
+                demanded=now - self.last_demand.get(model, -DEMAND_FRESH_S) < DEMAND_FRESH_S,
+                others_waiting=starved,
+            )
+            if isinstance(action, AddReplica):
+                await self._add_replica(model, action.reason, now, queues)
+            elif isinstance(action, StopReplica) and known:
+                await self._remove_replica(model, action)
+
+    async def _remove_replica(self, model: str, action: StopReplica) -> None:
+        """Retire an idle replica: it drains (gateways stop sending to it, and say so), then
+        `_follow_config` stops it. The placer's view of its idleness is a report old, and a
+        request sent to it since must not be cut off."""
+        rec = self.instances.get(action.instance_id)
+        if rec is None or rec.state != InstanceState.READY:
+            return
+        ok = await self._write(
+            rec,
+            state=InstanceState.DRAINING,
+            drain_for="",
+            drain_since=time.time(),
+            reason=action.reason,
+        )
+        if not ok:
+            return
+        log.info("replica of %s removed (%s): %s", model, rec.instance_id, action.reason)
+        await self.bus.emit(
+            proto.ReplicaChanged(
+                model=model,
+                stage="removed",
+                instance_id=rec.instance_id,
+                replicas=self._replica_count(model),
+                reason=action.reason,
+            )
+        )
+
+    def _replica_count(self, model: str) -> int:
+        """Live instances of `model` that stay (a draining one is on its way out)."""
+        return sum(1 for r in self._live(model) if r.state != InstanceState.DRAINING)
+
+    async def _add_replica(
+        self, model: str, why: str, now: float, queues: dict[str, Waiting]
+    ) -> None:
+        """Another instance of a model that runs already, in free room only: a replica adds
+        throughput, which never costs another model its instance."""
+        if self._recent_failure(model, now) is not None:
+            return  # one failed lately: no tight retry loop (placer.failure_backoff)
+        need = self._need(model, self.cfg.models[model], host=None)
+        if not need.memory_mib:
+            return  # size unknown: only the demand path fetches first and checks after
+        decision = self._place(need, now, queues=queues, may_evict=False)
+        if isinstance(decision, NoFit):
+            if self.replica_blocked.get(model) != decision.reason:
+                log.info("no room for another %s (%s): %s", model, why, decision.reason)
+            self.replica_blocked[model] = decision.reason
+            return
+        self.replica_blocked.pop(model, None)
+        rec = await self._create(model, need, decision, now)
+        log.info("replica of %s added (%s): %s", model, rec.instance_id, why)
+        await self.bus.emit(
+            proto.ReplicaChanged(
+                model=model,
+                stage="added",
+                instance_id=rec.instance_id,
+                replicas=self._replica_count(model),
+                reason=f"{why}; {decision.reason}",
+            )
+        )
+
+    async def _create(self, model: str, need: Need, decision: Placed, now: float) -> InstanceRecord:
         """Record a placed instance PENDING, stop what it evicts, and take its first step."""
         iid = f"{proto.kv_key(model)}-{new_id()[:8]}"
         rec = InstanceRecord(
@@ -412,6 +513,7 @@ class Placer:
         # eviction, the fit is re-checked until the victims' memory is really free.
         sure = decision if need.memory_mib and not decision.evict else None
         await self._advance(rec, now, decided=sure)
+        return rec
 
     async def _wait_for_header(self, model: str, mcfg: ModelConfig, now: float) -> bool:
         """Whether demand for a model of unknown size waits for a downloader to read its
@@ -468,11 +570,17 @@ class Placer:
                 await self._fail(rec, "download did not finish in time")
             return
         # The file is there: now its header tells the real memory need; re-check the fit.
+        # A copy beside a live instance (a replica, a reload's replacement) only takes free
+        # room, and its failure is no reason to refuse requests the others serve.
+        copy = any(
+            r.instance_id != rec.instance_id and r.created <= rec.created
+            for r in self._live(rec.model)
+        )
         if decided is not None:
             decision: Placed | NoFit = decided
         else:
             need = self._need(rec.model, mcfg, host=rec.host)
-            decision = self._place(need, now, exclude=rec.instance_id)
+            decision = self._place(need, now, exclude=rec.instance_id, may_evict=not copy)
         if isinstance(decision, NoFit):
             # Room may be on its way (an evicted instance still stopping, busy ones finishing):
             # retry on the next passes, for a bounded time, before failing.
@@ -481,7 +589,8 @@ class Placer:
                 return
             self.blocked_since.pop(rec.instance_id, None)
             await self._fail(rec, decision.reason)
-            await self._refuse(rec.model, decision.reason, 5)
+            if not copy:
+                await self._refuse(rec.model, decision.reason, 5)
             return
         self.blocked_since.pop(rec.instance_id, None)
         for victim in decision.evict:
@@ -607,6 +716,7 @@ class Placer:
         exclude: str | None = None,
         may_drain: dict[str, float] | None = None,
         queues: dict[str, Waiting] | None = None,
+        may_evict: bool = True,
     ) -> Placed | NoFit:
         instances = [r for r in self.instances.values() if r.instance_id != exclude]
         activity = self.merged_activity()
@@ -632,6 +742,7 @@ class Placer:
             keep_loaded=keep,
             may_drain=may_drain,
             unsettled=self._unsettled(now),
+            may_evict=may_evict,
         )
 
     def _unsettled(self, now: float) -> frozenset[str]:
@@ -825,10 +936,11 @@ class Placer:
                 )
         for model in todo.replace:
             await self._replace(model, now)
+        # Retiring (a reload's stale instance, or a replica above replicas.min gone idle):
+        # its requests finish first; none outlives gateway.request_timeout anyway.
         for rec in list(self.instances.values()):
             if rec.state != InstanceState.DRAINING or rec.drain_for:
                 continue
-            # Its requests finish first; none outlives gateway.request_timeout anyway.
             status = drain_status(
                 rec,
                 self.activity.values(),

@@ -20,6 +20,7 @@ from proto.messages import (
     InstanceRecord,
     InstanceState,
 )
+from services.placer.placement import spare_copies
 
 __all__ = [
     "DrainStatus",
@@ -92,11 +93,13 @@ def may_yield(
     Never: a `keep_loaded` model, another copy of `for_model`, or an instance that has been
     ready for less than `min_turn_s` (its turn: the requests that waited for it get served
     before it can be swapped out again, so two models cannot thrash).
-    Order: models with fewer requests waiting yield first (they lose least), then the one
-    whose turn began earliest, then those an Ollama client asked to keep (keep_alive < 0)
+    Order: spare copies of a model (replicas; the model keeps serving) before any model's
+    last instance, then models with fewer requests waiting (they lose least), then the one
+    whose turn began earliest, and those an Ollama client asked to keep (keep_alive < 0)
     last of all.
     """
     ranked: list[tuple[tuple[float, ...], str]] = []
+    spares = spare_copies(instances, activity)
     for inst in instances:
         if inst.state != InstanceState.READY or inst.model == for_model:
             continue
@@ -108,7 +111,9 @@ def may_yield(
         act = activity.get(inst.instance_id)
         pinned = act is not None and act.keep_alive is not None and act.keep_alive < 0
         q = queues.get(inst.model)
-        ranked.append(((float(pinned), float(q.waiting if q else 0), ready_at), inst.instance_id))
+        last = inst.instance_id not in spares
+        waiting = float(q.waiting if q else 0)
+        ranked.append(((float(pinned), float(last), waiting, ready_at), inst.instance_id))
     ranked.sort()
     return {iid: float(n) for n, (_, iid) in enumerate(ranked)}
 
