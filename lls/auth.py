@@ -167,6 +167,7 @@ def permissions(user: str) -> dict[str, object] | None:
     elif user.startswith("agent-"):
         host = user[len("agent-") :]
         pub += [proto.evt("host.joined"), proto.evt("instance.>"), proto.evt("command.refused")]
+        pub += [proto.evt("slots.>")]  # warm swaps: its slot saves and restores
         # Its own host's records only: instance records are keyed `<host>.<instance id>`.
         pub += [f"$KV.{proto.KV_HOSTS}.{host}", f"$KV.{proto.KV_INSTANCES}.{host}.>"]
         pub += _consume(user, proto.cmd_agent(host))

@@ -74,8 +74,8 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     assert c.status == "running" and c.attrs["HostConfig"]["NetworkMode"] == "host"
     assert c.labels["lls.instance"] == iid and c.labels["lls.model"] == "tiny"
     assert c.image.tags and c.image.tags[0].startswith("lls-llama-server:")
-    [mount] = c.attrs["Mounts"]
-    assert (mount["Destination"], mount["RW"]) == ("/models", False)
+    mounts = {m["Destination"]: m["RW"] for m in c.attrs["Mounts"]}
+    assert mounts == {"/models": False, "/lls-slots": True}  # store ro; slot cache (warm swaps)
     assert f"/models/{filename}" in c.attrs["Args"]
     assert not c.attrs["HostConfig"].get("DeviceRequests")  # simulated GPUs: nothing to pass
     hc = c.attrs["HostConfig"]

@@ -38,6 +38,8 @@ class LaunchSpec:
     memory_mib: int = 0
     api_key: str = ""  # LLAMA_API_KEY (environment, never argv: argv is visible in ps)
     http_threads: int = 0  # --threads-http; 0 = llama-server's default
+    slot_dir: str = ""  # host folder for slot saves (warm swaps); empty = slot saving off
+    slot_key: str = ""  # slot_cache.cache_key of this launch, kept for a later agent to adopt
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Handle:
     port: int
     pid: int | None = None  # process pid, or the container's main pid
     container_id: str | None = None
+    slot_key: str = ""  # of its launch (warm swaps); "" = none known
 
 
 class Runtime(Protocol):
@@ -95,6 +98,7 @@ def has_flag(args: Iterable[str], flags: set[str]) -> bool:
 _SPLIT_FLAGS = frozenset({"-ts", "--tensor-split"})
 _THREAD_FLAGS = {"-t", "--threads"}
 _HTTP_THREAD_FLAGS = {"--threads-http"}
+_SLOT_SAVE_FLAGS = {"--slot-save-path"}
 
 
 def cpu_threads(cpu_count: int) -> int:
@@ -123,6 +127,7 @@ def build_argv(
     fit_off: bool = False,
     cpu_count: int = 0,
     http_threads: int = 0,
+    slot_save_path: str = "",
 ) -> list[str]:
     """llama-server arguments (without the program). -c and -ngl are always explicit so the
     memory placement reserved is what gets used; the model's own args come last so they win."""
@@ -145,6 +150,9 @@ def build_argv(
         argv += ["--tensor-split", ",".join(["1"] * n_gpus)]
     if embeddings:
         argv += ["--embeddings", "--pooling", "mean"]
+    if slot_save_path and not has_flag(args, _SLOT_SAVE_FLAGS):
+        # enables POST /slots/{id}?action=save|restore, confined to this folder (warm swaps)
+        argv += ["--slot-save-path", slot_save_path]
     argv += ["--metrics"]
     return argv + args
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = "/models"
 OUTSIDE_DIR = "/lls-model"  # where a store file that links outside the store is mounted
+SLOTS_DIR = "/lls-slots"  # the host's slot cache folder (warm swaps), read-write
 # threads count too: llama-server runs about two per core (compute + HTTP); a fork bomb stops here
 PIDS_LIMIT = 4096
 LOG_MAX_SIZE, LOG_MAX_FILES = "20m", "3"
@@ -139,7 +140,7 @@ class DockerRuntime:
             "lls.model": spec.model,
             "lls.port": str(spec.port),
             "lls.store": str(self.store),
-        }
+        } | ({"lls.slot_key": spec.slot_key} if spec.slot_key else {})
 
     def launch(self, spec: LaunchSpec) -> Handle:
         if not proto.INSTANCE_ID_RE.fullmatch(spec.instance_id):  # never a name we did not make
@@ -150,6 +151,12 @@ class DockerRuntime:
         except docker.errors.NotFound:
             pass
         model_path, volumes = model_mounts(self.store, spec.filename)
+        extra: dict[str, object] = {}
+        if spec.slot_dir:
+            volumes[spec.slot_dir] = {"bind": SLOTS_DIR, "mode": "rw"}
+            # As the agent's own user: the container's root has no capabilities (so it could
+            # not write a folder the agent owns), and the agent renames and deletes the files.
+            extra["user"] = f"{os.getuid()}:{os.getgid()}"
         argv = build_argv(
             model_path,
             alias=spec.model,
@@ -163,6 +170,7 @@ class DockerRuntime:
             fit_off=knows_fit(self.image),
             cpu_count=os.cpu_count() or 1,
             http_threads=spec.http_threads,
+            slot_save_path=SLOTS_DIR if spec.slot_dir else "",
         )
         devices = None
         if spec.gpu_uuids:  # real GPUs only: simulated ones have nothing to pass through
@@ -180,13 +188,21 @@ class DockerRuntime:
                 device_requests=devices,
                 environment={"LLAMA_API_KEY": spec.api_key},
                 **hardening(),
+                **extra,
             )
         except docker.errors.DockerException as e:
             raise LaunchError(f"docker could not start {self.image}: {e}") from e
         c.reload()
         pid = c.attrs.get("State", {}).get("Pid") or None
         log.info("launched %s in container %s: %s", spec.instance_id, c.short_id, argv)
-        return Handle(spec.instance_id, spec.model, spec.port, pid=pid, container_id=c.id)
+        return Handle(
+            spec.instance_id,
+            spec.model,
+            spec.port,
+            pid=pid,
+            container_id=c.id,
+            slot_key=spec.slot_key,
+        )
 
     def _container(self, h: Handle):  # noqa: ANN202
         try:
@@ -256,6 +272,7 @@ class DockerRuntime:
                     int(lb["lls.port"]),
                     pid=c.attrs.get("State", {}).get("Pid") or None,
                     container_id=c.id,
+                    slot_key=lb.get("lls.slot_key", ""),
                 )
             except (KeyError, ValueError):
                 log.warning("container %s has broken lls labels; removing it", c.short_id)

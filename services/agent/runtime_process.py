@@ -121,6 +121,7 @@ class ProcessRuntime:
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
             cpu_count=os.cpu_count() or 1,
             http_threads=spec.http_threads,
+            slot_save_path=spec.slot_dir,
         )
         log_file = self._log_file(spec.instance_id)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -148,6 +149,7 @@ class ProcessRuntime:
             "port": spec.port,
             "start_ticks": ticks,
             "argv": argv,
+            "slot_key": spec.slot_key,
         }
         tmp = self._state_file(spec.instance_id).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state))
@@ -155,7 +157,7 @@ class ProcessRuntime:
         self._children[spec.instance_id] = proc
         self._ticks[spec.instance_id] = ticks
         log.info("launched %s (pid %d): %s", spec.instance_id, proc.pid, " ".join(argv))
-        return Handle(spec.instance_id, spec.model, spec.port, pid=proc.pid)
+        return Handle(spec.instance_id, spec.model, spec.port, pid=proc.pid, slot_key=spec.slot_key)
 
     def exit_code(self, h: Handle) -> int | None:
         proc = self._children.get(h.instance_id)
@@ -234,7 +236,7 @@ class ProcessRuntime:
             if not proto.INSTANCE_ID_RE.fullmatch(iid):
                 log.warning("ignoring state file %s with a bad instance id", path)
                 continue
-            h = Handle(iid, model, port, pid=pid)
+            h = Handle(iid, model, port, pid=pid, slot_key=str(st.get("slot_key") or ""))
             if alive(pid, ticks):
                 self._ticks[iid] = ticks
                 found.append(h)

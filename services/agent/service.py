@@ -35,10 +35,18 @@ import proto
 from lls import instance_key
 from lls.aio import wait_event
 from lls.bus import durable_config, kv_snapshot
-from lls.config import AgentConfig, Config, expand, launch_fingerprint, store_filename_of
+from lls.config import (
+    AgentConfig,
+    Config,
+    expand,
+    launch_fingerprint,
+    slots_of,
+    store_filename_of,
+)
 from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
+from services.agent import slot_cache
 from services.agent.image import ImageError
 from services.agent.runtime import (
     Handle,
@@ -67,6 +75,11 @@ STALL_CHECK_EVERY = 30  # idle fetches between checks that the pull consumer sti
 BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the server's bind
 NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
 LOG_PENDING_MAX = 32  # log tail requests waiting for an answer; more are dropped
+# Warm swaps (slot_cache): deadlines for all of one instance's slot saves and restores. A stop
+# waits STOP_WAIT_S for the instance to end: the save plus STOP_GRACE_S fit well inside it.
+SLOT_SAVE_S = 10.0
+SLOT_SAVE_SHUTDOWN_S = 3.0  # the agent's own shutdown waits STOP_GRACE_S + 5 s in all
+SLOT_RESTORE_S = 10.0
 
 
 def http_threads(max_in_flight: int) -> int:
@@ -77,6 +90,14 @@ def http_threads(max_in_flight: int) -> int:
 
 class StartupError(RuntimeError):
     """The agent cannot run as configured (e.g. runtime docker without an engine)."""
+
+
+class SlotError(RuntimeError):
+    """llama-server answered a slot save or restore with an error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
 
 
 @dataclass
@@ -94,6 +115,8 @@ class Instance:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     launched: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # slot_cache.cache_key of how it was launched; "" = no warm swap (cache off, adopted)
+    slot_key: str = ""
 
     def request_stop(self, reason: str, quiet: bool = False) -> None:
         if self.stop_reason is None:
@@ -209,6 +232,8 @@ class Agent:
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="agent-rt")
         self._http = httpx.AsyncClient(timeout=2.0)
         self._logs_sub: Subscription | None = None
+        self.slot_dir = slot_cache.cache_dir(self.cfg.slot_cache_dir, store.root, self.host)
+        self._shutting_down = False
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -218,6 +243,10 @@ class Agent:
     async def serve(self) -> None:
         bg: list[asyncio.Task[None]] = []
         try:
+            try:
+                await self._call(slot_cache.prepare, self.slot_dir, self.cfg.slot_cache_mib)
+            except OSError as e:  # the cache is an optimisation: never a reason not to run
+                log.warning("slot cache folder %s: %s", self.slot_dir, e)
             await self._adopt()
             await self._emit(
                 proto.HostJoined(
@@ -252,6 +281,7 @@ class Agent:
     async def _shutdown(self, bg: list[asyncio.Task[None]]) -> None:
         """Stop taking commands, stop every instance (marked stopped), say goodbye."""
         log.info("stopping %d instance(s)", len(self.instances))
+        self._shutting_down = True
         await self._cancel(bg[1:] + list(self._handlers))
         for inst in self.instances.values():
             inst.request_stop("agent shutting down")
@@ -643,6 +673,11 @@ class Agent:
         )
         deadline = time.monotonic() + self.cfg.start_timeout
         mcfg = self.ctx.cfg.models[cmd.model]  # refusal() made sure it is ours
+        slot_dir = await self._slot_dir_ready()
+        if slot_dir:
+            inst.slot_key = slot_cache.cache_key(
+                cmd.filename, mine, self.runtime.program, cmd.n_gpu_layers
+            )
         for attempt in range(BIND_ATTEMPTS):
             if inst.stop_reason is not None:
                 return True
@@ -664,6 +699,8 @@ class Agent:
                     memory_mib=cmd.memory_mib,
                     api_key=instance_key.instance_key(self.secret, inst.instance_id),
                     http_threads=http_threads(self.ctx.cfg.gateway.max_in_flight),
+                    slot_dir=slot_dir,
+                    slot_key=inst.slot_key,
                 )
                 inst.handle = await self._call(self.runtime.launch, spec)
             except LaunchError as e:
@@ -694,7 +731,11 @@ class Agent:
         if outcome == "stopped":
             return True
         if outcome == "ready":
+            # warm swap: before READY, so the first request finds it; the event after it
+            restored = await self._restore_slots(inst) if inst.slot_key else None
             await self._mark_ready(inst, ready_reason)
+            if restored is not None:
+                await self._emit(restored)
             return True
         tail = await self._call(self.runtime.log_tail, h)
         if outcome == "timeout":
@@ -759,10 +800,206 @@ class Agent:
         if not inst.quiet:
             await self._set(inst, InstanceState.STOPPING, reason=reason)
         if inst.handle is not None:
+            saved = None
+            if inst.slot_key:  # after STOPPING: no new request changes what is saved
+                budget = SLOT_SAVE_SHUTDOWN_S if self._shutting_down else SLOT_SAVE_S
+                saved = await self._save_slots(inst, budget, reason)
             await self._call(self.runtime.stop, inst.handle, STOP_GRACE_S)
             inst.handle = None
+            if inst.slot_key:  # a save cut short may have left its temporary file
+                await self._call(self._after_save, inst.instance_id)
+            if saved is not None:  # after the stop: a slow bus never holds the memory
+                await self._emit(saved)
         if not inst.quiet:
             await self._set(inst, InstanceState.STOPPED, reason=reason, endpoint=None)
+
+    # ------------------------------------------------------------ warm swaps
+
+    async def _slot_dir_ready(self) -> str:
+        """The slot cache folder, made if need be; "" when warm swaps are off (or the folder
+        cannot be made: the instance then simply starts and stops cold)."""
+        if not self.cfg.slot_cache_mib:
+            return ""
+        try:
+            await self._call(lambda: self.slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+        except OSError as e:
+            log.warning("slot cache folder %s: %s; warm swaps off", self.slot_dir, e)
+            return ""
+        return str(self.slot_dir)
+
+    async def _slot_call(
+        self, inst: Instance, method: str, path: str, timeout: float, body: Any = None
+    ) -> Any:
+        """An authenticated call to the instance's llama-server; its JSON answer."""
+        h = inst.handle
+        if h is None:
+            raise SlotError(0, "the instance has no server")
+        url = f"http://{local_url_host(self.bind)}:{h.port}{path}"
+        key = instance_key.instance_key(self.secret, inst.instance_id)
+        r = await self._http.request(
+            method,
+            url,
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=max(0.1, timeout),
+        )
+        if r.status_code != 200:
+            try:
+                message = str(r.json()["error"]["message"])
+            except (ValueError, KeyError, TypeError):
+                message = r.text[:200]
+            raise SlotError(r.status_code, message)
+        return r.json()
+
+    async def _n_slots(self, inst: Instance) -> int:
+        """How many slots the server has (GET /slots), else what the model's -np says."""
+        try:
+            slots = await self._slot_call(inst, "GET", "/slots", 2.0)
+            if isinstance(slots, list) and slots:
+                return min(len(slots), slot_cache.MAX_SLOTS)
+        except (httpx.HTTPError, SlotError, ValueError) as e:
+            log.info("%s: GET /slots: %s", inst.instance_id, e)
+        mcfg = self.ctx.cfg.models.get(inst.model)
+        return slots_of(mcfg) if mcfg is not None else 1
+
+    async def _save_slots(
+        self, inst: Instance, budget_s: float, why: str
+    ) -> proto.SlotCacheChanged | None:
+        """Save every slot that holds tokens, within `budget_s`; the event to emit, if any.
+        Never raises: the stop goes on whatever happens here."""
+        folder, t0 = self.slot_dir, time.monotonic()
+        saved = tokens = nbytes = 0
+        errors: list[str] = []
+        try:
+            async with asyncio.timeout(budget_s):
+                for slot in range(await self._n_slots(inst)):
+                    temp = slot_cache.temp_file(inst.instance_id, slot)
+                    left = budget_s - (time.monotonic() - t0)
+                    try:
+                        ans = await self._slot_call(
+                            inst, "POST", f"/slots/{slot}?action=save", left, {"filename": temp}
+                        )
+                        n, written = int(ans.get("n_saved", 0)), int(ans.get("n_written", 0))
+                    except (httpx.HTTPError, SlotError, ValueError, TypeError) as e:
+                        errors.append(f"slot {slot}: {e or type(e).__name__}")
+                        continue
+                    if n <= 0:  # an empty slot: nothing worth a file
+                        await self._call(slot_cache.discard, folder, temp)
+                        continue
+                    final = slot_cache.slot_file(inst.slot_key, slot)
+                    try:
+                        await self._call(slot_cache.commit, folder, temp, final)
+                    except OSError as e:
+                        errors.append(f"slot {slot}: {e}")
+                        continue
+                    saved, tokens, nbytes = saved + 1, tokens + n, nbytes + written
+        except TimeoutError:
+            errors.append(f"the {budget_s:g} s deadline passed")
+        except Exception as e:  # noqa: BLE001 - a save must never hold up the stop
+            errors.append(f"agent error: {e}")
+        took = round(time.monotonic() - t0, 3)
+        if not saved and not errors:
+            log.info("%s: no slot holds tokens; nothing saved", inst.instance_id)
+            return None
+        stage = "saved" if saved else "failed"
+        reason = why + (f"; not saved: {'; '.join(errors)}" if errors else "")
+        (log.warning if errors else log.info)(
+            "%s: slot cache %s: %d slot(s), %d tokens, %d bytes in %.3f s (%s)",
+            inst.instance_id,
+            stage,
+            saved,
+            tokens,
+            nbytes,
+            took,
+            reason,
+        )
+        return self._slot_event(inst, stage, saved, tokens, nbytes, took, reason)
+
+    def _after_save(self, instance_id: str) -> None:
+        """Once the server is gone: its unfinished temporary files, then the size bound."""
+        names = [f.name for f in slot_cache.scan(self.slot_dir)]
+        slot_cache.discard(self.slot_dir, *slot_cache.temps_of(instance_id, names))
+        slot_cache.prune(self.slot_dir, self.cfg.slot_cache_mib)
+
+    async def _restore_slots(self, inst: Instance) -> proto.SlotCacheChanged | None:
+        """Slot i from file i of this launch's key, within SLOT_RESTORE_S; the event to emit,
+        if any. A failure leaves the instance cold, never unready. Files are kept after a
+        restore (README: Warm swaps)."""
+        folder, t0 = self.slot_dir, time.monotonic()
+        try:
+            names = [f.name for f in await self._call(slot_cache.scan, folder)]
+        except OSError as e:
+            log.warning("%s: slot cache unreadable: %s", inst.instance_id, e)
+            return None
+        if not slot_cache.restorable(inst.slot_key, names, slot_cache.MAX_SLOTS):
+            return None  # nothing saved for this launch: no /slots call, no event
+        restored = tokens = nbytes = 0
+        errors: list[str] = []
+        try:
+            async with asyncio.timeout(SLOT_RESTORE_S):
+                files = slot_cache.restorable(inst.slot_key, names, await self._n_slots(inst))
+                for slot, name in sorted(files.items()):
+                    if inst.stop_reason is not None:
+                        break
+                    left = SLOT_RESTORE_S - (time.monotonic() - t0)
+                    try:
+                        ans = await self._slot_call(
+                            inst, "POST", f"/slots/{slot}?action=restore", left, {"filename": name}
+                        )
+                    except SlotError as e:
+                        errors.append(f"slot {slot}: {e}")
+                        if 400 <= e.status < 500:  # unreadable for this server: it stays so
+                            await self._call(slot_cache.discard, folder, name)
+                        continue
+                    except (httpx.HTTPError, ValueError) as e:
+                        errors.append(f"slot {slot}: {e or type(e).__name__}")
+                        continue
+                    await self._call(slot_cache.touch, folder, name)
+                    restored += 1
+                    tokens += int(ans.get("n_restored", 0))
+                    nbytes += int(ans.get("n_read", 0))
+        except TimeoutError:
+            errors.append(f"the {SLOT_RESTORE_S:g} s deadline passed")
+        except Exception as e:  # noqa: BLE001 - a restore must never keep it from READY
+            errors.append(f"agent error: {e}")
+        took = round(time.monotonic() - t0, 3)
+        if not restored and not errors:
+            return None
+        stage = "restored" if restored else "failed"
+        reason = "; ".join(errors) if errors else ""
+        (log.warning if errors else log.info)(
+            "%s: slot cache %s: %d slot(s), %d tokens, %d bytes in %.3f s %s",
+            inst.instance_id,
+            stage,
+            restored,
+            tokens,
+            nbytes,
+            took,
+            reason,
+        )
+        return self._slot_event(inst, stage, restored, tokens, nbytes, took, reason)
+
+    def _slot_event(
+        self,
+        inst: Instance,
+        stage: str,
+        slots: int,
+        tokens: int,
+        nbytes: int,
+        seconds: float,
+        reason: str,
+    ) -> proto.SlotCacheChanged:
+        return proto.SlotCacheChanged(
+            model=inst.model,
+            host=self.host,
+            instance_id=inst.instance_id,
+            stage=stage,
+            slots=slots,
+            tokens=tokens,
+            bytes=nbytes,
+            seconds=seconds,
+            reason=reason[:1000],
+        )
 
     @staticmethod
     async def _pause(inst: Instance, seconds: float) -> bool:
@@ -795,6 +1032,8 @@ class Agent:
                 h.instance_id, rec.model, tuple(rec.gpus), rec.memory_mib, handle=h, port=h.port
             )
             inst.state = rec.state
+            if self.cfg.slot_cache_mib and slot_cache.is_key(h.slot_key):
+                inst.slot_key = h.slot_key  # launched with saving on: it saves when it stops
             inst.launched.set()
             self._spawn(inst)
         await asyncio.gather(*unwanted, return_exceptions=True)
