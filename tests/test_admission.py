@@ -1,4 +1,5 @@
-"""Admission control: bounded, FIFO, and never pinned by a caller that left."""
+"""Admission control: bounded, fair, following the model's slots, and never pinned by a
+caller that left."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ LIMITS = Limits(max_in_flight=2, max_queue=2, queue_timeout=5)
 
 
 def test_decide_runs_under_the_limit_queues_then_rejects():
-    assert decide(0, 0, LIMITS) is Verdict.RUN
-    assert decide(2, 0, LIMITS) is Verdict.QUEUE
-    assert decide(1, 1, LIMITS) is Verdict.QUEUE  # FIFO: nobody jumps the queue
-    assert decide(2, 2, LIMITS) is Verdict.REJECT
+    assert decide(0, 0, 2, 2) is Verdict.RUN
+    assert decide(2, 0, 2, 2) is Verdict.QUEUE
+    assert decide(1, 1, 2, 2) is Verdict.QUEUE  # FIFO: nobody jumps the queue
+    assert decide(2, 2, 2, 2) is Verdict.REJECT
 
 
 async def test_past_queue_bound_is_refused_at_once_with_retry_after():
@@ -123,7 +124,23 @@ async def test_a_flooding_client_delays_another_by_one_turn_not_by_its_flood():
     tasks += await _queue(gate, "polite", 1, order)  # arrives after the whole flood
     await _serve(gate, 11)
     await asyncio.gather(*tasks)
-    assert order.index("polite") <= 1, order  # FIFO would have served it 11th
+    assert order.index("polite") == 0, order  # FIFO would have served it 11th
+
+
+async def test_a_client_sending_one_at_a_time_goes_next_every_time_despite_a_flood():
+    gate = Gate("m", Limits(1, 100, 5))
+    await gate.enter("flood")
+    order: list[str] = []
+    flood = await _queue(gate, "flood", 20, order)
+    for _ in range(4):  # each time it comes back it waits only for the one running
+        await _serve(gate, 1)  # the flood's next runs meanwhile
+        polite = await _queue(gate, "polite", 1, order)
+        await _serve(gate, 1)
+        await asyncio.gather(*polite)
+        assert order[-1] == "polite", order
+    assert order.count("flood") == 4
+    await _serve(gate, 20)
+    await asyncio.gather(*flood)
 
 
 async def test_weights_share_the_slots_in_proportion():
@@ -152,3 +169,151 @@ async def test_a_full_queue_makes_room_for_a_lighter_client_at_the_heaviest_ones
     await _serve(gate, 3)
     await asyncio.gather(*flood[:-1], *polite)
     assert order.index("polite") <= 1 and gate.queued == 0, order
+
+
+# ------------------------------------------------------------------ slot-aware limit
+
+
+def test_the_running_limit_is_the_ready_instances_slots_within_max_in_flight():
+    from services.gateway.admission import Room, running_limit
+
+    assert running_limit(32, Room(slots=1, ready=1)) == 1  # -np 1: one at a time
+    assert running_limit(32, Room(slots=4, ready=3)) == 12
+    assert running_limit(8, Room(slots=4, ready=3)) == 8  # max_in_flight still bounds it
+    assert running_limit(32, Room(slots=2, ready=0)) == 2  # cold: one instance's worth
+    assert running_limit(1, Room(slots=4, ready=0)) == 1
+
+
+class Instances:
+    """A gate's view of its model's instances that a test can change."""
+
+    def __init__(self, slots: int, ready: int):
+        self.slots, self.ready = slots, ready
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        from services.gateway.admission import Room
+
+        return Room(self.slots, self.ready, start_s=7.0)
+
+
+async def test_a_new_ready_instance_lets_waiters_in_at_once_and_a_lost_one_cuts_nobody():
+    room = Instances(slots=2, ready=1)
+    gate = Gate("m", Limits(32, 100, 5), room=room)
+    await gate.enter("a")
+    await gate.enter("a")
+    order: list[str] = []
+    tasks = await _queue(gate, "a", 4, order)
+    assert gate.in_flight == 2 and gate.queued == 4 and gate.would_queue()
+    room.ready = 2  # a replica is ready: two more slots
+    assert gate.fill() == 2
+    await asyncio.sleep(0)
+    assert order == ["a", "a"] and gate.in_flight == 4 and gate.queued == 2
+    room.ready = 1  # it went: nobody is cut, and no slot is handed on until under the limit
+    gate.leave()
+    gate.leave()
+    await asyncio.sleep(0)
+    assert gate.in_flight == 2 and gate.queued == 2 and len(order) == 2
+    gate.leave()  # under the limit again: the next waiter takes the freed slot
+    await asyncio.sleep(0)
+    assert gate.in_flight == 2 and gate.queued == 1 and len(order) == 3
+    await _serve(gate, 3)
+    await asyncio.gather(*tasks)
+
+
+async def test_a_cold_model_admits_one_instance_worth_and_its_waiters_wait_for_the_start_too():
+    room = Instances(slots=1, ready=0)
+    gate = Gate("m", Limits(32, 100, 0.05, start_timeout=0.2), room=room)
+    await gate.enter("a")  # goes on to demand the start
+    assert gate.limit == 1 and gate.would_queue()
+    assert gate.patience() == pytest.approx(0.25)  # a slot's wait plus a start's
+    waiting = asyncio.create_task(gate.enter("a"))
+    await asyncio.sleep(0.1)  # past queue_timeout alone, still waiting
+    assert not waiting.done()
+    room.ready = 1
+    assert gate.patience() == pytest.approx(0.05)
+    gate.leave()
+    await asyncio.wait_for(waiting, 1)
+    assert gate.in_flight == 1
+
+
+def test_retry_after_is_the_queue_ahead_at_the_measured_rate_plus_an_awaited_start():
+    from services.gateway.admission import retry_after
+
+    assert retry_after(9, 1, 2.0) == 20.0  # ten requests, one at a time, 2 s each
+    assert retry_after(9, 4, 2.0) == 5.0  # four slots drain it four times as fast
+    assert retry_after(9, 4, 2.0, start_s=10.0) == 15.0
+    assert retry_after(0, 4, 0.01) == 1.0  # at least a second
+    assert retry_after(10_000, 1, 5.0) == 300.0  # at most five minutes
+
+
+async def test_a_refusal_says_retry_after_from_the_slots_the_model_has():
+    room = Instances(slots=2, ready=2)
+    gate = Gate("m", Limits(32, 2, 5), room=room)
+    gate.service_time.add("m", 4.0)
+    for _ in range(4):
+        await gate.enter()
+    waiting = [asyncio.create_task(gate.enter()) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ApiError) as e:
+        await gate.enter()
+    assert e.value.retry_after == 3.0  # (2 queued + this one) x 4 s / 4 slots
+    room.ready = 0  # gone cold: a start comes first
+    with pytest.raises(ApiError) as e:
+        await gate.enter()
+    assert e.value.retry_after == 7.0 + 3 * 4.0 / 2
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert gate.queued == 0
+
+
+# ------------------------------------------------------------------ the order of grants
+
+
+def test_grant_order_plays_the_fair_turns_forward():
+    from services.gateway.admission import grant_order
+
+    queues = {"flood": [1, 2, 3, 4], "polite": [9]}
+    assert grant_order(queues, {"flood": 0.0, "polite": 0.0}, {}) == [1, 9, 2, 3, 4]
+    assert grant_order(queues, {"flood": 2.0, "polite": 0.0}, {}) == [9, 1, 2, 3, 4]
+    gold = {"gold": [1, 2, 3, 4], "bronze": [5, 6]}
+    assert grant_order(gold, {}, {"gold": 2.0}) == [1, 5, 2, 3, 6, 4]
+    assert grant_order(queues, {}, {}, until=9) == [1, 9]
+    assert grant_order({}, {}, {}) == []
+
+
+async def test_the_order_a_gate_tells_is_the_order_it_grants():
+    gate = Gate("m", Limits(1, 100, 5), weights={"gold": 2.0})
+    await gate.enter("x")
+    granted: list[int] = []
+
+    async def one(who: str, ticket: int) -> None:
+        await gate.enter(who, ticket)
+        granted.append(ticket)
+
+    tasks = [asyncio.create_task(one("flood", t)) for t in range(6)]
+    tasks += [asyncio.create_task(one("gold", t)) for t in range(10, 14)]
+    tasks += [asyncio.create_task(one("polite", 20))]
+    await asyncio.sleep(0)
+    told = gate.order()
+    assert sorted(told) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 20]
+    assert told.index(20) <= 3  # the last to come, served in the first round
+    tasks[2].cancel()  # one leaves: it drops out of the order, the rest keep theirs
+    await asyncio.sleep(0)
+    assert gate.order() == [t for t in told if t != 2]
+    told = gate.order()
+    await _serve(gate, 11)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert granted == told
+
+
+def test_the_stage_says_slot_or_start():
+    from services.gateway.admission import stage_of
+
+    assert stage_of(True, True, 1, 1, "instance x is ready") == (
+        "waiting for a free slot (1 of 1 in use)"
+    )
+    assert stage_of(True, False, 1, 1, "instance x is starting on h1") == (
+        "instance x is starting on h1"
+    )
+    assert stage_of(False, False, 1, 1, "no instance placed yet") == "no instance placed yet"

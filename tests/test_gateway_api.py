@@ -28,7 +28,9 @@ def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
             "url": f"file://{tiny_gguf(4)}",
             "ctx_size": 1024,
             "aliases": ["tiny:latest"],
-            "args": ["--context-shift"],  # lets one request run as long as a test needs
+            # --context-shift lets one request run as long as a test needs; two slots, so
+            # that max_in_flight 2 is the running limit (it is min(max_in_flight, slots))
+            "args": ["--context-shift", "-np", "2"],
         },
         "emb": {"url": f"file://{tiny_gguf(5)}", "ctx_size": 512, "embeddings": True},
         "scoped": {"url": f"file://{tiny_gguf(4)}", "ctx_size": 512},
@@ -156,6 +158,7 @@ def test_api_keys_scope_models_and_admin_endpoints(stack):
     assert 'lls_requests_total{model="tiny",route="/v1/completions",status="200"}' in m.text
     assert "lls_cold_start_seconds_count" in m.text
     assert 'lls_tokens_per_second_count{model="tiny"} 2.0' in m.text  # whole and streamed
+    assert 'lls_admission_limit{model="tiny"} 2.0' in m.text  # two slots, one instance
 
     page = httpx.get(f"{stack.base}/dashboard", headers=auth(ADMIN))
     assert page.status_code == 200 and "<html" in page.text.lower()
@@ -216,7 +219,7 @@ def test_client_that_gives_up_on_a_long_answer_releases_its_slot_and_the_work(st
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 2 slots + 2 queue places
         assert list(pool.map(give_up, range(4))) == ["gave up"] * 4
-    # Endless answers would hold both gateway slots and llama-server's one slot for good: this
+    # Endless answers would hold both gateway slots and llama-server's two for good: this
     # request is answered only if the walk-aways released them and stopped the generation.
     # (30 s: on a loaded 2-core machine llama-server may take a while to see the walk-aways)
     r = httpx.post(f"{stack.base}/v1/completions", headers=auth(), json=warm, timeout=30)

@@ -28,7 +28,7 @@ from lls.config import ApiKey, Config, store_filename_of
 from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama, pull
-from .admission import Limits
+from .admission import BY_ADDRESS, stage_of
 from .edge import decode_body
 from .errors import ApiError, error_response, sse_error, style_of
 from .metrics import TPS_KEY, Metrics, predicted_per_second
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BODY_BYTES = 32 << 20
-KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits for a cold model
+KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits, if nothing changed
 FIRST_COMMENT_S = 0.1  # a wait longer than this is announced with the request's place
+PLACE_EVERY_S = 0.5  # a waiting stream looks this often whether its place or stage changed
 # Proxied by model: the body's `model` picks the instance, the rest passes through as sent.
 # llama-server serves them all natively (OpenAI, Anthropic's messages, rerank, infill).
 OPENAI_ROUTES = [
@@ -127,6 +128,12 @@ def client(request: Request, key: ApiKey | None) -> str:
     return request.client.host if request.client else ""
 
 
+def shown(key: ApiKey | None) -> str:
+    """What the activity report calls a request's client: its key's name; addresses stay
+    here (they are summed under BY_ADDRESS)."""
+    return key.name if key is not None else BY_ADDRESS
+
+
 def authenticate(cfg: Config, request: Request) -> ApiKey | None:
     """The caller's API key, from headers only (before any body is read); None when the
     gateway is open. A missing, unknown or malformed key (non-ASCII, say) is a 401."""
@@ -165,8 +172,13 @@ UI_HEADERS = ("accept", "content-type", "last-event-id", "cache-control", "if-no
 def create_app(cfg: Config, router: Router) -> FastAPI:
     app = FastAPI(title="llama-scheduler gateway", docs_url=None, redoc_url=None)
     metrics = Metrics()
-    router.on_change = metrics.observe_instance
     upstream = Upstream(cfg, router, metrics)
+
+    def on_change(old: proto.InstanceRecord | None, rec: proto.InstanceRecord) -> None:
+        metrics.observe_instance(old, rec)
+        upstream.instance_changed(old, rec)  # a new ready instance takes waiters at once
+
+    router.on_change = on_change
     usage = Usage(cfg.gateway.api_keys, metrics)  # per-key limits and token counts
     ui_url = cfg.gateway.ui_url.rstrip("/")
 
@@ -175,10 +187,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         `cfg` per request already; the limits derived from it are set again, keeping what
         runs (admission slots, each key's window of requests)."""
         g = new.gateway
-        upstream.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
-        for gate in upstream.gates.values():
-            gate.limits = upstream.limits
-            gate.weights = upstream.weights
+        upstream.reload(new)
         windows: dict[str, KeyWindow] = {}
         for k in g.api_keys:
             if (limits := KeyLimits.of(k)).any:
@@ -313,13 +322,15 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         headers = forward_headers(request.headers)
         lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
         who = client(request, key)
-        if head.stream and router.pick(model) is None:
-            return cold_stream(model, route, body, headers, started, lease, who)
+        if head.stream and (router.pick(model) is None or upstream.gate(model).would_queue()):
+            return waiting_stream(model, route, body, headers, started, lease, who, shown(key))
         # Watch for the client leaving: a non-streamed answer, or a wait for a cold model,
         # must not keep a slot (or the instance's work) for a client that is gone.
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            opening = lease.open(upstream.open(model, route, body, headers, who=who))
+            opening = lease.open(
+                upstream.open(model, route, body, headers, who=who, shown=shown(key))
+            )
             resp, release = await unless(gone, opening, discard)
 
             def done() -> None:
@@ -355,7 +366,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             raise upstream_error(model, resp.status_code, data)
         return Response(data, resp.status_code, headers=forward_headers(resp.headers))
 
-    def cold_stream(
+    def waiting_stream(
         model: str,
         route: str,
         body: bytes,
@@ -363,30 +374,44 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         started: float,
         lease: Lease,
         who: str,
+        shown: str,
     ) -> Response:
-        """A streaming request for a cold model: answer the head now and send SSE comments
-        while it waits (its place in the model's queue and what the model is doing), so the
-        client sees progress and proxies in between do not time out."""
+        """A streaming request that has to wait (its model is not ready, or every slot is
+        taken): answer the head now and send SSE comments while it waits (its place in the
+        model's queue and what it waits for), so the client sees progress and proxies in
+        between do not time out. The head is sent: errors come as an SSE error event."""
 
         async def events() -> AsyncIterator[bytes]:
-            ticket = router.enqueue(model)
-            opened = lease.open(upstream.open(model, route, body, headers, ticket, who=who))
+            ticket = router.enqueue(model, shown)
+            opened = lease.open(
+                upstream.open(model, route, body, headers, ticket, who=who, shown=shown)
+            )
             opening = asyncio.ensure_future(opened)
             taken = None
             try:
-                wait = FIRST_COMMENT_S  # say at once that it waits and where, then now and then
+                said, said_at = b"", 0.0
+                wait = FIRST_COMMENT_S  # say at once that it waits and where, then on change
                 while True:
                     done, _ = await asyncio.wait({opening}, timeout=wait)
                     if done:
                         break
-                    yield waiting_comment(model, ticket)
-                    wait = KEEPALIVE_S
+                    comment = waiting_comment(model, ticket)
+                    if comment != said or time.monotonic() - said_at >= KEEPALIVE_S:
+                        yield comment
+                        said, said_at = comment, time.monotonic()
+                    wait = PLACE_EVERY_S
                 try:
                     resp, release = taken = opening.result()
-                except ApiError as e:  # the 200 head is sent: the error is an event
+                except ApiError as e:
                     yield sse_error(e, style_of(route))
                     return
                 try:
+                    if resp.status_code != 200:  # the instance's error, as an event too
+                        data = await resp.aread()
+                        yield sse_error(
+                            upstream_error(model, resp.status_code, data), style_of(route)
+                        )
+                        return
                     metrics.ttft.labels(model, route).observe(time.monotonic() - started)
                     router.stats.first_token(model, time.monotonic() - started)
                     async for chunk in resp.aiter_raw():
@@ -407,9 +432,18 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def waiting_comment(model: str, ticket: int) -> bytes:
-        place, total = router.position(model, ticket)
+        gate = upstream.gate(model)
+        gated = gate.order()
+        place, total = router.position(model, ticket, gated)
         where = f"position {place} of {total}" if place else "sending"
-        return f": waiting for {model}: {where}; {router.describe(model)}\n\n".encode()
+        stage = stage_of(
+            ticket in gated,
+            bool(router.ready.get(model)),
+            gate.in_flight,
+            gate.limit,
+            router.describe(model),
+        )
+        return f": waiting for {model}: {where}; {stage}\n\n".encode()
 
     for path in OPENAI_ROUTES:  # also routed here, so 405s and the like read the same
         app.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
@@ -440,7 +474,13 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             # (images for a model without vision, say) is then a 4xx, not a 200 stream.
             opening = lease.open(
                 upstream.open(
-                    model, path, body, headers, keep_alive=keep_alive, who=client(request, key)
+                    model,
+                    path,
+                    body,
+                    headers,
+                    keep_alive=keep_alive,
+                    who=client(request, key),
+                    shown=shown(key),
                 )
             )
             resp, release = await unless(gone, opening, discard)
@@ -609,6 +649,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         for model, gate in upstream.gates.items():
             metrics.queue_depth.labels(model).set(gate.queued)
             metrics.in_flight.labels(model).set(gate.in_flight)
+            metrics.admission_limit.labels(model).set(gate.limit)
         counts = {s.value: 0 for s in proto.InstanceState}
         for rec in router.instances.values():
             counts[rec.state.value] += 1

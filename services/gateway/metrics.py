@@ -55,6 +55,13 @@ class Metrics:
         self.in_flight = Gauge(
             "lls_in_flight", "Requests running through this gateway", ["model"], registry=r
         )
+        self.admission_limit = Gauge(
+            "lls_admission_limit",
+            "Requests of a model allowed to run at once: its ready instances' slots, at most "
+            "gateway.max_in_flight",
+            ["model"],
+            registry=r,
+        )
         self.instances = Gauge("lls_instances", "Instances by state", ["state"], registry=r)
         self.queue_wait = Histogram(
             "lls_queue_wait_seconds",

@@ -14,10 +14,11 @@ import msgspec
 from starlette.responses import StreamingResponse
 
 from lls import instance_key
-from lls.config import Config, expand
+from lls.config import Config, expand, slots_of
+from proto import InstanceRecord, InstanceState
 
 from . import affinity, embeddings, http
-from .admission import Gate, Limits
+from .admission import BY_ADDRESS, Gate, Limits, Room
 from .errors import ApiError
 from .metrics import Metrics
 from .router import Router
@@ -59,8 +60,7 @@ class Upstream:
         self.cfg = cfg
         self.router = router
         self.metrics = metrics
-        g = cfg.gateway
-        self.limits = Limits(g.max_in_flight, g.max_queue, g.queue_timeout)
+        self.limits = limits_of(cfg)
         self.gates: dict[str, Gate] = {}
         # the cluster secret the agents derive instance keys from (a bad file stops start-up)
         self.secret = instance_key.load_or_create(expand(cfg.cluster.secret_file))
@@ -76,8 +76,41 @@ class Upstream:
     def gate(self, model: str) -> Gate:
         gate = self.gates.get(model)
         if gate is None:
-            gate = self.gates[model] = Gate(model, self.limits, self.service_time, self.weights)
+            gate = self.gates[model] = Gate(
+                model, self.limits, self.service_time, self.weights, lambda: self.room(model)
+            )
         return gate
+
+    def room(self, model: str) -> Room:
+        """A model's slots as the router sees them now (two dict lookups: the hot path)."""
+        m = self.cfg.models.get(model)
+        return Room(
+            slots_of(m) if m is not None else 1,
+            len(self.router.ready.get(model, ())),
+            self.router.swap_wait.get(model, 5.0),
+        )
+
+    def instance_changed(self, old: InstanceRecord | None, rec: InstanceRecord) -> None:
+        """The router's on_change: an instance that became ready takes waiters at once. The
+        hook runs before the router re-indexes its ready instances, so the grant comes right
+        after, in the loop's next turn."""
+        gate = self.gates.get(rec.model)
+        if gate is None or rec.state != InstanceState.READY:
+            return
+        if old is not None and old.state == InstanceState.READY:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(gate.fill)
+        except RuntimeError:  # no loop (a test feeding records by hand): now is as good
+            gate.fill()
+
+    def reload(self, cfg: Config) -> None:
+        """New limits from a reloaded config; waiters take what a higher limit frees."""
+        self.limits = limits_of(cfg)
+        for gate in self.gates.values():
+            gate.limits = self.limits
+            gate.weights = self.weights
+            gate.fill()
 
     @property
     def weights(self) -> dict[str, float]:
@@ -93,18 +126,20 @@ class Upstream:
         ticket: int | None = None,
         keep_alive: float | None = None,
         who: str = "",
+        shown: str = BY_ADDRESS,
     ) -> tuple[http.Reply, Callable[[], None]]:
         """Admit, find (or wait for) an instance, and send; the response is still streaming.
 
         From arrival until it is sent, the request is in the router's queue for `model`
         (`ticket`, from `router.enqueue`, when the caller wants to ask for its position).
-        `who` is the client the admission queue is fair across (admission.Gate)."""
+        `who` is the client the admission queue is fair across (admission.Gate); `shown`,
+        what the activity report may call it (a key's name; never an address)."""
         if ticket is None:
-            ticket = self.router.enqueue(model)
+            ticket = self.router.enqueue(model, shown)
         try:
             gate = self.gate(model)
             try:
-                await gate.enter(who)
+                await gate.enter(who, ticket)
             except ApiError:
                 self.metrics.refused.labels(model, "429").inc()
                 raise
@@ -193,6 +228,11 @@ class Upstream:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def limits_of(cfg: Config) -> Limits:
+    g = cfg.gateway
+    return Limits(g.max_in_flight, g.max_queue, g.queue_timeout, g.cold_start_timeout)
 
 
 class Passthrough(StreamingResponse):

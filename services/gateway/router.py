@@ -16,7 +16,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,9 +26,11 @@ import msgspec
 import proto
 from lls.aio import wait_event
 from lls.bus import Bus, kv_snapshot, watch_kv
-from lls.config import Config, store_filename_of
+from lls.config import Config, slots_of, store_filename_of
 from proto import InstanceRecord, InstanceState
 
+from . import affinity
+from .admission import BY_ADDRESS
 from .errors import ApiError
 from .stats import ServingStats
 from .timing import Ewma
@@ -71,6 +74,30 @@ def endpoint_refusal(rec: InstanceRecord, hosts: Mapping[str, proto.HostRecord])
     return None
 
 
+def queue_position(
+    arrivals: Iterable[int], gated: Sequence[int | None], ticket: int
+) -> tuple[int, int]:
+    """A waiting request's (1-based place, queue length); (0, length) once it is not waiting.
+    `arrivals`: the model's waiting tickets in arrival order; `gated`: those still waiting for
+    an admission slot, in the order the gate will grant them. The others hold a slot already
+    (they wait for an instance to start or to free up) and so come first, oldest first."""
+    waiting = list(arrivals)
+    if ticket not in waiting:
+        return 0, len(waiting)
+    held = set(gated)
+    ahead = [t for t in waiting if t not in held]
+    if ticket in ahead:
+        return ahead.index(ticket) + 1, len(waiting)
+    present = set(waiting)
+    order = [t for t in gated if t in present]
+    return len(ahead) + order.index(ticket) + 1, len(waiting)
+
+
+def count_clients(tickets: Iterable[int], client_of: Mapping[int, str]) -> dict[str, int]:
+    """Waiting requests per client (a key's name, or BY_ADDRESS summing the addresses)."""
+    return dict(Counter(client_of.get(t, BY_ADDRESS) for t in tickets))
+
+
 @dataclass
 class Failure:
     reason: str
@@ -96,6 +123,7 @@ class Router:
         # Requests not yet sent to an instance (queued for a slot or for a ready instance),
         # per model in arrival order: ticket -> wall time it began to wait.
         self.queued: dict[str, dict[int, float]] = {}
+        self.queued_by: dict[int, str] = {}  # ticket -> its client, as the report names it
         self._tickets = itertools.count()
         self.draining: set[str] = set()  # DRAINING instances this gateway has seen
         self.view_rev = 0  # the instances bucket's revision this view has reached
@@ -104,6 +132,10 @@ class Router:
         self.stats = ServingStats()  # per-model request counts and times, for the dashboard
         self._report_now = asyncio.Event()
         self.on_change: Callable[[InstanceRecord | None, InstanceRecord], None] | None = None
+        # Routing among a model's replicas (pick): each model's hash ring, rebuilt only when
+        # its usable replicas change, and its round-robin turn (advanced by acquire).
+        self._rings: dict[str, affinity.Ring] = {}
+        self._turn: dict[str, int] = {}
 
     # ------------------------------------------------------------------ view upkeep
 
@@ -231,15 +263,38 @@ class Router:
     # ------------------------------------------------------------------ requests
 
     def pick(self, model: str, prefix: str | None = None) -> InstanceRecord | None:
-        """The ready instance with the fewest requests in flight here (a dict lookup).
-        `prefix` (affinity.prefix_key of the request) is the key for prefix routing."""
+        """The ready instance that should serve a request now (no bus, no await).
+
+        One usable replica: it. Several: by `gateway.routing`: "prefix" with a `prefix`
+        (affinity.prefix_key of the request) follows the key on the model's hash ring with
+        bounded load (at most the model's slots per replica); "round_robin" takes the model's turn (which `acquire` advances, so that
+        a mere look, such as the cold-start check, does not); otherwise, and for requests
+        without a prompt, the one with the fewest requests in flight here."""
         candidates = self.ready.get(model)
         if not candidates:
             return None
         now = time.monotonic()
         usable = [r for r in candidates if self.bad_until.get(r.endpoint or "", 0) < now]
-        if not usable:
-            return None
+        if len(usable) <= 1:
+            return usable[0] if usable else None
+        routing = self.cfg.gateway.routing
+        if routing == "prefix" and prefix is not None:
+            ring = self._rings.get(model)
+            ids = tuple(sorted(r.instance_id for r in usable))
+            if ring is None or ring.ids != ids:  # a replica came, went or was skipped
+                ring = self._rings[model] = affinity.Ring(ids)
+            m = self.cfg.models.get(model)
+            iid, _why = affinity.choose(
+                ring,
+                prefix,
+                self.in_flight,
+                self.cfg.gateway.prefix_load_factor,
+                slots_of(m) if m is not None else 0,
+            )
+            return next(r for r in usable if r.instance_id == iid)
+        if routing == "round_robin":
+            usable.sort(key=lambda r: r.instance_id)  # a stable order to rotate through
+            return usable[self._turn.get(model, 0) % len(usable)]
         return min(usable, key=lambda r: self.in_flight.get(r.instance_id, 0))
 
     def mark_bad(self, rec: InstanceRecord) -> None:
@@ -250,12 +305,14 @@ class Router:
         """A ready instance of `model`, demanding one and waiting up to `wait_s` if none."""
         rec = self.pick(model, prefix)
         if rec is not None:
+            self._turn[model] = self._turn.get(model, 0) + 1  # round_robin's next turn
             return rec
         t0 = time.monotonic()
         deadline = t0 + wait_s
         while True:
             rec = self.pick(model, prefix)
             if rec is not None:
+                self._turn[model] = self._turn.get(model, 0) + 1
                 self.swap_wait.add(model, time.monotonic() - t0)
                 return rec
             now = time.monotonic()
@@ -352,27 +409,30 @@ class Router:
 
     # ------------------------------------------------------------------ queues
 
-    def enqueue(self, model: str) -> int:
-        """A request for `model` begins to wait (for a slot or an instance); its ticket."""
+    def enqueue(self, model: str, client: str = BY_ADDRESS) -> int:
+        """A request for `model` begins to wait (for a slot or an instance); its ticket.
+        `client`: who it is for the activity report (a key's name, or BY_ADDRESS)."""
         ticket = next(self._tickets)
         waits = self.queued.setdefault(model, {})
         if not waits:
             self._report_now.set()  # a new queue: the placer orders models by oldest wait
         waits[ticket] = time.time()
+        self.queued_by[ticket] = client
         return ticket
 
     def dequeue(self, model: str, ticket: int) -> float:
         """The request stopped waiting (sent, refused or gone); how long it waited."""
         since = self.queued.get(model, {}).pop(ticket, None)
+        self.queued_by.pop(ticket, None)
         return time.time() - since if since is not None else 0.0
 
-    def position(self, model: str, ticket: int) -> tuple[int, int]:
-        """(1-based place in the model's queue, its length); (0, n) once it stopped waiting."""
-        waits = self.queued.get(model, {})
-        for n, t in enumerate(waits, 1):
-            if t == ticket:
-                return n, len(waits)
-        return 0, len(waits)
+    def position(
+        self, model: str, ticket: int, gated: Sequence[int | None] = ()
+    ) -> tuple[int, int]:
+        """(1-based place in the model's queue, its length); (0, n) once it stopped waiting.
+        `gated`: the tickets waiting for an admission slot, in the order they will be granted
+        (admission.Gate.order); the others are past admission, ahead of them."""
+        return queue_position(self.queued.get(model, {}), gated, ticket)
 
     # ------------------------------------------------------------------ activity
 
@@ -418,7 +478,9 @@ class Router:
                     for iid, used in self.last_used.items()
                 },
                 queues={
-                    model: proto.ModelQueue(len(waits), min(waits.values()))
+                    model: proto.ModelQueue(
+                        len(waits), min(waits.values()), count_clients(waits, self.queued_by)
+                    )
                     for model, waits in self.queued.items()
                     if waits
                 },
