@@ -48,12 +48,18 @@ class Reply:
             self._resp.close()
 
 
+# An idle pooled connection is dropped before llama-server drops it (its HTTP server closes a
+# keep-alive connection idle for 5 s): reusing one it already closed fails the request's
+# write ("Can not write request body"), and under load both tries could meet such a one.
+KEEPALIVE_S = 4.0
+
+
 class Client:
     """A connection-pooling client; create it inside the running event loop."""
 
     def __init__(self, read_timeout: float | None, max_connections: int = 4096):
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=read_timeout),
             auto_decompress=False,  # bytes pass through as the instance encoded them
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
