@@ -445,6 +445,10 @@ class InstanceChanged(_Event, tag="instance"):
     host: str | None = None
     endpoint: str | None = None
     reason: str = ""
+    # The whole record as written, and the KV revision of that write: the event log is the
+    # history, and lls.history.rebuild replays it into the instances table.
+    record: InstanceRecord | None = None
+    revision: int = 0
 
     def subject(self) -> str:
         return evt(f"instance.{self.state.value}")

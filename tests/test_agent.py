@@ -444,14 +444,17 @@ async def test_server_that_never_gets_healthy_is_killed_and_failed(
     assert state_files(tmp_path) == []
 
 
-async def test_start_without_a_record_creates_it_and_a_crash_marks_it_failed_with_the_log_tail(
+async def test_a_start_without_a_record_is_refused_and_a_crash_marks_it_failed_with_the_log_tail(
     agents: Agents, bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     host, filename = await agents.start_with_tiny(tiny_gguf(1))
+    orphan = new_iid()
+    await bus.command(proto.cmd_agent(host), start_cmd(orphan, filename))  # nobody placed it
     iid = new_iid()
-    await bus.command(proto.cmd_agent(host), start_cmd(iid, filename))  # no PENDING record
+    await place(bus, host, start_cmd(iid, filename))
     rec = await wait_state(bus, iid, InstanceState.READY)
     assert rec.host == host and rec.model == "tiny"
+    assert await get_record(bus, orphan) is None  # never created by the agent, never run
     [st] = state_files(tmp_path)
     os.kill(st["pid"], signal.SIGKILL)
     rec = await wait_state(bus, iid, InstanceState.FAILED, within=10)

@@ -45,7 +45,7 @@ from lls.config import (
 )
 from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
-from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
+from proto import InstanceRecord, InstanceState, StartInstance, StopInstance, lifecycle
 from services.agent import slot_cache
 from services.agent.image import ImageError
 from services.agent.runtime import (
@@ -642,14 +642,19 @@ class Agent:
         cmd = inst.cmd
         assert cmd is not None
         rec = await self._get(inst.instance_id)
-        if rec is not None and (
-            rec.state in proto.END_STATES or rec.state == InstanceState.STOPPING
-        ):
+        if rec is None:
+            # the placer writes the record before it commands a start: without one, this is a
+            # start for an instance that was purged, or that nobody placed
+            why = "no instance record (the placer creates it before a start)"
+            log.info("not starting %s: %s", inst.instance_id, why)
+            await self._refuse("start", inst.instance_id, inst.model, why, cmd.cmd_id)
+            return False
+        if rec.state in proto.END_STATES or rec.state == InstanceState.STOPPING:
             # a redelivered start for an instance that already ended: the placer decides retries
             log.info("not starting %s: its record is %s", inst.instance_id, rec.state.value)
             return False
         mine = launch_fingerprint(self.ctx.cfg.models[cmd.model])  # refusal(): ours
-        if rec is not None and rec.config_fp and rec.config_fp != mine:
+        if rec.config_fp and rec.config_fp != mine:
             # placed for another version of the model's config: one side has not reloaded yet
             why = (
                 f"the placer placed it for a different config of {cmd.model} than this agent's "
@@ -1072,36 +1077,28 @@ class Agent:
         return {r.instance_id: r for r in records.values()}
 
     async def _update(
-        self, instance_id: str, model: str, mutate: Callable[[InstanceRecord], None]
-    ) -> InstanceRecord:
-        """Read-modify-write with optimistic concurrency (the placer writes records too)."""
+        self, instance_id: str, state: InstanceState, mutate: Callable[[InstanceRecord], None]
+    ) -> tuple[InstanceRecord, int] | str:
+        """Compare-and-set this host's record of `instance_id` into `state`: the record and
+        its new revision, or why the lifecycle refuses it (proto/lifecycle.py). A lost race
+        reads again and asks again, so a newer decision of the placer (stopping, lost) is
+        never overwritten, and a purged record is never created again."""
         kv, key = self.bus.instances, proto.instance_key(self.host, instance_id)
         for _ in range(20):
             try:
                 entry = await kv.get(key)
-                rev = entry.revision if entry.value else None
-            except KeyNotFoundError:
-                entry, rev = None, None
-            if rev is None:
-                t = proto.now()
-                rec = InstanceRecord(
-                    instance_id=instance_id,
-                    model=model,
-                    state=InstanceState.PENDING,
-                    created=t,
-                    updated=t,
-                )
-            else:
-                assert entry is not None and entry.value
-                rec = proto.decode(entry.value, InstanceRecord)
+            except KeyNotFoundError:  # deleted keys too
+                entry = None
+            old = proto.decode(entry.value, InstanceRecord) if entry and entry.value else None
+            why = lifecycle.refusal(lifecycle.AGENT, old.state if old else None, state)
+            if why is not None:
+                return why
+            assert old is not None and entry is not None  # the agent never creates a record
+            rec = msgspec.structs.replace(old, state=state)
             mutate(rec)
             rec.updated = proto.now()
             try:
-                if rev is None:
-                    await kv.create(key, proto.encode(rec))
-                else:
-                    await kv.update(key, proto.encode(rec), last=rev)
-                return rec
+                return rec, await kv.update(key, proto.encode(rec), last=entry.revision)
             except KeyWrongLastSequenceError:
                 await asyncio.sleep(0.01)  # someone wrote in between: read again
         raise RuntimeError(f"instance record {instance_id}: too much write contention")
@@ -1110,17 +1107,20 @@ class Agent:
         self, instance_id: str, model: str, state: InstanceState, **fields: Any
     ) -> None:
         def mutate(r: InstanceRecord) -> None:
-            r.state = state
             r.host = self.host
             for k, v in fields.items():
                 setattr(r, k, v)
 
         try:
             async with asyncio.timeout(10):
-                rec = await self._update(instance_id, model, mutate)
+                done = await self._update(instance_id, state, mutate)
         except Exception as e:  # noqa: BLE001 - the bus is away; the lifecycle goes on
             log.error("cannot record %s %s: %s", instance_id, state.value, e)
             return
+        if isinstance(done, str):  # the placer decided otherwise; its command follows
+            log.info("not recording %s (%s) %s: %s", instance_id, model, state.value, done)
+            return
+        rec, rev = done
         await self._emit(
             proto.InstanceChanged(
                 instance_id=instance_id,
@@ -1129,6 +1129,8 @@ class Agent:
                 host=self.host,
                 endpoint=rec.endpoint,
                 reason=rec.reason,
+                record=rec,
+                revision=rev,
             )
         )
 

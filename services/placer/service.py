@@ -32,7 +32,7 @@ from lls.aio import wait_event
 from lls.bus import new_id, watch_kv
 from lls.config import ModelConfig, launch_fingerprint, store_filename_of
 from lls.service import ServiceContext
-from proto import InstanceRecord, InstanceState
+from proto import InstanceRecord, InstanceState, lifecycle
 
 from .lease import Lease
 from .memory import (
@@ -487,6 +487,7 @@ class Placer:
         key = proto.instance_key(decision.host, iid)
         rev = await self.bus.instances.create(key, proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
+        await self._recorded(rec, rev)
         await self.bus.emit(
             proto.PlacementDecided(
                 model=model,
@@ -1184,8 +1185,13 @@ class Placer:
         )
 
     async def _write(self, rec: InstanceRecord, **changes: object) -> bool:
-        """Compare-and-set an instance record; False when someone else changed it first."""
+        """Compare-and-set an instance record; False when someone else changed it first, or
+        when the lifecycle does not let the placer make this change (proto/lifecycle.py)."""
         new = msgspec.structs.replace(rec, updated=time.time(), **changes)
+        why = lifecycle.refusal(lifecycle.PLACER, rec.state, new.state)
+        if why is not None:
+            log.warning("not writing %s %s: %s", rec.instance_id, new.state.value, why)
+            return False
         rev = self.revisions.get(rec.instance_id)
         try:
             rev = await self.bus.instances.update(
@@ -1194,17 +1200,23 @@ class Placer:
         except KeyWrongLastSequenceError:
             return False  # the next pass sees the newer record and decides again
         self._on_instance(rec.instance_id, new, rev)
-        if "state" in changes:
-            await self.bus.emit(
-                proto.InstanceChanged(
-                    instance_id=new.instance_id,
-                    model=new.model,
-                    state=new.state,
-                    host=new.host,
-                    reason=new.reason,
-                )
-            )
+        await self._recorded(new, rev)
         return True
+
+    async def _recorded(self, rec: InstanceRecord, rev: int) -> None:
+        """The event of a write: the whole record and its revision (lls/history.py)."""
+        await self.bus.emit(
+            proto.InstanceChanged(
+                instance_id=rec.instance_id,
+                model=rec.model,
+                state=rec.state,
+                host=rec.host,
+                endpoint=rec.endpoint,
+                reason=rec.reason,
+                record=rec,
+                revision=rev,
+            )
+        )
 
 
 def unknown_need(host: str) -> str:
