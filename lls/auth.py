@@ -110,6 +110,7 @@ KV_BUCKETS = (
     proto.KV_ACTIVITY,
     proto.KV_LEASES,
     proto.KV_MODELS,
+    proto.KV_DESIRED,  # written by the operator (cli) and the placer only
 )
 
 

@@ -68,6 +68,7 @@ BUCKETS = [
     KeyValueConfig(bucket=proto.KV_ACTIVITY, history=1, ttl=30),
     KeyValueConfig(bucket=proto.KV_LEASES, history=1),
     KeyValueConfig(bucket=proto.KV_MODELS, history=1),
+    KeyValueConfig(bucket=proto.KV_DESIRED, history=1),
 ]
 
 
@@ -137,16 +138,24 @@ class Bus:
     def models(self) -> KeyValue:
         return self.kv[proto.KV_MODELS]
 
+    @property
+    def desired(self) -> KeyValue:
+        return self.kv[proto.KV_DESIRED]
+
     async def emit(self, event: proto.Event) -> None:
         """Append a domain event to the event stream."""
         await self.js.publish(event.subject(), proto.encode(event), timeout=5)
 
     async def command(
-        self, subject: str, cmd: proto.AgentCommand | proto.DownloadFile | proto.InspectModel
+        self, subject: str, cmd: proto.AgentCommand | proto.DownloaderCommand | proto.InspectModel
     ) -> None:
-        """Send a command; a resend with the same cmd_id inside the dedup window is dropped."""
+        """Send a command; a resend with the same cmd_id inside the dedup window is dropped.
+
+        Dedup is per leader epoch: a new leader's resend of a deposed one's cmd_id (which the
+        agent may have refused as stale) must not be dropped as a duplicate."""
+        msg_id = f"{cmd.cmd_id}@{cmd.epoch}" if cmd.epoch else cmd.cmd_id
         await self.js.publish(
-            subject, proto.encode(cmd), timeout=5, headers={"Nats-Msg-Id": cmd.cmd_id}
+            subject, proto.encode(cmd), timeout=5, headers={"Nats-Msg-Id": msg_id}
         )
 
     async def put(self, bucket: KeyValue, key: str, record: object) -> int:

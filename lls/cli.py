@@ -1,8 +1,9 @@
 """`lls`: an operator's view of the system, Ollama-like.
 
-lls ps                 instances with host, GPUs, state and idle time
-lls load MODEL         start MODEL now and wait until it is ready
-lls stop MODEL         stop MODEL's instances
+lls ps                 instances with host, GPUs, state and idle time; pending requests
+lls load MODEL         start MODEL now and wait until it is ready (stored request: a placer
+                       that starts within --timeout still carries it out)
+lls stop MODEL         stop MODEL's instances and wait until none is left (same)
 lls pull MODEL         download MODEL's file to a host's store, with a progress bar
 lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
 lls usage              requests and tokens per API key and model (the gateway's /metrics)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import os
 import re
@@ -25,6 +27,7 @@ from pathlib import Path
 import httpx
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from prometheus_client.parser import text_string_to_metric_families
 
 import proto
@@ -78,6 +81,10 @@ async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    wants = await _records(bus, bus.desired, proto.DesiredModel)
+    for w in sorted((w for w in wants if w.wanted), key=lambda w: w.model):
+        who = f"taken up by {w.seen_by}" if w.seen_by else "no placer has taken it up yet"
+        print(f"request: {w.wanted} {w.model} (by {w.by}, {fmt_age(now - w.since)} ago; {who})")
     return 0
 
 
@@ -111,33 +118,178 @@ async def _wait_events(bus: Bus, subject: str, until, wait_s: float) -> int:  # 
         await sub.unsubscribe()
 
 
+PICKUP_S = 30.0  # a request no placer took up this long fails (is a placer running?)
+POLL_S = 0.25  # how often the request's record is read back
+
+
+async def _store_request(bus: Bus, model: str, wanted: str, deadline_s: float) -> str:
+    """Write `wanted` as the model's request in KV desired (compare-and-set over whatever is
+    there: the latest request wins); returns its request id."""
+    key = proto.kv_key(model)
+    now = time.time()
+    want = proto.DesiredModel(
+        model=model,
+        wanted=wanted,
+        since=now,
+        by="cli",
+        request_id=f"cli-{new_id()}",
+        reason=f"lls {'load' if wanted == proto.WANT_RUN else 'stop'}",
+        until=now + deadline_s,
+    )
+    for _ in range(10):
+        try:
+            try:
+                entry = await bus.desired.get(key)
+            except KeyNotFoundError:
+                await bus.desired.create(key, proto.encode(want))
+            else:
+                await bus.desired.update(key, proto.encode(want), last=entry.revision)
+            return want.request_id
+        except KeyWrongLastSequenceError:
+            continue  # written meanwhile: ours goes over the newer one
+    raise RuntimeError(f"could not store the request for {model}: KV desired keeps changing")
+
+
+async def _read_request(bus: Bus, model: str) -> tuple[proto.DesiredModel | None, int]:
+    try:
+        entry = await bus.desired.get(proto.kv_key(model))
+    except KeyNotFoundError:
+        return None, 0
+    if not entry.value:
+        return None, entry.revision or 0
+    return proto.decode(entry.value, proto.DesiredModel), entry.revision or 0
+
+
+async def _withdraw(bus: Bus, model: str, request_id: str, why: str) -> proto.DesiredModel | None:
+    """Give up our pending request (it must not start or stop the model after we reported
+    failure); returns the record as it stands when a placer finished it meanwhile."""
+    for _ in range(5):
+        want, rev = await _read_request(bus, model)
+        if want is None or want.request_id != request_id:
+            return None  # superseded by a newer request: that one is not ours to withdraw
+        if not want.wanted:
+            return want  # done after all: report what happened
+        done = msgspec.structs.replace(want, wanted="", outcome=f"withdrawn: {why}")
+        done.done_at = time.time()
+        try:
+            await bus.desired.update(proto.kv_key(model), proto.encode(done), last=rev)
+            return None
+        except KeyWrongLastSequenceError:
+            continue
+    return None
+
+
+async def _request(bus: Bus, model: str, wanted: str, timeout: float, on_event) -> int:  # type: ignore[no-untyped-def]
+    """Store the request, then follow it until the placer says it is done (its outcome in
+    the record), printing the model's events meanwhile (`on_event`), within `timeout`.
+    A request that no placer took up, or that did not finish in time, is withdrawn."""
+    queue: asyncio.Queue[proto.Event] = asyncio.Queue(maxsize=1000)
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            queue.put_nowait(proto.decode(msg.data, proto.Event))
+        except (msgspec.ValidationError, asyncio.QueueFull):
+            pass
+
+    verb, done_word = ("start", "started") if wanted == proto.WANT_RUN else ("stop", "stopped")
+    sub = await bus.nc.subscribe("lls.evt.>", cb=on_msg)  # before the request: miss nothing
+    finished = False
+    request_id = ""
+    try:
+        request_id = await _store_request(bus, model, wanted, timeout)
+        start = time.monotonic()
+        pickup = min(PICKUP_S, timeout)
+        said_waiting = False
+        failure = ""
+        while True:
+            while not queue.empty():
+                on_event(queue.get_nowait())
+            want, _rev = await _read_request(bus, model)
+            if want is None or want.request_id != request_id:
+                finished = True
+                who = f"{want.by}'s {want.wanted or 'request'}" if want else "its removal"
+                print(
+                    f"error: the request to {verb} {model} was replaced by {who}", file=sys.stderr
+                )
+                return 1
+            if not want.wanted:
+                finished = True
+                await asyncio.sleep(0.2)  # the last instance events, sent beside the record
+                while not queue.empty():
+                    on_event(queue.get_nowait())
+                return _report(model, want.outcome)
+            waited = time.monotonic() - start
+            if not want.seen_by and waited >= pickup:
+                failure = (
+                    f"error: no placer acted on the request within {pickup:.0f} s: is a placer "
+                    f"running? (request withdrawn: {model} was not {done_word})"
+                )
+                break
+            if waited >= timeout:
+                failure = (
+                    f"error: {model} did not {verb} within {timeout:.0f} s (request withdrawn; "
+                    "see lls ps and lls events)"
+                )
+                break
+            if not want.seen_by and waited >= 3 and not said_waiting:
+                said_waiting = True
+                print(f"{model}: no placer has taken the request yet; waiting", flush=True)
+            await asyncio.sleep(POLL_S)
+        done = await _withdraw(bus, model, request_id, f"the asker gave up after {waited:.0f} s")
+        finished = True
+        if done is not None:  # a placer finished it just now after all
+            return _report(model, done.outcome)
+        print(failure, file=sys.stderr)
+        return 1
+    finally:
+        await sub.unsubscribe()
+        if request_id and not finished:  # interrupted (Ctrl-C): leave nothing pending behind
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await _withdraw(bus, model, request_id, "the asker was interrupted")
+
+
+def _report(model: str, outcome: str) -> int:
+    """The placer's outcome of a request: 0 when it was carried out."""
+    if outcome.startswith(("ready", "stopped")):
+        print(f"{model}: {outcome}")
+        return 0
+    print(f"error: {model}: {outcome or 'no outcome recorded'}", file=sys.stderr)
+    return 1
+
+
 async def cmd_load(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
+    """Store a request to run the model; the placer starts it (now, or as soon as one runs)
+    and records the outcome once an instance is READY. It does not pin the model: its idle
+    timeout stops it later as usual."""
     model = args.model
 
-    def until(ev: proto.Event) -> int | None:
+    def on_event(ev: proto.Event) -> None:
         if isinstance(ev, proto.InstanceChanged) and ev.model == model:
-            print(f"{model}: {ev.state.value} {ev.reason}".rstrip())
-            if ev.state == proto.InstanceState.READY:
-                return 0
-            if ev.state == proto.InstanceState.FAILED:
-                return 1
-        elif isinstance(ev, proto.PlacementFailed) and ev.model == model:
-            print(f"error: {ev.reason}", file=sys.stderr)
-            return 1
+            print(f"{model}: {ev.state.value} {ev.reason}".rstrip(), flush=True)
         elif isinstance(ev, proto.DownloadProgress) and ev.model == model:
             _progress(ev)
-        return None
 
-    task = asyncio.create_task(_wait_events(bus, "lls.evt.>", until, args.timeout))
-    await asyncio.sleep(0.1)
-    await bus.emit(proto.Demand(model=model, gateway_id="cli"))
-    return await task
+    return await _request(bus, model, proto.WANT_RUN, args.timeout, on_event)
 
 
 async def cmd_stop(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
-    await bus.emit(proto.StopRequested(model=args.model))
-    print(f"asked the placer to stop {args.model}")
-    return 0
+    """Store a request to stop the model; the placer stops its live instances (now, or as
+    soon as one runs) and records the outcome once none is left."""
+    model = args.model
+    shown: set[tuple[str, str]] = set()  # the placer and the agent both say "stopping"
+
+    def on_event(ev: proto.Event) -> None:
+        if (
+            isinstance(ev, proto.InstanceChanged)
+            and ev.model == model
+            and ev.state in (proto.InstanceState.STOPPING, proto.InstanceState.STOPPED)
+            and (ev.instance_id, ev.state.value) not in shown
+        ):
+            shown.add((ev.instance_id, ev.state.value))
+            print(f"{model}: {ev.instance_id} on {ev.host} {ev.state.value}", flush=True)
+
+    return await _request(bus, model, proto.WANT_STOP, args.timeout, on_event)
 
 
 def _progress(ev: proto.DownloadProgress) -> None:
@@ -375,13 +527,21 @@ def main(argv: list[str] | None = None) -> None:
     ps = sub.add_parser("ps", help="list instances")
     ps.add_argument("-a", "--all", action="store_true", help="include stopped and failed ones")
     for name, helptext in (
-        ("load", "start a model now"),
-        ("stop", "stop a model"),
+        ("load", "start a model now and wait until it is ready"),
+        ("stop", "stop a model's instances and wait until they are stopped"),
         ("pull", "download a model's file"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("model")
-        p.add_argument("--timeout", type=float, default=600)
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=60 if name == "stop" else 600,
+            help="seconds to wait for the outcome; then the request is withdrawn and the "
+            f"exit code is 1 (also when no placer took it up within {PICKUP_S:.0f} s)"
+            if name != "pull"
+            else "seconds to wait for the download",
+        )
         if name == "pull":
             p.add_argument("--host", default="", help="host id (default: the first alive host)")
     hosts = sub.add_parser("hosts", help="manage GPU hosts' NATS identities")

@@ -23,6 +23,7 @@ __all__ = [
     "DeleteAnswered",
     "DeleteFile",
     "DeleteRequested",
+    "DesiredModel",
     "DownloaderCommand",
     "Demand",
     "DownloadCompleted",
@@ -61,6 +62,8 @@ __all__ = [
     "StartInstance",
     "StopInstance",
     "StopRequested",
+    "WANT_RUN",
+    "WANT_STOP",
     "SwapChanged",
     "ReplicaChanged",
     "SlotCacheChanged",
@@ -220,6 +223,34 @@ class InstanceRecord(Struct):
     v: int = SCHEMA_VERSION
 
 
+# ---------------------------------------------------------------- desired state (KV desired)
+
+WANT_RUN = "run"  # start the model: demand that lasts until an instance is READY
+WANT_STOP = "stop"  # stop the model's live instances
+
+
+class DesiredModel(Struct, kw_only=True):
+    """What someone asked for a model (KV desired, keyed by model): the spec to the instance
+    records' status. Written with compare-and-set by the CLI (`lls load`/`lls stop`) and the
+    placer (the config's `preload`, a StopRequested event); only the leading placer acts on
+    it, level-triggered, on every pass, so a request outlives a placer restart or a change of
+    leader. Once carried out (or failed, or withdrawn) the placer, or the asker, writes
+    `wanted=""` with the `outcome`: a request never pins a model beyond its own completion.
+    """
+
+    model: str
+    wanted: str = ""  # WANT_RUN | WANT_STOP | "" (nothing pending)
+    since: float = 0.0  # when it was asked
+    by: str = ""  # who asked: "cli", "preload", a StopRequested's requested_by
+    request_id: str = ""  # the asker's id: its request's outcome, not a later one's
+    reason: str = ""
+    until: float | None = None  # a pending request past this is dropped ("expired")
+    seen_by: str = ""  # the placer that took the request up ("" = no placer has yet)
+    outcome: str = ""  # when done: "ready ...", "stopped ...", "failed: ...", "withdrawn ..."
+    done_at: float | None = None
+    v: int = SCHEMA_VERSION
+
+
 class InstanceActivity(Struct):
     in_flight: int
     last_used: float  # end of the last request (or start of one in flight)
@@ -286,8 +317,16 @@ class ModelInfo(Struct):
 
 
 class LeaseRecord(Struct):
+    """KV leases "placer": who leads, and the epoch it leads in (services/placer/lease.py).
+
+    `epoch` grows by one at each take-over (written by compare-and-set, so two placers never
+    own one epoch) and stays the same through renewals. `holder` "" = handed over on a clean
+    stop: a standby may take it at once. `ts` is the writer's wall clock, for people only: no
+    one judges the lease by it, clocks across hosts are not compared."""
+
     holder: str
     ts: float
+    epoch: int = 0
 
 
 # ---------------------------------------------------------------- commands (stream LLS_CMDS)
@@ -305,12 +344,19 @@ class StartInstance(Struct, tag="start", kw_only=True, forbid_unknown_fields=Tru
     n_gpu_layers: int  # 0 = CPU only
     gpus: list[int] = []  # GPU indexes on this host; several = split across them
     memory_mib: int = 0
+    # The sending leader's epoch (LeaseRecord.epoch): agents and downloaders refuse a command
+    # whose epoch is lower than the highest they have seen (a deposed leader's). 0 = not
+    # sent by a leader (`lls pull`, tests, a placer older than epochs): never refused. An
+    # agent older than this field refuses the whole start (unknown field): upgrade agents
+    # and downloaders before placers.
+    epoch: int = 0
 
 
 class StopInstance(Struct, tag="stop", kw_only=True):
     cmd_id: str
     instance_id: str
     reason: str = ""
+    epoch: int = 0  # the sending leader's epoch (see StartInstance.epoch)
 
 
 AgentCommand = StartInstance | StopInstance
@@ -322,6 +368,7 @@ class DownloadFile(Struct, tag="download", kw_only=True):
     url: str
     filename: str
     sha256: str | None = None
+    epoch: int = 0  # the sending leader's epoch (see StartInstance.epoch)
 
 
 class DeleteFile(Struct, tag="delete", kw_only=True):
@@ -332,6 +379,7 @@ class DeleteFile(Struct, tag="delete", kw_only=True):
     cmd_id: str
     model: str
     filename: str
+    epoch: int = 0  # the sending leader's epoch (see StartInstance.epoch)
 
 
 DownloaderCommand = DownloadFile | DeleteFile
@@ -344,6 +392,7 @@ class InspectModel(Struct, tag="inspect", kw_only=True):
     model: str
     url: str
     filename: str
+    epoch: int = 0  # the sending leader's epoch (see StartInstance.epoch)
 
 
 # ---------------------------------------------------------------- log tails (request/reply)
@@ -566,7 +615,8 @@ class FileDeleteFailed(_Event, tag="file.delete_failed"):
 
 
 class CommandRefused(_Event, tag="command.refused"):
-    """An agent refused a command that does not match its config; nothing was run."""
+    """An agent or downloader refused a command (one that does not match its config, or one
+    from a deposed leader: "stale leader epoch 3 < 4"); nothing was run."""
 
     host: str
     command: str  # "start" | "stop"

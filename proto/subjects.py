@@ -30,6 +30,7 @@ KV_INSTANCES = "lls_instances"  # instance_id -> InstanceRecord
 KV_ACTIVITY = "lls_activity"  # gateway_id -> ActivityReport (in-flight and last use)
 KV_LEASES = "lls_leases"  # "placer" -> LeaseRecord
 KV_MODELS = "lls_models"  # model -> ModelInfo (its header, read before it is downloaded)
+KV_DESIRED = "lls_desired"  # model -> DesiredModel (what was asked: run, stop)
 
 
 def evt(kind: str) -> str:

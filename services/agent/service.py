@@ -43,6 +43,7 @@ from lls.config import (
     slots_of,
     store_filename_of,
 )
+from lls.fence import Fence
 from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance, lifecycle
@@ -234,6 +235,7 @@ class Agent:
         self._logs_sub: Subscription | None = None
         self.slot_dir = slot_cache.cache_dir(self.cfg.slot_cache_dir, store.root, self.host)
         self._shutting_down = False
+        self.fence = Fence()  # the highest placer epoch seen: older commands are refused
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -258,6 +260,7 @@ class Agent:
             bg = [
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                 asyncio.create_task(self._consume(), name="commands"),
+                asyncio.create_task(self.fence.follow(self.bus, self.ctx.stop), name="lease"),
             ]
             await self.ctx.stop.wait()
         except BaseException:
@@ -533,7 +536,13 @@ class Agent:
                 await msg.term()
             return
         try:
-            if isinstance(cmd, StartInstance):
+            stale = self.fence.admit(cmd.epoch)
+            if stale is not None:  # a deposed placer's: not run, acked (never redelivered)
+                kind, model = (
+                    ("start", cmd.model) if isinstance(cmd, StartInstance) else ("stop", "")
+                )
+                await self._refuse(kind, cmd.instance_id, model, stale, cmd.cmd_id)
+            elif isinstance(cmd, StartInstance):
                 await self.start(cmd)
             else:
                 await self.stop(cmd)

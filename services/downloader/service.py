@@ -34,6 +34,7 @@ import proto
 from lls.aio import wait_event
 from lls.bus import Bus, consume, durable_config
 from lls.config import Config, expand, legacy_store_filename, store_filename_of
+from lls.fence import Fence
 from lls.service import ServiceContext
 from services.downloader.fetch import FetchError, Options, Progress
 from services.downloader.peek import peek
@@ -118,6 +119,7 @@ class Downloader:
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
         self.max_active = cfg.downloader.max_parallel
+        self.fence = Fence()  # the highest placer epoch seen: older commands are refused
 
     # ------------------------------------------------------------ the consumer loop
 
@@ -133,11 +135,13 @@ class Downloader:
                 batch=1,  # one at a time: a fetched command waits on no other
             )
         )
+        lease = asyncio.create_task(self.fence.follow(self.bus, stop))
         try:
             await self._serve_downloads(stop)
         finally:
             inspections.cancel()
-            await asyncio.gather(inspections, return_exceptions=True)
+            lease.cancel()
+            await asyncio.gather(inspections, lease, return_exceptions=True)
 
     async def _serve_downloads(self, stop: asyncio.Event) -> None:
         subject = proto.cmd_download(self.host)
@@ -192,6 +196,8 @@ class Downloader:
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             log.error("dropping a malformed download command: %s", e)
             await msg.term()
+            return
+        if await self._refused_stale(cmd, msg):
             return
         keepalive = asyncio.create_task(_keep_alive(msg))
         event: proto.Event
@@ -400,6 +406,8 @@ class Downloader:
             log.error("dropping a malformed inspect command: %s", e)
             await msg.term()
             return
+        if await self._refused_stale(cmd, msg):
+            return
         info = await self.inspect(cmd)
         try:
             await self.bus.put(self.bus.models, cmd.model, info)
@@ -431,6 +439,30 @@ class Downloader:
         if info.error:
             log.warning("inspect %s: %s", cmd.model, info.error)
         return info
+
+    async def _refused_stale(
+        self, cmd: proto.DownloadFile | proto.DeleteFile | proto.InspectModel, msg: Msg
+    ) -> bool:
+        """A deposed placer's command (lls/fence.py): not run, acked (never redelivered), and
+        a CommandRefused says why."""
+        why = self.fence.admit(cmd.epoch)
+        if why is None:
+            return False
+        kind = type(cmd).__struct_config__.tag
+        log.warning("refused %s command %s for %s: %s", kind, cmd.cmd_id, cmd.model, why)
+        await self._emit(
+            proto.CommandRefused(
+                host=self.host,
+                command=str(kind),
+                instance_id="",
+                model=cmd.model[:200],
+                reason=why,
+                cmd_id=cmd.cmd_id[:200],
+            )
+        )
+        with contextlib.suppress(Exception):
+            await msg.ack()
+        return True
 
     async def _emit(self, event: proto.Event) -> None:
         try:

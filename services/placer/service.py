@@ -15,7 +15,9 @@ decides from. Each pass looks at what the instance records say and takes the nex
                                        one above replicas.min idle -> retire it
 
 Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
-does no harm. Only the leaseholder acts (see `lease.py`).
+does no harm. Only the leaseholder acts, and only while its lease is valid: each command
+and record write is checked against it, and commands carry its epoch, which agents and
+downloaders use to refuse a deposed leader's (see `lease.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from lls.config import ModelConfig, launch_fingerprint, store_filename_of
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, lifecycle
 
-from .lease import Lease
+from .desired import DemandIt, Done, StopThese, next_step, preload_due
+from .lease import Lease, LeaseLost
 from .memory import (
     CPU_OVERHEAD_MIB,
     GPU_OVERHEAD_MIB,
@@ -61,6 +64,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
+# A stop not reported done this long is resent: the agent's own stop takes at most its slot
+# save (10 s) and the server's grace (20 s).
+STOP_GRACE_S = 45.0
+RESENT = " (stop resent)"
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
 DEMAND_FRESH_S = 5.0  # a demand event counts this long (gateways resend every 2 s)
@@ -90,7 +97,10 @@ class Placer:
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> demand since the last pass
         self.last_demand: dict[str, float] = {}  # model -> when demand last arrived
-        self.preloaded: set[str] = set()
+        # Stored intent (KV desired): model -> request, and the revision to update it at
+        self.desired: dict[str, proto.DesiredModel] = {}
+        self.desired_rev: dict[str, int] = {}
+        self.refused: dict[str, tuple[float, str]] = {}  # model -> last PlacementFailed
         self.inbox: list[proto.Event] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
@@ -203,6 +213,14 @@ class Placer:
                 self._on_activity_del,
                 stop,
             ),
+            watch_kv(
+                self.bus,
+                self.bus.desired,
+                proto.DesiredModel,
+                self._on_desired,
+                self._on_desired_del,
+                stop,
+            ),
             self.lease.hold(stop),
         ]
         tasks = [asyncio.create_task(c) for c in buses]
@@ -231,7 +249,20 @@ class Placer:
         self.wake.set()
 
     async def _on_stop_requested(self, msg) -> None:  # type: ignore[no-untyped-def]
+        # Only turned into a stored request (KV desired) by the leader's pass; `lls stop`
+        # writes that request itself, so nothing depends on this event being heard.
         self._enqueue(msg.data, proto.StopRequested)
+
+    def _on_desired(self, key: str, want: proto.DesiredModel, rev: int) -> None:
+        self.desired[want.model] = want
+        self.desired_rev[want.model] = rev
+        if want.wanted:
+            self.wake.set()
+
+    def _on_desired_del(self, key: str) -> None:
+        for model in [m for m in self.desired if proto.kv_key(m) == key]:
+            self.desired.pop(model, None)
+            self.desired_rev.pop(model, None)
 
     async def _on_file_request(self, msg) -> None:  # type: ignore[no-untyped-def]
         kinds = {"pull": proto.PullRequested, "delete": proto.DeleteRequested}
@@ -256,8 +287,7 @@ class Placer:
         events, self.inbox = self.inbox, []
         for ev in events:
             if isinstance(ev, proto.StopRequested):
-                for rec in self._live(ev.model):
-                    await self._stop(rec, f"stop requested by {ev.requested_by}")
+                await self._ask(ev.model, proto.WANT_STOP, ev.requested_by, "StopRequested event")
             elif isinstance(ev, proto.DownloadCompleted):
                 # The file is there now; the host's next heartbeat would say so up to a
                 # second later, and a swap would wait for it.
@@ -276,9 +306,11 @@ class Placer:
         await asyncio.sleep(0.5)  # let the watchers load current state first
         while not self.ctx.stop.is_set():
             self.wake.clear()
-            if self.lease.held:
+            if self.lease.valid():
                 try:
                     await self.reconcile()
+                except LeaseLost as e:  # lapsed mid-pass: not one more command or write
+                    log.warning("pass aborted: %s", e)
                 except Exception:  # a bad pass must not kill the placer; the next retries
                     log.exception("reconcile pass failed")
             else:
@@ -293,10 +325,7 @@ class Placer:
             return  # the bus is away: nothing we see now is current, nothing we write lands
         await self._handle_inbox()
         await self._mark_lost_hosts(now)
-        for model, mcfg in self.cfg.models.items():  # preload: once, when this placer leads
-            if mcfg.preload and model not in self.preloaded:
-                self.preloaded.add(model)
-                self.demanded.setdefault(model, now)
+        await self._follow_desired(now)
         for model, held in list(self.awaiting_header.items()):
             if self._header(model) is not None or now - held >= INSPECT_WAIT_S:
                 del self.awaiting_header[model]
@@ -318,8 +347,86 @@ class Placer:
                 await self._advance(rec, now)
             elif rec.state == InstanceState.STARTING:
                 await self._check_start(rec, now)
+            elif rec.state == InstanceState.STOPPING:
+                await self._check_stop(rec, now)
         await self._stop_idle(now)
         await self._purge_ended(now)
+
+    # ------------------------------------------------------------------ stored intent
+
+    async def _follow_desired(self, now: float) -> None:
+        """Carry out the pending requests of KV desired (pure `desired.next_step`), and write
+        the config's preload request where it is due: every pass, so nothing depends on a
+        message having been heard or on what an earlier leader remembered."""
+        for model, mcfg in self.cfg.models.items():
+            if mcfg.preload and preload_due(self.desired.get(model), self.started):
+                await self._ask(model, proto.WANT_RUN, "preload", "models.<name>.preload")
+        seen = [r for r in self.instances.values() if r.host not in self.lost]
+        for model, want in list(self.desired.items()):
+            if not want.wanted:
+                continue
+            if not want.seen_by:  # the asker learns that a placer took it up
+                taken = await self._desired_write(want, seen_by=self.lease.holder)
+                if taken is None:
+                    continue  # changed meanwhile: the next pass sees the newer request
+                want = taken
+            step = next_step(
+                want,
+                seen,
+                configured=model in self.cfg.models,
+                refused=self.refused.get(model),
+                now=now,
+            )
+            if isinstance(step, Done):
+                log.info("%s %s (asked by %s): %s", want.wanted, model, want.by, step.outcome)
+                await self._desired_write(want, wanted="", outcome=step.outcome, done_at=now)
+            elif isinstance(step, DemandIt):
+                self.demanded.setdefault(model, now)
+            elif isinstance(step, StopThese):
+                for iid in step.instance_ids:
+                    if (rec := self.instances.get(iid)) is not None:
+                        await self._stop(rec, f"stop requested by {want.by}")
+
+    async def _ask(self, model: str, wanted: str, by: str, reason: str) -> None:
+        """Store a request of the placer's own (preload, a StopRequested event): created if
+        there is none, else compare-and-set over the one we see (a newer one wins)."""
+        want = proto.DesiredModel(
+            model=model,
+            wanted=wanted,
+            since=time.time(),
+            by=by,
+            request_id=f"placer-{new_id()}",
+            reason=reason,
+        )
+        key = proto.kv_key(model)
+        self.lease.check()  # only the leader stores requests of its own (aborts the pass)
+        try:
+            if model in self.desired_rev:
+                rev = await self.bus.desired.update(
+                    key, proto.encode(want), last=self.desired_rev[model]
+                )
+            else:
+                rev = await self.bus.desired.create(key, proto.encode(want))
+        except KeyWrongLastSequenceError:  # someone wrote first: theirs is the newer request
+            log.info("request %s %s (%s) not stored: a newer one came first", wanted, model, by)
+            return  # (preload: the next pass asks again if still due)
+        log.info("stored request: %s %s (%s, %s)", wanted, model, by, reason)
+        self._on_desired(key, want, rev)
+
+    async def _desired_write(
+        self, want: proto.DesiredModel, **changes: object
+    ) -> proto.DesiredModel | None:
+        """Compare-and-set a request we saw; None when it changed since (a newer request)."""
+        new = msgspec.structs.replace(want, **changes)
+        self.lease.check()  # a deposed leader must not mark a request done (aborts the pass)
+        try:
+            rev = await self.bus.desired.update(
+                proto.kv_key(want.model), proto.encode(new), last=self.desired_rev.get(want.model)
+            )
+        except KeyWrongLastSequenceError:
+            return None
+        self._on_desired(proto.kv_key(want.model), new, rev)
+        return new
 
     def _live(self, model: str) -> list[InstanceRecord]:
         return [
@@ -485,6 +592,7 @@ class Placer:
             config_fp=launch_fingerprint(self.cfg.models[model]),
         )
         key = proto.instance_key(decision.host, iid)
+        self.lease.check()
         rev = await self.bus.instances.create(key, proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
         await self._recorded(rec, rev)
@@ -528,7 +636,7 @@ class Placer:
         if now - self.inspect_sent.get(model, -INSPECT_RETRY_S) < INSPECT_RETRY_S:
             return False  # asked lately and no answer came in time: go on without it
         self.inspect_sent[model] = self.awaiting_header[model] = now
-        await self.bus.command(
+        await self._command(
             proto.cmd_inspect(),
             proto.InspectModel(
                 cmd_id=f"inspect-{proto.kv_key(model)}-{int(now)}",
@@ -624,7 +732,7 @@ class Placer:
     ) -> None:
         # model and placement only: the agent builds argv (ctx_size, args, embeddings) from
         # its own config, so nobody on the bus can hand it flags
-        await self.bus.command(
+        await self._command(
             proto.cmd_agent(rec.host or ""),
             proto.StartInstance(
                 cmd_id=f"start-{rec.instance_id}-{int(time.time())}",
@@ -657,6 +765,22 @@ class Placer:
         )
         if await self._write(rec, reason="start resent: the agent had not taken it up"):
             await self._send_start(rec, mcfg, store_filename_of(rec.model, mcfg), decision)
+
+    async def _check_stop(self, rec: InstanceRecord, now: float) -> None:
+        """A STOPPING instance its agent never reported stopped (the command lost, or refused
+        as a deposed leader's): send the stop again, with a new id, every STOP_GRACE_S."""
+        if rec.host in self.lost or now - rec.updated < STOP_GRACE_S:
+            return
+        why = rec.reason if rec.reason.endswith(RESENT) else f"{rec.reason}{RESENT}"
+        if await self._write(rec, reason=why):
+            await self._command(
+                proto.cmd_agent(rec.host or ""),
+                proto.StopInstance(
+                    cmd_id=f"stop-{rec.instance_id}-{int(now)}",
+                    instance_id=rec.instance_id,
+                    reason=rec.reason,
+                ),
+            )
 
     # ------------------------------------------------------------------ decisions
 
@@ -1055,6 +1179,7 @@ class Placer:
         ttl = END_RECORD_TTL_S + self.cfg.placer.failure_backoff
         for rec in list(self.instances.values()):
             if rec.state in proto.END_STATES and now - rec.updated > ttl:
+                self.lease.check()
                 await self.bus.instances.delete(proto.instance_key(rec.host or "", rec.instance_id))
 
     # ------------------------------------------------------------------ pull and delete
@@ -1104,7 +1229,7 @@ class Placer:
         self, host: str, model: str, mcfg: ModelConfig, filename: str, cmd_id: str
     ) -> None:
         """Tell `host`'s downloader to fetch the model's file (a cold start, or a pull)."""
-        await self.bus.command(
+        await self._command(
             proto.cmd_download(host),
             proto.DownloadFile(
                 cmd_id=cmd_id, model=model, url=mcfg.url, filename=filename, sha256=mcfg.sha256
@@ -1153,7 +1278,7 @@ class Placer:
             for host in answer.hosts:
                 self.deleted[(host, filename)] = now
                 self.fetched.pop((host, filename), None)
-                await self.bus.command(
+                await self._command(
                     proto.cmd_download(host),
                     proto.DeleteFile(
                         cmd_id=f"del-{ev.request_id}-{host}", model=ev.model, filename=filename
@@ -1168,7 +1293,7 @@ class Placer:
         if rec.state not in proto.LIVE_STATES:
             return
         if await self._write(rec, state=InstanceState.STOPPING, reason=reason):
-            await self.bus.command(
+            await self._command(
                 proto.cmd_agent(rec.host or ""),
                 proto.StopInstance(
                     cmd_id=f"stop-{rec.instance_id}", instance_id=rec.instance_id, reason=reason
@@ -1180,9 +1305,19 @@ class Placer:
 
     async def _refuse(self, model: str, reason: str, retry_after: float) -> None:
         """Tell waiting gateways this model cannot be served now (they answer 503)."""
+        self.refused[model] = (time.time(), reason)  # a pending `lls load` fails with it
         await self.bus.emit(
             proto.PlacementFailed(model=model, reason=reason, retry_after_s=max(1.0, retry_after))
         )
+
+    async def _command(
+        self, subject: str, cmd: proto.AgentCommand | proto.DownloaderCommand | proto.InspectModel
+    ) -> None:
+        """Send a command as the leader: only while the lease is valid (else LeaseLost aborts
+        the pass), stamped with its epoch, so that once another placer took over, agents and
+        downloaders refuse what this one may still have on its way."""
+        self.lease.check()
+        await self.bus.command(subject, msgspec.structs.replace(cmd, epoch=self.lease.epoch))
 
     async def _write(self, rec: InstanceRecord, **changes: object) -> bool:
         """Compare-and-set an instance record; False when someone else changed it first, or
@@ -1193,6 +1328,7 @@ class Placer:
             log.warning("not writing %s %s: %s", rec.instance_id, new.state.value, why)
             return False
         rev = self.revisions.get(rec.instance_id)
+        self.lease.check()  # a deposed or lapsed leader writes nothing (aborts the pass)
         try:
             rev = await self.bus.instances.update(
                 proto.instance_key(rec.host or "", rec.instance_id), proto.encode(new), last=rev
