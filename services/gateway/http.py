@@ -50,7 +50,8 @@ class Reply:
 
 # An idle pooled connection is dropped before llama-server drops it (its HTTP server closes a
 # keep-alive connection idle for 5 s): reusing one it already closed fails the request's
-# write ("Can not write request body"), and under load both tries could meet such a one.
+# write ("Can not write request body"). The one retry such a failure gets goes over a new
+# connection (`fresh`), never another pooled one.
 KEEPALIVE_S = 4.0
 
 
@@ -58,15 +59,29 @@ class Client:
     """A connection-pooling client; create it inside the running event loop."""
 
     def __init__(self, read_timeout: float | None, max_connections: int = 4096):
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=read_timeout),
+        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=read_timeout)
+        common = dict(
+            timeout=timeout,
             auto_decompress=False,  # bytes pass through as the instance encoded them
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S),
+            **common,  # type: ignore[arg-type]
+        )
+        # A retry after a failed write goes over a new connection: the pool may hold more
+        # connections the server has closed (it closed several at once, say).
+        self._fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, force_close=True),
+            **common,  # type: ignore[arg-type]
+        )
 
-    async def send(self, method: str, url: str, body: bytes, headers: Mapping[str, str]) -> Reply:
-        resp = await self._session.request(method, url, data=body, headers=headers)
+    async def send(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str], fresh: bool = False
+    ) -> Reply:
+        """`fresh`: over a new connection, not a pooled one (for a retry)."""
+        session = self._fresh if fresh else self._session
+        resp = await session.request(method, url, data=body, headers=headers)
         return Reply(resp)
 
     async def post_json(
@@ -84,3 +99,4 @@ class Client:
 
     async def aclose(self) -> None:
         await self._session.close()
+        await self._fresh.close()

@@ -186,7 +186,9 @@ class Upstream:
                     body = await self._fit_embedding_inputs(
                         model, rec.endpoint or "", body, sending
                     )
-                resp = await self.client.send("POST", f"{rec.endpoint}{path}", body, sending)
+                resp = await self.client.send(
+                    "POST", f"{rec.endpoint}{path}", body, sending, fresh=attempt > 0
+                )
             except http.StaleConnection as e:  # the request never reached the instance
                 self.router.end(rec)
                 if isinstance(e, http.ConnectError):  # nothing listens: skip it for a while
