@@ -153,11 +153,22 @@ def test_api_keys_scope_models_and_admin_endpoints(stack):
     assert httpx.get(f"{stack.base}/metrics", headers=auth()).status_code == 403
     assert httpx.get(f"{stack.base}/dashboard").status_code == 401
 
+    # Ollama's routes are counted like the others (one way to observe a request)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "options": SEEDED}
+    for stream in (False, True):
+        r = httpx.post(
+            f"{stack.base}/api/chat", json={**chat, "stream": stream}, headers=auth(), timeout=60
+        )
+        assert r.status_code == 200, r.text
+
     m = httpx.get(f"{stack.base}/metrics", headers=auth(ADMIN))
     assert m.status_code == 200
     assert 'lls_requests_total{model="tiny",route="/v1/completions",status="200"}' in m.text
+    assert 'lls_requests_total{model="tiny",route="/api/chat",status="200"} 2.0' in m.text
+    assert 'lls_time_to_first_token_seconds_count{model="tiny",route="/api/chat"} 1.0' in m.text
+    assert 'lls_request_seconds_count{model="tiny",route="/api/chat"} 2.0' in m.text
     assert "lls_cold_start_seconds_count" in m.text
-    assert 'lls_tokens_per_second_count{model="tiny"} 2.0' in m.text  # whole and streamed
+    assert 'lls_tokens_per_second_count{model="tiny"} 3.0' in m.text  # 2 whole, 1 streamed
     assert 'lls_admission_limit{model="tiny"} 2.0' in m.text  # two slots, one instance
 
     page = httpx.get(f"{stack.base}/dashboard", headers=auth(ADMIN))

@@ -32,6 +32,7 @@ from .admission import BY_ADDRESS, stage_of
 from .edge import decode_body
 from .errors import ApiError, error_response, sse_error, style_of
 from .metrics import TPS_KEY, Metrics, predicted_per_second
+from .observe import Observed
 from .proxy import Passthrough, Upstream, forward_headers
 from .router import Router
 from .usage import KeyLimits, KeyWindow, Lease, Usage
@@ -332,25 +333,20 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 upstream.open(model, route, body, headers, who=who, shown=shown(key))
             )
             resp, release = await unless(gone, opening, discard)
+            seen = Observed(metrics, router.stats, model, route, started)
 
             def done() -> None:
                 release()
-                metrics.requests.labels(model, route, str(resp.status_code)).inc()
-                metrics.latency.labels(model, route).observe(time.monotonic() - started)
-                router.stats.done(model, resp.status_code, time.monotonic() - started)
+                seen.done(resp.status_code)
 
             if head.stream and resp.status_code == 200:
-
-                def first_chunk() -> None:
-                    metrics.ttft.labels(model, route).observe(time.monotonic() - started)
-                    router.stats.first_token(model, time.monotonic() - started)
 
                 def chunk(data: bytes) -> None:
                     lease.feed(data)  # the token counts, when the stream ends
                     if TPS_KEY in data:  # the last chunk carries the timings
                         observe_speed(model, data)
 
-                return Passthrough(resp, on_close=done, on_first=first_chunk, on_chunk=chunk)
+                return Passthrough(resp, on_close=done, on_first=seen.first, on_chunk=chunk)
             # A whole answer: llama-server sends it at the end anyway, so take it in and pass
             # it on in one piece (fewer socket writes than re-chunking it).
             try:
@@ -405,6 +401,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 except ApiError as e:
                     yield sse_error(e, style_of(route))
                     return
+                seen = Observed(metrics, router.stats, model, route, started)
                 try:
                     if resp.status_code != 200:  # the instance's error, as an event too
                         data = await resp.aread()
@@ -412,16 +409,14 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                             upstream_error(model, resp.status_code, data), style_of(route)
                         )
                         return
-                    metrics.ttft.labels(model, route).observe(time.monotonic() - started)
-                    router.stats.first_token(model, time.monotonic() - started)
+                    seen.first()
                     async for chunk in resp.aiter_raw():
                         lease.feed(chunk)
                         yield chunk
                 finally:
                     await resp.aclose()
                     release()
-                    metrics.requests.labels(model, route, str(resp.status_code)).inc()
-                    router.stats.done(model, resp.status_code, time.monotonic() - started)
+                    seen.done(resp.status_code)
             finally:
                 router.dequeue(model, ticket)
                 if taken is None:  # client gone while waiting: give up the wait
@@ -484,16 +479,24 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 )
             )
             resp, release = await unless(gone, opening, discard)
+            seen = Observed(metrics, router.stats, model, request.url.path, started)
+
+            def done() -> None:
+                release()
+                seen.done(resp.status_code)
+
             if streamed and resp.status_code == 200:
                 lines = ollama.sse_to_ndjson(
                     lease.lines(resp.aiter_lines()), model, started, bool(stream_generate)
                 )
-                return Streamed(lines, resp, release, media_type="application/x-ndjson")
+                return Streamed(
+                    first_then(lines, seen.first), resp, done, media_type="application/x-ndjson"
+                )
             try:
                 data = await unless(gone, resp.aread())
             finally:
                 await resp.aclose()
-                release()
+                done()
         finally:
             gone.cancel()
         if resp.status_code != 200:
@@ -690,6 +693,15 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             await client.aclose()
 
     return app
+
+
+async def first_then(
+    items: AsyncIterator[bytes], first: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """`items`, calling `first` when the first one is ready."""
+    async for item in items:
+        first()
+        yield item
 
 
 class Streamed(StreamingResponse):
