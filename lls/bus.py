@@ -292,20 +292,23 @@ async def _await_stream(js: JetStreamContext, name: str, until: float) -> None:
 
 DEFAULT_LIMITS = NatsLimits(
     events_max_bytes=1 << 30,
+    events_max_age_days=7.0,
     commands_max_bytes=256 << 20,
     bucket_max_bytes=64 << 20,
     max_msg_bytes=1 << 20,
 )
 
 
-def size_limits(stream: str, limits: NatsLimits) -> dict[str, int]:
+def size_limits(stream: str, limits: NatsLimits) -> dict[str, Any]:
     """The size fields of `stream` (a KV bucket's is KV_<bucket>) that `limits` sets; the
     ones it leaves out (None) are not there, so what the server has stays."""
     size = {
         proto.EVENTS_STREAM: limits.events_max_bytes,
         proto.CMDS_STREAM: limits.commands_max_bytes,
     }.get(stream, limits.bucket_max_bytes)
-    out = {"max_bytes": size, "max_msg_size": limits.max_msg_bytes}
+    out: dict[str, Any] = {"max_bytes": size, "max_msg_size": limits.max_msg_bytes}
+    if stream == proto.EVENTS_STREAM and limits.events_max_age_days is not None:
+        out["max_age"] = limits.events_max_age_days * 86400.0  # seconds, as nats-py takes it
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -92,6 +92,9 @@ class NatsLimits(Strict):
     limit an operator set there stays); on first creation the default below applies."""
 
     events_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # created with 1 GiB
+    # How long the event stream (the history `lls events` and the dashboard read) keeps an
+    # event; created with 7 days. Whichever of age and bytes is reached first drops the oldest.
+    events_max_age_days: Annotated[float, Meta(gt=0, le=3650)] | None = None
     commands_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # created with 256 MiB
     bucket_max_bytes: Annotated[int, Meta(gt=0)] | None = None  # each KV bucket; 64 MiB
     max_msg_bytes: Annotated[int, Meta(gt=0)] | None = None  # one message or record; 1 MiB

@@ -63,6 +63,7 @@ async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url
     try:
         info = await first.js.stream_info(proto.EVENTS_STREAM)
         assert info.config.max_bytes == 1 << 30 and info.config.max_msg_size == 1 << 20
+        assert info.config.max_age == 7 * 86400  # the history: a week, or 1 GiB
         kv = await first.js.stream_info(f"KV_{proto.KV_INSTANCES}")
         assert kv.config.max_bytes == 64 << 20
         # An operator shrinks the event stream by hand (nats stream edit).
@@ -75,7 +76,9 @@ async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url
         assert info.config.max_bytes == 200 << 20  # not overwritten
     finally:
         await again.close()
-    limits = NatsLimits(commands_max_bytes=32 << 20, bucket_max_bytes=8 << 20)
+    limits = NatsLimits(
+        commands_max_bytes=32 << 20, bucket_max_bytes=8 << 20, events_max_age_days=2.5
+    )
     configured = await connect(nats_url, "t3", limits=limits)  # a limit set in the config
     try:
         cmds = await configured.js.stream_info(proto.CMDS_STREAM)
@@ -83,5 +86,6 @@ async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url
         events = await configured.js.stream_info(proto.EVENTS_STREAM)
         assert cmds.config.max_bytes == 32 << 20 and kv.config.max_bytes == 8 << 20
         assert events.config.max_bytes == 200 << 20
+        assert events.config.max_age == 2.5 * 86400
     finally:
         await configured.close()
