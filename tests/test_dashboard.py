@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 import proto
@@ -731,6 +733,286 @@ async def test_replicas_queues_and_warm_swaps_live(bus: Bus, start_ui) -> None:
             await bus.put(bus.instances, "demo-2", instance("demo-2", proto.InstanceState.STOPPED))
             await expect(count).to_contain_text("2/3")
             await expect(row.locator('[data-replica="demo-2"]')).to_have_count(0)
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+def changed(
+    iid: str, model: str, state: proto.InstanceState, revision: int, **kw: object
+) -> proto.InstanceChanged:
+    """An instance record's write as the event log carries it: the whole record."""
+    t = time.time()
+    rec = proto.InstanceRecord(
+        instance_id=iid, model=model, state=state, created=t - 30, updated=t, **kw
+    )
+    return proto.InstanceChanged(
+        instance_id=iid,
+        model=model,
+        state=state,
+        host=rec.host,
+        reason=rec.reason,
+        record=rec,
+        revision=revision,
+    )
+
+
+def test_view_files_events_by_the_models_they_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's timeline holds its own events and those that evict or swap it out; it says
+    when older ones were dropped."""
+    from services.ui import view as view_mod
+
+    view = View(["demo", "big"])
+    placed = proto.PlacementDecided(
+        model="big", instance_id="big-1", host="h", gpus=[0], memory_mib=1, reason="r"
+    )
+    evicting = proto.PlacementDecided(
+        model="big",
+        instance_id="big-2",
+        host="h",
+        gpus=[0],
+        memory_mib=1,
+        reason="r",
+        evicted=["demo-1"],
+    )
+    swap = proto.SwapChanged(model="big", stage="draining", yielding_models=["demo"])
+    for seq, ev in enumerate(
+        [changed("demo-1", "demo", proto.InstanceState.READY, 1), placed, evicting, swap], 1
+    ):
+        view.apply_event(seq, msgspec.to_builtins(ev))
+    demo = view.timeline("demo")
+    assert [e["kind"] for e in demo["events"]] == ["instance", "placement.decided", "swap"]
+    assert demo["events"][1]["instance_id"] == "big-2" and demo["complete"]
+    assert [e.get("instance_id") for e in view.timeline("big")["events"]] == [
+        "big-1",
+        "big-2",
+        None,
+    ]
+    monkeypatch.setattr(view_mod, "MODEL_EVENTS", 2)
+    small = View(["demo"])
+    for seq in range(1, 4):
+        small.apply_event(seq, msgspec.to_builtins(proto.Demand(model="demo", gateway_id="g")))
+    assert len(small.timeline("demo")["events"]) == 2
+    assert not small.timeline("demo")["complete"]
+
+
+@pytest.mark.browser
+async def test_model_timeline_explains_an_eviction(bus: Bus, start_ui) -> None:
+    """Clicking a model opens its story: who asked, where it was placed and what was free,
+    why it yielded and was evicted (told on both models' timelines), what failed; live."""
+    require("Chromium", HAVE_CHROMIUM, "apt-get install chromium")
+    from playwright.async_api import async_playwright, expect
+
+    ready, draining = proto.InstanceState.READY, proto.InstanceState.DRAINING
+    evicted = "evicted to make room for big (drained first)"
+    big_fit = (
+        "best fit on gpu-a GPU 0: 2.0 GiB free, model needs 20.0 GiB; once demo yield "
+        "(drain, then stop), which frees 4.0 GiB"
+    )
+    demo_fit = "best fit on gpu-a GPU 0: 20.0 GiB free, model needs 4.0 GiB"
+    at = {"host": "gpu-a", "gpus": [0]}
+    t0 = time.time()
+    history = [  # the recent past the UI replays on start, in the placer's order
+        proto.Demand(model="demo", gateway_id="gw1", waiting=2),
+        changed(
+            "demo-1",
+            "demo",
+            proto.InstanceState.PENDING,
+            1,
+            memory_mib=4096,
+            placement=demo_fit,
+            **at,
+        ),
+        proto.PlacementDecided(
+            model="demo", instance_id="demo-1", memory_mib=4096, reason=demo_fit, **at
+        ),
+        changed(
+            "demo-1", "demo", ready, 2, endpoint="http://h:1", ready_at=t0, memory_mib=4096, **at
+        ),
+        proto.SwapChanged(
+            model="big",
+            stage="draining",
+            yielding=["demo-1"],
+            yielding_models=["demo"],
+            reason="no GPU has 20.0 GiB free",
+        ),
+        changed("demo-1", "demo", draining, 3, drain_for="big", reason="yielding to big", **at),
+        proto.SwapChanged(
+            model="big", stage="done", yielding=["demo-1"], yielding_models=["demo"], drain_s=1.5
+        ),
+        proto.PlacementDecided(
+            model="big",
+            instance_id="big-1",
+            memory_mib=20480,
+            reason=big_fit,
+            evicted=["demo-1"],
+            **at,
+        ),
+        changed("demo-1", "demo", proto.InstanceState.STOPPING, 4, reason=evicted, **at),
+        changed("demo-1", "demo", proto.InstanceState.STOPPED, 5, reason=evicted, **at),
+        changed("x-1", "x", ready, 1, **at),  # another model's: in no timeline here
+        proto.PlacementFailed(model="demo", reason="no GPU has 4.0 GiB free", retry_after_s=5),
+    ]
+    for ev in history:
+        await bus.emit(ev)
+    asked = proto.DesiredModel(model="big", wanted="run", since=t0 - 5, by="cli", seen_by="p1")
+    await bus.put(bus.desired, "big", asked)
+
+    models = {m: {"url": f"file:///models/{m}.gguf"} for m in ("demo", "big")}
+    base = await start_ui(models)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(
+                viewport={"width": 1400, "height": 1000}, extra_http_headers=GATEWAY
+            )
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(base + "/dashboard")
+            await expect(page.locator("#conn")).to_have_text("live", timeout=5000)
+            panel = page.locator("#timeline")
+            await expect(panel).to_be_hidden()
+
+            # The victim's side, from the models table.
+            await page.locator('#instances [data-timeline="demo"]').click()
+            await expect(panel).to_be_visible()
+            await expect(page.locator("#tl-model")).to_have_text("demo")
+            await expect(page.locator("#tl-reach")).to_contain_text("all the event stream")
+            inst = page.locator('[data-timeline-group="demo-1"] .tl-row .text')
+            await expect(inst).to_have_text(
+                [
+                    "pending on gpu-a · GPU 0 · 4.0 GiB",  # why: on the next line
+                    f"placed on gpu-a · GPU 0 · 4.0 GiB because {demo_fit}",
+                    re.compile(r"^ready at http://h:1, \d"),
+                    "yields to big: no GPU has 20.0 GiB free",
+                    "draining: yields its memory to big (yielding to big)",
+                    "yielded to big after 1.50 s",
+                    f"evicted to make room for big (big-1 placed on gpu-a · GPU 0 · 20 GiB "
+                    f"because {big_fit})",
+                    f"stopping: {evicted}",
+                    f"stopped: {evicted}",
+                ]
+            )
+            whole = page.locator('[data-timeline-group=""] .tl-row .text')
+            await expect(whole).to_have_text(
+                [
+                    "2 requests waiting at gateway gw1",
+                    "not placed: no GPU has 4.0 GiB free (retry in 5 s)",
+                ]
+            )
+            assert await panel.locator('[data-timeline-group="x-1"]').count() == 0
+            await page.screenshot(path="/tmp/timeline.png")  # to look at
+
+            # The other side, from the replicas table: who asked, the swap, the eviction.
+            await page.locator('#replicas [data-timeline="big"]').click()
+            await expect(page.locator("#tl-model")).to_have_text("big")
+            await expect(page.locator("#tl-asked")).to_contain_text("asked to run by cli")
+            await expect(page.locator('[data-timeline-group=""] .tl-row .text')).to_have_text(
+                [
+                    "waits for demo to yield (drain, then stop): no GPU has 20.0 GiB free",
+                    "demo yielded after 1.50 s",
+                ]
+            )
+            big = page.locator('[data-timeline-group="big-1"] .tl-row .text')
+            await expect(big).to_have_text(
+                [f"placed on gpu-a · GPU 0 · 20 GiB because {big_fit}; evicts demo-1"]
+            )
+
+            # Live: its own events join, another model's do not.
+            await bus.emit(changed("demo-2", "demo", ready, 1, endpoint="http://h:2", **at))
+            await bus.emit(changed("big-1", "big", ready, 1, endpoint="http://h:3", **at))
+            await expect(big).to_have_count(2)
+            await expect(big.nth(1)).to_contain_text("ready at http://h:3")
+            await expect(panel.locator('[data-timeline-group="demo-2"]')).to_have_count(0)
+
+            # The rows themselves, from plain values.
+            rows = await page.evaluate(
+                """() => timelineRows([
+                  {kind: "instance", name: "instance.lost", model: "m", instance_id: "m-1",
+                   state: "lost", ts: 3, record: {state: "lost", reason: "host h silent 12 s"}},
+                  {kind: "stop.requested", model: "m", requested_by: "cli", ts: 2},
+                  {kind: "replica", model: "m", stage: "added", instance_id: "m-1",
+                   replicas: 2, reason: "waited 2.1 s with every instance busy", ts: 1},
+                  {kind: "placement.decided", model: "n", instance_id: "n-1", host: "h",
+                   gpus: [], memory_mib: 0, reason: "r", evicted: ["m-9"], ts: 4},
+                  {kind: "download.progress", model: "m", ts: 5},
+                  {kind: "instance", model: "m", instance_id: "m-2", state: "pending", ts: 6,
+                   record: {state: "pending", host: "h", gpus: [1], memory_mib: 512,
+                            placement: "most free memory on h GPU 1: 9.0 GiB free"}},
+                ], "m", ["m-9"]).map((r) => [r.group, r.text, r.tone])"""
+            )
+            assert rows == [
+                [
+                    "m-1",
+                    "replica added (2 live) because waited 2.1 s with every instance busy",
+                    "place",
+                ],
+                ["", "stop requested by cli", ""],
+                ["m-1", "lost: host h silent 12 s", "bad"],
+                ["m-9", "evicted to make room for n (n-1 placed on h · CPU because r)", "bad"],
+                # no placement event here: the record's own placement says why
+                [
+                    "m-2",
+                    "pending on h · GPU 1 · 512 MiB: most free memory on h GPU 1: 9.0 GiB free",
+                    "",
+                ],
+            ]
+            await page.locator("#tl-close").click()
+            await expect(panel).to_be_hidden()
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+@pytest.mark.browser
+async def test_timeline_reads_older_events_on_demand(
+    bus: Bus, start_ui, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond what the UI replayed on start, the timeline reads the stream back, a window
+    at a time, until its start."""
+    require("Chromium", HAVE_CHROMIUM, "apt-get install chromium")
+    from playwright.async_api import async_playwright, expect
+
+    from services.ui import feed, older
+
+    monkeypatch.setattr(feed, "REPLAY_MSGS", 3)
+    monkeypatch.setattr(older, "SCAN_MSGS", 2)
+    for ev in (  # stream sequences 1..7
+        proto.Demand(model="demo", gateway_id="g", waiting=1),
+        proto.StopRequested(model="demo", requested_by="cli"),
+        proto.HostJoined(host_id="h1", gpus=1, runtime="process"),
+        proto.Demand(model="demo", gateway_id="g", waiting=2),
+        proto.HostJoined(host_id="h2", gpus=1, runtime="process"),
+        proto.HostJoined(host_id="h3", gpus=1, runtime="process"),
+        proto.Demand(model="demo", gateway_id="g", waiting=3),
+    ):
+        await bus.emit(ev)
+    base = await start_ui()  # replays 5..7
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(extra_http_headers=GATEWAY)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(base + "/dashboard")
+            await page.locator('#instances [data-timeline="demo"]').click()
+            lines = page.locator('[data-timeline-group=""] .tl-row .text')
+            await expect(lines).to_have_text(["3 requests waiting at gateway g"])
+            older_button = page.locator("#tl-older")
+            await older_button.click()  # reads 3..4
+            await expect(lines).to_have_count(2)
+            await expect(older_button).to_be_visible()
+            await older_button.click()  # reads 1..2: the stream's start
+            await expect(lines).to_have_text(
+                [
+                    "1 request waiting at gateway g",
+                    "stop requested by cli",
+                    "2 requests waiting at gateway g",
+                    "3 requests waiting at gateway g",
+                ]
+            )
+            await expect(older_button).to_have_count(0)
+            await expect(page.locator("#tl-reach")).to_contain_text("all the event stream")
             assert errors == []
         finally:
             await browser.close()

@@ -23,6 +23,7 @@ import proto
 from lls.bus import Bus
 from services.ui.hub import Hub
 from services.ui.logs import NoAnswer, ask_log_tail, find_instance
+from services.ui.older import ScanTimeout, older_events
 from services.ui.secret import SECRET_HEADER
 from services.ui.view import View
 
@@ -104,6 +105,29 @@ def create_app(view: View, hub: Hub, bus: Bus | None = None) -> FastAPI:
     @app.get("/dashboard/state")
     async def state() -> Response:
         return Response(msgspec.json.encode(view.snapshot()), media_type="application/json")
+
+    @app.get("/dashboard/timeline")
+    async def timeline(model: str = "", before: str = "") -> Response:
+        """The events naming one model (its timeline), oldest first: those the view holds,
+        or with `before` (a stream sequence) older ones read from the stream. A query
+        parameter, not a path segment: model names may hold "/" and ":"."""
+        if not model:
+            return error(400, "model: required", "invalid_model")
+        if not before:
+            return Response(
+                msgspec.json.encode(view.timeline(model)), media_type="application/json"
+            )
+        try:
+            seq = int(before)
+        except ValueError:
+            return error(400, "before: a stream sequence number", "invalid_before")
+        if bus is None:
+            return error(503, "the event stream is not available here", "unavailable")
+        try:
+            body = await older_events(bus, model, seq, view.model_of)
+        except ScanTimeout as e:
+            return error(504, str(e), "stream_timeout")
+        return Response(msgspec.json.encode(body), media_type="application/json")
 
     @app.get("/dashboard/instances/{instance_id}/log")
     async def instance_log(instance_id: str, lines: str = "100") -> Response:

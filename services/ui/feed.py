@@ -30,6 +30,7 @@ WATCHED = {
     proto.KV_HOSTS: proto.HostRecord,
     proto.KV_INSTANCES: proto.InstanceRecord,
     proto.KV_ACTIVITY: proto.ActivityReport,
+    proto.KV_DESIRED: proto.DesiredModel,  # who asked for a model's load or stop (timelines)
 }
 
 
@@ -104,6 +105,8 @@ class Feed:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:
             start = max(info.state.first_seq, last - REPLAY_MSGS + 1)
+            if start > info.state.first_seq:  # timelines say where they begin
+                self.view.replay_from = start
             config = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
             )

@@ -19,6 +19,8 @@ from services.ui.history import History
 Json = dict[str, Any]
 
 MAX_EVENTS = 500  # the event log the page shows; older rows are dropped
+MODEL_EVENTS = 400  # per model, for its timeline: it reaches further back than the shared log
+MODEL_OF_MAX = 20_000  # instance id -> model, remembered to attribute evictions to the victim
 DOWNLOAD_STALE_S = 120.0  # a download with no progress this long is assumed dead
 ACTIVITY_STALE_S = 60.0  # KV TTL expiry is invisible to watchers: forget silent gateways
 EVT_PREFIX = proto.EVENTS_SUBJECTS.removesuffix(">")  # "lls.evt."
@@ -59,6 +61,17 @@ def slim_host(rec: Json) -> Json:
     return rec
 
 
+def models_named(ev: Json, model_of: Mapping[str, str]) -> set[str]:
+    """Every model an event tells something about: its own, and the models it makes yield
+    (a swap), evicts (a placement: the victims' instance ids, mapped through `model_of`) or
+    reconfigures. A model's timeline is the events that name it."""
+    named = {ev.get("model")} | set(ev.get("yielding_models") or [])
+    named |= {model_of.get(i) for i in ev.get("evicted") or [] if isinstance(i, str)}
+    for key in ("added", "removed", "changed"):
+        named |= set(ev.get(key) or [])
+    return {m for m in named if isinstance(m, str) and m}
+
+
 class View:
     """Hosts, instances, gateway activity, running downloads and the recent event log."""
 
@@ -69,8 +82,13 @@ class View:
         self.hosts: dict[str, Json] = {}
         self.instances: dict[str, Json] = {}
         self.activity: dict[str, Json] = {}  # gateway id -> ActivityReport
+        self.desired: dict[str, Json] = {}  # model key -> DesiredModel (who asked what)
         self.downloads: dict[str, Json] = {}  # "host/model" -> last DownloadProgress
         self.events: deque[Json] = deque(maxlen=MAX_EVENTS)
+        self.by_model: dict[str, deque[Json]] = {}  # model -> the events naming it (timeline)
+        self.overflowed: set[str] = set()  # models whose timeline lost its oldest events
+        self.model_of: dict[str, str] = {}  # instance id -> model
+        self.replay_from = 0  # the stream sequence the replay began at (0: its first)
         self.last_seq = 0
         self.history = History(self.models)  # the charts' samples over the last hour
 
@@ -100,7 +118,32 @@ class View:
                 return True  # progress swamps the log; the page shows it as a bar instead
             self.downloads.pop(key, None)
         self.events.append(ev)
+        self._file_by_model(ev)
         return True
+
+    def _file_by_model(self, ev: Json) -> None:
+        iid, model = ev.get("instance_id"), ev.get("model")
+        if isinstance(iid, str) and isinstance(model, str):
+            self._remember(iid, model)
+        for m in models_named(ev, self.model_of):
+            ring = self.by_model.setdefault(m, deque(maxlen=MODEL_EVENTS))
+            if len(ring) == MODEL_EVENTS:
+                self.overflowed.add(m)
+            ring.append(ev)
+
+    def _remember(self, iid: str, model: str) -> None:
+        self.model_of.pop(iid, None)  # re-inserted last: the oldest ids go first
+        self.model_of[iid] = model
+        if len(self.model_of) > MODEL_OF_MAX:
+            del self.model_of[next(iter(self.model_of))]
+
+    def timeline(self, model: str) -> Json:
+        """The events naming `model`, oldest first. `held_from`: the stream sequence from
+        which every one of them is held here (older ones were dropped from its ring, or came
+        before the replay began); `complete` when that is the stream's start."""
+        events = list(self.by_model.get(model, ()))
+        held_from = events[0]["seq"] if model in self.overflowed else self.replay_from
+        return {"model": model, "events": events, "complete": not held_from, "held_from": held_from}
 
     def apply_kv(self, bucket: str, key: str, rec: Json | None) -> None:
         table = self._table(bucket)
@@ -108,12 +151,15 @@ class View:
             table.pop(key, None)
         else:
             table[key] = slim_host(rec) if bucket == proto.KV_HOSTS else rec
+            if bucket == proto.KV_INSTANCES and rec.get("instance_id") and rec.get("model"):
+                self._remember(rec["instance_id"], rec["model"])
 
     def _table(self, bucket: str) -> dict[str, Json]:
         return {
             proto.KV_HOSTS: self.hosts,
             proto.KV_INSTANCES: self.instances,
             proto.KV_ACTIVITY: self.activity,
+            proto.KV_DESIRED: self.desired,
         }[bucket]
 
     def prune(self, now: float | None = None) -> None:
@@ -135,6 +181,7 @@ class View:
             "hosts": self.hosts,
             "instances": self.instances,
             "activity": self.activity,
+            "desired": self.desired,
             "downloads": self.downloads,
             "events": list(self.events),
             "last_seq": self.last_seq,
