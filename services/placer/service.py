@@ -103,6 +103,8 @@ class Placer:
         self.refused: dict[str, tuple[float, str]] = {}  # model -> last PlacementFailed
         self.inbox: list[proto.Event] = []
         self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
+        # DOWNLOADING instance -> the lease epoch its DownloadFile was last sent in
+        self.download_epoch: dict[str, int] = {}
         self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
         self.replica_blocked: dict[str, str] = {}  # model -> why its last replica found no room
         self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
@@ -675,6 +677,13 @@ class Placer:
             if rec.state == InstanceState.PENDING:
                 await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
                 await self._download(rec.host, rec.model, mcfg, filename, f"dl-{rec.instance_id}")
+                self.download_epoch[rec.instance_id] = self.lease.epoch
+            elif self.download_epoch.get(rec.instance_id) != self.lease.epoch:
+                # Sent by an earlier leader (or before this placer started): the downloader
+                # refuses that command's redelivery as stale, so this leader sends it again,
+                # once. A download of the same file already running is joined, not repeated.
+                await self._download(rec.host, rec.model, mcfg, filename, f"dl-{rec.instance_id}")
+                self.download_epoch[rec.instance_id] = self.lease.epoch
             elif now - rec.updated > self.cfg.downloader.timeout + 60:
                 await self._fail(rec, "download did not finish in time")
             return
@@ -1181,6 +1190,9 @@ class Placer:
             if rec.state in proto.END_STATES and now - rec.updated > ttl:
                 self.lease.check()
                 await self.bus.instances.delete(proto.instance_key(rec.host or "", rec.instance_id))
+        for iid in [i for i in self.download_epoch if i not in self.instances or
+                    self.instances[i].state != InstanceState.DOWNLOADING]:  # fmt: skip
+            del self.download_epoch[iid]
 
     # ------------------------------------------------------------------ pull and delete
 
