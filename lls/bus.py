@@ -487,36 +487,83 @@ async def consume(
     stop: asyncio.Event,
     *,
     stream: str,
-    batch: int = 16,
+    tasks: set[asyncio.Task[None]] | None = None,
+    concurrency: int = 1,
     ack_wait_s: float = 30,
 ) -> None:
-    """Pull messages of a durable consumer and pass each to `handle(msg)` until `stop`.
+    """Pull a durable consumer's messages and run `handle(msg)` on each until `stop`: the one
+    command loop of every service (agent, downloader, inspector).
 
-    `handle` acks (or naks) the message itself. Resubscribes after errors, so a NATS restart
-    does not leave the consumer stalled (nats.py issue 504).
+    `handle` acks or naks the message itself. Given `tasks`, each `handle` runs in a task put
+    there (the owner cancels them on shutdown), at most `concurrency` at once; without, one
+    after another. Messages are fetched one at a time: nats-py's fetch of n, once one came,
+    waits out its timeout for the rest, which held a second command up to a second.
+
+    It rides out bus trouble: it subscribes again after an error, after 3 failed fetches in a
+    row, and when fetches keep timing out while the consumer has messages pending (pull
+    subscriptions have been seen to stall after a server restart, nats.py issue 504).
     """
-    while not stop.is_set():
-        sub = None
-        try:
-            sub = await bus.js.pull_subscribe(
-                subject,
-                durable=durable,
-                stream=stream,
-                config=durable_config(durable, subject, ack_wait_s),
-            )
-            while not stop.is_set():
+    sub = None
+    errors = idle = 0
+    try:
+        while not stop.is_set():
+            if sub is None:
                 try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
+                    sub = await bus.js.pull_subscribe(
+                        subject,
+                        durable=durable,
+                        stream=stream,
+                        config=durable_config(durable, subject, ack_wait_s),
+                    )
+                except Exception as e:  # noqa: BLE001 - NATS not reachable yet
+                    log.warning("cannot subscribe to %s: %s", subject, e)
+                    await wait_event(stop, 1.0)
                     continue
-                for msg in msgs:
+            if tasks is not None and len(tasks) >= concurrency:
+                await asyncio.wait(tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+                errors = idle = 0
+            except (TimeoutError, nats.errors.TimeoutError):
+                idle += 1
+                if idle % STALL_CHECK_EVERY == 0 and await _stalled(bus, stream, durable):
+                    log.warning("consumer %s stalled; subscribing again", durable)
+                    sub = await _drop(sub)
+                continue
+            except Exception as e:  # noqa: BLE001 - keep consuming through bus trouble
+                errors += 1
+                log.warning("consumer %s: fetching failed: %s", durable, e)
+                if errors >= 3:
+                    sub, errors = await _drop(sub), 0
+                await wait_event(stop, 0.5)
+                continue
+            for msg in msgs:
+                if tasks is None:
                     await handle(msg)
-        except Exception as e:  # noqa: BLE001 - keep consuming through bus trouble
-            if stop.is_set():
-                return
-            log.warning("consumer %s failed (%s); resubscribing", durable, e)
-            await wait_event(stop, 1.0)
-        finally:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                else:
+                    task = asyncio.create_task(handle(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+    finally:
+        await _drop(sub)  # an open pull subscription would stall the connection's drain
+
+
+STALL_CHECK_EVERY = 30  # idle fetches (about a second each) between checks for a stall
+
+
+async def _stalled(bus: Bus, stream: str, durable: str) -> bool:
+    """Messages wait for the consumer, yet fetches time out (or the consumer is gone)."""
+    try:
+        info = await bus.js.consumer_info(stream, durable)
+    except Exception as e:  # noqa: BLE001 - consumer gone, or NATS away
+        log.warning("consumer %s: %s", durable, e)
+        return True
+    return info.num_pending > 0
+
+
+async def _drop(sub: Any) -> None:
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return None

@@ -89,3 +89,50 @@ async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url
         assert events.config.max_age == 2.5 * 86400
     finally:
         await configured.close()
+
+
+async def test_the_command_loop_runs_at_most_its_concurrency_and_hands_every_message_on(
+    bus: Bus,
+) -> None:
+    from lls.bus import consume
+
+    host = f"c{new_id()[:6]}"
+    subject = proto.cmd_agent(host)
+    for i in range(5):
+        await bus.command(subject, proto.StopInstance(cmd_id=f"s{i}", instance_id=f"m-{i:08x}"))
+    release, two_running, all_seen = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    running = peak = 0
+    seen: list[str] = []
+
+    async def handle(msg) -> None:  # type: ignore[no-untyped-def]
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if running == 2:
+            two_running.set()
+        await release.wait()
+        seen.append(proto.decode(msg.data, proto.AgentCommand).cmd_id)
+        running -= 1
+        await msg.ack()
+        if len(seen) == 5:
+            all_seen.set()
+
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+    loop = asyncio.create_task(
+        consume(bus, f"agent-{host}", subject, handle, stop, stream=proto.CMDS_STREAM,
+                tasks=tasks, concurrency=2)
+    )  # fmt: skip
+    async with asyncio.timeout(10):
+        await two_running.wait()
+    await asyncio.sleep(1.5)  # room for more fetches: none may start past the bound
+    assert peak == 2 and len(tasks) == 2
+    release.set()
+    async with asyncio.timeout(15):
+        await all_seen.wait()
+    assert sorted(seen) == [f"s{i}" for i in range(5)] and peak == 2
+    stop.set()
+    async with asyncio.timeout(5):
+        await loop
+    info = await bus.js.consumer_info(proto.CMDS_STREAM, f"agent-{host}")
+    assert info.num_pending == 0 and info.num_ack_pending == 0

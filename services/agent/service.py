@@ -34,7 +34,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 import proto
 from lls import instance_key
 from lls.aio import wait_event
-from lls.bus import durable_config, kv_snapshot
+from lls.bus import consume, kv_snapshot
 from lls.config import (
     AgentConfig,
     Config,
@@ -72,7 +72,6 @@ STOP_WAIT_S = STOP_GRACE_S + 20.0  # a stop command waits this long for the inst
 HEALTH_POLL_S = 0.02  # a start is noticed fast: a swap waits on it
 WATCH_POLL_S = 1.0
 RECONCILE_EVERY_S = 5.0
-STALL_CHECK_EVERY = 30  # idle fetches between checks that the pull consumer still delivers
 BIND_ATTEMPTS = 3  # another process may grab the port between our probe and the server's bind
 NOT_FOUND_AFTER_RESTART = "agent restarted; instance process not found"
 LOG_PENDING_MAX = 32  # log tail requests waiting for an answer; more are dropped
@@ -452,71 +451,16 @@ class Agent:
     # ------------------------------------------------------------ commands
 
     async def _consume(self) -> None:
-        subject = proto.cmd_agent(self.host)
-        durable = f"agent-{self.host}"
-        sub = None
-        errors = idle = 0
-        try:
-            while True:
-                if sub is None:
-                    try:
-                        sub = await self.bus.js.pull_subscribe(
-                            subject,
-                            durable=durable,
-                            stream=proto.CMDS_STREAM,
-                            config=durable_config(durable, subject),
-                        )
-                    except Exception as e:  # noqa: BLE001 - NATS not reachable yet
-                        log.warning("cannot subscribe to %s: %s", subject, e)
-                        await asyncio.sleep(1)
-                        continue
-                room = MAX_COMMANDS - len(self._handlers)
-                if room <= 0:
-                    await asyncio.wait(
-                        self._handlers, timeout=1, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    continue
-                try:
-                    # One at a time: nats-py's fetch of n, once one message came, waits
-                    # out its timeout for the rest, so a second start sent just after
-                    # the first waited up to a second.
-                    msgs = await sub.fetch(batch=1, timeout=1)
-                    errors = idle = 0
-                except TimeoutError:
-                    idle += 1
-                    if idle % STALL_CHECK_EVERY == 0 and await self._stalled(durable):
-                        log.warning("command consumer stalled; subscribing again")
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                        sub = None
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    errors += 1
-                    log.warning("fetching commands: %s", e)
-                    if errors >= 3:  # pull subscriptions can stall after a server restart
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                        sub, errors = None, 0
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    t = asyncio.create_task(self._handle(msg))
-                    self._handlers.add(t)
-                    t.add_done_callback(self._handlers.discard)
-        finally:
-            if sub is not None:  # an open pull subscription would stall the drain
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-
-    async def _stalled(self, durable: str) -> bool:
-        """Commands wait but fetches time out: pull subscriptions have been seen to stall
-        after a server restart (nats.py issue 504)."""
-        try:
-            info = await self.bus.js.consumer_info(proto.CMDS_STREAM, durable)
-        except Exception as e:  # noqa: BLE001 - consumer gone, or NATS away
-            log.warning("command consumer %s: %s", durable, e)
-            return True
-        return info.num_pending > 0
+        await consume(
+            self.bus,
+            f"agent-{self.host}",
+            proto.cmd_agent(self.host),
+            self._handle,
+            self.ctx.stop,
+            stream=proto.CMDS_STREAM,
+            tasks=self._handlers,
+            concurrency=MAX_COMMANDS,
+        )
 
     async def _handle(self, msg: Any) -> None:
         try:

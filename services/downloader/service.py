@@ -31,8 +31,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 import proto
-from lls.aio import wait_event
-from lls.bus import Bus, consume, durable_config
+from lls.bus import Bus, consume
 from lls.config import Config, expand, legacy_store_filename, store_filename_of
 from lls.fence import Fence
 from lls.service import ServiceContext
@@ -132,7 +131,6 @@ class Downloader:
                 self._on_inspect,
                 stop,
                 stream=proto.CMDS_STREAM,
-                batch=1,  # one at a time: a fetched command waits on no other
             )
         )
         lease = asyncio.create_task(self.fence.follow(self.bus, stop))
@@ -145,44 +143,26 @@ class Downloader:
 
     async def _serve_downloads(self, stop: asyncio.Event) -> None:
         subject = proto.cmd_download(self.host)
-        durable = f"downloader-{self.host}"
-        psub = await self.bus.js.pull_subscribe(
-            subject,
-            durable=durable,
-            stream=proto.CMDS_STREAM,
-            config=durable_config(durable, subject),
-        )
         self.store.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(sweep_partials, self.store, self.keep)
         log.info("downloading into %s, commands on %s", self.store, subject)
         active: set[asyncio.Task[None]] = set()
         try:
-            while not stop.is_set():
-                free = self.max_active - len(active)
-                if free <= 0:
-                    await asyncio.wait(active, timeout=1, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    # One at a time: a fetch of n waits out its timeout for the rest once
-                    # one came, which delayed a second download by up to a second.
-                    msgs = await psub.fetch(1, timeout=1)
-                except TimeoutError:
-                    continue  # nothing to do
-                except Exception as e:  # noqa: BLE001 - NATS reconnecting: keep polling
-                    log.warning("fetching commands: %r", e)
-                    await wait_event(stop, 1)
-                    continue
-                for m in msgs:
-                    t = asyncio.create_task(self._on_message(m))
-                    active.add(t)
-                    t.add_done_callback(active.discard)
+            await consume(
+                self.bus,
+                f"downloader-{self.host}",
+                subject,
+                self._on_message,
+                stop,
+                stream=proto.CMDS_STREAM,
+                tasks=active,
+                concurrency=self.max_active,
+            )
         finally:
             for t in list(active):
                 t.cancel()
             await asyncio.gather(*active, return_exceptions=True)
             await self.close()
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()  # an open pull subscription stalls drain()
 
     async def close(self) -> None:
         tasks = [j.task for j in self.jobs.values() if j.task]
