@@ -104,14 +104,30 @@ async def stop_model(bus: Bus, model: str = "tiny") -> None:
     live = proto.LIVE_STATES | {proto.InstanceState.STOPPING}
     async with asyncio.timeout(WAIT_S):
         while True:
-            recs = await kv_snapshot(bus, bus.instances, proto.InstanceRecord)
-            if not [r for r in recs.values() if r.model == model and r.state in live]:
+            recs = [
+                r
+                for r in (await kv_snapshot(bus, bus.instances, proto.InstanceRecord)).values()
+                if r.model == model
+            ]
+            # positive evidence (a stopped record), not just no live one: a snapshot that
+            # came back empty would otherwise end the wait before the stop began
+            ended = [r for r in recs if r.state in proto.END_STATES]
+            if ended and not [r for r in recs if r.state in live]:
                 return
             await asyncio.sleep(0.1)
 
 
 def cache_files(tmp_path: Path, host: str = "h1") -> list[slot_cache.CachedFile]:
     return slot_cache.scan(tmp_path / "store" / "slot-cache" / host)
+
+
+async def saved_files(tmp_path: Path, within: float = 10.0) -> list[slot_cache.CachedFile]:
+    """The cache's files once there are any (the save comes with the stop), within a deadline."""
+    async with asyncio.timeout(within):
+        while True:  # a folder, not an event, to watch
+            if files := cache_files(tmp_path):
+                return files
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -243,7 +259,7 @@ async def test_a_failed_restore_leaves_the_model_cold_and_a_failed_save_never_bl
             await turn(c, s.base, prompt)
             assert events.bus is not None
             await stop_model(events.bus)
-            [saved_file] = cache_files(tmp_path)
+            [saved_file] = await saved_files(tmp_path)
             (folder / saved_file.name).write_bytes(b"\x00garbage" * 1000)  # corrupt it
             again = await turn(c, s.base, prompt + "and more")  # served, cold
             failed = await events.wait("failed")
