@@ -86,8 +86,12 @@ async def _ask(bus: Bus, request: proto.Event) -> None:
         ) from None
 
 
-async def _answer(follow: Follow, request_id: str, typ: type) -> Any:  # noqa: ANN401
-    """The placer's answer to our request, or a 503 when no placer answers in time."""
+async def _answer(
+    follow: Follow, request_id: str, typ: type, early: list[proto.Event] | None = None
+) -> Any:  # noqa: ANN401
+    """The placer's answer to our request, or a 503 when no placer answers in time. Other
+    events that came first go to `early`: a host can act on the placer's command before the
+    placer's answer reaches us."""
     deadline = time.monotonic() + ANSWER_WAIT_S
     while True:
         try:
@@ -101,6 +105,8 @@ async def _answer(follow: Follow, request_id: str, typ: type) -> Any:  # noqa: A
             ) from None
         if isinstance(ev, typ) and getattr(ev, "request_id", None) == request_id:
             return ev
+        if early is not None:
+            early.append(ev)
 
 
 class Pull:
@@ -122,6 +128,7 @@ class Pull:
         self.size_of = size_of  # host -> the file's size there, from its heartbeat
         self.request_id = new_id()
         self.answer: proto.PullAnswered | None = None
+        self.early: list[proto.Event] = []  # download events that came before the answer
         self.follow = Follow(
             bus,
             [proto.evt("pull.answered"), "lls.evt.download.>"],
@@ -137,7 +144,7 @@ class Pull:
                     model=self.model, request_id=self.request_id, gateway_id=self.gateway_id
                 ),
             )
-            answer = await _answer(self.follow, self.request_id, proto.PullAnswered)
+            answer = await _answer(self.follow, self.request_id, proto.PullAnswered, self.early)
         except BaseException:
             await self.follow.close()
             raise
@@ -165,7 +172,11 @@ class Pull:
             while True:
                 left = deadline - time.monotonic()
                 try:
-                    ev = await self.follow.next(min(left, PULL_IDLE_S))
+                    ev = (
+                        self.early.pop(0)
+                        if self.early
+                        else await self.follow.next(min(left, PULL_IDLE_S))
+                    )
                 except TimeoutError:
                     why = (
                         f"no progress for {PULL_IDLE_S:g} s"
@@ -213,7 +224,10 @@ async def delete(bus: Bus, gateway_id: str, model: str) -> None:
         await _ask(
             bus, proto.DeleteRequested(model=model, request_id=request_id, gateway_id=gateway_id)
         )
-        answer: proto.DeleteAnswered = await _answer(follow, request_id, proto.DeleteAnswered)
+        early: list[proto.Event] = []
+        answer: proto.DeleteAnswered = await _answer(
+            follow, request_id, proto.DeleteAnswered, early
+        )
         if answer.status == "refused":
             raise ApiError(409, f"cannot delete {model}: {answer.reason}", "model_in_use", 5)
         if answer.status == "absent":
@@ -222,7 +236,7 @@ async def delete(bus: Bus, gateway_id: str, model: str) -> None:
         deadline = time.monotonic() + DELETE_WAIT_S
         while waiting:
             try:
-                ev = await follow.next(deadline - time.monotonic())
+                ev = early.pop(0) if early else await follow.next(deadline - time.monotonic())
             except TimeoutError:
                 hosts = ", ".join(sorted(waiting.values()))
                 raise ApiError(
