@@ -162,7 +162,14 @@ class Upstream:
         keep_alive: float | None,
     ) -> tuple[http.Reply, Callable[[], None]]:
         t0 = time.monotonic()
-        prefix = affinity.prefix_key(body, path, self.cfg.gateway.prefix_chars)
+        g = self.cfg.gateway
+        # the prompt is parsed only when there is a choice to make (the hot path: one replica)
+        several = len(self.router.ready.get(model, ())) > 1
+        prefix = (
+            affinity.prefix_key(body, path, g.prefix_chars)
+            if g.routing == "prefix" and several
+            else None
+        )
         for attempt in range(2):  # one retry: endpoint refused, or a stale pooled connection
             cold = self.router.pick(model) is None
             try:
