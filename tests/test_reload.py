@@ -481,5 +481,11 @@ def test_a_service_that_cannot_start_on_an_edited_config_waits_and_the_rest_serv
     s.config.write_text(good)  # fixed: a reload starts it again
     assert lls_reload(s).returncode == 0
     wait_for("the ui back", lambda: s.logs().count("ui started (host") == 2, 30, s)
-    r = httpx.get(f"{s.base}/dashboard", params={"key": "unused"}, timeout=10)
+
+    def dashboard() -> httpx.Response:
+        return httpx.get(f"{s.base}/dashboard", params={"key": "unused"}, timeout=10)
+
+    # "started" is logged before the ui listens (it replays the event stream first)
+    wait_for("the ui listening", lambda: dashboard().status_code != 502, 15, s)
+    r = dashboard()
     assert r.status_code == 200, r.text  # proxied to a live ui again
