@@ -276,6 +276,64 @@ def write_server_conf(folder: Path, tls: NatsTls | None = None) -> Path:
     return path
 
 
+ROUTE_SECRET = "cluster-route.secret"  # what NATS servers of one cluster present to each other
+
+
+def write_node_conf(
+    folder: Path,
+    name: str,
+    host: str,
+    routes: list[str],
+    store_dir: Path,
+    tls: NatsTls | None = None,
+    client_port: int = 4222,
+    cluster_port: int = 6222,
+    cluster_name: str = "lls",
+) -> Path:
+    """Config of one server of a NATS cluster: `nats-<name>.conf` beside the identities.
+
+    It includes `nats-server.conf`, so identities added later (`lls hosts add`) reach every
+    node at its reload (SIGHUP each). `routes` are the other nodes' host:port cluster
+    addresses. Nodes authenticate to each other with the secret in `cluster-route.secret`
+    (created 0600 when absent; copy the folder to every NATS host), and with TLS when `tls`
+    is set (the same CA, certificate and key as for clients).
+    """
+    if not (folder / SERVER_CONF).exists():
+        write_server_conf(folder, tls)
+    secret_path = folder / ROUTE_SECRET
+    if not secret_path.exists():
+        _write_private(secret_path, secrets.token_urlsafe(32) + "\n")
+    password = secret_path.read_text().strip()
+    scheme = "nats-route"
+    cluster: dict[str, object] = {
+        "name": cluster_name,
+        "listen": f"{host}:{cluster_port}",
+        "authorization": {"user": "route", "password": password, "timeout": 5},
+        "routes": [f"{scheme}://route:{password}@{r}" for r in routes],
+    }
+    if tls is not None:
+        from lls.config import expand
+
+        cluster["tls"] = {
+            "ca_file": str(expand(tls.ca)),
+            "cert_file": str(expand(tls.cert)),
+            "key_file": str(expand(tls.key)),
+            "verify": True,
+            "timeout": 5,
+        }
+    node = {
+        "server_name": name,
+        "listen": f"{host}:{client_port}",
+        "jetstream": {"store_dir": str(store_dir)},
+        "cluster": cluster,
+    }
+    # Top-level keys in JSON form (valid NATS config), then the shared users and client TLS.
+    body = "\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in node.items())
+    path = folder / f"nats-{name}.conf"
+    _write_private(path, f"{body}\ninclude ./{SERVER_CONF}\n")
+    return path
+
+
 def reload_server(folder: Path) -> bool:
     """SIGHUP the embedded nats-server whose pid file is in `folder`, if it runs."""
     try:

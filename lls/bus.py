@@ -35,7 +35,7 @@ from nats.js.kv import KeyValue
 import proto
 from lls import auth
 from lls.aio import wait_event
-from lls.config import NatsLimits, NatsTls, expand
+from lls.config import NatsLimits, NatsTls, expand, nats_servers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,10 +180,15 @@ async def connect(
     tls: NatsTls | None = None,
     deadline_s: float = 30.0,
     limits: NatsLimits | None = None,
+    replicas: int | None = None,
 ) -> Bus:
     """Connect as the identity in `creds` (default: the file named by $LLS_NATS_CREDS; none:
     no credentials) and bind the streams and buckets: the placer and the operator create or
     update them, every other identity waits for them (it may not create them).
+
+    `url` may list several servers of one NATS cluster, comma-separated (seeds: nats-py learns
+    the rest from the cluster and fails over between them). `replicas` (the config's
+    `nats.replicas`) is how many servers hold each stream and bucket; None keeps what exists.
 
     Retries an unreachable server until `deadline_s`; a refused identity fails at once.
     """
@@ -217,7 +222,7 @@ async def connect(
         options["tls"] = tls_context(tls)
     connecting = asyncio.ensure_future(
         nc.connect(
-            url,
+            nats_servers(url),
             name=name,
             connect_timeout=5,
             max_reconnect_attempts=-1,
@@ -251,13 +256,13 @@ async def connect(
     limits = limits or NatsLimits()
     for cfg in STREAMS:
         if declare:
-            await _ensure_stream(js, cfg, limits)
+            await _ensure_stream(js, cfg, limits, replicas)
         else:
             await _await_stream(js, cfg.name, until)
     kv = {}
     for cfg in BUCKETS:
         if declare:
-            kv[cfg.bucket] = await _ensure_bucket(js, cfg, limits)
+            kv[cfg.bucket] = await _ensure_bucket(js, cfg, limits, replicas)
         else:
             await _await_stream(js, f"KV_{cfg.bucket}", until)
             kv[cfg.bucket] = await js.key_value(cfg.bucket)
@@ -319,20 +324,26 @@ def _with_defaults(limits: NatsLimits) -> NatsLimits:
     )
 
 
-async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig, limits: NatsLimits) -> None:
+def _replicas(replicas: int | None) -> dict[str, Any]:
+    return {} if replicas is None else {"num_replicas": replicas}
+
+
+async def _ensure_stream(
+    js: JetStreamContext, cfg: StreamConfig, limits: NatsLimits, replicas: int | None = None
+) -> None:
     """Create the stream with the configured limits (defaults where unset); an existing one
     keeps its limits (an operator may have set them on purpose) except those the config sets."""
     try:
         info = await js.stream_info(cfg.name)
     except NotFoundError:
+        made = {**size_limits(cfg.name, _with_defaults(limits)), **_replicas(replicas)}
         try:
-            await js.add_stream(
-                dataclasses.replace(cfg, **size_limits(cfg.name, _with_defaults(limits)))
-            )
+            await js.add_stream(dataclasses.replace(cfg, **made))
             return
         except BadRequestError:  # another service created it meanwhile
             info = await js.stream_info(cfg.name)
-    await _apply(js, info.config, size_limits(cfg.name, limits), subjects=cfg.subjects)
+    changes = {**size_limits(cfg.name, limits), **_replicas(replicas)}
+    await _apply(js, info.config, changes, subjects=cfg.subjects)
 
 
 async def _apply(
@@ -344,14 +355,19 @@ async def _apply(
         await js.update_stream(dataclasses.replace(cur, **wanted))
 
 
-async def _ensure_bucket(js: JetStreamContext, cfg: KeyValueConfig, limits: NatsLimits) -> KeyValue:
+async def _ensure_bucket(
+    js: JetStreamContext, cfg: KeyValueConfig, limits: NatsLimits, replicas: int | None = None
+) -> KeyValue:
     stream = f"KV_{cfg.bucket}"
     try:
         kv = await js.key_value(cfg.bucket)
     except Exception:
         made = size_limits(stream, _with_defaults(limits))
         sized = dataclasses.replace(
-            cfg, max_bytes=made["max_bytes"], max_value_size=made["max_msg_size"]
+            cfg,
+            max_bytes=made["max_bytes"],
+            max_value_size=made["max_msg_size"],
+            replicas=replicas or 1,
         )
         try:
             kv = await js.create_key_value(sized)
@@ -360,7 +376,8 @@ async def _ensure_bucket(js: JetStreamContext, cfg: KeyValueConfig, limits: Nats
     # No roll-ups: permissions see subjects, not headers, so an identity allowed one key
     # could otherwise empty the whole bucket with `Nats-Rollup: all` (we never purge).
     info = await js.stream_info(stream)
-    await _apply(js, info.config, size_limits(stream, limits), allow_rollup_hdrs=False)
+    changes = {**size_limits(stream, limits), **_replicas(replicas)}
+    await _apply(js, info.config, changes, allow_rollup_hdrs=False)
     return kv
 
 

@@ -587,7 +587,13 @@ def main(argv: list[str] | None = None) -> None:
     async def go() -> int:
         try:
             bus = await connect(
-                url, "cli", creds=creds, tls=cfg.nats.tls, deadline_s=10, limits=cfg.nats.limits
+                url,
+                "cli",
+                creds=creds,
+                tls=cfg.nats.tls,
+                deadline_s=10,
+                limits=cfg.nats.limits,
+                replicas=cfg.nats.replicas,
             )
         except Exception as e:  # noqa: BLE001
             print(f"error: cannot reach NATS at {url}: {e}", file=sys.stderr)

@@ -101,13 +101,18 @@ class NatsLimits(Strict):
 
 
 class NatsConfig(Strict):
-    url: str = "embedded"  # "embedded" starts nats-server; else nats://host:port or tls://
+    # "embedded" starts nats-server; else nats://host:port or tls://host:port, or several
+    # servers of one NATS cluster, comma-separated (seeds; clients fail over between them).
+    url: str = "embedded"
     port: Port = 4222  # for the embedded server; a busy port falls back to a free one
     store_dir: str = "~/.cache/llama-scheduler/nats"
     # Identity files (<user>.json, 0600) and the server's auth config; empty = store_dir/auth
     credentials_dir: str = ""
     tls: NatsTls | None = None
     limits: NatsLimits = msgspec.field(default_factory=NatsLimits)
+    # How many servers of a NATS cluster hold each stream and bucket (3 survives losing one).
+    # Unset keeps what the server has; they are created with 1. At most the cluster's size.
+    replicas: Annotated[int, Meta(ge=1, le=5)] | None = None
 
 
 class SimulatedGpu(Strict):
@@ -282,8 +287,8 @@ class Config(Strict):
             return self.cluster.id
         if self.nats.url == "embedded":
             basis = f"embedded:{expand(self.nats.store_dir).absolute()}"
-        else:
-            basis = self.nats.url
+        else:  # the same cluster whichever seed a host lists first
+            basis = ",".join(sorted(nats_servers(self.nats.url)))
         return hashlib.sha256(basis.encode()).hexdigest()[:12]
 
     def store_dir(self) -> Path:
@@ -305,9 +310,22 @@ def expand(path: str) -> Path:
     return Path(os.path.expanduser(os.path.expandvars(path)))
 
 
+def nats_servers(url: str) -> list[str]:
+    """The server URLs in a `nats.url` (one, or several comma-separated)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 def _validate_nats(nats: NatsConfig) -> None:
-    if nats.url != "embedded" and not nats.url.startswith(("nats://", "tls://")):
-        raise ConfigError("nats.url: 'embedded', or nats://host:port or tls://host:port")
+    if nats.url != "embedded":
+        urls = nats_servers(nats.url)
+        bad = [u for u in urls if not re.match(r"^(nats|tls)://[^\s/,]+$", u)]
+        if not urls or bad:
+            raise ConfigError(
+                "nats.url: 'embedded', or nats://host:port or tls://host:port, or several of "
+                f"those comma-separated (not {', '.join(bad) or 'empty'})"
+            )
+    if nats.url == "embedded" and (nats.replicas or 1) > 1:
+        raise ConfigError("nats.replicas: the embedded server is one server; use 1 or a cluster")
     tls = nats.tls
     if tls is None:
         return

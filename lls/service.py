@@ -193,7 +193,14 @@ async def _serve(
     args: argparse.Namespace,
 ) -> None:
     async with asyncio.timeout(35):
-        bus = await connect(url, name, creds=creds, tls=cfg.nats.tls, limits=cfg.nats.limits)
+        bus = await connect(
+            url,
+            name,
+            creds=creds,
+            tls=cfg.nats.tls,
+            limits=cfg.nats.limits,
+            replicas=cfg.nats.replicas,
+        )
     bus.start_probe()  # so a frozen bus is noticed, and watches are set up again after it
     ctx = ServiceContext(
         name=name,
