@@ -10,6 +10,8 @@ per-role permissions of `permissions()`. docs/security.md explains the model.
     python -m lls.auth add-host HOST [--config FILE]            # = lls hosts add HOST
     python -m lls.auth rotate USER ... [--config FILE]          # new passwords
     python -m lls.auth tls DIR NAME ...                         # a CA and a certificate
+    python -m lls.auth node NAME --host ADDR --route ADDR:6222 ... --store DIR
+                                                 # one server of a NATS cluster: its config
 """
 
 from __future__ import annotations
@@ -420,6 +422,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("tls", help="a CA and a certificate (openssl)")
     p.add_argument("tls_dir")
     p.add_argument("names", nargs="+", help="DNS names and IPs the certificate is valid for")
+    p = sub.add_parser("node", help="config of one server of a NATS cluster")
+    p.add_argument("name", help="this server's name, unique in the cluster")
+    p.add_argument("--host", required=True, help="the address it listens on")
+    p.add_argument("--route", action="append", default=[], help="another server's ADDR:6222")
+    p.add_argument("--store", required=True, help="its JetStream folder")
     args = ap.parse_args(argv)
     try:
         if args.command == "tls":
@@ -434,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server config: {folder / SERVER_CONF}")
         elif args.command == "add-host":
             print(add_host(folder, args.host, cfg.nats.tls))
+        elif args.command == "node":
+            path = write_node_conf(
+                folder, args.name, args.host, args.route, Path(args.store), cfg.nats.tls
+            )
+            print(f"nats-server -c {path}")
         else:
             rotate(folder, args.users, cfg.nats.tls)
             done = "reloaded" if reload_server(folder) else "reload the NATS server now"
