@@ -14,6 +14,11 @@ decides from. Each pass looks at what the instance records say and takes the nex
     M busy, requests wait too long  -> another instance in free room (pure `replicas.plan`);
                                        one above replicas.min idle -> retire it
 
+The periodic steps (lost hosts, drains ending, retiring, start/stop resends, idle stops,
+purges) and the gates before a placement are decided by the pure planner in `plan.py` from a
+frozen View; `_execute` here carries its actions out. Timing kept between passes lives in
+one per-key `Backoff`.
+
 Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
 does no harm. Only the leaseholder acts, and only while its lease is valid: each command
 and record write is checked against it, and commands carry its epoch, which agents and
@@ -36,7 +41,7 @@ from lls.config import ModelConfig, launch_fingerprint, store_filename_of
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, lifecycle
 
-from .desired import DemandIt, Done, StopThese, next_step, preload_due
+from .desired import DemandIt, Done, StopThese, next_step, pinned, preload_due
 from .lease import Lease, LeaseLost
 from .memory import (
     CPU_OVERHEAD_MIB,
@@ -46,7 +51,46 @@ from .memory import (
     gpu_needs,
     remember_measured,
 )
-from .placement import Need, NoFit, Placed, at_rest, idle_to_stop, lost_hosts, place
+from .placement import Need, NoFit, Placed, at_rest, place
+from .plan import (
+    ACTIVITY_STALE_S,
+    DEMAND_FRESH_S,
+    END_RECORD_TTL_S,
+    HEADER_WAIT,
+    INSPECT,
+    NO_ROOM,
+    NO_SWAP,
+    RESENT,
+    START_GRACE_S,
+    STOP_GRACE_S,
+    Action,
+    Backoff,
+    Download,
+    EndDrain,
+    Fail,
+    Hold,
+    HostBack,
+    HostLost,
+    Limits,
+    MarkLost,
+    Purge,
+    Refuse,
+    ResendStart,
+    ResendStop,
+    Stop,
+    View,
+    Wait,
+    advance_gate,
+    check_start,
+    check_stop,
+    demand_gate,
+    merge_activity,
+    plan_drains,
+    plan_hosts,
+    plan_retire,
+    plan_upkeep,
+    recent_failure,
+)
 from .reload import plan as reload_plan
 from .replicas import AddReplica, StopReplica
 from .replicas import plan as replica_plan
@@ -60,21 +104,15 @@ from .turns import (
     waiting_order,
 )
 
+# (re-exported: tests and benches import them from here)
+__all__ = ["END_RECORD_TTL_S", "RESENT", "START_GRACE_S", "STOP_GRACE_S", "Placer", "run"]
+
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resent
-# A stop not reported done this long is resent: the agent's own stop takes at most its slot
-# save (10 s) and the server's grace (20 s).
-STOP_GRACE_S = 45.0
-RESENT = " (stop resent)"
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
-DEMAND_FRESH_S = 5.0  # a demand event counts this long (gateways resend every 2 s)
 NEVER_FITS_RETRY_S = 10.0  # Retry-After for a model that cannot fit even with turns
-NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than fails
-ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
-END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
 INSPECT_WAIT_S = 10.0  # demand for a model of unknown size waits this long for its header
 INSPECT_RETRY_S = 300.0  # a header that never came is asked for again after this
 
@@ -91,8 +129,6 @@ class Placer:
         self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
         self.activity: dict[str, proto.ActivityReport] = {}
         self.headers: dict[str, proto.ModelInfo] = {}  # model -> header read from its source
-        self.awaiting_header: dict[str, float] = {}  # model -> when its demand was held
-        self.inspect_sent: dict[str, float] = {}  # model -> when its header was last asked for
         self.lost: set[str] = set()
         self.wake = asyncio.Event()
         self.demanded: dict[str, float] = {}  # model -> demand since the last pass
@@ -102,10 +138,11 @@ class Placer:
         self.desired_rev: dict[str, int] = {}
         self.refused: dict[str, tuple[float, str]] = {}  # model -> last PlacementFailed
         self.inbox: list[proto.Event] = []
-        self.blocked_since: dict[str, float] = {}  # model or instance -> first found no room
+        # Per-key timing (plan.Backoff): header asks and waits, no room after a download,
+        # no new swap after an abandoned one
+        self.backoff = Backoff()
         # DOWNLOADING instance -> the lease epoch its DownloadFile was last sent in
         self.download_epoch: dict[str, int] = {}
-        self.no_swap_until: dict[str, float] = {}  # model -> after an abandoned drain for it
         self.replica_blocked: dict[str, str] = {}  # model -> why its last replica found no room
         self.fetched: dict[tuple[str, str], float] = {}  # (host, file) downloaded -> when
         self.deleted: dict[tuple[str, str], float] = {}  # (host, file) told to delete -> when
@@ -167,21 +204,42 @@ class Placer:
 
     def merged_activity(self) -> dict[str, proto.InstanceActivity]:
         """In-flight counts summed and last use maxed over every gateway's report."""
-        out: dict[str, proto.InstanceActivity] = {}
-        fresh_after = time.time() - ACTIVITY_STALE_S
-        for rep in self.activity.values():
-            if rep.ts < fresh_after:  # that gateway is gone; its in-flight counts are void
-                continue
-            for iid, a in rep.instances.items():
-                cur = out.get(iid)
-                if cur is None:
-                    out[iid] = proto.InstanceActivity(a.in_flight, a.last_used, a.keep_alive)
-                else:
-                    cur.in_flight += a.in_flight
-                    if a.last_used >= cur.last_used:  # the latest request's keep_alive holds
-                        cur.keep_alive = a.keep_alive
-                    cur.last_used = max(cur.last_used, a.last_used)
-        return out
+        return merge_activity(self.activity.values(), time.time() - ACTIVITY_STALE_S)
+
+    def _limits(self) -> Limits:
+        cfg = self.cfg
+        return Limits(
+            host_lost_after=cfg.placer.host_lost_after,
+            failure_backoff=cfg.placer.failure_backoff,
+            drain_timeout=cfg.placer.drain_timeout,
+            request_timeout=cfg.gateway.request_timeout,
+            idle_timeout=cfg.idle_timeout,
+            download_timeout=cfg.downloader.timeout,
+            idle_timeouts={
+                n: m.idle_timeout for n, m in cfg.models.items() if m.idle_timeout is not None
+            },
+            models=frozenset(cfg.models),
+            groups={n: m.group for n, m in cfg.models.items() if m.group},
+        )
+
+    def _view(self, queues: dict[str, Waiting] | None = None) -> View:
+        """What the planner decides from: the current views, read-only. Built right before
+        each step, so a step sees what the one before it wrote."""
+        return View(
+            instances=self.instances,
+            hosts=self.hosts,
+            heard=self._heard(),
+            lost=frozenset(self.lost),
+            reports=self.activity.values(),
+            queues=queues if queues is not None else {},
+            last_demand=self.last_demand,
+            limits=self._limits(),
+            holds=self.backoff.view(),
+            started=self.started,
+            pinned=pinned(self.desired),
+            epoch=self.lease.epoch,
+            download_epochs=self.download_epoch,
+        )
 
     # ------------------------------------------------------------------ run
 
@@ -328,9 +386,10 @@ class Placer:
         await self._handle_inbox()
         await self._mark_lost_hosts(now)
         await self._follow_desired(now)
-        for model, held in list(self.awaiting_header.items()):
+        for model in self.backoff.keys(HEADER_WAIT):
+            held = self.backoff.since(HEADER_WAIT, model, now)
             if self._header(model) is not None or now - held >= INSPECT_WAIT_S:
-                del self.awaiting_header[model]
+                self.backoff.clear(HEADER_WAIT, model)
                 self.demanded.setdefault(model, now)
         # Demand events are taken once; what still waits shows in the gateways' queues.
         fresh, self.demanded = self.demanded, {}
@@ -341,18 +400,88 @@ class Placer:
         await self._advance_drains(now, queues)
         await self._follow_config(now)
         order = waiting_order(fresh, queues)
+        view = self._view(queues)  # (live proxies: each model's gates see the writes before)
         for model in order:
-            await self._demand(model, now, queues)
+            await self._demand(model, now, queues, view)
         await self._replicas(now, queues, order)
         for rec in list(self.instances.values()):
             if rec.state in (InstanceState.PENDING, InstanceState.DOWNLOADING):
                 await self._advance(rec, now)
-            elif rec.state == InstanceState.STARTING:
-                await self._check_start(rec, now)
-            elif rec.state == InstanceState.STOPPING:
-                await self._check_stop(rec, now)
-        await self._stop_idle(now)
-        await self._purge_ended(now)
+        await self._upkeep(now)
+
+    # ------------------------------------------------------------------ the executor
+
+    async def _execute(self, actions: list[Action], now: float) -> None:
+        """Carry out the planner's actions, in order. An action on an instance applies only
+        to the record it was planned from: one changed since (by an earlier action here, or
+        by an agent meanwhile) is left to the next pass, which plans from the newer record.
+        Writes and commands go through `_write` and `_command`, so each checks the lease."""
+        # Taken before the first await: the revisions the planner saw.
+        planned = {
+            a.instance_id: self.revisions.get(a.instance_id)
+            for a in actions
+            if hasattr(a, "instance_id")
+        }
+        for act in actions:
+            if isinstance(act, HostLost):
+                await self.bus.emit(proto.HostLost(host_id=act.host, reason=act.reason))
+                self.lost.add(act.host)
+                continue
+            if isinstance(act, HostBack):
+                self.lost.discard(act.host)
+                continue
+            if isinstance(act, Refuse):
+                await self._refuse(act.model, act.reason, act.retry_after)
+                continue
+            if isinstance(act, Hold):
+                self.backoff.note(act.kind, act.key, now, wait=act.until - now)
+                continue
+            if isinstance(act, Wait):
+                continue
+            iid: str = act.instance_id
+            rec = self.instances.get(iid)
+            if rec is None or self.revisions.get(iid) != planned.get(iid):
+                continue
+            if isinstance(act, MarkLost):
+                await self._write(rec, state=InstanceState.LOST, reason=act.reason)
+            elif isinstance(act, Stop):
+                await self._stop(rec, act.reason)
+            elif isinstance(act, Fail):
+                await self._fail(rec, act.reason)
+            elif isinstance(act, Download):
+                mcfg = self.cfg.models.get(rec.model)
+                if mcfg is None or rec.host is None:
+                    continue
+                if act.first:  # (the download goes out even if the write lost: as before)
+                    await self._write(rec, state=InstanceState.DOWNLOADING, reason=act.reason)
+                filename = store_filename_of(rec.model, mcfg)
+                await self._download(rec.host, rec.model, mcfg, filename, f"dl-{iid}")
+                self.download_epoch[iid] = self.lease.epoch
+            elif isinstance(act, EndDrain):
+                await self._end_drain(rec, act.stage, act.reason, now)
+            elif isinstance(act, ResendStart):
+                await self._resend_start(rec, act.reason)
+            elif isinstance(act, ResendStop):
+                if await self._write(rec, reason=act.reason):
+                    await self._command(
+                        proto.cmd_agent(rec.host or ""),
+                        proto.StopInstance(
+                            cmd_id=act.cmd_id, instance_id=iid, reason=act.stop_reason
+                        ),
+                    )
+            elif isinstance(act, Purge):
+                self.lease.check()
+                await self.bus.instances.delete(proto.instance_key(rec.host or "", iid))
+
+    async def _upkeep(self, now: float) -> None:
+        """Resends, idle stops and purges (pure `plan.plan_upkeep`), then forget per-key
+        state of instances that moved on."""
+        await self._execute(plan_upkeep(self._view(), now), now)
+        for iid in [i for i in self.download_epoch if i not in self.instances or
+                    self.instances[i].state != InstanceState.DOWNLOADING]:  # fmt: skip
+            del self.download_epoch[iid]
+        waiting = (InstanceState.PENDING, InstanceState.DOWNLOADING)
+        self.backoff.prune(NO_ROOM, (i for i, r in self.instances.items() if r.state in waiting))
 
     # ------------------------------------------------------------------ stored intent
 
@@ -365,7 +494,12 @@ class Placer:
                 await self._ask(model, proto.WANT_RUN, "preload", "models.<name>.preload")
         seen = [r for r in self.instances.values() if r.host not in self.lost]
         for model, want in list(self.desired.items()):
-            if not want.wanted:
+            if not want.wanted:  # nothing pending; a pin alone is demand while none is ready
+                step = next_step(
+                    want, seen, configured=model in self.cfg.models, refused=None, now=now
+                )
+                if isinstance(step, DemandIt):
+                    self.demanded.setdefault(model, now)
                 continue
             if not want.seen_by:  # the asker learns that a placer took it up
                 taken = await self._desired_write(want, seen_by=self.lease.holder)
@@ -392,6 +526,8 @@ class Placer:
     async def _ask(self, model: str, wanted: str, by: str, reason: str) -> None:
         """Store a request of the placer's own (preload, a StopRequested event): created if
         there is none, else compare-and-set over the one we see (a newer one wins)."""
+        old = self.desired.get(model)
+        keep_pin = old is not None and old.pinned and wanted != proto.WANT_STOP  # a stop unpins
         want = proto.DesiredModel(
             model=model,
             wanted=wanted,
@@ -399,6 +535,8 @@ class Placer:
             by=by,
             request_id=f"placer-{new_id()}",
             reason=reason,
+            pinned=keep_pin,
+            pinned_by=old.pinned_by if keep_pin and old else "",
         )
         key = proto.kv_key(model)
         self.lease.check()  # only the leader stores requests of its own (aborts the pass)
@@ -437,35 +575,23 @@ class Placer:
             if r.model == model and r.state in proto.LIVE_STATES and r.host not in self.lost
         ]
 
-    async def _demand(self, model: str, now: float, queues: dict[str, Waiting]) -> None:
-        mcfg = self.cfg.models.get(model)
-        if mcfg is None:
-            await self._refuse(model, f"model {model!r} is not configured", 60)
+    async def _demand(
+        self, model: str, now: float, queues: dict[str, Waiting], view: View | None = None
+    ) -> None:
+        # The gates before a placement are pure (`plan.demand_gate`): unconfigured, live,
+        # a swap under way, failed lately, no host yet.
+        gate = demand_gate(view if view is not None else self._view(queues), model, now)
+        if gate is not None:
+            await self._execute([gate], now)
             return
-        if self._live(model):
-            return
-        yielding = self._yielding_to(model)
-        if any(r.state == InstanceState.DRAINING and not self._drained(r, now) for r in yielding):
-            return  # a swap for it is under way
-        failed = self._recent_failure(model, now)
-        if failed is not None:
-            wait = failed.updated + self.cfg.placer.failure_backoff - now
-            await self._refuse(
-                model,
-                f"{model} failed to start {now - failed.updated:.0f} s ago ({failed.reason}); "
-                f"not retried for another {wait:.0f} s",
-                wait,
-            )
-            return
-        if not self.hosts and now - self.started < NO_HOST_GRACE_S:
-            return  # agents may still be starting; the gateway re-demands while it waits
+        mcfg = self.cfg.models[model]
         need = self._need(model, mcfg, host=None)
         if not need.memory_mib and await self._wait_for_header(model, mcfg, now):
             return  # the next passes place it once the header is in, or after INSPECT_WAIT_S
         if await self._make_way_in_group(model, now, queues):
             return  # its exclusive group's other models go first
         may_drain = self._may_drain(model, now, queues)
-        if now < self.no_swap_until.get(model, 0.0):
+        if self.backoff.holding(NO_SWAP, model, now):
             may_drain = {}  # its last swap was abandoned: no new drain before the retry time
         decision = self._place(need, now, may_drain=may_drain, queues=queues)
         if isinstance(decision, NoFit):
@@ -633,11 +759,12 @@ class Placer:
         info = self._header(model)
         if info is not None and (info.gguf is not None or now - info.ts < INSPECT_RETRY_S):
             return False  # read, or failed lately: decide with what is known
-        if model in self.awaiting_header:
+        if self.backoff.get(HEADER_WAIT, model) is not None:
             return True
-        if now - self.inspect_sent.get(model, -INSPECT_RETRY_S) < INSPECT_RETRY_S:
+        if self.backoff.holding(INSPECT, model, now):
             return False  # asked lately and no answer came in time: go on without it
-        self.inspect_sent[model] = self.awaiting_header[model] = now
+        self.backoff.note(INSPECT, model, now, wait=INSPECT_RETRY_S)
+        self.backoff.note(HEADER_WAIT, model, now)
         await self._command(
             proto.cmd_inspect(),
             proto.InspectModel(
@@ -658,35 +785,18 @@ class Placer:
     async def _advance(
         self, rec: InstanceRecord, now: float, decided: Placed | None = None
     ) -> None:
-        """PENDING/DOWNLOADING: download the file to the chosen host, then start it there."""
+        """PENDING/DOWNLOADING: download the file to the chosen host, then start it there.
+        The gates (pure `plan.advance_gate`) decide everything up to the file being there."""
         mcfg = self.cfg.models.get(rec.model)
-        if mcfg is None or rec.host is None:
-            await self._fail(rec, "model removed from the config")
+        has_file = False
+        if mcfg is not None and rec.host is not None:
+            has_file = self._has_file(rec.host, rec.model, store_filename_of(rec.model, mcfg))
+        gate = advance_gate(self._view(), rec, now, has_file=has_file)
+        if gate is not None or mcfg is None or rec.host is None:
+            if gate is not None:
+                await self._execute([gate], now)
             return
-        if rec.host in self.lost:
-            await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
-            return
-        host = self.hosts.get(rec.host)
         filename = store_filename_of(rec.model, mcfg)
-        info = next((f for f in host.files if f.filename == filename), None) if host else None
-        if info is not None and rec.host not in self._file_hosts(filename):
-            info = None  # just deleted there; its heartbeat has not caught up yet
-        if info is None and self._fetched_and_sized(rec.host, rec.model, filename):
-            info = proto.FileInfo(model=rec.model, filename=filename, size=0)
-        if info is None:
-            if rec.state == InstanceState.PENDING:
-                await self._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
-                await self._download(rec.host, rec.model, mcfg, filename, f"dl-{rec.instance_id}")
-                self.download_epoch[rec.instance_id] = self.lease.epoch
-            elif self.download_epoch.get(rec.instance_id) != self.lease.epoch:
-                # Sent by an earlier leader (or before this placer started): the downloader
-                # refuses that command's redelivery as stale, so this leader sends it again,
-                # once. A download of the same file already running is joined, not repeated.
-                await self._download(rec.host, rec.model, mcfg, filename, f"dl-{rec.instance_id}")
-                self.download_epoch[rec.instance_id] = self.lease.epoch
-            elif now - rec.updated > self.cfg.downloader.timeout + 60:
-                await self._fail(rec, "download did not finish in time")
-            return
         # The file is there: now its header tells the real memory need; re-check the fit.
         # A copy beside a live instance (a replica, a reload's replacement) only takes free
         # room, and its failure is no reason to refuse requests the others serve.
@@ -702,15 +812,15 @@ class Placer:
         if isinstance(decision, NoFit):
             # Room may be on its way (an evicted instance still stopping, busy ones finishing):
             # retry on the next passes, for a bounded time, before failing.
-            since = self.blocked_since.setdefault(rec.instance_id, now)
+            since = self.backoff.since(NO_ROOM, rec.instance_id, now)
             if now - since < BUSY_WAIT_S:
                 return
-            self.blocked_since.pop(rec.instance_id, None)
+            self.backoff.clear(NO_ROOM, rec.instance_id)
             await self._fail(rec, decision.reason)
             if not copy:
                 await self._refuse(rec.model, decision.reason, 5)
             return
-        self.blocked_since.pop(rec.instance_id, None)
+        self.backoff.clear(NO_ROOM, rec.instance_id)
         for victim in decision.evict:
             vic = self.instances.get(victim)
             if vic is not None:
@@ -725,6 +835,15 @@ class Placer:
         )
         if ok:
             await self._send_start(rec, mcfg, filename, decision)
+
+    def _has_file(self, host_id: str, model: str, filename: str) -> bool:
+        """Whether `host_id`'s store holds the model's file as far as we know: its heartbeat
+        lists it and it was not just deleted there, or a download just completed there."""
+        host = self.hosts.get(host_id)
+        listed = host is not None and any(f.filename == filename for f in host.files)
+        if listed and host_id in self._file_hosts(filename):
+            return True  # (listed, but just deleted there: its heartbeat has not caught up)
+        return self._fetched_and_sized(host_id, model, filename)
 
     def _fetched_and_sized(self, host: str, model: str, filename: str) -> bool:
         """A download completed on `host` that its heartbeat does not list yet, for a model
@@ -755,13 +874,13 @@ class Placer:
         )
 
     async def _check_start(self, rec: InstanceRecord, now: float) -> None:
-        """A STARTING instance its agent never took up (lost command, placer crash): resend."""
-        if rec.host in self.lost:
-            await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
-            return
-        host = self.hosts.get(rec.host or "")
-        if host is None or rec.instance_id in host.instances or now - rec.updated < START_GRACE_S:
-            return
+        """A STARTING instance its agent never took up: resend (pure `plan.check_start`)."""
+        cur = self.instances.get(rec.instance_id)
+        act = check_start(self._view(), cur, now) if cur is not None else None
+        if act is not None:
+            await self._execute([act], now)
+
+    async def _resend_start(self, rec: InstanceRecord, why: str) -> None:
         mcfg = self.cfg.models.get(rec.model)
         if mcfg is None:
             return
@@ -772,24 +891,16 @@ class Placer:
             memory_mib=rec.memory_mib,
             reason=rec.placement,
         )
-        if await self._write(rec, reason="start resent: the agent had not taken it up"):
+        if await self._write(rec, reason=why):
             await self._send_start(rec, mcfg, store_filename_of(rec.model, mcfg), decision)
 
     async def _check_stop(self, rec: InstanceRecord, now: float) -> None:
-        """A STOPPING instance its agent never reported stopped (the command lost, or refused
-        as a deposed leader's): send the stop again, with a new id, every STOP_GRACE_S."""
-        if rec.host in self.lost or now - rec.updated < STOP_GRACE_S:
-            return
-        why = rec.reason if rec.reason.endswith(RESENT) else f"{rec.reason}{RESENT}"
-        if await self._write(rec, reason=why):
-            await self._command(
-                proto.cmd_agent(rec.host or ""),
-                proto.StopInstance(
-                    cmd_id=f"stop-{rec.instance_id}-{int(now)}",
-                    instance_id=rec.instance_id,
-                    reason=rec.reason,
-                ),
-            )
+        """A STOPPING instance its agent never reported stopped: its stop again, with a new
+        id, every STOP_GRACE_S (pure `plan.check_stop`)."""
+        cur = self.instances.get(rec.instance_id)
+        act = check_stop(self._view(), cur, now) if cur is not None else None
+        if act is not None:
+            await self._execute([act], now)
 
     # ------------------------------------------------------------------ decisions
 
@@ -859,7 +970,7 @@ class Placer:
                 act = activity.get(r.instance_id)
                 if act is None or act.in_flight == 0:
                     activity[r.instance_id] = proto.InstanceActivity(1, now)
-        keep = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+        keep = self._keep_loaded()
         # Memory unknown until the file's header is read: fetch where the most is free, so
         # the re-check after the download most likely fits on that same host.
         strategy = self.cfg.placer.strategy if need.memory_mib else "spread"
@@ -896,7 +1007,9 @@ class Placer:
         )
 
     def _keep_loaded(self) -> frozenset[str]:
-        return frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+        """Never evicted: the config's keep_loaded models and the pinned ones."""
+        kept = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
+        return kept | pinned(self.desired)
 
     def _never_fits(self, need: Need, now: float) -> str | None:
         """Why `need` cannot fit even with every model that may yield stopped, or None when
@@ -949,13 +1062,6 @@ class Placer:
             and rec.drain_for == model
             and self._drained(rec, time.time())
         )
-
-    def _yielding_to(self, model: str) -> list[InstanceRecord]:
-        return [
-            r
-            for r in self.instances.values()
-            if r.drain_for == model and r.state == InstanceState.DRAINING
-        ]
 
     def _drained(self, rec: InstanceRecord, now: float) -> bool:
         return self._drain_status(rec, now, still_wanted=True) == "drained"
@@ -1013,43 +1119,10 @@ class Placer:
         )
 
     async def _advance_drains(self, now: float, queues: dict[str, Waiting]) -> None:
-        """A drain whose waiting model no longer needs it goes back to serving; one that
-        outlasts placer.drain_timeout is abandoned and the waiting model's requests are
-        told why, so nothing waits on it for ever."""
-        for rec in list(self.instances.values()):
-            if rec.state != InstanceState.DRAINING or not rec.drain_for:
-                continue  # (no drain_for: retiring after a reload, see _follow_config)
-            target = rec.drain_for
-            wanted = (
-                target in self.cfg.models
-                and not self._live(target)
-                and (
-                    target in queues
-                    or now - self.last_demand.get(target, -DEMAND_FRESH_S) < DEMAND_FRESH_S
-                )
-            )
-            status = self._drain_status(rec, now, still_wanted=wanted)
-            if status == "moot":
-                why = (
-                    f"swap cancelled: {target} no longer waits"
-                    if not self._live(target)
-                    else f"swap cancelled: {target} runs elsewhere"
-                )
-                await self._end_drain(rec, "cancelled", why, now)
-            elif status == "expired":
-                act = self.merged_activity().get(rec.instance_id)
-                running = act.in_flight if act is not None else 0
-                why = (
-                    f"{rec.model} did not finish its {running} running request(s) within "
-                    f"placer.drain_timeout ({self.cfg.placer.drain_timeout:g} s), so {target} "
-                    "could not take its turn"
-                )
-                await self._end_drain(rec, "abandoned", why, now)
-                retry = self.cfg.placer.drain_timeout
-                self.no_swap_until[target] = now + retry
-                await self._refuse(target, why, retry)
-            elif status == "drained" and self._same_group(target, rec.model):
-                await self._stop(rec, f"yielded to {target} (exclusive group)")
+        """Drains that became moot end, ones past placer.drain_timeout are abandoned (the
+        waiting model is refused), drained ones in an exclusive group stop (pure
+        `plan.plan_drains`)."""
+        await self._execute(plan_drains(self._view(queues), now), now)
 
     # ------------------------------------------------------------------ config reloads
 
@@ -1070,21 +1143,9 @@ class Placer:
                 )
         for model in todo.replace:
             await self._replace(model, now)
-        # Retiring (a reload's stale instance, or a replica above replicas.min gone idle):
-        # its requests finish first; none outlives gateway.request_timeout anyway.
-        for rec in list(self.instances.values()):
-            if rec.state != InstanceState.DRAINING or rec.drain_for:
-                continue
-            status = drain_status(
-                rec,
-                self.activity.values(),
-                now=now,
-                fresh_after=now - ACTIVITY_STALE_S,
-                drain_timeout_s=self.cfg.gateway.request_timeout,
-                still_wanted=True,
-            )
-            if status in ("drained", "expired"):
-                await self._stop(rec, rec.reason)
+        # Retiring ones (a reload's stale instance, a replica above replicas.min gone idle)
+        # stop once drained (pure `plan.plan_retire`).
+        await self._execute(plan_retire(self._view(), now), now)
 
     async def _replace(self, model: str, now: float) -> None:
         """Place a current instance of `model` beside its stale one, which serves until the
@@ -1142,57 +1203,11 @@ class Placer:
         return True
 
     def _recent_failure(self, model: str, now: float) -> InstanceRecord | None:
-        fails = [
-            r
-            for r in self.instances.values()
-            if r.model == model
-            and r.state == InstanceState.FAILED
-            and now - r.updated < self.cfg.placer.failure_backoff
-        ]
-        return max(fails, key=lambda r: r.updated) if fails else None
+        return recent_failure(self.instances.values(), model, now, self.cfg.placer.failure_backoff)
 
     async def _mark_lost_hosts(self, now: float) -> None:
-        after = self.cfg.placer.host_lost_after
-        lost = set(lost_hosts(list(self.hosts.values()), now, after, self._heard()))
-        for host_id in lost - self.lost:
-            await self.bus.emit(
-                proto.HostLost(
-                    host_id=host_id,
-                    reason=f"no heartbeat for {self.cfg.placer.host_lost_after:.0f} s",
-                )
-            )
-        self.lost = lost
-        for rec in list(self.instances.values()):
-            if rec.host in lost and rec.state in proto.LIVE_STATES:
-                await self._write(rec, state=InstanceState.LOST, reason=f"host {rec.host} lost")
-
-    async def _stop_idle(self, now: float) -> None:
-        if not self._activity_known(now):
-            return
-        timeouts = {
-            n: m.idle_timeout for n, m in self.cfg.models.items() if m.idle_timeout is not None
-        }
-        stops = idle_to_stop(
-            list(self.instances.values()),
-            self.merged_activity(),
-            timeouts,
-            self.cfg.idle_timeout,
-            now,
-        )
-        for iid, reason in stops:
-            rec = self.instances.get(iid)
-            if rec is not None:
-                await self._stop(rec, reason)
-
-    async def _purge_ended(self, now: float) -> None:
-        ttl = END_RECORD_TTL_S + self.cfg.placer.failure_backoff
-        for rec in list(self.instances.values()):
-            if rec.state in proto.END_STATES and now - rec.updated > ttl:
-                self.lease.check()
-                await self.bus.instances.delete(proto.instance_key(rec.host or "", rec.instance_id))
-        for iid in [i for i in self.download_epoch if i not in self.instances or
-                    self.instances[i].state != InstanceState.DOWNLOADING]:  # fmt: skip
-            del self.download_epoch[iid]
+        """Hosts not heard from are lost, and their live instances (pure `plan_hosts`)."""
+        await self._execute(plan_hosts(self._view(), now), now)
 
     # ------------------------------------------------------------------ pull and delete
 
