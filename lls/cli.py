@@ -2,8 +2,10 @@
 
 lls ps                 instances with host, GPUs, state and idle time; pending requests
 lls load MODEL         start MODEL now and wait until it is ready (stored request: a placer
-                       that starts within --timeout still carries it out)
-lls stop MODEL         stop MODEL's instances and wait until none is left (same)
+                       that starts within --timeout still carries it out); --pin keeps
+                       it loaded (no idle stop, no eviction) until unpinned or stopped
+lls unpin MODEL        end the pin; the idle timeout applies again
+lls stop MODEL         stop MODEL's instances and wait until none is left (same; ends a pin)
 lls pull MODEL         download MODEL's file to a host's store, with a progress bar
 lls hosts add HOST     NATS identities for a new GPU host (and what to copy there)
 lls usage              requests and tokens per API key and model (the gateway's /metrics)
@@ -85,6 +87,8 @@ async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
     for w in sorted((w for w in wants if w.wanted), key=lambda w: w.model):
         who = f"taken up by {w.seen_by}" if w.seen_by else "no placer has taken it up yet"
         print(f"request: {w.wanted} {w.model} (by {w.by}, {fmt_age(now - w.since)} ago; {who})")
+    for w in sorted((w for w in wants if w.pinned), key=lambda w: w.model):
+        print(f"pinned: {w.model} (by {w.pinned_by or '?'}; lls unpin {w.model})")
     return 0
 
 
@@ -122,9 +126,12 @@ PICKUP_S = 30.0  # a request no placer took up this long fails (is a placer runn
 POLL_S = 0.25  # how often the request's record is read back
 
 
-async def _store_request(bus: Bus, model: str, wanted: str, deadline_s: float) -> str:
+async def _store_request(
+    bus: Bus, model: str, wanted: str, deadline_s: float, pinned: bool | None = None
+) -> str:
     """Write `wanted` as the model's request in KV desired (compare-and-set over whatever is
-    there: the latest request wins); returns its request id."""
+    there: the latest request wins); returns its request id. `pinned` None keeps the pin
+    that is there; a stop always ends it."""
     key = proto.kv_key(model)
     now = time.time()
     want = proto.DesiredModel(
@@ -136,11 +143,20 @@ async def _store_request(bus: Bus, model: str, wanted: str, deadline_s: float) -
         reason=f"lls {'load' if wanted == proto.WANT_RUN else 'stop'}",
         until=now + deadline_s,
     )
+    if wanted == proto.WANT_STOP:
+        pinned = False
     for _ in range(10):
         try:
             try:
                 entry = await bus.desired.get(key)
             except KeyNotFoundError:
+                entry = None
+            old = proto.decode(entry.value, proto.DesiredModel) if entry and entry.value else None
+            keep = pinned if pinned is not None else bool(old and old.pinned)
+            want.pinned, want.pinned_by = keep, "cli" if keep else ""
+            if keep and pinned is None and old:
+                want.pinned_by = old.pinned_by
+            if entry is None:
                 await bus.desired.create(key, proto.encode(want))
             else:
                 await bus.desired.update(key, proto.encode(want), last=entry.revision)
@@ -179,7 +195,9 @@ async def _withdraw(bus: Bus, model: str, request_id: str, why: str) -> proto.De
     return None
 
 
-async def _request(bus: Bus, model: str, wanted: str, timeout: float, on_event) -> int:  # type: ignore[no-untyped-def]
+async def _request(
+    bus: Bus, model: str, wanted: str, timeout: float, on_event, pinned: bool | None = None
+) -> int:  # type: ignore[no-untyped-def]
     """Store the request, then follow it until the placer says it is done (its outcome in
     the record), printing the model's events meanwhile (`on_event`), within `timeout`.
     A request that no placer took up, or that did not finish in time, is withdrawn."""
@@ -196,7 +214,7 @@ async def _request(bus: Bus, model: str, wanted: str, timeout: float, on_event) 
     finished = False
     request_id = ""
     try:
-        request_id = await _store_request(bus, model, wanted, timeout)
+        request_id = await _store_request(bus, model, wanted, timeout, pinned)
         start = time.monotonic()
         pickup = min(PICKUP_S, timeout)
         said_waiting = False
@@ -260,8 +278,8 @@ def _report(model: str, outcome: str) -> int:
 
 async def cmd_load(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
     """Store a request to run the model; the placer starts it (now, or as soon as one runs)
-    and records the outcome once an instance is READY. It does not pin the model: its idle
-    timeout stops it later as usual."""
+    and records the outcome once an instance is READY. Without --pin, its idle timeout stops
+    it later as usual; with it, the model stays loaded until `lls unpin` or `lls stop`."""
     model = args.model
 
     def on_event(ev: proto.Event) -> None:
@@ -270,7 +288,27 @@ async def cmd_load(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
         elif isinstance(ev, proto.DownloadProgress) and ev.model == model:
             _progress(ev)
 
-    return await _request(bus, model, proto.WANT_RUN, args.timeout, on_event)
+    pinned = True if args.pin else None
+    return await _request(bus, model, proto.WANT_RUN, args.timeout, on_event, pinned)
+
+
+async def cmd_unpin(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
+    """End a model's pin (compare-and-set); it stays running until its idle timeout."""
+    key = proto.kv_key(args.model)
+    for _ in range(10):
+        want, rev = await _read_request(bus, args.model)
+        if want is None or not want.pinned:
+            print(f"{args.model}: not pinned")
+            return 0
+        unpinned = msgspec.structs.replace(want, pinned=False, pinned_by="")
+        try:
+            await bus.desired.update(key, proto.encode(unpinned), last=rev)
+        except KeyWrongLastSequenceError:
+            continue
+        print(f"{args.model}: unpinned; its idle timeout applies again")
+        return 0
+    print(f"error: could not unpin {args.model}: KV desired keeps changing", file=sys.stderr)
+    return 1
 
 
 async def cmd_stop(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
@@ -508,6 +546,7 @@ async def cmd_events(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
 COMMANDS = {
     "ps": cmd_ps,
     "load": cmd_load,
+    "unpin": cmd_unpin,
     "stop": cmd_stop,
     "pull": cmd_pull,
     "events": cmd_events,
@@ -544,6 +583,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         if name == "pull":
             p.add_argument("--host", default="", help="host id (default: the first alive host)")
+        if name == "load":
+            p.add_argument(
+                "--pin",
+                action="store_true",
+                help="keep it loaded (never idle-stopped or evicted) until lls unpin or lls stop",
+            )
+    unpin = sub.add_parser("unpin", help="end a model's pin (lls load --pin)")
+    unpin.add_argument("model")
     hosts = sub.add_parser("hosts", help="manage GPU hosts' NATS identities")
     hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True)
     hosts_sub.add_parser("add", help="create agent-HOST and downloader-HOST").add_argument("host")

@@ -248,6 +248,10 @@ class DesiredModel(Struct, kw_only=True):
     seen_by: str = ""  # the placer that took the request up ("" = no placer has yet)
     outcome: str = ""  # when done: "ready ...", "stopped ...", "failed: ...", "withdrawn ..."
     done_at: float | None = None
+    # Pinned (`lls load --pin`): kept running, started again when it ends, never stopped for
+    # idleness and never evicted, until `lls unpin` or `lls stop`. Outlives its request.
+    pinned: bool = False
+    pinned_by: str = ""
     v: int = SCHEMA_VERSION
 
 

@@ -21,7 +21,7 @@ import proto
 from conftest import ROOT
 from lls.bus import connect, kv_snapshot
 from proto import DesiredModel, InstanceRecord, InstanceState
-from services.placer.desired import DemandIt, Done, StopThese, next_step, preload_due
+from services.placer.desired import DemandIt, Done, StopThese, next_step, pinned, preload_due
 from stack import Cluster, Stack, llama_server_pids
 
 S = InstanceState
@@ -30,8 +30,8 @@ S = InstanceState
 # ------------------------------------------------------------------ the pure step
 
 
-def want(wanted: str, since: float = 100.0, **kw: object) -> DesiredModel:
-    return DesiredModel(model="m", wanted=wanted, since=since, by="cli", **kw)  # type: ignore[arg-type]
+def want(wanted: str, since: float = 100.0, model: str = "m", **kw: object) -> DesiredModel:
+    return DesiredModel(model=model, wanted=wanted, since=since, by="cli", **kw)  # type: ignore[arg-type]
 
 
 def inst(iid: str, state: InstanceState, updated: float = 150.0, model: str = "m", reason=""):  # noqa: ANN001, ANN201
@@ -80,6 +80,16 @@ def test_any_request_expires_and_needs_a_configured_model():
     assert step(want("run", until=150.0), []) == Done("expired: not done within 50 s")
     assert step(want("stop"), [], configured=False) == Done("failed: model 'm' is not configured")
     assert step(want(""), [inst("a", S.READY)]) is None  # nothing pending
+
+
+def test_a_pin_outlives_its_request_and_starts_the_model_again_when_it_ended():
+    pin = want("", pinned=True)
+    assert step(pin, []) == DemandIt()
+    assert step(pin, [inst("a", S.FAILED), inst("b", S.STOPPED)]) == DemandIt()
+    assert step(pin, [inst("a", S.READY)]) is None
+    assert step(want(""), []) is None  # neither pinned nor asked: nothing to do
+    assert step(pin, [], configured=False) is None
+    assert pinned({"k1": pin, "k2": want("run", model="x")}) == frozenset({"m"})
 
 
 def test_preload_is_written_once_per_placer_start():
@@ -188,6 +198,44 @@ def test_load_and_stop_report_what_happened(stack, nats_url):
     assert r.returncode == 0 and "stopped: none ran" in r.stdout, r.stdout
     _, desired = asyncio.run(records(nats_url, "tiny"))
     assert desired is not None and desired.wanted == "" and desired.by == "cli"  # not pinned
+
+
+def test_a_pinned_model_outlives_its_idle_timeout_and_a_crash_until_unpinned(
+    tmp_path, nats_url, llama_server_bin, tiny_gguf
+):
+    s = Stack(
+        tmp_path,
+        nats_url,
+        {"tiny": {"url": f"file://{tiny_gguf(6)}", "ctx_size": 512, "idle_timeout": 2}},
+        placer={"failure_backoff": 1},
+    )
+    s.start()
+    try:
+        r = lls(s.config, "load", "--pin", "tiny")
+        assert r.returncode == 0, r.stderr
+        time.sleep(6)  # three idle timeouts
+        assert states(nats_url, "tiny") == [S.READY], "a pinned model was idle-stopped"
+        assert "pinned: tiny (by cli" in lls(s.config, "ps").stdout
+
+        # Its llama-server dies: the pin starts it again, without anyone asking.
+        [first] = llama_server_pids(str(tmp_path))
+        os.kill(first, signal.SIGKILL)
+        wait_until(
+            lambda: S.READY in states(nats_url, "tiny") and S.FAILED in states(nats_url, "tiny"),
+            60,
+            "the pinned model started again after its crash",
+        )
+
+        r = lls(s.config, "unpin", "tiny")
+        assert r.returncode == 0 and "unpinned" in r.stdout, r.stdout
+        wait_until(
+            lambda: S.READY not in states(nats_url, "tiny"), 30, "the idle stop after unpinning"
+        )
+        _, desired = asyncio.run(records(nats_url, "tiny"))
+        assert desired is not None and not desired.pinned
+    finally:
+        s.stop()
+    assert llama_server_pids(str(tmp_path)) == [], "llama-server left running"
 
 
 def test_stop_asked_while_the_placer_is_frozen(stack, nats_url):

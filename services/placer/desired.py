@@ -9,11 +9,13 @@ taken up by a leader that then died, is carried out by whichever placer leads ne
     stop  -> live instances: stop them; some still STOPPING: wait; none: done ("stopped ...")
     any   -> past `until` (the asker's deadline): done ("expired ..."); model not in the
              config: done ("failed: ...")
+    pinned, nothing pending -> no READY instance: demand (started again after it ended);
+             pinned models are also never idle-stopped nor evicted (`pinned`)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import proto
@@ -49,6 +51,10 @@ def next_step(
     """`instances`: the records of hosts not lost; `refused`: when the placer last refused
     the model (PlacementFailed) and why."""
     if not want.wanted:
+        if want.pinned and configured:
+            mine = [r for r in instances if r.model == want.model]
+            if not any(r.state == InstanceState.READY for r in mine):
+                return DemandIt()
         return None
     if want.until is not None and now > want.until:
         return Done(f"expired: not done within {want.until - want.since:.0f} s")
@@ -78,6 +84,11 @@ def next_step(
         n = len(stopped)
         return Done(f"stopped {n} instance{'s' if n != 1 else ''}" if n else "stopped: none ran")
     return Done(f"failed: unknown request {want.wanted!r}")
+
+
+def pinned(desired: Mapping[str, DesiredModel]) -> frozenset[str]:
+    """The models pinned in KV desired (by model name, whatever the key)."""
+    return frozenset(w.model for w in desired.values() if w.pinned)
 
 
 def preload_due(rec: DesiredModel | None, placer_started: float) -> bool:
