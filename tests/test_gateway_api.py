@@ -168,7 +168,8 @@ def test_api_keys_scope_models_and_admin_endpoints(stack):
     assert 'lls_time_to_first_token_seconds_count{model="tiny",route="/api/chat"} 1.0' in m.text
     assert 'lls_request_seconds_count{model="tiny",route="/api/chat"} 2.0' in m.text
     assert "lls_cold_start_seconds_count" in m.text
-    assert 'lls_tokens_per_second_count{model="tiny"} 3.0' in m.text  # 2 whole, 1 streamed
+    # 2 whole, 2 streamed: one OpenAI, one Ollama (every route observes the speed)
+    assert 'lls_tokens_per_second_count{model="tiny"} 4.0' in m.text
     assert 'lls_admission_limit{model="tiny"} 2.0' in m.text  # two slots, one instance
 
     page = httpx.get(f"{stack.base}/dashboard", headers=auth(ADMIN))

@@ -8,19 +8,17 @@ the model has an alias or default parameters to apply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import proto
@@ -30,20 +28,17 @@ from services.ui.secret import SECRET_HEADER, ui_secret
 from . import http, ollama, pull
 from .admission import BY_ADDRESS, stage_of
 from .edge import decode_body
-from .errors import ApiError, error_response, sse_error, style_of
-from .metrics import TPS_KEY, Metrics, predicted_per_second
-from .observe import Observed
-from .proxy import Passthrough, Upstream, forward_headers
+from .errors import ApiError, error_response, style_of
+from .lifecycle import Calls, unless, until_disconnected, upstream_error
+from .metrics import Metrics
+from .observe import Observer
+from .proxy import UPSTREAM_HEADERS, Passthrough, Upstream, forward_headers
 from .router import Router
-from .usage import KeyLimits, KeyWindow, Lease, Usage
+from .usage import KeyLimits, KeyWindow, Usage
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 MAX_BODY_BYTES = 32 << 20
-KEEPALIVE_S = 5.0  # SSE comment interval while a streaming request waits, if nothing changed
-FIRST_COMMENT_S = 0.1  # a wait longer than this is announced with the request's place
-PLACE_EVERY_S = 0.5  # a waiting stream looks this often whether its place or stage changed
 # Proxied by model: the body's `model` picks the instance, the rest passes through as sent.
 # llama-server serves them all natively (OpenAI, Anthropic's messages, rerank, infill).
 OPENAI_ROUTES = [
@@ -74,41 +69,6 @@ _HEAD = msgspec.json.Decoder(_Head)
 
 def parse_head(body: bytes) -> _Head:
     return decode_body(_HEAD, body)
-
-
-async def until_disconnected(request: Request) -> None:
-    """Returns once the client has closed the connection (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless(
-    gone: asyncio.Future[None],
-    work: Awaitable[T],
-    undo: Callable[[T], Awaitable[None]] | None = None,
-) -> T:
-    """`work`'s result, unless the client goes first: then `work` is cancelled (releasing
-    what it held) and a 499 ApiError is raised. Should `work` finish anyway (the cancel
-    came too late), `undo` gives back what its result holds."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        result = await task
-        if undo is not None:
-            await undo(result)
-    raise ApiError(499, "client closed the request", "client_closed")
-
-
-async def discard(opened: tuple[http.Reply, Callable[[], None]]) -> None:
-    """Give back an opened upstream response nobody will read: close it, free its slot."""
-    resp, release = opened
-    try:
-        await resp.aclose()  # unread: closing it stops the generation
-    finally:
-        release()
 
 
 def presented_key(request: Request) -> str:
@@ -181,6 +141,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
 
     router.on_change = on_change
     usage = Usage(cfg.gateway.api_keys, metrics)  # per-key limits and token counts
+    calls = Calls(usage, upstream, router, Observer(metrics, router.stats))  # every request's
     ui_url = cfg.gateway.ui_url.rstrip("/")
 
     def reload(_old: Config, new: Config) -> None:
@@ -307,124 +268,32 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         page["last_id"] = data[-1]["id"] if data else None
         return JSONResponse({"object": "list", "data": data, **page})
 
-    def observe_speed(model: str, data: bytes) -> None:
-        if (tps := predicted_per_second(data)) is not None:
-            metrics.tokens_per_second.labels(model).observe(tps)
+    def upstream_subset(request: Request) -> dict[str, str]:
+        """The client's headers an instance needs (proxy.upstream_headers adds its key)."""
+        return {k: v for k, v in request.headers.items() if k in UPSTREAM_HEADERS}
 
     async def forward(request: Request) -> Response:
         started = time.monotonic()
-        route = request.url.path
+        route = request.scope["path"]
         key = authenticate(cfg, request)  # from the headers: no body is read for a bad key
         body = await read_body(request)
         head = parse_head(body)
         model = resolve(head.model, key, route)
         if head.model != model or cfg.models[model].defaults:
             body = rewrite(body, model)
-        headers = forward_headers(request.headers)
-        lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
+        headers = upstream_subset(request)
         who = client(request, key)
+        call = calls.call(request.receive, model, route, key, who, shown(key), started)
+        call.admit()  # 429 past the key's limits
         if head.stream and (router.pick(model) is None or upstream.gate(model).would_queue()):
-            return waiting_stream(model, route, body, headers, started, lease, who, shown(key))
-        # Watch for the client leaving: a non-streamed answer, or a wait for a cold model,
-        # must not keep a slot (or the instance's work) for a client that is gone.
-        gone = asyncio.ensure_future(until_disconnected(request))
-        try:
-            opening = lease.open(
-                upstream.open(model, route, body, headers, who=who, shown=shown(key))
-            )
-            resp, release = await unless(gone, opening, discard)
-            seen = Observed(metrics, router.stats, model, route, started)
-
-            def done() -> None:
-                release()
-                seen.done(resp.status_code)
-
-            if head.stream and resp.status_code == 200:
-
-                def chunk(data: bytes) -> None:
-                    lease.feed(data)  # the token counts, when the stream ends
-                    if TPS_KEY in data:  # the last chunk carries the timings
-                        observe_speed(model, data)
-
-                return Passthrough(resp, on_close=done, on_first=seen.first, on_chunk=chunk)
-            # A whole answer: llama-server sends it at the end anyway, so take it in and pass
-            # it on in one piece (fewer socket writes than re-chunking it).
-            try:
-                data = await unless(gone, resp.aread())
-            finally:
-                await resp.aclose()  # unread (client gone): closing it stops the generation
-                done()
-            observe_speed(model, data)
-            lease.count(data)
-        finally:
-            gone.cancel()
-        if resp.status_code >= 400:
-            raise upstream_error(model, resp.status_code, data)
+            return call.waiting(route, body, headers, waiting_comment)
+        resp = await call.open(route, body, headers)
+        if head.stream and resp.status_code == 200:
+            return call.relay(resp.aiter_raw(), forward_headers(resp.headers), None, call.chunk)
+        # A whole answer: llama-server sends it at the end anyway, so take it in and pass
+        # it on in one piece (fewer socket writes than re-chunking it).
+        data = await call.read()  # an error answer is raised as ours
         return Response(data, resp.status_code, headers=forward_headers(resp.headers))
-
-    def waiting_stream(
-        model: str,
-        route: str,
-        body: bytes,
-        headers: dict[str, str],
-        started: float,
-        lease: Lease,
-        who: str,
-        shown: str,
-    ) -> Response:
-        """A streaming request that has to wait (its model is not ready, or every slot is
-        taken): answer the head now and send SSE comments while it waits (its place in the
-        model's queue and what it waits for), so the client sees progress and proxies in
-        between do not time out. The head is sent: errors come as an SSE error event."""
-
-        async def events() -> AsyncIterator[bytes]:
-            ticket = router.enqueue(model, shown)
-            opened = lease.open(
-                upstream.open(model, route, body, headers, ticket, who=who, shown=shown)
-            )
-            opening = asyncio.ensure_future(opened)
-            taken = None
-            try:
-                said, said_at = b"", 0.0
-                wait = FIRST_COMMENT_S  # say at once that it waits and where, then on change
-                while True:
-                    done, _ = await asyncio.wait({opening}, timeout=wait)
-                    if done:
-                        break
-                    comment = waiting_comment(model, ticket)
-                    if comment != said or time.monotonic() - said_at >= KEEPALIVE_S:
-                        yield comment
-                        said, said_at = comment, time.monotonic()
-                    wait = PLACE_EVERY_S
-                try:
-                    resp, release = taken = opening.result()
-                except ApiError as e:
-                    yield sse_error(e, style_of(route))
-                    return
-                seen = Observed(metrics, router.stats, model, route, started)
-                try:
-                    if resp.status_code != 200:  # the instance's error, as an event too
-                        data = await resp.aread()
-                        yield sse_error(
-                            upstream_error(model, resp.status_code, data), style_of(route)
-                        )
-                        return
-                    seen.first()
-                    async for chunk in resp.aiter_raw():
-                        lease.feed(chunk)
-                        yield chunk
-                finally:
-                    await resp.aclose()
-                    release()
-                    seen.done(resp.status_code)
-            finally:
-                router.dequeue(model, ticket)
-                if taken is None:  # client gone while waiting: give up the wait
-                    opening.cancel()
-                    with contextlib.suppress(BaseException):
-                        await discard(await opening)  # opened all the same: give it back
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     def waiting_comment(model: str, ticket: int) -> bytes:
         gate = upstream.gate(model)
@@ -450,9 +319,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         request: Request, kind: type, path: str, make_body, reply, stream_generate: bool | None
     ) -> Response:  # type: ignore[no-untyped-def]
         started = time.monotonic()
+        route = request.scope["path"]
         key = authenticate(cfg, request)
         req = ollama.parse_body(await read_body(request), kind)
-        model = resolve(req.model, key, request.url.path)
+        model = resolve(req.model, key, route)
         keep_alive = ollama.keep_alive_seconds(getattr(req, "keep_alive", None))
         out = make_body(req, model)
         if isinstance(out, tuple):
@@ -460,49 +330,23 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         for k, v in cfg.models[model].defaults.items():
             out.setdefault(k, v)
         body = msgspec.json.encode(out)
-        headers = {"content-type": "application/json"}
         streamed = stream_generate is not None and bool(out.get("stream"))
-        lease = usage.enter(key, model)  # 429 past the key's limits; ends with the release
-        gone = asyncio.ensure_future(until_disconnected(request))
-        try:
-            # Opened before the answer's head, streamed or not: an error the instance gives
-            # (images for a model without vision, say) is then a 4xx, not a 200 stream.
-            opening = lease.open(
-                upstream.open(
-                    model,
-                    path,
-                    body,
-                    headers,
-                    keep_alive=keep_alive,
-                    who=client(request, key),
-                    shown=shown(key),
-                )
+        who = client(request, key)
+        call = calls.call(request.receive, model, route, key, who, shown(key), started)
+        call.admit()  # 429 past the key's limits
+        # Opened before the answer's head, streamed or not: an error the instance gives
+        # (images for a model without vision, say) is then a 4xx, not a 200 stream.
+        resp = await call.open(
+            path, body, {"content-type": "application/json"}, keep_alive=keep_alive
+        )
+        if streamed and resp.status_code == 200:
+            lines = ollama.sse_to_ndjson(
+                call.lines(resp.aiter_lines()), model, started, bool(stream_generate)
             )
-            resp, release = await unless(gone, opening, discard)
-            seen = Observed(metrics, router.stats, model, request.url.path, started)
-
-            def done() -> None:
-                release()
-                seen.done(resp.status_code)
-
-            if streamed and resp.status_code == 200:
-                lines = ollama.sse_to_ndjson(
-                    lease.lines(resp.aiter_lines()), model, started, bool(stream_generate)
-                )
-                return Streamed(
-                    first_then(lines, seen.first), resp, done, media_type="application/x-ndjson"
-                )
-            try:
-                data = await unless(gone, resp.aread())
-            finally:
-                await resp.aclose()
-                done()
-        finally:
-            gone.cancel()
-        if resp.status_code != 200:
+            return call.relay(lines, media_type="application/x-ndjson")
+        data = await call.read()  # an error answer is raised as ours
+        if resp.status_code != 200:  # a 2xx or 3xx llama-server does not send: not an answer
             raise upstream_error(model, resp.status_code, data)
-        observe_speed(model, data)
-        lease.count(data)
         try:
             answer = msgspec.json.decode(data)
         except msgspec.DecodeError:
@@ -618,7 +462,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             router.bus, router.gateway_id, model, ollama.pull_digest(filename, m.sha256), size_on
         )
         total_s = cfg.downloader.timeout + 60  # the downloader's own deadline, then its word
-        gone = asyncio.ensure_future(until_disconnected(request))
+        gone = asyncio.ensure_future(until_disconnected(request.receive))
         try:
             await unless(gone, job.begin(), lambda _: job.follow.close())
             if not req.stream:
@@ -695,33 +539,6 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     return app
 
 
-async def first_then(
-    items: AsyncIterator[bytes], first: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    """`items`, calling `first` when the first one is ready."""
-    async for item in items:
-        first()
-        yield item
-
-
-class Streamed(StreamingResponse):
-    """Lines made from an upstream response; whatever ends the answer (done, client gone,
-    never started) closes the upstream response and calls `release` once."""
-
-    def __init__(
-        self, lines: AsyncIterator[bytes], resp: http.Reply, release: Callable[[], None], **kw: Any
-    ) -> None:
-        super().__init__(lines, **kw)
-        self._upstream, self._release = resp, release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._upstream.aclose()
-            self._release()
-
-
 def fast_path(app: FastAPI) -> ASGIApp:
     """The OpenAI proxy routes straight to their handler; everything else through FastAPI.
 
@@ -771,44 +588,3 @@ async def guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> N
         await error_response(
             500, "internal error in the gateway", "internal_error", style=style_of(scope["path"])
         )(scope, receive, send)
-
-
-def upstream_error(model: str, status: int, data: bytes) -> ApiError:
-    """An instance's (or the UI's) error answer as ours: the status it meant, its message.
-
-    llama-server answers some bad requests with 500 (a JSON field of the wrong type fails
-    deep in its parser): those are the client's to fix, so they become 400s; a 501 is a
-    feature this model was not started with. An empty or non-JSON error gets a message.
-    """
-    try:
-        err = msgspec.json.decode(data)["error"]
-        detail = err["message"] if isinstance(err, dict) else str(err)
-    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
-        detail = data[:200].decode("utf-8", "replace").strip() or "no details"
-    detail = str(detail)[:1000]
-    if status == 501:
-        return ApiError(
-            400, f"model {model!r}: {detail} (see models.{model}.args)", "not_supported"
-        )
-    if status == 500 and any(m in detail for m in CLIENT_FAULTS):
-        return ApiError(400, f"invalid request for {model}: {detail}", "invalid_request")
-    if status < 400 or status > 599:
-        status = 502
-    code = "upstream_error" if status >= 500 else "invalid_request"
-    return ApiError(status, f"{model}: {detail}", code, 2 if status in (502, 503) else None)
-
-
-# llama-server's 500s that a request's own content caused (nlohmann::json type and parse
-# errors, unsupported inputs): a client error, not a server fault.
-CLIENT_FAULTS = (
-    "[json.exception.",
-    "type must be",
-    "image input is not supported",
-    "is not supported",
-    "Invalid",
-    "invalid",
-    "must be",
-    "Expected",
-    "expected",
-    "is required",  # a field the request lacks ("'messages' is required" on /v1/messages)
-)
