@@ -43,6 +43,15 @@ T = TypeVar("T")
 PROBE_SUBJECT = "$JS.API.INFO"  # answered by the server itself; every identity may ask it
 PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 1.0
+# A server cut off by the network sends nothing, not even a close: without pings nats-py
+# notices only after its default 2 minutes x 2. With these it moves to another server of
+# the cluster within about 6 s.
+PING_INTERVAL_S = 2
+MAX_OUTSTANDING_PINGS = 3
+# The event of a KV write must land (the log rebuilds the state from it): one that cannot be
+# published now is retried in the background this long, under one message id.
+EVENT_RETRY_S = 120.0
+MAX_PENDING_EVENTS = 10_000
 
 STREAMS = [
     StreamConfig(
@@ -87,6 +96,7 @@ class Bus:
         self.silent_since: float | None = None  # monotonic: since when the server is silent
         self.back_at = time.time()  # when the server last answered again after a silence
         self._probe: asyncio.Task[None] | None = None
+        self._retrying: set[asyncio.Task[None]] = set()  # record events not yet published
 
     def start_probe(self) -> None:
         """Ask the server something every PROBE_EVERY_S: nats-py goes on saying "connected"
@@ -142,9 +152,47 @@ class Bus:
     def desired(self) -> KeyValue:
         return self.kv[proto.KV_DESIRED]
 
-    async def emit(self, event: proto.Event) -> None:
-        """Append a domain event to the event stream."""
-        await self.js.publish(event.subject(), proto.encode(event), timeout=5)
+    async def emit(self, event: proto.Event, msg_id: str | None = None) -> None:
+        """Append a domain event to the event stream (`msg_id`: the server drops a second
+        copy with the same id within the stream's duplicate window)."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self.js.publish(event.subject(), proto.encode(event), timeout=5, headers=headers)
+
+    async def emit_record(self, event: proto.InstanceChanged) -> None:
+        """The event of a record's write, which must not be lost: tried now, and if the bus
+        does not take it, again in the background for EVENT_RETRY_S. Its message id is the
+        record's revision, so a publish that landed but timed out is not stored twice, and a
+        late one is harmless: the log keeps the highest revision per instance."""
+        msg_id = f"{event.instance_id}@{event.revision}"
+        try:
+            await self.emit(event, msg_id)
+        except Exception as e:  # noqa: BLE001 - the bus is away or failing over: retry
+            if len(self._retrying) >= MAX_PENDING_EVENTS:
+                log.error(
+                    "event of %s lost: %d others wait to be published", msg_id, MAX_PENDING_EVENTS
+                )
+                return
+            log.warning("event of %s not published (%r); retrying", msg_id, e)
+            task = asyncio.create_task(self._emit_later(event, msg_id))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _emit_later(self, event: proto.Event, msg_id: str) -> None:
+        deadline = time.monotonic() + EVENT_RETRY_S
+        pause = 0.5
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                await self.emit(event, msg_id)
+                log.info("event of %s published after a retry", msg_id)
+                return
+            except Exception as e:  # noqa: BLE001
+                if time.monotonic() + pause > deadline:
+                    log.error(
+                        "event of %s lost after %.0f s of retries: %r", msg_id, EVENT_RETRY_S, e
+                    )
+                    return
+                pause = min(pause * 2, 5.0)
 
     async def command(
         self, subject: str, cmd: proto.AgentCommand | proto.DownloaderCommand | proto.InspectModel
@@ -162,6 +210,12 @@ class Bus:
         return await bucket.put(proto.kv_key(key), proto.encode(record))  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self._retrying:  # a last chance for events the bus did not take yet
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await asyncio.gather(*self._retrying, return_exceptions=True)
+            for task in self._retrying:
+                task.cancel()
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
@@ -225,6 +279,8 @@ async def connect(
             nats_servers(url),
             name=name,
             connect_timeout=5,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,

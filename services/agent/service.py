@@ -1074,7 +1074,7 @@ class Agent:
             log.info("not recording %s (%s) %s: %s", instance_id, model, state.value, done)
             return
         rec, rev = done
-        await self._emit(
+        await self.bus.emit_record(
             proto.InstanceChanged(
                 instance_id=instance_id,
                 model=rec.model,

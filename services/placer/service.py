@@ -32,7 +32,7 @@ import logging
 import time
 
 import msgspec
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
 from lls.aio import wait_event
@@ -124,6 +124,8 @@ class Placer:
         self.bus = ctx.bus
         self.hosts: dict[str, proto.HostRecord] = {}
         self.received: dict[str, float] = {}  # host -> when its last heartbeat arrived
+        self.host_revs: dict[str, int] = {}  # host -> KV revision of that heartbeat
+        self.unsure_at = 0.0  # when a read to confirm a host's silence last failed
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
@@ -154,23 +156,54 @@ class Placer:
 
     # ------------------------------------------------------------------ views
 
-    def _on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
+    def _on_host(self, key: str, rec: proto.HostRecord, rev: int) -> None:
         self.hosts[rec.host_id] = rec
         self.received[rec.host_id] = time.time()  # our clock: hosts' clocks may be off
+        self.host_revs[rec.host_id] = rev
         if rec.measured:
             self.measured = remember_measured(self.measured, rec.measured)
         self.wake.set()
 
     def _on_host_del(self, key: str) -> None:
         self.hosts.pop(key, None)
+        self.host_revs.pop(key, None)
         self.received.pop(key, None)
 
     def _heard(self) -> dict[str, float]:
         """When each host was last heard, on our clock; never before the bus last came back
         to us: a placer that heard nothing while the bus was away must not judge hosts by
         that silence."""
-        back = self.bus.back_at
+        back = max(self.bus.back_at, self.unsure_at)
         return {h: max(t, back) for h, t in self.received.items()}
+
+    async def _confirm_silence(self, now: float) -> None:
+        """Read a host that has been silent for half of host_lost_after before judging it.
+        A KV watch can die quietly with the NATS server behind it while the bus still answers
+        through another server of the cluster; the placer must not call hosts lost, nor
+        refuse placements, because its own view stopped. A heartbeat the watch missed is
+        taken, and every watch is set up again; a failed read suspends judging (`_heard`)."""
+        half = self.cfg.placer.host_lost_after / 2
+        heard = self._heard()
+        suspects = sorted(h for h, t in heard.items() if now - t > half and h not in self.lost)
+        missed = False
+        for host in suspects:
+            try:
+                async with asyncio.timeout(2):
+                    entry = await self.bus.hosts.get(proto.kv_key(host))
+            except KeyNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - the bus is failing over: judge nobody now
+                log.warning("cannot confirm host %s is silent (%r); judging no host now", host, e)
+                self.unsure_at = time.time()
+                return
+            if entry.value and (entry.revision or 0) > self.host_revs.get(host, 0):
+                self._on_host(
+                    entry.key, proto.decode(entry.value, proto.HostRecord), entry.revision or 0
+                )
+                missed = True
+        if missed:
+            log.warning("the hosts watch missed heartbeats: setting every watch up again")
+            self.bus.reconnects += 1
 
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
         self.instances[rec.instance_id] = rec
@@ -1207,6 +1240,7 @@ class Placer:
 
     async def _mark_lost_hosts(self, now: float) -> None:
         """Hosts not heard from are lost, and their live instances (pure `plan_hosts`)."""
+        await self._confirm_silence(now)
         await self._execute(plan_hosts(self._view(), now), now)
 
     # ------------------------------------------------------------------ pull and delete
@@ -1368,7 +1402,7 @@ class Placer:
 
     async def _recorded(self, rec: InstanceRecord, rev: int) -> None:
         """The event of a write: the whole record and its revision (lls/history.py)."""
-        await self.bus.emit(
+        await self.bus.emit_record(
             proto.InstanceChanged(
                 instance_id=rec.instance_id,
                 model=rec.model,
