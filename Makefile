@@ -6,7 +6,7 @@ VENV ?= .venv
 CONFIG ?= config.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fmt setup llama-server demo-model bench clean
+.PHONY: run test lint fmt setup llama-server demo-model bench clean cluster
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo-model: demo/models/demo.gguf
 
 run: setup llama-server demo-model
 	exec $(BIN)/python -m lls.run --config $(CONFIG)
+
+# make cluster        three hosts as network namespaces (root), a 3-node NATS cluster, the
+#                     gateway forwarded to http://127.0.0.1:5000; Ctrl-C removes it all
+cluster: setup llama-server demo-model
+	exec $(BIN)/python -m lls.hostlab --config $(CONFIG)
 
 test: setup llama-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
