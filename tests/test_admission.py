@@ -317,3 +317,20 @@ def test_the_stage_says_slot_or_start():
         "instance x is starting on h1"
     )
     assert stage_of(False, False, 1, 1, "no instance placed yet") == "no instance placed yet"
+
+
+async def test_waiters_of_a_model_removed_by_a_reload_are_answered_at_once():
+    gate = Gate("m", Limits(1, 10, 30))
+    await gate.enter("a")  # the one slot is busy
+    waiting = [asyncio.create_task(gate.enter(who)) for who in ("a", "b")]
+    await asyncio.sleep(0)
+    assert gate.queued == 2
+    gone = ApiError(404, "model m was removed from the config", "model_not_found")
+    assert gate.refuse_all(gone) == 2
+    for task in waiting:
+        with pytest.raises(ApiError) as e:
+            await asyncio.wait_for(task, 1)  # at once, not after the 30 s queue timeout
+        assert e.value.status == 404
+    assert gate.queued == 0
+    gate.leave()
+    assert gate.in_flight == 0

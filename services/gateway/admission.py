@@ -294,6 +294,19 @@ class Gate:
             granted += 1
         return granted
 
+    def refuse_all(self, error: Exception) -> int:
+        """Fail every waiter with `error` at once (its model was removed by a reload: none
+        of them would ever be granted); how many there were."""
+        refused = 0
+        for queue in self.waiters.values():
+            for waiter in queue:
+                if not waiter.fut.done():
+                    waiter.fut.set_exception(error)
+                    refused += 1
+        self.waiters.clear()
+        self._version += 1
+        return refused
+
     def leave(self) -> None:
         """Release a slot: the next waiting client in fair order takes it (unless the limit
         dropped meanwhile: then it is not handed on)."""

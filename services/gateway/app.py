@@ -150,6 +150,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         runs (admission slots, each key's window of requests)."""
         g = new.gateway
         upstream.reload(new)
+        router.reloaded()
         windows: dict[str, KeyWindow] = {}
         for k in g.api_keys:
             if (limits := KeyLimits.of(k)).any:

@@ -105,9 +105,16 @@ class Upstream:
             gate.fill()
 
     def reload(self, cfg: Config) -> None:
-        """New limits from a reloaded config; waiters take what a higher limit frees."""
+        """New limits from a reloaded config; waiters take what a higher limit frees, and
+        those of a removed model are answered at once."""
         self.limits = limits_of(cfg)
-        for gate in self.gates.values():
+        for model, gate in self.gates.items():
+            if model not in cfg.models:
+                gone = ApiError(
+                    404, f"model {model} was removed from the config", "model_not_found"
+                )
+                gate.refuse_all(gone)
+                continue
             gate.limits = self.limits
             gate.weights = self.weights
             gate.fill()

@@ -208,6 +208,12 @@ class Router:
         for model in {r.model for r in self.instances.values() if r.host == host_id}:
             self._reindex(model)
 
+    def reloaded(self) -> None:
+        """Wake the waits of models a reload removed: they answer 404 now, not at their next
+        check."""
+        for model in [m for m in self._changed if m not in self.cfg.models]:
+            self._notify(model)
+
     def _notify(self, model: str) -> None:
         ev = self._changed.pop(model, None)
         if ev is not None:
