@@ -152,17 +152,8 @@ class Call:
         if self.lease is None:
             self.admit()
         assert self.lease is not None
-        opening = self.lease.open(
-            self._calls.upstream.open(
-                self.model,
-                path,
-                body,
-                headers,
-                ticket,
-                keep_alive,
-                self.who,
-                self.shown,
-            )
+        opening = self._calls.upstream.open(
+            self.model, path, body, headers, ticket, keep_alive, self.who, self.shown
         )
         try:
             if watch:

@@ -11,12 +11,11 @@ held back or buffered for them).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from lls.config import ApiKey
@@ -172,7 +171,8 @@ class Usage:
 
     def enter(self, key: ApiKey | None, model: str) -> Lease:
         """Admit one request of `key` for `model`, or raise a 429 that says which limit and
-        when it has room again. The lease must end: `Lease.open` wraps the upstream's release."""
+        when it has room again. The lease must end: the request's lifecycle closes it
+        (services/gateway/lifecycle.py `Call.finish`)."""
         name = key.name if key is not None else OPEN
         window = self.windows.get(name)
         if window is not None and (refusal := window.admit(self.clock())) is not None:
@@ -214,29 +214,6 @@ class Lease:
         self._input: int | None = None  # prompt tokens an earlier usage event gave
         self.closed = False
         self.counted = False
-
-    async def open(self, opening: Awaitable[Opened]) -> Opened:
-        """Await the upstream's `(response, release)`; the release returned also ends the
-        lease. Should opening fail (refused, unavailable, client gone), the lease ends here."""
-        try:
-            resp, release = await opening
-        except ApiError as e:
-            self.close(e.status)
-            raise
-        except asyncio.CancelledError:
-            self.close(499)
-            raise
-        except BaseException:
-            self.close(500)
-            raise
-
-        def done() -> None:
-            try:
-                release()
-            finally:
-                self.close(resp.status_code)
-
-        return resp, done
 
     def feed(self, chunk: bytes) -> None:
         """A streamed chunk on its way to the client. The counts come in the last event, which
