@@ -39,6 +39,7 @@ __all__ = [
     "GpuProcess",
     "HostJoined",
     "HostLost",
+    "HostBack",
     "HostRecord",
     "InstanceActivity",
     "InstanceChanged",
@@ -660,6 +661,13 @@ class HostLost(_Event, tag="host.lost"):
     reason: str
 
 
+class HostBack(_Event, tag="host.back"):
+    """A lost host heard again (without restarting: a restart says HostJoined)."""
+
+    host_id: str
+    reason: str
+
+
 Event = (
     Demand
     | PlacementDecided
@@ -675,6 +683,7 @@ Event = (
     | SlotCacheChanged
     | HostJoined
     | HostLost
+    | HostBack
     | CommandRefused
     | ConfigReloaded
     | ConfigRefused

@@ -13,7 +13,7 @@ from nats.js.api import DeliverPolicy
 
 import proto
 from lls.bus import kv_snapshot
-from lls.history import diff, rebuild
+from lls.history import HostEntry, diff, diff_hosts, rebuild, rebuild_hosts
 from proto import InstanceChanged, InstanceRecord, InstanceState
 from stack import Stack
 
@@ -62,6 +62,33 @@ def test_diff_names_every_disagreement_and_accepts_purged_ended_records():
     assert any(p.startswith("unlogged: in KV") for p in problems)
     assert any(p.startswith("vanished: the log says ready") for p in problems)
     assert diff(rebuild([changed(rec("x", S.READY), 1)]), {"x": rec("x", S.READY)}) == []
+
+
+def test_hosts_are_rebuilt_from_joined_lost_and_back_in_stream_order():
+    events = [
+        proto.HostJoined(host_id="a", gpus=2, runtime="docker"),
+        proto.HostLost(host_id="ghost", reason="never joined: ignored"),
+        proto.HostJoined(host_id="b", gpus=0, runtime="process"),
+        proto.HostLost(host_id="a", reason="no heartbeat for 10 s"),
+        proto.HostLost(host_id="b", reason="no heartbeat for 10 s"),
+        proto.HostBack(host_id="b", reason="heard again"),
+    ]
+    table = rebuild_hosts(events)
+    assert table == {
+        "a": HostEntry(2, "docker", lost=True, reason="no heartbeat for 10 s"),
+        "b": HostEntry(0, "process", lost=False, reason="heard again"),
+    }
+    restarted = rebuild_hosts([*events, proto.HostJoined(host_id="a", gpus=1, runtime="docker")])
+    assert restarted["a"] == HostEntry(1, "docker")  # an agent that starts again has joined
+    kv = {
+        "a": proto.HostRecord("a", 1.0, 1.0, "docker", [], 4, 1, 1),
+        "c": proto.HostRecord("c", 1.0, 1.0, "process", [], 4, 1, 1),
+    }
+    assert diff_hosts(table, kv, lost=set()) == [
+        "a: KV says 0 GPU(s), docker; the log 2, docker",
+        "a: the log says lost",
+        "c: in KV but it never joined in the log",
+    ]
 
 
 async def all_events(bus) -> list[proto.Event]:  # noqa: ANN001
@@ -115,6 +142,10 @@ async def test_the_state_rebuilt_from_the_event_log_equals_kv(stack: Stack, bus)
     assert states == {"a": S.READY, "b": S.STOPPED}, states
     await asyncio.sleep(0.5)  # the last event follows its write
     kv_by_id = {r.instance_id: r for r in kv.values()}
-    rebuilt = rebuild(await all_events(bus))
+    events = await all_events(bus)
+    rebuilt = rebuild(events)
     assert set(rebuilt) == set(kv_by_id)
     assert diff(rebuilt, kv_by_id) == []
+    hosts = {r.host_id: r for r in (await kv_snapshot(bus, bus.hosts, proto.HostRecord)).values()}
+    assert set(rebuild_hosts(events)) == set(hosts) == {"h1"}
+    assert diff_hosts(rebuild_hosts(events), hosts, lost=set()) == []

@@ -461,6 +461,7 @@ class Placer:
                 self.lost.add(act.host)
                 continue
             if isinstance(act, HostBack):
+                await self.bus.emit(proto.HostBack(host_id=act.host, reason=act.reason))
                 self.lost.discard(act.host)
                 continue
             if isinstance(act, Refuse):
