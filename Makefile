@@ -52,5 +52,9 @@ bench: setup llama-server
 	$(BIN)/python bench/bench_download.py
 	$(BIN)/python bench/bench_gateway.py --threads 1
 
+# make bench-hosts    issue 13's fault figures from one HostLab run (root: network namespaces)
+bench-hosts: setup llama-server
+	$(BIN)/python bench/bench_hosts.py
+
 clean:
 	rm -rf $(VENV) demo .pytest_cache
