@@ -25,7 +25,8 @@ def stack(tmp_path, nats_url, llama_server_bin, tiny_gguf):
 async def test_two_workers_share_the_port_and_both_serve(stack: Stack, bus):
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
     for _ in range(40):  # a new connection each: the kernel spreads them over the workers
-        r = httpx.post(f"{stack.base}/v1/completions", json=body, timeout=60)
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(f"{stack.base}/v1/completions", json=body)
         assert r.status_code == 200, r.text
     served: dict[str, int] = {}
     deadline = time.monotonic() + 15
