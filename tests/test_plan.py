@@ -5,6 +5,7 @@ carried out."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -16,20 +17,25 @@ from lls.config import parse
 from lls.service import ServiceContext
 from proto import (
     ActivityReport,
+    GpuInfo,
     HostRecord,
     InstanceActivity,
     InstanceRecord,
     InstanceState,
 )
+from services.placer.placement import Need, Placed
 from services.placer.plan import (
     END_RECORD_TTL_S,
+    NEVER_FITS_RETRY_S,
     NO_HOST_GRACE_S,
     NO_ROOM,
     NO_SWAP,
     START_GRACE_S,
     STOP_GRACE_S,
     Backoff,
+    Create,
     Download,
+    Drain,
     EndDrain,
     Fail,
     Hold,
@@ -48,6 +54,7 @@ from services.placer.plan import (
     demand_gate,
     merge_activity,
     plan,
+    plan_demand,
     plan_drains,
     plan_hosts,
     plan_retire,
@@ -494,3 +501,180 @@ async def test_the_executor_acts_only_on_the_record_an_action_was_planned_from(
     # a Hold lands in the Backoff the demand path reads
     await placer._execute([Hold(NO_SWAP, "m", t + 60, "abandoned")], t)
     assert placer.backoff.holding(NO_SWAP, "m", t + 59)
+
+    # a Drain (a swap's first step) marks its victims DRAINING for the waiting model
+    vid = f"m-{new_id()[:8]}"
+    vic = inst(vid, updated=t, ready_at=t)
+    vkey = proto.instance_key("h1", vid)
+    placer._on_instance(vkey, vic, await bus.instances.create(vkey, proto.encode(vic)))
+    await placer._execute([Drain("x", (vid, "gone"), "yielding to x")], t)
+    got = proto.decode((await bus.instances.get(vkey)).value, InstanceRecord)
+    assert (got.state, got.drain_for, got.drain_since, got.reason) == (
+        S.DRAINING,
+        "x",
+        t,
+        "yielding to x",
+    )
+
+
+# ---------------------------------------------------------------- demand after its gates
+
+GiB = 1024
+NEED = Need(model="m", memory_mib=10 * GiB)
+
+
+def gpu_host(used_gib: int = 0) -> dict[str, HostRecord]:
+    """One host "g" with one 24 GiB GPU (and too little RAM to run a 10 GiB model on CPU)."""
+    gpu = GpuInfo(0, "GPU-0", "sim", 24 * GiB, used_gib * GiB)
+    return {
+        "g": HostRecord(
+            host_id="g",
+            ts=NOW,
+            started_at=0.0,
+            runtime="process",
+            gpus=[gpu],
+            cpu_count=2,
+            ram_total_mib=4096,
+            ram_free_mib=4096,
+        )
+    }
+
+
+def on_gpu(
+    iid: str, state: InstanceState = S.READY, *, model: str = "n", gib: int = 20, **kw: object
+) -> InstanceRecord:
+    """An instance holding `gib` of g's GPU, ready for ten minutes (its turn is long over)."""
+    kw.setdefault("ready_at", NOW - 600)
+    return inst(iid, state, model=model, on="g", gpus=[0], memory_mib=gib * GiB, **kw)
+
+
+def test_demand_with_room_creates_on_the_chosen_gpu() -> None:
+    [act] = plan_demand(view(hosts=gpu_host()), "m", NEED, NOW)
+    assert isinstance(act, Create) and act.model == "m" and act.need == NEED
+    assert (act.decision.host, act.decision.gpus, act.decision.evict) == ("g", (0,), ())
+    assert (
+        act.reason
+        == act.decision.reason
+        == ("best fit on g GPU 0: 24.0 GiB free, model needs 10.0 GiB")
+    )
+
+
+def test_an_idle_instance_in_the_way_drains_first() -> None:
+    # Idle ones drain too: only the gateways know for sure that nothing is in flight on it.
+    v = view(on_gpu("a"), hosts=gpu_host(20))
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Drain) and (act.model, act.victims) == ("m", ("a",))
+    assert act.reason.startswith("yielding to m, which waits: best fit on g GPU 0")
+    assert "after stopping least recently used idle a, which frees 20.0 GiB" in act.reason
+
+
+def test_a_busy_instance_past_its_turn_is_asked_to_yield() -> None:
+    v = view(on_gpu("a"), hosts=gpu_host(20), reports=[report(busy={"a": 1})])
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Drain) and act.victims == ("a",)
+    assert "once a yield (drain, then stop)" in act.reason
+
+
+def test_a_busy_instance_in_its_turn_is_waited_for() -> None:
+    young = on_gpu("a", ready_at=NOW - 1)  # placer.min_turn (5 s) not over yet
+    v = view(young, hosts=gpu_host(20), reports=[report(busy={"a": 1})])
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Wait) and act.model == "m"
+    assert "1 busy with requests in flight" in act.reason
+
+
+def test_no_new_drain_while_the_last_swap_is_held_no_swap() -> None:
+    held = {(NO_SWAP, "m"): Backoff().note(NO_SWAP, "m", NOW, wait=60.0)}
+    v = view(on_gpu("a"), hosts=gpu_host(20), reports=[report(busy={"a": 1})], holds=held)
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Wait) and "1 busy with requests in flight" in act.reason
+    expired = {(NO_SWAP, "m"): Backoff().note(NO_SWAP, "m", NOW - 61, wait=60.0)}
+    v = view(on_gpu("a"), hosts=gpu_host(20), reports=[report(busy={"a": 1})], holds=expired)
+    assert [type(a) for a in plan_demand(v, "m", NEED, NOW)] == [Drain]
+
+
+def test_an_instance_drained_for_it_is_evicted_by_the_new_instance() -> None:
+    drained = on_gpu("a", S.DRAINING, drain_for="m", drain_since=NOW - 5)
+    v = view(drained, hosts=gpu_host(20), reports=[report(draining=("a",))])
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Create) and isinstance(act.decision, Placed)
+    assert act.decision.evict == ("a",)  # _create stops it and announces the swap done
+    # one still running requests is not evicted, and not drained again: m waits
+    v = view(drained, hosts=gpu_host(20), reports=[report(draining=("a",), busy={"a": 1})])
+    assert [type(a) for a in plan_demand(v, "m", NEED, NOW)] == [Wait]
+
+
+def test_a_model_that_never_fits_is_refused_with_a_retry() -> None:
+    huge = Need(model="m", memory_mib=30 * GiB)  # more than the whole GPU
+    [act] = plan_demand(view(on_gpu("a"), hosts=gpu_host(20)), "m", huge, NOW)
+    assert isinstance(act, Refuse) and act.model == "m"
+    assert act.retry_after == NEVER_FITS_RETRY_S
+    assert act.reason.endswith(
+        "; this holds even with every model that can yield stopped, so it never fits"
+    )
+
+
+def test_keep_loaded_and_pinned_models_are_never_evicted_so_it_never_fits() -> None:
+    kept = dataclasses.replace(LIM, keep_loaded=frozenset({"n"}))
+    for v in (
+        view(on_gpu("a"), hosts=gpu_host(20), limits=kept),
+        view(on_gpu("a"), hosts=gpu_host(20), pinned=frozenset({"n"})),
+        view(
+            on_gpu("a"),
+            hosts=gpu_host(20),
+            pinned=frozenset({"n"}),
+            reports=[report(busy={"a": 1})],
+        ),
+    ):
+        [act] = plan_demand(v, "m", NEED, NOW)
+        assert isinstance(act, Refuse), act  # 4 GiB is all there is beside the kept one
+        assert "marked keep_loaded" in act.reason
+
+
+def test_an_unsettled_instance_is_not_evicted_without_a_drain() -> None:
+    # A gateway may be about to send it the requests that waited for it: it counts busy,
+    # so it is not stopped outright (the same instance settled is drained: see above).
+    v = view(on_gpu("a"), hosts=gpu_host(20), unsettled=frozenset({"a"}))
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Wait) and "1 busy with requests in flight" in act.reason
+
+
+def test_its_exclusive_group_makes_way_first() -> None:
+    idle = inst("i", model="g2", ready_at=NOW - 600)
+    busy = inst("b", model="g2", ready_at=NOW - 600)
+    young = inst("y", model="g2", ready_at=NOW - 1)  # in its turn: waited for
+    starting = inst("s", S.STARTING, model="g2")
+    v = view(idle, busy, young, starting, reports=[report(busy={"b": 1, "y": 1})])
+    acts = plan_demand(v, "g1", Need(model="g1", memory_mib=100), NOW)
+    assert acts == [
+        Stop("i", "exclusive group big: g1 is wanted"),
+        Drain("g1", ("b",), "yielding to g1 (exclusive group big)"),
+        Wait("g1", "exclusive group big: g2 go first"),
+    ]
+    # nothing of the group left running: placed like any other
+    assert [type(a) for a in plan_demand(view(), "g1", Need(model="g1", memory_mib=100), NOW)] == [
+        Create
+    ]
+
+
+def test_the_config_reaches_the_demand_planner_through_limits() -> None:
+    from services.placer.service import Placer
+
+    url = "file:///nowhere/x.gguf"
+    cfg = parse(
+        {
+            "placer": {"strategy": "spread", "min_turn": 7},
+            "agent": {"ram_reserve_mib": 512},
+            "models": {"m": {"url": url}, "n": {"url": url, "keep_loaded": True}},
+        }
+    )
+    ctx = SimpleNamespace(cfg=cfg, bus=SimpleNamespace(leases=None), host_id="p")
+    limits = Placer(ctx)._limits()  # type: ignore[arg-type]
+    assert (limits.keep_loaded, limits.strategy, limits.min_turn, limits.ram_reserve_mib) == (
+        frozenset({"n"}),
+        "spread",
+        7.0,
+        512,
+    )
+    [act] = plan_demand(view(on_gpu("a"), hosts=gpu_host(20), limits=limits), "m", NEED, NOW)
+    assert isinstance(act, Refuse) and "marked keep_loaded" in act.reason

@@ -24,6 +24,10 @@ What is planned here (DESIGN.md section 9):
     demand   demand_gate    the gates before a placement: unconfigured -> Refuse; live ->
                             nothing; a swap under way, no host yet -> Wait; failed lately ->
                             Refuse until placer.failure_backoff has passed
+             plan_demand    past the gates (and the header wait, in the service): its
+                            exclusive group runs -> Stop idle / Drain yieldable, Wait;
+                            never fits even at rest -> Refuse; no room now -> Wait; a
+                            victim not drained for it -> Drain (a swap); else Create
 
 Timing state kept between passes lives in one `Backoff`, keyed by (kind, key); the
 planner reads it through the View (`View.holds`), the executor updates it from outcomes.
@@ -46,13 +50,23 @@ from proto.messages import (
     InstanceRecord,
     InstanceState,
 )
-from services.placer.placement import idle_to_stop, lost_hosts
-from services.placer.turns import Waiting, drain_status
+from services.placer.placement import (
+    Need,
+    NoFit,
+    Placed,
+    at_rest,
+    idle_to_stop,
+    lost_hosts,
+    place,
+)
+from services.placer.turns import Waiting, drain_status, group_conflicts, may_yield
 
 __all__ = [
     "Action",
     "Backoff",
+    "Create",
     "Download",
+    "Drain",
     "EndDrain",
     "Fail",
     "Hold",
@@ -73,7 +87,11 @@ __all__ = [
     "check_stop",
     "demand_gate",
     "merge_activity",
+    "never_fits",
+    "place_at_rest",
+    "place_in",
     "plan",
+    "plan_demand",
     "plan_drains",
     "plan_hosts",
     "plan_retire",
@@ -92,6 +110,7 @@ NO_HOST_GRACE_S = 30.0  # after start, demand with no host yet waits rather than
 ACTIVITY_STALE_S = 10.0  # a gateway report older than this is ignored (gateway gone)
 NOT_CONFIGURED_RETRY_S = 60.0
 DOWNLOAD_SLACK_S = 60.0  # a download gets downloader.timeout plus this before it fails
+NEVER_FITS_RETRY_S = 10.0  # Retry-After for a model that cannot fit even with turns
 
 # Backoff kinds
 NO_SWAP = "no_swap"  # model -> no new drain for it before `until` (its last one was abandoned)
@@ -179,6 +198,10 @@ class Limits:
     download_timeout: float = 3600.0  # downloader.timeout
     models: frozenset[str] = frozenset()  # configured models
     groups: Mapping[str, str] = field(default_factory=dict)  # model -> exclusive group
+    keep_loaded: frozenset[str] = frozenset()  # the config's keep_loaded models
+    strategy: str = "binpack"  # placer.strategy
+    min_turn: float = 5.0  # placer.min_turn
+    ram_reserve_mib: int = 1024  # agent.ram_reserve_mib
 
 
 def _frozen(m: Mapping) -> Mapping:  # type: ignore[type-arg]
@@ -207,6 +230,9 @@ class View:
     pinned: frozenset[str] = frozenset()  # models pinned in KV desired (`lls load --pin`)
     epoch: int = 0  # this leader's lease epoch
     download_epochs: Mapping[str, int] = field(default_factory=dict)  # DOWNLOADING -> sent in
+    # READY instances some live gateway has not reported on since it saw them ready (its
+    # waiting requests may be about to start there): never evicted without a drain
+    unsettled: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         names = ("instances", "hosts", "heard", "queues", "last_demand", "holds", "download_epochs")
@@ -231,6 +257,10 @@ class View:
     def held(self, kind: str, key: str, now: float) -> bool:
         t = self.holds.get((kind, key))
         return t is not None and now < t.until
+
+    def keep_loaded(self) -> frozenset[str]:
+        """Never evicted: the config's keep_loaded models and the pinned ones."""
+        return self.limits.keep_loaded | self.pinned
 
 
 def merge_activity(
@@ -363,6 +393,27 @@ class Wait:
     reason: str
 
 
+@dataclass(frozen=True)
+class Drain:
+    """The first step of a swap: `victims` stop taking requests for `model`'s sake
+    (DRAINING, drain_for=model), and a SwapChanged("draining") tells why."""
+
+    model: str
+    victims: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Create:
+    """Record a new instance of `model` PENDING where `decision` placed it, stop what it
+    evicts (each drained for it already), and take its first step."""
+
+    model: str
+    need: Need
+    decision: Placed
+    reason: str
+
+
 Action = (
     HostLost
     | HostBack
@@ -377,6 +428,8 @@ Action = (
     | Hold
     | Purge
     | Wait
+    | Drain
+    | Create
 )
 
 
@@ -617,6 +670,170 @@ def demand_gate(view: View, model: str, now: float) -> Action | None:
     if not view.hosts and now - view.started < NO_HOST_GRACE_S:
         return Wait(model, "no host has reported yet")  # agents may still be starting
     return None
+
+
+def placement_activity(view: View, now: float) -> dict[str, InstanceActivity]:
+    """The gateways' activity, where a READY instance of a model with requests queued
+    counts busy even between two of them."""
+    activity = view.activity(now)
+    if view.queues:
+        for r in view.instances.values():
+            if r.state == InstanceState.READY and r.model in view.queues:
+                act = activity.get(r.instance_id)
+                if act is None or act.in_flight == 0:
+                    activity[r.instance_id] = InstanceActivity(1, now)
+    return activity
+
+
+def place_in(
+    view: View,
+    need: Need,
+    now: float,
+    *,
+    exclude: str | None = None,
+    may_drain: Mapping[str, float] | None = None,
+    may_evict: bool = True,
+) -> Placed | NoFit:
+    """The pure placement (`placement.place`) over what the view holds."""
+    instances = [r for r in view.instances.values() if r.instance_id != exclude]
+    lim = view.limits
+    # Memory unknown until the file's header is read: fetch where the most is free, so
+    # the re-check after the download most likely fits on that same host.
+    strategy = lim.strategy if need.memory_mib else "spread"
+    return place(
+        list(view.hosts.values()),
+        instances,
+        placement_activity(view, now),
+        need,
+        now=now,
+        strategy=strategy,
+        host_lost_after=lim.host_lost_after,
+        heard=view.heard,
+        ram_reserve_mib=lim.ram_reserve_mib,
+        keep_loaded=view.keep_loaded(),
+        may_drain=may_drain,
+        unsettled=view.unsettled,
+        may_evict=may_evict,
+    )
+
+
+def place_at_rest(view: View, need: Need, now: float) -> Placed | NoFit:
+    """Where `need` goes once every model that may yield has stopped."""
+    keep = view.keep_loaded()
+    fixed = [
+        r
+        for r in view.instances.values()
+        if r.state in LIVE_STATES and r.model in keep and r.model != need.model
+    ]
+    lim = view.limits
+    return place(
+        at_rest(list(view.hosts.values())),
+        fixed,
+        {},
+        need,
+        now=now,
+        strategy=lim.strategy,
+        host_lost_after=lim.host_lost_after,
+        heard=view.heard,
+        ram_reserve_mib=lim.ram_reserve_mib,
+        keep_loaded=keep,
+    )
+
+
+def never_fits(view: View, need: Need, now: float) -> str | None:
+    """Why `need` cannot fit even with every model that may yield stopped, or None when
+    it can once others take their turn (then it waits instead of being refused)."""
+    decision = place_at_rest(view, need, now)
+    if isinstance(decision, NoFit):
+        return decision.reason + (
+            "; this holds even with every model that can yield stopped, so it never fits"
+        )
+    return None
+
+
+def may_drain(view: View, model: str, now: float) -> dict[str, float]:
+    """Busy READY instances that may yield to `model` now, ranked (pure `turns.may_yield`)."""
+    return may_yield(
+        list(view.instances.values()),
+        view.activity(now),
+        view.queues,
+        for_model=model,
+        now=now,
+        min_turn_s=view.limits.min_turn,
+        keep_loaded=view.keep_loaded(),
+    )
+
+
+def _yields_now(view: View, iid: str, model: str, now: float) -> bool:
+    """Whether an instance in `model`'s way has drained for it and may stop now."""
+    rec = view.instances.get(iid)
+    return (
+        rec is not None
+        and rec.state == InstanceState.DRAINING
+        and rec.drain_for == model
+        and drain_status(
+            rec,
+            view.reports,
+            now=now,
+            fresh_after=now - ACTIVITY_STALE_S,
+            drain_timeout_s=view.limits.drain_timeout,
+            still_wanted=True,
+        )
+        == "drained"
+    )
+
+
+def make_way_in_group(view: View, model: str, now: float) -> list[Action] | None:
+    """None when no other model of `model`'s exclusive group runs; else each READY one is
+    stopped if idle, asked to yield if its turn is over, and otherwise waited for (starting,
+    stopping or yielding ones too), and `model` waits."""
+    groups = view.limits.groups
+    conflicts = group_conflicts(model, groups, view.instances.values())
+    if not conflicts:
+        return None
+    activity = view.activity(now)
+    yieldable = may_drain(view, model, now)
+    group = groups[model]
+    out: list[Action] = []
+    for rec in conflicts:
+        if rec.state != InstanceState.READY:
+            continue
+        act = activity.get(rec.instance_id)
+        if act is None or act.in_flight == 0:
+            out.append(Stop(rec.instance_id, f"exclusive group {group}: {model} is wanted"))
+        elif rec.instance_id in yieldable:
+            why = f"yielding to {model} (exclusive group {group})"
+            out.append(Drain(model, (rec.instance_id,), why))
+    others = ", ".join(sorted({r.model for r in conflicts}))
+    out.append(Wait(model, f"exclusive group {group}: {others} go first"))
+    return out
+
+
+def plan_demand(view: View, model: str, need: Need, now: float) -> list[Action]:
+    """Demand for `model` past `demand_gate` (and its header wait, in the service): the
+    exclusive group makes way first; then the placement, which may count on busy models
+    yielding (no new drain while a NO_SWAP hold stands). Never fits even with every model
+    that may yield stopped -> Refuse; no room now -> Wait (the requests' own deadlines bound
+    it); an instance in the way not yet drained for it -> Drain (a swap; idle ones drain
+    too: only the gateways know for sure that nothing is in flight on it); else Create."""
+    group = make_way_in_group(view, model, now)
+    if group is not None:
+        return group
+    yieldable = {} if view.held(NO_SWAP, model, now) else may_drain(view, model, now)
+    decision = place_in(view, need, now, may_drain=yieldable)
+    if isinstance(decision, NoFit):
+        never = never_fits(view, need, now)
+        if never is not None:  # (a lost host may come back: retry soon, not never)
+            return [Refuse(model, never, NEVER_FITS_RETRY_S)]
+        return [Wait(model, decision.reason)]
+    if any(not _yields_now(view, iid, model, now) for iid in decision.evict):
+        victims = tuple(
+            iid
+            for iid in decision.evict
+            if (v := view.instances.get(iid)) is not None and v.state == InstanceState.READY
+        )
+        return [Drain(model, victims, f"yielding to {model}, which waits: {decision.reason}")]
+    return [Create(model, need, decision, decision.reason)]
 
 
 def plan(view: View, now: float) -> list[Action]:

@@ -15,8 +15,9 @@ decides from. Each pass looks at what the instance records say and takes the nex
                                        one above replicas.min idle -> retire it
 
 The periodic steps (lost hosts, drains ending, retiring, start/stop resends, idle stops,
-purges) and the gates before a placement are decided by the pure planner in `plan.py` from a
-frozen View; `_execute` here carries its actions out. Timing kept between passes lives in
+purges), the gates before a placement and demand's decision after them (group make-way,
+refuse, swap, create) are decided by the pure planner in `plan.py` from a frozen View;
+`_execute` here carries its actions out. Timing kept between passes lives in
 one per-key `Backoff`.
 
 Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
@@ -51,21 +52,23 @@ from .memory import (
     gpu_needs,
     remember_measured,
 )
-from .placement import Need, NoFit, Placed, at_rest, place
+from .placement import Need, NoFit, Placed
 from .plan import (
     ACTIVITY_STALE_S,
     DEMAND_FRESH_S,
     END_RECORD_TTL_S,
     HEADER_WAIT,
     INSPECT,
+    NEVER_FITS_RETRY_S,
     NO_ROOM,
-    NO_SWAP,
     RESENT,
     START_GRACE_S,
     STOP_GRACE_S,
     Action,
     Backoff,
+    Create,
     Download,
+    Drain,
     EndDrain,
     Fail,
     Hold,
@@ -85,6 +88,9 @@ from .plan import (
     check_stop,
     demand_gate,
     merge_activity,
+    place_at_rest,
+    place_in,
+    plan_demand,
     plan_drains,
     plan_hosts,
     plan_retire,
@@ -94,25 +100,24 @@ from .plan import (
 from .reload import plan as reload_plan
 from .replicas import AddReplica, StopReplica
 from .replicas import plan as replica_plan
-from .turns import (
-    DrainStatus,
-    Waiting,
-    drain_status,
-    group_conflicts,
-    may_yield,
-    merged_queues,
-    waiting_order,
-)
+from .turns import Waiting, merged_queues, waiting_order
 
 # (re-exported: tests and benches import them from here)
-__all__ = ["END_RECORD_TTL_S", "RESENT", "START_GRACE_S", "STOP_GRACE_S", "Placer", "run"]
+__all__ = [
+    "END_RECORD_TTL_S",
+    "NEVER_FITS_RETRY_S",
+    "RESENT",
+    "START_GRACE_S",
+    "STOP_GRACE_S",
+    "Placer",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
-NEVER_FITS_RETRY_S = 10.0  # Retry-After for a model that cannot fit even with turns
 INSPECT_WAIT_S = 10.0  # demand for a model of unknown size waits this long for its header
 INSPECT_RETRY_S = 300.0  # a header that never came is asked for again after this
 
@@ -253,11 +258,16 @@ class Placer:
             },
             models=frozenset(cfg.models),
             groups={n: m.group for n, m in cfg.models.items() if m.group},
+            keep_loaded=frozenset(n for n, m in cfg.models.items() if m.keep_loaded),
+            strategy=cfg.placer.strategy,
+            min_turn=cfg.placer.min_turn,
+            ram_reserve_mib=cfg.agent.ram_reserve_mib,
         )
 
-    def _view(self, queues: dict[str, Waiting] | None = None) -> View:
+    def _view(self, queues: dict[str, Waiting] | None = None, now: float | None = None) -> View:
         """What the planner decides from: the current views, read-only. Built right before
-        each step, so a step sees what the one before it wrote."""
+        each step, so a step sees what the one before it wrote. With `now`, also which READY
+        instances are unsettled (only placements read that)."""
         return View(
             instances=self.instances,
             hosts=self.hosts,
@@ -272,6 +282,7 @@ class Placer:
             pinned=pinned(self.desired),
             epoch=self.lease.epoch,
             download_epochs=self.download_epoch,
+            unsettled=self._unsettled(now) if now is not None else frozenset(),
         )
 
     # ------------------------------------------------------------------ run
@@ -472,6 +483,13 @@ class Placer:
                 continue
             if isinstance(act, Wait):
                 continue
+            if isinstance(act, Drain):
+                victims = [v for i in act.victims if (v := self.instances.get(i)) is not None]
+                await self._drain(act.model, victims, act.reason, now)
+                continue
+            if isinstance(act, Create):
+                await self._create(act.model, act.need, act.decision, now)
+                continue
             iid: str = act.instance_id
             rec = self.instances.get(iid)
             if rec is None or self.revisions.get(iid) != planned.get(iid):
@@ -622,26 +640,13 @@ class Placer:
         need = self._need(model, mcfg, host=None)
         if not need.memory_mib and await self._wait_for_header(model, mcfg, now):
             return  # the next passes place it once the header is in, or after INSPECT_WAIT_S
-        if await self._make_way_in_group(model, now, queues):
-            return  # its exclusive group's other models go first
-        may_drain = self._may_drain(model, now, queues)
-        if self.backoff.holding(NO_SWAP, model, now):
-            may_drain = {}  # its last swap was abandoned: no new drain before the retry time
-        decision = self._place(need, now, may_drain=may_drain, queues=queues)
-        if isinstance(decision, NoFit):
-            never = self._never_fits(need, now)
-            if never is not None:  # (a lost host may come back: retry soon, not never)
-                log.info("refusing %s: %s", model, never)
-                await self._refuse(model, never, NEVER_FITS_RETRY_S)
-            # else: room is held by models in their turn, or starting, or stopping; it
-            # waits (the requests' own deadlines bound it) and the next passes decide again
-            return
-        if any(not self._yields_now(iid, model) for iid in decision.evict):
-            # Every instance in the way drains first, idle ones too: only the gateways know
-            # for sure that nothing is in flight on it, and they say so once they saw it.
-            await self._start_swap(model, decision, now)
-            return
-        await self._create(model, need, decision, now)
+        # The rest is pure (`plan.plan_demand`): the exclusive group makes way, then the
+        # placement -> refused as never fitting, a swap (drain), a new instance, or a wait.
+        actions = plan_demand(self._view(queues, now), model, need, now)
+        for act in actions:
+            if isinstance(act, Refuse):
+                log.info("refusing %s: %s", model, act.reason)
+        await self._execute(actions, now)
 
     async def _replicas(self, now: float, queues: dict[str, Waiting], order: list[str]) -> None:
         """One replica step per model (pure `replicas.plan`), models with the oldest waiting
@@ -993,36 +998,11 @@ class Placer:
         now: float,
         *,
         exclude: str | None = None,
-        may_drain: dict[str, float] | None = None,
         queues: dict[str, Waiting] | None = None,
         may_evict: bool = True,
     ) -> Placed | NoFit:
-        instances = [r for r in self.instances.values() if r.instance_id != exclude]
-        activity = self.merged_activity()
-        for r in instances:  # a model with requests queued is busy, even between two of them
-            if r.state == InstanceState.READY and queues and r.model in queues:
-                act = activity.get(r.instance_id)
-                if act is None or act.in_flight == 0:
-                    activity[r.instance_id] = proto.InstanceActivity(1, now)
-        keep = self._keep_loaded()
-        # Memory unknown until the file's header is read: fetch where the most is free, so
-        # the re-check after the download most likely fits on that same host.
-        strategy = self.cfg.placer.strategy if need.memory_mib else "spread"
-        return place(
-            list(self.hosts.values()),
-            instances,
-            activity,
-            need,
-            now=now,
-            strategy=strategy,
-            host_lost_after=self.cfg.placer.host_lost_after,
-            heard=self._heard(),
-            ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
-            keep_loaded=keep,
-            may_drain=may_drain,
-            unsettled=self._unsettled(now),
-            may_evict=may_evict,
-        )
+        """The pure placement (`plan.place_in`) over the current views."""
+        return place_in(self._view(queues, now), need, now, exclude=exclude, may_evict=may_evict)
 
     def _unsettled(self, now: float) -> frozenset[str]:
         """READY instances some live gateway has not reported on since it saw them ready:
@@ -1040,89 +1020,11 @@ class Placer:
             r.ts >= now - ACTIVITY_STALE_S for r in self.activity.values()
         )
 
-    def _keep_loaded(self) -> frozenset[str]:
-        """Never evicted: the config's keep_loaded models and the pinned ones."""
-        kept = frozenset(n for n, m in self.cfg.models.items() if m.keep_loaded)
-        return kept | pinned(self.desired)
-
-    def _never_fits(self, need: Need, now: float) -> str | None:
-        """Why `need` cannot fit even with every model that may yield stopped, or None when
-        it can once others take their turn (then it waits instead of being refused)."""
-        decision = self._place_at_rest(need, now)
-        if isinstance(decision, NoFit):
-            return decision.reason + (
-                "; this holds even with every model that can yield stopped, so it never fits"
-            )
-        return None
-
     def _place_at_rest(self, need: Need, now: float) -> Placed | NoFit:
         """Where `need` goes once every model that may yield has stopped."""
-        keep = self._keep_loaded()
-        fixed = [
-            r
-            for r in self.instances.values()
-            if r.state in proto.LIVE_STATES and r.model in keep and r.model != need.model
-        ]
-        return place(
-            at_rest(list(self.hosts.values())),
-            fixed,
-            {},
-            need,
-            now=now,
-            strategy=self.cfg.placer.strategy,
-            host_lost_after=self.cfg.placer.host_lost_after,
-            heard=self._heard(),
-            ram_reserve_mib=self.cfg.agent.ram_reserve_mib,
-            keep_loaded=keep,
-        )
-
-    def _may_drain(self, model: str, now: float, queues: dict[str, Waiting]) -> dict[str, float]:
-        return may_yield(
-            list(self.instances.values()),
-            self.merged_activity(),
-            queues,
-            for_model=model,
-            now=now,
-            min_turn_s=self.cfg.placer.min_turn,
-            keep_loaded=self._keep_loaded(),
-        )
-
-    def _yields_now(self, iid: str, model: str) -> bool:
-        """Whether an instance in `model`'s way has drained for it and may stop now."""
-        rec = self.instances.get(iid)
-        return (
-            rec is not None
-            and rec.state == InstanceState.DRAINING
-            and rec.drain_for == model
-            and self._drained(rec, time.time())
-        )
-
-    def _drained(self, rec: InstanceRecord, now: float) -> bool:
-        return self._drain_status(rec, now, still_wanted=True) == "drained"
-
-    def _drain_status(self, rec: InstanceRecord, now: float, still_wanted: bool) -> DrainStatus:
-        return drain_status(
-            rec,
-            self.activity.values(),
-            now=now,
-            fresh_after=now - ACTIVITY_STALE_S,
-            drain_timeout_s=self.cfg.placer.drain_timeout,
-            still_wanted=still_wanted,
-        )
+        return place_at_rest(self._view(), need, now)
 
     # ------------------------------------------------------------------ turns
-
-    async def _start_swap(self, model: str, decision: Placed, now: float) -> None:
-        """The busy instances in the way stop admitting requests; once theirs finish, the
-        next pass places `model` into the room they leave."""
-        victims = [
-            v
-            for iid in decision.evict
-            if (v := self.instances.get(iid)) is not None and v.state == InstanceState.READY
-        ]
-        await self._drain(
-            model, victims, f"yielding to {model}, which waits: {decision.reason}", now
-        )
 
     async def _drain(self, model: str, victims: list[InstanceRecord], why: str, now: float) -> None:
         """The first step of a swap: `victims` stop taking requests, for `model`'s sake."""
@@ -1205,36 +1107,6 @@ class Placer:
         if await self._write(rec, state=InstanceState.READY, drain_for="", drain_since=None):
             drained_for = now - (rec.drain_since or now)
             await self._swap_event(rec.drain_for, stage, [rec], why, drain_s=drained_for)
-
-    def _same_group(self, a: str, b: str) -> bool:
-        """Whether two models are in one exclusive group (a drain then just stops `b`)."""
-        return bool(self._group_of(a)) and self._group_of(a) == self._group_of(b)
-
-    def _group_of(self, model: str) -> str:
-        mcfg = self.cfg.models.get(model)
-        return (mcfg.group or "") if mcfg is not None else ""
-
-    async def _make_way_in_group(self, model: str, now: float, queues: dict[str, Waiting]) -> bool:
-        """Whether other models of `model`'s exclusive group still run; each is stopped if
-        idle, asked to yield if its turn is over, and otherwise waited for."""
-        groups = {n: m.group for n, m in self.cfg.models.items() if m.group}
-        conflicts = group_conflicts(model, groups, self.instances.values())
-        if not conflicts:
-            return False
-        activity = self.merged_activity()
-        yieldable = self._may_drain(model, now, queues)
-        group = groups[model]
-        for rec in conflicts:
-            if rec.state != InstanceState.READY:
-                continue  # starting, stopping or yielding already: wait for it
-            act = activity.get(rec.instance_id)
-            if act is None or act.in_flight == 0:
-                await self._stop(rec, f"exclusive group {group}: {model} is wanted")
-            elif rec.instance_id in yieldable:
-                await self._drain(
-                    model, [rec], f"yielding to {model} (exclusive group {group})", now
-                )
-        return True
 
     def _recent_failure(self, model: str, now: float) -> InstanceRecord | None:
         return recent_failure(self.instances.values(), model, now, self.cfg.placer.failure_backoff)
