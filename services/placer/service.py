@@ -130,7 +130,6 @@ class Placer:
         self.hosts: dict[str, proto.HostRecord] = {}
         self.received: dict[str, float] = {}  # host -> when its last heartbeat arrived
         self.host_revs: dict[str, int] = {}  # host -> KV revision of that heartbeat
-        self.unsure_at = 0.0  # when a read to confirm a host's silence last failed
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
@@ -178,15 +177,17 @@ class Placer:
         """When each host was last heard, on our clock; never before the bus last came back
         to us: a placer that heard nothing while the bus was away must not judge hosts by
         that silence."""
-        back = max(self.bus.back_at, self.unsure_at)
+        back = self.bus.back_at
         return {h: max(t, back) for h, t in self.received.items()}
 
-    async def _confirm_silence(self, now: float) -> None:
+    async def _confirm_silence(self, now: float) -> bool:
         """Read a host that has been silent for half of host_lost_after before judging it.
         A KV watch can die quietly with the NATS server behind it while the bus still answers
         through another server of the cluster; the placer must not call hosts lost, nor
         refuse placements, because its own view stopped. A heartbeat the watch missed is
-        taken, and every watch is set up again; a failed read suspends judging (`_heard`)."""
+        taken, and every watch is set up again. False when a read failed (the cluster is
+        electing the bucket's leader): nobody is judged on this pass, and the next pass,
+        once reads work, judges by the real silence (no penalty for the election)."""
         half = self.cfg.placer.host_lost_after / 2
         heard = self._heard()
         suspects = sorted(h for h, t in heard.items() if now - t > half and h not in self.lost)
@@ -199,8 +200,7 @@ class Placer:
                 continue
             except Exception as e:  # noqa: BLE001 - the bus is failing over: judge nobody now
                 log.warning("cannot confirm host %s is silent (%r); judging no host now", host, e)
-                self.unsure_at = time.time()
-                return
+                return False
             if entry.value and (entry.revision or 0) > self.host_revs.get(host, 0):
                 self._on_host(
                     entry.key, proto.decode(entry.value, proto.HostRecord), entry.revision or 0
@@ -209,6 +209,7 @@ class Placer:
         if missed:
             log.warning("the hosts watch missed heartbeats: setting every watch up again")
             self.bus.reconnects += 1
+        return True
 
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
         self.instances[rec.instance_id] = rec
@@ -408,15 +409,24 @@ class Placer:
 
     async def _loop(self) -> None:
         await asyncio.sleep(0.5)  # let the watchers load current state first
+        failed = 0  # passes failed in a row
         while not self.ctx.stop.is_set():
             self.wake.clear()
             if self.lease.valid():
                 try:
                     await self.reconcile()
+                    failed = 0
                 except LeaseLost as e:  # lapsed mid-pass: not one more command or write
                     log.warning("pass aborted: %s", e)
-                except Exception:  # a bad pass must not kill the placer; the next retries
-                    log.exception("reconcile pass failed")
+                except Exception as e:  # a bad pass must not kill the placer; the next retries
+                    failed += 1
+                    if failed == 1:
+                        log.exception("reconcile pass failed")
+                    else:
+                        log.warning("reconcile pass failed (%d in a row): %r", failed, e)
+                    # Not at once: while the NATS cluster elects a stream's leader, every
+                    # write fails, and each heartbeat would wake another failing pass.
+                    await wait_event(self.ctx.stop, min(0.25 * 2 ** (failed - 1), 2.0))
             else:
                 self.inbox.clear()  # the leader handles these; a standby must not replay them
             await wait_event(self.wake, TICK_S)
@@ -1113,7 +1123,8 @@ class Placer:
 
     async def _mark_lost_hosts(self, now: float) -> None:
         """Hosts not heard from are lost, and their live instances (pure `plan_hosts`)."""
-        await self._confirm_silence(now)
+        if not await self._confirm_silence(now):
+            return
         await self._execute(plan_hosts(self._view(), now), now)
 
     # ------------------------------------------------------------------ pull and delete
