@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -32,8 +32,9 @@ from test_history import all_events
 import proto
 from conftest import ROOT, NatsServer
 from lls import auth
-from lls.bus import Bus, kv_snapshot, new_id
+from lls.bus import Bus, new_id
 from lls.history import diff, rebuild
+from lls.hostfaults import live, records, until
 from proto import InstanceRecord, InstanceState, LeaseRecord, StopInstance
 from services.downloader.devserver import Behaviour, FileServer
 from services.downloader.fetch import state_path
@@ -58,21 +59,6 @@ class Outcome:
     deadline: float
     error: str  # the error body's message, or the exception
     retry_after: str | None
-
-
-async def until(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
-    """The first truthy result of `check`, polled until `within` seconds have passed."""
-    deadline = time.monotonic() + within
-    error: Exception | None = None
-    while True:
-        try:
-            got = await check()
-        except Exception as e:  # noqa: BLE001 - the bus may be away mid-fault: try again
-            got, error = None, e
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"not within {within:.0f} s: {what} ({error!r})"
-        await asyncio.sleep(0.1)
 
 
 def children(parent: int, module: str) -> list[int]:
@@ -105,14 +91,6 @@ def llama_ports(marker: str) -> dict[int, int]:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         ports[int(argv[argv.index("--port") + 1])] = pid
     return ports
-
-
-async def records(bus: Bus) -> list[InstanceRecord]:
-    return list((await kv_snapshot(bus, bus.instances, InstanceRecord)).values())
-
-
-async def live(bus: Bus, model: str) -> list[InstanceRecord]:
-    return [r for r in await records(bus) if r.model == model and r.state in proto.LIVE_STATES]
 
 
 async def lease(bus: Bus) -> LeaseRecord:

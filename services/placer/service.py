@@ -116,6 +116,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+HOSTS_GAP_BEATS = 3  # no heartbeat from any host for this many heartbeat periods: a bus stall
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
 INSPECT_WAIT_S = 10.0  # demand for a model of unknown size waits this long for its header
@@ -130,6 +131,9 @@ class Placer:
         self.hosts: dict[str, proto.HostRecord] = {}
         self.received: dict[str, float] = {}  # host -> when its last heartbeat arrived
         self.host_revs: dict[str, int] = {}  # host -> KV revision of that heartbeat
+        # When heartbeats arrived again after none came from any host for a while: the
+        # hosts bucket took no writes (a NATS leader election) or our watch stalled.
+        self.hosts_back_at = 0.0
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
@@ -161,8 +165,17 @@ class Placer:
     # ------------------------------------------------------------------ views
 
     def _on_host(self, key: str, rec: proto.HostRecord, rev: int) -> None:
+        now = time.time()
+        last_any = max(self.received.values(), default=now)
+        if now - last_any > HOSTS_GAP_BEATS * self.cfg.agent.heartbeat_s:
+            # Nobody's heartbeat for a while, then some: the silence was the bus's, not the
+            # hosts' (they all beat each second); judging it would reschedule every model.
+            log.warning(
+                "no heartbeat from any host for %.1f s: silences count from now", now - last_any
+            )
+            self.hosts_back_at = now
         self.hosts[rec.host_id] = rec
-        self.received[rec.host_id] = time.time()  # our clock: hosts' clocks may be off
+        self.received[rec.host_id] = now  # our clock: hosts' clocks may be off
         self.host_revs[rec.host_id] = rev
         if rec.measured:
             self.measured = remember_measured(self.measured, rec.measured)
@@ -175,9 +188,9 @@ class Placer:
 
     def _heard(self) -> dict[str, float]:
         """When each host was last heard, on our clock; never before the bus last came back
-        to us: a placer that heard nothing while the bus was away must not judge hosts by
-        that silence."""
-        back = self.bus.back_at
+        to us, nor before heartbeats came again after none came from any host: a placer
+        must judge hosts by their silence, not by the bus's."""
+        back = max(self.bus.back_at, self.hosts_back_at)
         return {h: max(t, back) for h, t in self.received.items()}
 
     async def _confirm_silence(self, now: float) -> bool:
