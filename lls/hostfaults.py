@@ -44,8 +44,8 @@ MOVE_WITHIN_S = 35.0  # a lost host's model (or the lease) must have moved by th
 # shuffles the server list, so some service on a healthy host is often attached to the cut
 # host's node and stalls that long before it fails over: `attached` names them.
 STALLED = (
-    "a service attached to the cut-off host's NATS node stalls until its pings notice "
-    "(lls/bus.py PING_INTERVAL_S x MAX_OUTSTANDING_PINGS); see the report in the test output"
+    "was a service attached to the cut-off host's NATS node stalled past its pings "
+    "(lls/bus.py PING_INTERVAL_S x MAX_OUTSTANDING_PINGS)? see the report in the test output"
 )
 
 

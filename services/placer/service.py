@@ -134,6 +134,7 @@ class Placer:
         # When heartbeats arrived again after none came from any host for a while: the
         # hosts bucket took no writes (a NATS leader election) or our watch stalled.
         self.hosts_back_at = 0.0
+        self.last_heartbeat = 0.0  # when any host's heartbeat last arrived (0: none yet)
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
         self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
@@ -166,7 +167,7 @@ class Placer:
 
     def _on_host(self, key: str, rec: proto.HostRecord, rev: int) -> None:
         now = time.time()
-        last_any = max(self.received.values(), default=now)
+        last_any, self.last_heartbeat = self.last_heartbeat or now, now
         if now - last_any > HOSTS_GAP_BEATS * self.cfg.agent.heartbeat_s:
             # Nobody's heartbeat for a while, then some: the silence was the bus's, not the
             # hosts' (they all beat each second); judging it would reschedule every model.
