@@ -591,11 +591,10 @@ async def leader_cut(lab: HostLab, bus: Bus, model: str) -> LeaderCut:
             await asyncio.sleep(host_lost_after)  # the old leader is back, and hears of it
             # What it may still send carries its old epoch: refused, never run. Send one as
             # it would (a stop of a serving instance) to see the fence hold.
-            # Aim it at an instance off the cut host: one there may still be judged lost
-            # (its host was silent past host_lost_after) and replaced, whatever the fence.
-            target = await until(
-                lambda: ready_one(bus, model, not_on=cut), 60, f"{model} ready off {cut}"
-            )
+            # Aim it at the model's one ready instance, wherever it is now: judged lost and
+            # replaced, or kept on the cut host when the whole cluster was silent with it
+            # (the placer then counts nobody's silence). It is settled by now either way.
+            target = await until(lambda: ready_one(bus, model), 60, f"{model} ready")
             out.target = target
             late = proto.StopInstance(
                 cmd_id=new_id(), instance_id=target.instance_id, reason="late", epoch=before.epoch
