@@ -52,7 +52,6 @@ import proto  # noqa: E402
 from conftest import NatsServer  # noqa: E402
 from lls import instance_key  # noqa: E402
 from lls.bus import connect, kv_snapshot  # noqa: E402
-from lls.config import expand, load  # noqa: E402
 from make_tiny_gguf import write  # noqa: E402
 from services.gateway import affinity  # noqa: E402
 from stack import Stack  # noqa: E402
@@ -146,11 +145,17 @@ async def ready_replicas(nats_url: str, timeout: float = 120) -> list[proto.Inst
         await bus.close()
 
 
-async def prompt_tokens(c: httpx.AsyncClient, s: Stack, recs: list[proto.InstanceRecord]):  # noqa: ANN201
-    secret = instance_key.load_or_create(expand(load(s.config).cluster.secret_file))
+async def prompt_tokens(c: httpx.AsyncClient, nats_url: str, recs: list[proto.InstanceRecord]):  # noqa: ANN201
+    bus = await connect(nats_url, "bench")  # the operator's identity may read instance keys
+    try:
+        keys = {
+            r.instance_id: await instance_key.read(bus, r.host or "", r.instance_id) for r in recs
+        }
+    finally:
+        await bus.close()
     out = {}
     for r in recs:
-        key = instance_key.instance_key(secret, r.instance_id)
+        key = keys[r.instance_id].key  # type: ignore[union-attr]
         resp = await c.get(f"{r.endpoint}/metrics", headers={"Authorization": f"Bearer {key}"})
         out[r.instance_id] = float(PROMPT_TOKENS.search(resp.text).group(1))  # type: ignore[union-attr]
     return out
@@ -194,7 +199,7 @@ async def run(
             r.raise_for_status()
             recs = await ready_replicas(nats.url)
             await asyncio.sleep(1.0)  # the gateway's view follows the bucket
-            before = await prompt_tokens(c, s, recs)
+            before = await prompt_tokens(c, nats.url, recs)
             res = Result()
             # Where the gateway's ring puts each system prompt (the same pure functions): with
             # 8 keys on 2 replicas the split is binomial, and an uneven one costs hits.
@@ -223,7 +228,7 @@ async def run(
             t0 = time.monotonic()
             await asyncio.gather(*(client() for _ in range(args.clients)))
             res.wall = time.monotonic() - t0
-            after = await prompt_tokens(c, s, recs)
+            after = await prompt_tokens(c, nats.url, recs)
             res.per_replica = {iid: after[iid] - before[iid] for iid in after}
             res.metrics_evaluated = sum(res.per_replica.values())
             return res

@@ -116,17 +116,66 @@ KV_BUCKETS = (
 )
 
 
-def _read_stream(stream: str) -> list[str]:
-    """Read a limits stream or KV bucket: get, watch (ordered consumers), snapshot (pull)."""
+def _kv(*buckets: str) -> tuple[str, ...]:
+    return tuple(f"KV_{b}" for b in buckets)
+
+
+VIEWS = (proto.EVENTS_STREAM, *_kv(*KV_BUCKETS))  # what every service may read
+# Instance API keys (lls/instance_key.py): read by the placer, which issues them, and the
+# gateways, which send them; never by a host's agent or downloader, nor by the UI.
+KEYS = _kv(proto.KV_INSTANCE_KEYS)
+KEY_READERS = ("gateway", "placer")
+DECLARED = (proto.CMDS_STREAM, *VIEWS, *KEYS)  # what the placer creates and updates
+
+
+# The streams each role follows with nats-py's ordered consumers (its KV watches and the
+# dashboard's event feed): with their own command durables (_consume), the only consumers
+# any service creates. A service that starts watching another bucket needs its line here.
+WATCHES: dict[str, tuple[str, ...]] = {
+    "gateway": _kv(proto.KV_INSTANCES, proto.KV_HOSTS, proto.KV_INSTANCE_KEYS),  # router.py
+    "placer": _kv(  # services/placer/service.py
+        proto.KV_HOSTS,
+        proto.KV_INSTANCES,
+        proto.KV_MODELS,
+        proto.KV_ACTIVITY,
+        proto.KV_DESIRED,
+        proto.KV_INSTANCE_KEYS,
+    ),
+    "ui": (  # services/ui/feed.py, older.py
+        *_kv(proto.KV_HOSTS, proto.KV_INSTANCES, proto.KV_ACTIVITY, proto.KV_DESIRED),
+        proto.EVENTS_STREAM,
+    ),
+    "agent": _kv(proto.KV_LEASES),  # lls/fence.py: the placer's epoch
+    "downloader": _kv(proto.KV_LEASES),
+}
+
+
+def role_of(user: str) -> str:
+    """What an identity is: `agent-gpu-a` -> `agent`; a service's user is its role."""
+    check_user(user)
+    return next((p for p in PER_HOST if user.startswith(p + "-")), user)
+
+
+def _read(stream: str) -> list[str]:
+    """Read single messages of a stream or bucket: `kv.get` and kv_snapshot's scan (no
+    consumer is created for either)."""
     return [
         f"{JS}.DIRECT.GET.{stream}",
         f"{JS}.DIRECT.GET.{stream}.>",
         f"{JS}.STREAM.MSG.GET.{stream}",
+    ]
+
+
+def _watch(stream: str) -> list[str]:
+    """Follow a stream with an ordered consumer: nats-py creates it through the one API
+    subject without a name (on which the server refuses a durable), asks its info, and
+    answers flow control. No named consumer: the server keeps this one only while it is
+    followed. Its delivery subject is in the request body, which permissions cannot see:
+    docs/security.md says what stops a hostile one."""
+    return [
         f"{JS}.CONSUMER.CREATE.{stream}",
-        f"{JS}.CONSUMER.CREATE.{stream}.>",
-        f"{JS}.CONSUMER.INFO.{stream}.>",
-        f"{JS}.CONSUMER.MSG.NEXT.{stream}.>",
-        f"$JS.FC.{stream}.>",  # flow-control replies of ordered consumers
+        f"{JS}.CONSUMER.INFO.{stream}.*",
+        f"$JS.FC.{stream}.>",
     ]
 
 
@@ -146,28 +195,35 @@ def permissions(user: str) -> dict[str, object] | None:
     """nats-server publish/subscribe allow lists of a user; None = everything (the operator).
 
     The durable names (`agent-<host>`, `downloader-<host>`, `inspector`) are the ones the
-    services use; a renamed consumer needs its line here.
+    services use, and WATCHES the streams they follow; a new consumer needs its line here.
     """
     if user == "cli":
         return None
+    role = role_of(user)
     pub = [f"{JS}.INFO", f"{JS}.STREAM.INFO.*"]  # binding to streams and buckets
     sub = [f"_INBOX_{user}.>", proto.EVENTS_SUBJECTS]
-    for stream in [proto.EVENTS_STREAM, *(f"KV_{b}" for b in KV_BUCKETS)]:
-        pub += _read_stream(stream)  # every service may read the views and the events
-    # Every service says when it reloaded or refused its config (lls.service), for the log.
-    pub += [proto.evt("config.reloaded"), proto.evt("config.refused")]
-    deny: list[str] = []
+    for stream in VIEWS:
+        pub += _read(stream)  # every service may read the views and the events
+    if role in KEY_READERS:
+        for stream in KEYS:
+            pub += _read(stream)
+    for stream in WATCHES[role]:
+        pub += _watch(stream)
+    # Every service says when it reloaded or refused its config (lls.service), and which KV
+    # records it ignores (lls.bus.Bus.refuse_record), for the log.
+    pub += [proto.evt("config.reloaded"), proto.evt("config.refused"), proto.evt("record.refused")]
     if user == "gateway":
         pub += [proto.evt("demand"), f"$KV.{proto.KV_ACTIVITY}.>"]
         # Ollama's pull and delete: requests the placer weighs, never commands to a host.
         pub += [proto.evt("pull.requested"), proto.evt("delete.requested")]
     elif user == "placer":  # the coordinator: commands, every view, stream declarations
-        pub += ["lls.evt.>", "lls.cmd.>", "$KV.>", f"{JS}.>", "$JS.ACK.>", "$JS.FC.>"]
-        deny = [f"{JS}.STREAM.DELETE.>", f"{JS}.STREAM.PURGE.>"]
+        pub += ["lls.evt.>", "lls.cmd.>", "$KV.>"]
+        # Creates and updates the streams and buckets; never deletes or purges them.
+        pub += [f"{JS}.STREAM.{op}.{s}" for s in DECLARED for op in ("CREATE", "UPDATE")]
     elif user == "ui":
         # Reads, and asks agents for log tails (the dashboard's); replies come to its inbox.
         pub += [proto.logs("*")]
-    elif user.startswith("agent-"):
+    elif role == "agent":
         host = user[len("agent-") :]
         pub += [proto.evt("host.joined"), proto.evt("instance.>"), proto.evt("command.refused")]
         pub += [proto.evt("slots.>")]  # warm swaps: its slot saves and restores
@@ -175,17 +231,14 @@ def permissions(user: str) -> dict[str, object] | None:
         pub += [f"$KV.{proto.KV_HOSTS}.{host}", f"$KV.{proto.KV_INSTANCES}.{host}.>"]
         pub += _consume(user, proto.cmd_agent(host))
         sub += [proto.logs(host)]  # its own host's log tail requests only
-    elif user.startswith("downloader-"):
+    else:  # a downloader
         host = user[len("downloader-") :]
         pub += [proto.evt("download.>"), proto.evt("model.inspected")]
         pub += [proto.evt("command.refused"), f"$KV.{proto.KV_MODELS}.>"]
         pub += [proto.evt("file.deleted"), proto.evt("file.delete_failed")]
         pub += _consume(user, proto.cmd_download(host)) + _consume("inspector", proto.cmd_inspect())
-    else:
-        raise AuthError(f"unknown NATS identity {user!r}")
-    out: dict[str, object] = {"publish": {"allow": pub, **({"deny": deny} if deny else {})}}
-    out["subscribe"] = {"allow": sub}
-    if user.startswith("agent-"):
+    out: dict[str, object] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
+    if role == "agent":
         # Answers the log tail requests it received (one reply each, to the asker's inbox)
         # without any right to publish to inboxes otherwise.
         out["allow_responses"] = {"max": 1, "expires": "10s"}

@@ -19,6 +19,8 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -39,6 +41,19 @@ from lls.config import NatsLimits, NatsTls, expand, nats_servers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MsgHandler = Callable[[Msg], Awaitable[None]]
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` one token, `>` the rest (one token at least)."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(want):
+        if tok == ">":
+            return len(got) > i
+        if i >= len(got) or (tok != "*" and tok != got[i]):
+            return False
+    return len(got) == len(want)
+
 
 PROBE_SUBJECT = "$JS.API.INFO"  # answered by the server itself; every identity may ask it
 PROBE_EVERY_S = 1.0
@@ -78,16 +93,20 @@ BUCKETS = [
     KeyValueConfig(bucket=proto.KV_LEASES, history=1),
     KeyValueConfig(bucket=proto.KV_MODELS, history=1),
     KeyValueConfig(bucket=proto.KV_DESIRED, history=1),
+    KeyValueConfig(bucket=proto.KV_INSTANCE_KEYS, history=1),
 ]
+MAX_REFUSALS_KEPT = 10_000  # (bucket, key, reason) reported once each; forgotten past this
+MAX_REFUSAL_EVENTS = 100  # record.refused events on their way at once; more are only logged
 
 
 class Bus:
     """A NATS connection with the project's streams, buckets and publish helpers."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, kv: dict[str, KeyValue]):
+    def __init__(self, nc: Client, js: JetStreamContext, kv: dict[str, KeyValue], name: str = ""):
         self.nc = nc
         self.js = js
         self.kv = kv
+        self.name = name  # the connection's name: the service, in what it reports
         # Bumped on every reconnect, and when the server answers again after a silence.
         # Push consumers (KV watchers, ordered consumers) do not survive a NATS server
         # restart in nats-py, nor a server frozen long enough to drop their ephemeral
@@ -97,6 +116,8 @@ class Bus:
         self.back_at = time.time()  # when the server last answered again after a silence
         self._probe: asyncio.Task[None] | None = None
         self._retrying: set[asyncio.Task[None]] = set()  # record events not yet published
+        self._refused: set[tuple[str, str, str]] = set()  # records reported as ignored
+        self._reporting: set[asyncio.Task[None]] = set()
 
     def start_probe(self) -> None:
         """Ask the server something every PROBE_EVERY_S: nats-py goes on saying "connected"
@@ -151,6 +172,52 @@ class Bus:
     @property
     def desired(self) -> KeyValue:
         return self.kv[proto.KV_DESIRED]
+
+    @property
+    def instance_keys(self) -> KeyValue:
+        """Readable by the placer, the gateways and the operator only (lls/auth.py)."""
+        return self.kv[proto.KV_INSTANCE_KEYS]
+
+    def refuse_record(self, bucket: str, key: str, reason: str) -> None:
+        """Report a KV record this service ignores: a WARNING and a `record.refused` event,
+        once per record and reason (a forger rewriting it is not news each time)."""
+        seen = (bucket, key, reason)
+        if seen in self._refused:
+            return
+        if len(self._refused) >= MAX_REFUSALS_KEPT:
+            self._refused.clear()
+        self._refused.add(seen)
+        log.warning("ignoring %s record %s: %s", bucket, key, reason)
+        if len(self._reporting) >= MAX_REFUSAL_EVENTS:
+            return
+        event = proto.RecordRefused(
+            bucket=bucket, key=key[:300], reason=reason[:1000], service=self.name
+        )
+        task = asyncio.ensure_future(self._report(event))
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+
+    async def _report(self, event: proto.RecordRefused) -> None:
+        try:
+            await self.emit(event)
+        except Exception as e:  # noqa: BLE001 - the log line is the record that counts
+            log.warning("cannot report an ignored record: %r", e)
+
+    async def subscribe(self, subject: str, cb: MsgHandler, **kw: Any) -> Subscription:
+        """A core-NATS subscription whose handler sees only messages published on `subject`.
+        A JetStream consumer that anyone allowed to watch a stream can create may aim its
+        deliveries at any subject (the delivery target is in the request body, which NATS
+        permissions do not see); a delivered copy keeps its source subject (`$KV...`,
+        `lls.cmd...`), so it is dropped here instead of being decoded as, say, a
+        StopRequested (docs/security.md, "Consumers")."""
+
+        async def guarded(msg: Msg) -> None:
+            if not subject_matches(subject, msg.subject):
+                log.warning("dropped a message on %s delivered to %s", msg.subject, subject)
+                return
+            await cb(msg)
+
+        return await self.nc.subscribe(subject, cb=guarded, **kw)
 
     async def emit(self, event: proto.Event, msg_id: str | None = None) -> None:
         """Append a domain event to the event stream (`msg_id`: the server drops a second
@@ -322,7 +389,7 @@ async def connect(
         else:
             await _await_stream(js, f"KV_{cfg.bucket}", until)
             kv[cfg.bucket] = await js.key_value(cfg.bucket)
-    buses.append(Bus(nc, js, kv))
+    buses.append(Bus(nc, js, kv, name))
     return buses[0]
 
 
@@ -457,51 +524,59 @@ async def _log_error(e: Exception) -> None:
     log.warning("nats: %s", e)
 
 
+NO_MESSAGE = 10037  # JetStream's error code for "no message found"
+
+
 async def kv_snapshot(bus: Bus, kv: KeyValue, typ: type[T], timeout: float = 10.0) -> dict[str, T]:
     """Every current record of a bucket (key -> decoded record), read in one pass.
 
     nats-py's `kv.keys()` decides "no more keys" from a race between the consumer's info and
     the messages already on their way, so a busy server can make it come back short or empty
-    (the agent then took live instances for strangers). A pull consumer delivers nothing
-    until asked, so its pending count is exact, and each message says how many follow.
+    (the agent then took live instances for strangers). This reads the bucket's stream in
+    sequence order, one stored message at a time (`next_by_subj`), to its end: a key's latest
+    revision stays at or after the cursor until it is read (a write moves it to the end), so
+    no key that exists throughout is missed, and a deletion read later drops its key.
+
+    No consumer: an identity that only reads records needs no right to create one, and so
+    no way to aim one's deliveries elsewhere (docs/security.md, "Consumers").
+    A record whose body does not belong under its key (proto.key_mismatch) is reported and
+    left out.
     """
     bucket = kv._name  # noqa: SLF001 - nats-py keeps the bucket name only here
-    deadline = asyncio.get_running_loop().time() + timeout
-    sub = await bus.js.pull_subscribe(
-        f"$KV.{bucket}.>",
-        stream=f"KV_{bucket}",
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=30,
-        ),
-    )
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     out: dict[str, T] = {}
-    try:
-        pending = (await sub.consumer_info()).num_pending
-        while pending > 0:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                raise TimeoutError(f"reading KV {bucket}: {pending} records not read in time")
-            try:
-                msgs = await sub.fetch(min(pending, 256), timeout=min(left, 2.0))
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            for msg in msgs:
-                pending = msg.metadata.num_pending
-                key = msg.subject[len(f"$KV.{bucket}.") :]
-                op = msg.headers.get("KV-Operation") if msg.headers else None
-                if op in ("DEL", "PURGE") or not msg.data:
-                    out.pop(key, None)
-                    continue
-                try:
-                    out[key] = proto.decode(msg.data, typ)
-                except msgspec.DecodeError as e:
-                    log.warning("ignoring bad %s record %s: %s", bucket, key, e)
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return out
+    seq = 1
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError(f"reading KV {bucket}: not done within {timeout:.0f} s")
+        try:
+            async with asyncio.timeout(min(left, 2.0)):
+                msg = await bus.js.get_msg(stream, seq=seq, subject=prefix + ">", next=True)
+        except NotFoundError as e:
+            if e.err_code == NO_MESSAGE:  # past the last message: done
+                return out
+            raise
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue  # a slow or failing-over server: ask again until the deadline
+        seq = msg.seq + 1
+        key = (msg.subject or "")[len(prefix) :]
+        op = msg.headers.get("KV-Operation") if msg.headers else None
+        if op in ("DEL", "PURGE") or not msg.data:
+            out.pop(key, None)
+            continue
+        try:
+            rec = proto.decode(msg.data, typ)
+        except msgspec.DecodeError as e:
+            log.warning("ignoring bad %s record %s: %s", bucket, key, e)
+            continue
+        if (why := proto.key_mismatch(key, rec)) is not None:
+            bus.refuse_record(bucket, key, why)  # read as if absent
+            out.pop(key, None)
+            continue
+        out[key] = rec
 
 
 async def watch_kv(
@@ -516,6 +591,8 @@ async def watch_kv(
     """Mirror a KV bucket into callbacks until `stop`: every current value, then each change.
 
     `on_put(key, record, revision)` gets the decoded record and its revision (for `update`).
+    A record whose body does not belong under its key (proto.key_mismatch) is reported and
+    passed on as a deletion of that key.
 
     Re-establishes the watch after errors and after a reconnect (a restarted NATS server has
     forgotten the watch), replaying current values, so the caller's view converges to the
@@ -539,9 +616,16 @@ async def watch_kv(
                         on_delete(entry.key)
                         continue
                     try:
-                        on_put(entry.key, proto.decode(entry.value, typ), entry.revision)
+                        rec = proto.decode(entry.value, typ)
                     except msgspec.ValidationError as e:
                         log.warning("ignoring bad %s record %s: %s", kv._name, entry.key, e)
+                        continue
+                    if (why := proto.key_mismatch(entry.key, rec)) is not None:
+                        # read as if deleted: whatever the key held before is not trusted now
+                        bus.refuse_record(kv._name, entry.key, why)
+                        on_delete(entry.key)
+                        continue
+                    on_put(entry.key, rec, entry.revision)
             finally:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
@@ -572,12 +656,16 @@ async def consume(
     after another. Messages are fetched one at a time: nats-py's fetch of n, once one came,
     waits out its timeout for the rest, which held a second command up to a second.
 
+    Only messages of this durable reach `handle`: a delivery from any other consumer (which
+    anyone who may create one could aim at our inbox) is dropped by its ack subject.
+
     It rides out bus trouble: it subscribes again after an error, after 3 failed fetches in a
     row, and when fetches keep timing out while the consumer has messages pending (pull
     subscriptions have been seen to stall after a server restart, nats.py issue 504).
     """
     sub = None
     errors = idle = 0
+    ours = f"$JS.ACK.{stream}.{durable}."  # the reply the server gives this durable's messages
     try:
         while not stop.is_set():
             if sub is None:
@@ -612,6 +700,11 @@ async def consume(
                 await wait_event(stop, 0.5)
                 continue
             for msg in msgs:
+                if not (msg.reply or "").startswith(ours):
+                    # Not from our durable: another consumer's push delivery aimed at our
+                    # inbox (docs/security.md, "Consumers"). Never handled as a command.
+                    log.warning("consumer %s: ignored a message from %s", durable, msg.reply)
+                    continue
                 if tasks is None:
                     await handle(msg)
                 else:

@@ -1,6 +1,8 @@
 """`lls`: an operator's view of the system, Ollama-like.
 
-lls ps                 instances with host, GPUs, state and idle time; pending requests
+lls ps                 instances with host, GPUs, state and idle time; pending requests;
+                       live gateways' warnings (open to the network with no API keys);
+                       models whose GGUF has no chat template and none is configured
 lls load MODEL         start MODEL now and wait until it is ready (stored request: a placer
                        that starts within --timeout still carries it out); --pin keeps
                        it loaded (no idle stop, no eviction) until unpinned or stopped
@@ -33,7 +35,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from prometheus_client.parser import text_string_to_metric_families
 
 import proto
-from lls import auth
+from lls import auth, chat_templates
 from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, ConfigError, load, store_filename_of
 from lls.run import pid_file
@@ -51,7 +53,11 @@ async def _records(bus: Bus, bucket, typ):  # type: ignore[no-untyped-def]
     return list((await kv_snapshot(bus, bucket, typ)).values())
 
 
-async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
+# A gateway reports every second; one silent this long has stopped (its record stays behind).
+GATEWAY_LIVE_S = 10.0
+
+
+async def cmd_ps(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
     recs = await _records(bus, bus.instances, proto.InstanceRecord)
     acts = await _records(bus, bus.activity, proto.ActivityReport)
     last_used: dict[str, float] = {}
@@ -89,7 +95,28 @@ async def cmd_ps(bus: Bus, _cfg: Config, args: argparse.Namespace) -> int:
         print(f"request: {w.wanted} {w.model} (by {w.by}, {fmt_age(now - w.since)} ago; {who})")
     for w in sorted((w for w in wants if w.pinned), key=lambda w: w.model):
         print(f"pinned: {w.model} (by {w.pinned_by or '?'}; lls unpin {w.model})")
+    for rep in sorted(acts, key=lambda r: r.gateway_id):
+        if now - rep.ts < GATEWAY_LIVE_S:  # e.g. open to the network with no API keys
+            for warning in rep.warnings:
+                print(f"warning: gateway {rep.gateway_id}: {warning}")
+    for line in await _template_warnings(bus, cfg):
+        print(f"warning: {line}")
     return 0
+
+
+async def _template_warnings(bus: Bus, cfg: Config) -> list[str]:
+    """Configured models whose GGUF (in a host's store, or read from its source) has no chat
+    template while none is configured."""
+    hosts = await _records(bus, bus.hosts, proto.HostRecord)
+    infos = await _records(bus, bus.models, proto.ModelInfo)
+    headers = [(f.model, f.gguf) for h in hosts for f in h.files]
+    headers += [
+        (i.model, i.gguf)
+        for i in infos
+        if i.model in cfg.models and cfg.models[i.model].url == i.url
+    ]
+    configured = {name: m.chat_template for name, m in cfg.models.items()}
+    return sorted(chat_templates.warnings(configured, headers).values())
 
 
 async def _wait_events(bus: Bus, subject: str, until, wait_s: float) -> int:  # type: ignore[no-untyped-def]
@@ -102,7 +129,7 @@ async def _wait_events(bus: Bus, subject: str, until, wait_s: float) -> int:  # 
         except (msgspec.ValidationError, asyncio.QueueFull):
             pass
 
-    sub = await bus.nc.subscribe(subject, cb=on_msg)
+    sub = await bus.subscribe(subject, cb=on_msg)
     try:
         deadline = time.monotonic() + wait_s
         while True:
@@ -210,7 +237,7 @@ async def _request(
             pass
 
     verb, done_word = ("start", "started") if wanted == proto.WANT_RUN else ("stop", "stopped")
-    sub = await bus.nc.subscribe("lls.evt.>", cb=on_msg)  # before the request: miss nothing
+    sub = await bus.subscribe("lls.evt.>", cb=on_msg)  # before the request: miss nothing
     finished = False
     request_id = ""
     try:

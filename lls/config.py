@@ -4,6 +4,7 @@ values stop start-up with a message that names the key (msgspec reports the path
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from lls import chat_templates
 from proto.subjects import HOST_ID_RE
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -30,6 +32,10 @@ class Strict(Struct, forbid_unknown_fields=True, kw_only=True):
 
 Positive = Annotated[int, Meta(gt=0)]
 KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}$"
+# A Host name (no port) and a browser Origin (scheme://host[:port], no path), as the gateway's
+# edge compares them (services/gateway/edge.py, BrowserChecks).
+HOST_NAME = r"^(\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:]+|[A-Za-z0-9_]([A-Za-z0-9._-]{0,252}))$"
+ORIGIN = r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]{0,252})(:[0-9]{1,5})?$"
 
 
 def key_label(key: str) -> str:
@@ -49,6 +55,9 @@ class ApiKey(Strict):
     max_concurrent: Positive | None = None  # requests of this key running at once
     # Its share of a model's slots while requests queue, against other keys' (fair queuing).
     weight: Annotated[float, Meta(gt=0, le=1000)] = 1.0
+    # May choose llama-server's slot (`id_slot`) and prompt caching (`cache_prompt`); for
+    # other keys the gateway drops both, so no tenant can aim at another's cached prompt.
+    trusted: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -67,7 +76,22 @@ class GatewayConfig(Strict):
     max_in_flight: Annotated[int, Meta(ge=1)] = 32  # per model, across its instances
     max_queue: Annotated[int, Meta(ge=0)] = 256  # per model; past it requests get 429
     queue_timeout: PositiveS = 60.0  # a queued request waits this long for a slot, then 429
+    # While at most one client waits for a model, send one more request per slot on to wait
+    # inside llama-server, so a finished slot starts the next at once (services/gateway/
+    # admission.py); with two or more clients waiting, fair queuing holds as without it.
+    overlap: bool = True
     api_keys: list[ApiKey] = []  # empty = open; else Bearer / x-api-key required
+    # Host names a request may name besides loopback ones and `host` itself. Checked while the
+    # gateway listens on loopback (a DNS-rebinding page names its own host) or once set.
+    allowed_hosts: list[Annotated[str, Meta(pattern=HOST_NAME)]] = []
+    # Origins (scheme://host[:port]) whose pages may send state-changing requests besides the
+    # gateway's own (e.g. its public name behind a reverse proxy that rewrites Host).
+    allowed_origins: list[Annotated[str, Meta(pattern=ORIGIN)]] = []
+    # Where each host's instances may be reached: host id -> IP addresses, networks
+    # (10.0.0.0/24) or host names. The gateway sends nothing to an endpoint outside its host's
+    # list, whatever the host advertises. Empty: every host at loopback addresses only (one
+    # machine); once set, a host not listed gets no traffic.
+    allowed_upstreams: dict[str, list[str]] = {}
     # Which replica of a model serves a request (services/gateway/affinity.py): "prefix"
     # sends prompts that share a beginning to the same replica (its KV cache holds it),
     # within a load bound; "least_busy" ignores the prompt; "round_robin" is for benchmarks.
@@ -159,9 +183,6 @@ class ClusterConfig(Strict):
     # Scopes labels, run directories and adoption, so two stacks on one machine never touch
     # each other's instances. Empty = derived from nats.url (or the embedded server's store_dir).
     id: str = ""
-    # Shared secret the per-instance llama-server API keys derive from (created 0600 when
-    # absent). Gateway and agents must read the same bytes: copy it to every host.
-    secret_file: str = "~/.cache/llama-scheduler/cluster.secret"
 
 
 class PlacerConfig(Strict):
@@ -169,7 +190,11 @@ class PlacerConfig(Strict):
     failure_backoff: PositiveS = 30.0  # a model that failed to start is not retried sooner
     strategy: Literal["binpack", "spread"] = "binpack"
     # Taking turns when more models are wanted than fit (services/placer/DESIGN.md, 7):
-    min_turn: NonNegS = 5.0  # a busy model yields to a waiting one only after this long ready
+    # A model with requests queued keeps its turn at least this long (the anti-thrash floor);
+    # one with nothing queued yields at once.
+    min_turn: NonNegS = 5.0
+    # After this (or min_turn, if longer) a model yields to one that waits, queue or not.
+    max_turn: PositiveS = 30.0
     drain_timeout: PositiveS = 60.0  # in-flight requests of a yielding model get this long
 
 
@@ -201,11 +226,21 @@ class ModelConfig(Strict):
     gpus: list[Annotated[int, Meta(ge=0)]] = []  # pin to these GPU indexes
     group: str | None = None  # exclusive group: at most one model of a group runs at a time
     replicas: Replicas = msgspec.field(default_factory=Replicas)
+    # "" = the GGUF's own; a built-in name (lls/chat_templates.py BUILTIN); Jinja text (has
+    # {{ or {%); else a Jinja file relative to the config's folder. Loaded, a file's text
+    # replaces its path (lls/chat_templates.py).
+    chat_template: str = ""
+
+
+# llama-server's own slot count when -np is not given (its "auto": 4 slots sharing one
+# unified KV cache of -c, each able to use all of it).
+DEFAULT_SLOTS = 4
 
 
 def slots_of(m: ModelConfig) -> int:
-    """Requests one instance of `m` serves at once: its `-np`/`--parallel` (1 by default,
-    as the agent starts it)."""
+    """Requests one instance of `m` is expected to serve at once: its `-np`/`--parallel`,
+    else llama-server's default. An instance's record says what its server really has
+    (InstanceRecord.slots, read from its /props once it is ready): that wins."""
     args = m.args
     for i, a in enumerate(args):
         flag, eq, value = a.partition("=")
@@ -215,16 +250,19 @@ def slots_of(m: ModelConfig) -> int:
             try:
                 n = int(value)
             except ValueError:
-                return 1
-            return n if n > 0 else 1
-    return 1
+                return DEFAULT_SLOTS
+            return n if n > 0 else DEFAULT_SLOTS
+    return DEFAULT_SLOTS
 
 
 def launch_fingerprint(m: ModelConfig) -> str:
-    """A short hash of what an instance of `m` was launched with (its file and llama-server
-    flags). A reload that changes it makes the placer replace the model's instances; keys
-    that only steer placement or the gateway (aliases, defaults, pins...) do not count."""
-    launch = (m.url, (m.sha256 or "").lower(), m.ctx_size, m.args, m.embeddings)
+    """A short hash of what an instance of `m` was launched with (its file, llama-server
+    flags and chat template). A reload that changes it makes the placer replace the model's
+    instances; keys that only steer placement or the gateway (aliases, defaults, pins...) do
+    not count."""
+    launch: tuple[object, ...] = (m.url, (m.sha256 or "").lower(), m.ctx_size, m.args, m.embeddings)
+    if m.chat_template:  # only when set: models without one keep their fingerprint
+        launch += (m.chat_template,)
     return hashlib.sha256(msgspec.json.encode(launch)).hexdigest()[:16]
 
 
@@ -353,6 +391,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.sha256: expected 64 hex digits")
         if m.replicas.min > m.replicas.max:
             raise ConfigError(f"{where}.replicas.min: must not exceed replicas.max")
+        if (why := chat_templates.check(m.chat_template, m.args)) is not None:
+            raise ConfigError(f"{where}.chat_template: {why}")
     seen: dict[str, str] = {}
     for name, m in cfg.models.items():
         for alias in m.aliases:
@@ -366,8 +406,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("agent.host_id: 1 to 64 letters, digits, '-' and '_' only")
     if cfg.cluster.id and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", cfg.cluster.id):
         raise ConfigError("cluster.id: 1 to 32 letters, digits, '-' and '_' only")
-    if not cfg.cluster.secret_file:
-        raise ConfigError("cluster.secret_file: must name a file")
+    for host, entries in cfg.gateway.allowed_upstreams.items():
+        if not HOST_ID_RE.fullmatch(host):
+            raise ConfigError(
+                f"gateway.allowed_upstreams: {host[:80]!r} is not a host id (1 to 64 letters, "
+                "digits, '-' and '_')"
+            )
+        for i, entry in enumerate(entries):
+            if upstream_entry(entry) is None:
+                raise ConfigError(
+                    f"gateway.allowed_upstreams.{host}[{i}]: {entry[:80]!r} is not an IP "
+                    "address, a network (10.0.0.0/24) or a host name"
+                )
     for host_key in ("advertise_host", "bind_host"):
         value = getattr(cfg.agent, host_key)
         if value and not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", value):
@@ -387,7 +437,39 @@ def _validate(cfg: Config) -> None:
         names.add(k.name)
 
 
-def parse(data: object, source: str = "config") -> Config:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def upstream_entry(text: str) -> Network | str | None:
+    """An entry of gateway.allowed_upstreams: a network (an address is a /32 or /128), or a
+    lower-case host name; None when it is neither (a URL, a port, a wildcard...)."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text):
+        return text.lower()
+    return None
+
+
+def _retired_keys(data: object) -> None:
+    """Keys that once existed: an error that says what replaced them, not just "unknown"."""
+    cluster = data.get("cluster") if isinstance(data, dict) else None
+    if isinstance(cluster, dict) and "secret_file" in cluster:
+        raise ConfigError(
+            "cluster.secret_file: no longer used: the placer issues each instance's API key "
+            "and only the gateways and the instance's host learn it (docs/security.md). "
+            "Remove the line, and the old secret file from every host"
+        )
+
+
+def parse(data: object, source: str = "config", base: Path | None = None) -> Config:
+    """The config from YAML data; `base` is the folder its relative files are in (the
+    config file's; the current folder when None)."""
+    try:
+        _retired_keys(data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     models = data.get("models") if isinstance(data, dict) else None
     if isinstance(models, dict):  # one by one, so an error names the model
         for name, m in models.items():
@@ -405,6 +487,7 @@ def parse(data: object, source: str = "config") -> Config:
         msg = str(e).replace("`$.", "`").replace("`$`", "top level")
         raise ConfigError(f"{source}: {msg}") from None
     try:
+        _resolve_chat_templates(cfg, base or Path.cwd())
         _validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -419,8 +502,18 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = parse(data, str(path))
+    cfg = parse(data, str(path), path.parent)
     return _resolve_relative_urls(cfg, path.parent)
+
+
+def _resolve_chat_templates(cfg: Config, base: Path) -> None:
+    """A chat_template file's text replaces its path (read once, here: a reload reads it
+    again, and a changed text changes the launch fingerprint)."""
+    for name, m in cfg.models.items():
+        try:
+            m.chat_template = chat_templates.resolve(m.chat_template, base)
+        except ValueError as e:
+            raise ConfigError(f"models.{name}.chat_template: {e}") from None
 
 
 def _resolve_relative_urls(cfg: Config, base: Path) -> Config:

@@ -258,6 +258,8 @@ def _summarize(meta: dict[str, object], tensors: list[tuple[str, list[int], int]
         tensor_bytes = n_params = 0
     kv_heads = meta.get(a + "attention.head_count_kv", meta.get(a + "attention.head_count"))
     file_type = meta.get("general.file_type")
+    # llama-server takes the tool-use template as the default when only that one is there
+    templates = (meta.get("tokenizer.chat_template"), meta.get("tokenizer.chat_template.tool_use"))
     return GgufSummary(
         architecture=arch,
         n_layers=_int(meta, a + "block_count"),
@@ -272,6 +274,7 @@ def _summarize(meta: dict[str, object], tensors: list[tuple[str, list[int], int]
         tensor_bytes=tensor_bytes,
         kv_heads_total=int(sum(kv_heads)) if isinstance(kv_heads, list) else 0,
         n_params=n_params,
+        has_chat_template=any(isinstance(t, str) and t for t in templates),
     )
 
 

@@ -455,10 +455,6 @@ class HostLab:
             cert, key = auth.make_tls(folder, [h.addr for h in self.hosts[:NATS_NODES]])
             self.nats_tls = NatsTls(ca=str(folder / "ca.pem"), cert=str(cert), key=str(key))
         auth.ensure(self.creds, [h.name for h in self.hosts], self.nats_tls)
-        from lls import instance_key
-
-        # Gateways and agents derive instance API keys from one secret: made once, shared.
-        instance_key.load_or_create(self.dir / "cluster.secret")
 
     def _services_of(self, host: str) -> list[str]:
         services = ["downloader", "agent"]
@@ -483,9 +479,11 @@ class HostLab:
                 "replicas": NATS_NODES,
                 **({"tls": msgspec.to_builtins(self.nats_tls)} if self.nats_tls else {}),
             },
-            "cluster": {"id": self.tag, "secret_file": str(self.dir / "cluster.secret")},
+            "cluster": {"id": self.tag},
             "gateway": {
                 "host": h.addr,
+                # each host's instances only at that host's own address
+                "allowed_upstreams": {o.name: [o.addr] for o in self.hosts},
                 "port": GATEWAY_PORT,
                 "ui_url": f"http://{h.addr}:{GATEWAY_PORT + 1}",
                 "cold_start_timeout": 60,

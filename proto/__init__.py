@@ -5,4 +5,5 @@ msgspec Struct from here, encoded as JSON (readable with the `nats` CLI).
 """
 
 from proto.messages import *  # noqa: F403
+from proto.record_keys import *  # noqa: F403
 from proto.subjects import *  # noqa: F403

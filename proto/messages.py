@@ -17,6 +17,7 @@ from proto.subjects import SCHEMA_VERSION, evt
 __all__ = [
     "ActivityReport",
     "AgentCommand",
+    "BuildProgress",
     "CommandRefused",
     "ConfigRefused",
     "ConfigReloaded",
@@ -43,6 +44,7 @@ __all__ = [
     "HostRecord",
     "InstanceActivity",
     "InstanceChanged",
+    "InstanceKey",
     "InstanceRecord",
     "InspectModel",
     "InstanceState",
@@ -60,6 +62,7 @@ __all__ = [
     "PlacementFailed",
     "PullAnswered",
     "PullRequested",
+    "RecordRefused",
     "StartInstance",
     "StopInstance",
     "StopRequested",
@@ -126,6 +129,9 @@ class GgufSummary(Struct, frozen=True):
     tensor_bytes: int = 0  # sum of tensor data sizes (weights); 0 = unknown, use the file size
     kv_heads_total: int = 0  # KV heads summed over layers; 0 = n_layers x n_head_kv
     n_params: int = 0  # weights' element count; 0 = unknown (a split GGUF's first part)
+    # Whether the header has tokenizer.chat_template (the text stays out: this rides on
+    # every heartbeat). An older reader does not say: True, so it warns of nothing.
+    has_chat_template: bool = True
 
 
 class MeasuredMemory(Struct, frozen=True):
@@ -151,6 +157,18 @@ class FileInfo(Struct, frozen=True):
     gguf: GgufSummary | None = None
 
 
+class BuildProgress(Struct, frozen=True):
+    """The llama-server build a host without a binary waits for (scripts/build-llama-server.sh,
+    started in the background by `make run`): its stage, for the dashboard and the comments
+    of requests that wait for it."""
+
+    stage: str  # downloading | configuring | compiling | failed | stopped
+    percent: int = 0  # of the compile steps done
+    eta_s: float | None = None  # seconds left, estimated from the pace so far
+    log: str = ""  # the build's full log, on that host
+    message: str = ""  # in words: "building llama-server: compiling 40%, ~2 min left"
+
+
 class HostRecord(Struct):
     host_id: str
     ts: float  # heartbeat time; a stale one means the host is lost
@@ -168,6 +186,7 @@ class HostRecord(Struct):
     advertise_host: str = ""
     port_range: tuple[int, int] | None = None
     measured: list[MeasuredMemory] = []  # our instances' real GPU memory (empty without NVML)
+    build: BuildProgress | None = None  # set while it waits for its llama-server build
     v: int = SCHEMA_VERSION
 
 
@@ -214,6 +233,9 @@ class InstanceRecord(Struct):
     ready_at: float | None = None
     drain_for: str = ""  # DRAINING: the waiting model this instance yields its memory to
     drain_since: float | None = None  # DRAINING: when the drain began (its deadline counts)
+    # Requests its llama-server runs at once (/props total_slots, read when it became ready);
+    # 0 = not known (an older agent): the gateway then expects lls.config.slots_of(model).
+    slots: int = 0
     # What runs it, set by the agent at STARTING: the llama-server path (or Docker image) and
     # its backend, "cpu" | "cuda" | "unknown" ("docker/cuda" etc. in a container)
     binary: str = ""
@@ -221,6 +243,22 @@ class InstanceRecord(Struct):
     # lls.config.launch_fingerprint of the model config it was placed for ("" = unknown, an
     # older record): after a reload the placer replaces instances whose fingerprint is stale
     config_fp: str = ""
+    v: int = SCHEMA_VERSION
+
+
+class InstanceKey(Struct, kw_only=True):
+    """KV instance keys, `<host>.<instance id>`: the API key of one instance's llama-server,
+    issued by the placer when it places the instance (a new random key per instance, so a
+    restart is a new key). Only the placer writes these and only the gateways and the placer
+    read them (lls/auth.py): a host learns its own instances' keys from its start commands,
+    never another host's. It is also the placer's word that the instance was placed there:
+    the gateway sends traffic only to a READY record that matches one (host, id, model)."""
+
+    instance_id: str
+    host: str
+    model: str
+    key: str  # lls.instance_key.KEY_RE
+    issued: float
     v: int = SCHEMA_VERSION
 
 
@@ -260,6 +298,9 @@ class InstanceActivity(Struct):
     in_flight: int
     last_used: float  # end of the last request (or start of one in flight)
     keep_alive: float | None = None  # the last request's Ollama keep_alive, seconds (<0: keep)
+    # When its current busy spell began: the first request after it was idle for over a
+    # second (the placer's turns count from here: placer.min_turn, and a burst's first moments)
+    busy_since: float | None = None
 
 
 class ModelQueue(Struct):
@@ -303,6 +344,9 @@ class ActivityReport(Struct):
     instances_rev: int = 0  # the KV instances revision this gateway's view has reached
     serving: dict[str, ModelServing] = {}  # model -> requests served here (for the dashboard)
     serving_since: float = 0.0  # when `serving` began counting: a new value means a restart
+    # What an operator must know about this gateway, shown by `lls ps`: e.g. that it listens
+    # beyond loopback with no API keys (services/gateway/edge.py, open_gateway_warning)
+    warnings: list[str] = []
 
 
 class ModelInfo(Struct):
@@ -337,10 +381,13 @@ class LeaseRecord(Struct):
 # ---------------------------------------------------------------- commands (stream LLS_CMDS)
 
 
-class StartInstance(Struct, tag="start", kw_only=True, forbid_unknown_fields=True):
+class StartInstance(
+    Struct, tag="start", kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """Model and placement only: the agent builds llama-server's argv from its own config
     (ctx_size, args, embeddings), so a command can never carry flags. Unknown fields (an old
-    placer's `args`) are rejected rather than silently dropped."""
+    placer's `args`) are rejected rather than silently dropped. Fields at their defaults are
+    left out, so an agent older than a field still takes a start that does not use it."""
 
     cmd_id: str
     instance_id: str  # proto.INSTANCE_ID_RE
@@ -355,6 +402,14 @@ class StartInstance(Struct, tag="start", kw_only=True, forbid_unknown_fields=Tru
     # agent older than this field refuses the whole start (unknown field): upgrade agents
     # and downloaders before placers.
     epoch: int = 0
+    # The model's chat template as the placer's config resolved it: a built-in name or Jinja
+    # text (lls/chat_templates.py); "" = the GGUF's own. The agent runs it only when it is
+    # its own config's too, and writes Jinja text to a file it names itself.
+    chat_template: str = ""
+    # The instance's llama-server API key, issued by the placer (KV instance keys, which only
+    # the gateways read): the agent passes it to llama-server and to nobody else. Required by
+    # agents that know this field: a start without one is refused (lls.instance_key.KEY_RE).
+    api_key: str = ""
 
 
 class StopInstance(Struct, tag="stop", kw_only=True):
@@ -631,6 +686,18 @@ class CommandRefused(_Event, tag="command.refused"):
     cmd_id: str = ""
 
 
+class RecordRefused(_Event, tag="record.refused"):
+    """A service ignores a KV record: its body does not match its key (another host or
+    instance than the key names), another host's record claims the same instance, or (the
+    gateway) a READY record no placement vouches for or whose endpoint the config does not
+    allow. Reported once per record and reason by each service that ignores it."""
+
+    bucket: str
+    key: str
+    reason: str
+    service: str = ""  # who ignores it (its NATS connection's name)
+
+
 class ConfigReloaded(_Event, tag="config.reloaded"):
     """A service re-read its config file (SIGHUP or `lls reload`) and follows it now."""
 
@@ -687,6 +754,7 @@ Event = (
     | CommandRefused
     | ConfigReloaded
     | ConfigRefused
+    | RecordRefused
     | PullRequested
     | PullAnswered
     | DeleteRequested

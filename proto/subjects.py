@@ -31,6 +31,9 @@ KV_ACTIVITY = "lls_activity"  # gateway_id -> ActivityReport (in-flight and last
 KV_LEASES = "lls_leases"  # "placer" -> LeaseRecord
 KV_MODELS = "lls_models"  # model -> ModelInfo (its header, read before it is downloaded)
 KV_DESIRED = "lls_desired"  # model -> DesiredModel (what was asked: run, stop)
+# "<host>.<instance id>" -> InstanceKey: each instance's llama-server API key, issued by the
+# placer. Readable by the gateways and the placer only (lls/auth.py), never by a host.
+KV_INSTANCE_KEYS = "lls_instance_keys"
 
 
 def evt(kind: str) -> str:
@@ -72,3 +75,8 @@ def instance_key(host: str, instance_id: str) -> str:
 def instance_of_key(key: str) -> str:
     """The instance id in an instance record's key (host ids hold no dot; ids may)."""
     return key.split(".", 1)[1] if "." in key else key
+
+
+def host_of_key(key: str) -> str:
+    """The host in an instance record's key ("" for a key without one)."""
+    return key.split(".", 1)[0] if "." in key else ""

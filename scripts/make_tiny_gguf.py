@@ -34,7 +34,8 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write(path: Path, seed: int = 0) -> None:
+def write(path: Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """`chat_template` None writes none (like many real GGUFs): llama-server then uses ChatML."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocab()
     n_vocab = len(tokens)
@@ -61,7 +62,8 @@ def write(path: Path, seed: int = 0) -> None:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     w.add_tensor("token_embd.weight", rand(n_vocab, N_EMBD))
     w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))

@@ -39,6 +39,30 @@ def require(part: str, ok: bool, why: str = "") -> None:
 
 LOG_TAIL_CHARS = 6000  # of each service log a failed test shows
 
+# Tests are marked by the real parts they need, from the fixtures they use (directly or
+# through others): `make test-fast` runs the ones that need none (pure and unit tests).
+NEEDS = {
+    "nats_server": "nats",
+    "llama_server_bin": "llama_server",
+    "docker_client": "docker",
+    "lab": "root",  # tests/test_hosts.py: hosts as network namespaces
+}
+STARTS_NATS = {"NatsServer", "Stack", "Cluster", "HostLab"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for fixture, mark in NEEDS.items():
+            if fixture in names:
+                item.add_marker(mark)
+        fn = getattr(item, "function", None)
+        names_used = fn.__code__.co_names if fn is not None else ()
+        if any("playwright" in n for n in names_used):
+            item.add_marker("browser")  # it imports playwright: a real Chromium
+        if STARTS_NATS & set(names_used):
+            item.add_marker("nats")  # it starts a server (or a whole stack) of its own
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]

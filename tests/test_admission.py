@@ -178,10 +178,23 @@ def test_the_running_limit_is_the_ready_instances_slots_within_max_in_flight():
     from services.gateway.admission import Room, running_limit
 
     assert running_limit(32, Room(slots=1, ready=1)) == 1  # -np 1: one at a time
-    assert running_limit(32, Room(slots=4, ready=3)) == 12
-    assert running_limit(8, Room(slots=4, ready=3)) == 8  # max_in_flight still bounds it
+    assert running_limit(32, Room(slots=12, ready=3)) == 12  # three ready, 4 slots each
+    assert running_limit(8, Room(slots=12, ready=3)) == 8  # max_in_flight still bounds it
     assert running_limit(32, Room(slots=2, ready=0)) == 2  # cold: one instance's worth
     assert running_limit(1, Room(slots=4, ready=0)) == 1
+    # Requests finishing on a draining instance take none of the ready ones' slots.
+    assert running_limit(32, Room(slots=4, ready=1, held=3)) == 7
+
+
+def test_the_overlap_sends_one_more_per_slot_only_while_one_client_waits():
+    from services.gateway.admission import Room, overlap_limit
+
+    assert overlap_limit(32, Room(slots=4, ready=1), clients_waiting=1) == 8
+    assert overlap_limit(32, Room(slots=4, ready=1), clients_waiting=0) == 8
+    assert overlap_limit(32, Room(slots=4, ready=1), clients_waiting=2) == 4  # fair again
+    assert overlap_limit(6, Room(slots=4, ready=1), clients_waiting=1) == 6  # max_in_flight
+    assert overlap_limit(32, Room(slots=4, ready=0), clients_waiting=1) == 4  # cold: none
+    assert overlap_limit(32, Room(slots=4, ready=1, held=2), clients_waiting=1) == 10
 
 
 class Instances:
@@ -193,7 +206,7 @@ class Instances:
     def __call__(self):  # type: ignore[no-untyped-def]
         from services.gateway.admission import Room
 
-        return Room(self.slots, self.ready, start_s=7.0)
+        return Room(self.slots * max(1, self.ready), self.ready, start_s=7.0)
 
 
 async def test_a_new_ready_instance_lets_waiters_in_at_once_and_a_lost_one_cuts_nobody():
@@ -311,7 +324,7 @@ def test_the_stage_says_slot_or_start():
     from services.gateway.admission import stage_of
 
     assert stage_of(True, True, 1, 1, "instance x is ready") == (
-        "waiting for a free slot (1 of 1 in use)"
+        "waiting for a free slot (1 running on 1)"
     )
     assert stage_of(True, False, 1, 1, "instance x is starting on h1") == (
         "instance x is starting on h1"
@@ -334,3 +347,31 @@ async def test_waiters_of_a_model_removed_by_a_reload_are_answered_at_once():
     assert gate.queued == 0
     gate.leave()
     assert gate.in_flight == 0
+
+
+async def test_a_stream_waits_for_a_free_slot_at_the_gateway_not_in_an_overlap():
+    """A request that may not overlap (a streamed answer: it hears its place only while it
+    waits here) is granted only on a really free slot, and what queues after it does not
+    overtake it through the overlap."""
+    room = Instances(slots=1, ready=1)
+    gate = Gate("m", Limits(32, 100, 5, overlap=True), room=room)
+    await gate.enter("a")  # the slot
+    await gate.enter("a")  # and one overlapping it (one client waits: allowed)
+    assert gate.in_flight == 2 and gate.would_queue() and gate.would_queue(overlap=False)
+    order: list[str] = []
+
+    async def go(name: str, overlap: bool) -> None:
+        await gate.enter("a", overlap=overlap)
+        order.append(name)
+
+    stream = asyncio.create_task(go("stream", False))
+    plain = asyncio.create_task(go("plain", True))
+    await asyncio.sleep(0)
+    assert order == [] and gate.queued == 2
+    gate.leave()  # one running: under the overlap limit, but the slot is still taken
+    await asyncio.sleep(0)
+    assert order == [] and gate.in_flight == 1
+    gate.leave()  # the slot is free: the stream first, then the plain one overlaps it
+    await asyncio.sleep(0)
+    assert order == ["stream", "plain"] and gate.in_flight == 2
+    await asyncio.gather(stream, plain)

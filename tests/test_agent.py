@@ -26,7 +26,7 @@ import yaml
 import proto
 from lls.bus import Bus, connect, kv_snapshot, new_id
 from lls.config import Config, parse, store_filename
-from lls.instance_key import instance_key, load_or_create
+from lls.instance_key import new_key
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
 from services.agent.runtime_process import alive
@@ -71,13 +71,16 @@ def agent_config(tmp_path: Path, host_id: str, **agent: Any) -> dict[str, Any]:
     return {
         "agent": base | agent,
         "models": MODELS,
-        "cluster": {"secret_file": str(tmp_path / "cluster.secret")},
     }
 
 
-def key_for(tmp_path: Path, iid: str) -> str:
-    """The instance's API key, as the gateway derives it."""
-    return instance_key(load_or_create(tmp_path / "cluster.secret"), iid)
+ISSUED: dict[str, str] = {}  # instance id -> the API key its start command carried
+
+
+def key_for(iid: str) -> str:
+    """The instance's API key, as the placer issued it (start_cmd plays the placer); a new
+    random one, never an instance's, for an id no start named."""
+    return ISSUED.get(iid) or new_key()
 
 
 def put_model(tmp_path: Path, src: Path, name: str = "tiny") -> str:
@@ -150,7 +153,8 @@ async def put_record(
 
 
 def start_cmd(iid: str, filename: str, model: str = "tiny", **kw: Any) -> StartInstance:
-    base: dict[str, Any] = dict(n_gpu_layers=0)
+    """A start as the placer sends it, with the API key it issues (key_for finds it)."""
+    base: dict[str, Any] = dict(n_gpu_layers=0, api_key=ISSUED.setdefault(iid, new_key()))
     return StartInstance(
         cmd_id=new_id(), instance_id=iid, model=model, filename=filename, **(base | kw)
     )
@@ -321,7 +325,7 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
     assert rec.host == host and rec.gpus == [1] and rec.memory_mib == 1500
     assert rec.endpoint and rec.endpoint.startswith("http://127.0.0.1:") and rec.ready_at
-    reply = await chat_ok(rec.endpoint, "tiny", key_for(tmp_path, iid))
+    reply = await chat_ok(rec.endpoint, "tiny", key_for(iid))
     assert reply["choices"] and reply["model"] == "tiny"
 
     hr = await heartbeat(bus, host, lambda r: iid in r.instances, 5, "a heartbeat listing it")
@@ -334,7 +338,9 @@ async def test_start_instance_becomes_ready_serves_chat_and_claims_its_gpu_memor
     [st] = state_files(tmp_path)
     argv = st["argv"]
     assert argv[argv.index("-c") + 1] == "512" and argv[argv.index("-ngl") + 1] == "0"
-    assert argv[argv.index("--alias") + 1] == "tiny" and "-np" in argv
+    # no -np: llama-server picks its slots (4, one unified KV cache), and the record says so
+    assert argv[argv.index("--alias") + 1] == "tiny" and "-np" not in argv
+    assert rec.slots == 4
     assert proc_env(st["pid"])["CUDA_VISIBLE_DEVICES"] == "1"  # pinned to its placed GPU
 
 
@@ -576,7 +582,7 @@ async def test_agent_killed_with_sigkill_is_adopted_by_the_next_one_without_orph
 
     await eventually(only_kept, 10, "only the adopted server left")  # same process, no dup
     assert (await get_record(bus, unwanted)).state == InstanceState.LOST
-    await chat_ok(adopted.endpoint, "a", key_for(tmp_path, kept))
+    await chat_ok(adopted.endpoint, "a", key_for(kept))
     # one heartbeat sent before the unwanted server stopped may still list it
     hr = await heartbeat(bus, host, lambda r: r.instances == [kept], 10, "only the adopted one")
     assert hr.gpus[0].memory_used_mib == 900

@@ -69,7 +69,7 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     rec = await wait_state(bus, iid, InstanceState.READY, InstanceState.FAILED, within=60)
     assert rec.state == InstanceState.READY, rec.reason + rec.log_tail
     assert (await chat(rec.endpoint, "tiny", None)).status_code == 401  # no key, no service
-    await chat_ok(rec.endpoint, "tiny", key_for(tmp_path, iid))
+    await chat_ok(rec.endpoint, "tiny", key_for(iid))
     [c] = our_containers(docker_client, docker_host)
     assert c.status == "running" and c.attrs["HostConfig"]["NetworkMode"] == "host"
     assert c.labels["lls.instance"] == iid and c.labels["lls.model"] == "tiny"
@@ -81,7 +81,7 @@ async def test_docker_instance_starts_serves_and_stops_leaving_no_container(
     hc = c.attrs["HostConfig"]
     assert hc["SecurityOpt"] == ["no-new-privileges:true"] and hc["CapDrop"] == ["ALL"]
     assert hc["PidsLimit"] > 0 and hc["LogConfig"]["Config"]["max-size"]
-    assert key_for(tmp_path, iid) not in " ".join(c.attrs["Args"])  # key in env, not argv
+    assert key_for(iid) not in " ".join(c.attrs["Args"])  # key in env, not argv
     assert c.labels["lls.cluster"]
 
     await bus.command(proto.cmd_agent(docker_host), StopInstance(cmd_id=new_id(), instance_id=iid))
@@ -115,7 +115,7 @@ async def test_docker_agent_restart_adopts_its_labelled_container_and_stops_unwa
 
     adopted = await wait_state(bus, kept, InstanceState.READY, reason=ADOPTED)
     assert adopted.endpoint == ready.endpoint
-    await chat_ok(adopted.endpoint, "a", key_for(tmp_path, kept))
+    await chat_ok(adopted.endpoint, "a", key_for(kept))
     left = our_containers(docker_client, docker_host)
     assert [c.id for c in left] == [ids[kept]]  # same container, the unwanted one is gone
     assert (await get_record(bus, unwanted)).state == InstanceState.STOPPED

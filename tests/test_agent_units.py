@@ -32,7 +32,7 @@ def argv(**kw: object) -> list[str]:
     return build_argv("/models/m.gguf", **(base | kw))
 
 
-def test_argv_sets_model_port_alias_context_layers_one_slot_and_metrics() -> None:
+def test_argv_sets_model_port_alias_context_layers_and_metrics_and_leaves_slots_to_it() -> None:
     a = argv(fit_off=True)
     assert a[:8] == [
         "-m",
@@ -46,8 +46,23 @@ def test_argv_sets_model_port_alias_context_layers_one_slot_and_metrics() -> Non
     ]
     assert a[a.index("-c") + 1] == "2048" and a[a.index("-ngl") + 1] == "0"
     assert a[a.index("--fit") + 1] == "off"
-    assert a[a.index("-np") + 1] == "1"
+    assert "-np" not in a  # llama-server's own slots: 4 sharing one unified KV cache
     assert "--metrics" in a and "--embeddings" not in a
+
+
+def test_argv_sets_cpu_threads_wherever_the_instance_computes_on_the_cpu() -> None:
+    """No layers offloaded, simulated GPUs or a CPU build: one thread fewer than the cores
+    (left to llama-server's default, every core, two busy instances spin against each other
+    at llama.cpp's barriers: 190 ms a token instead of 0.1 ms in a swap storm)."""
+    cpu_only = build_argv(
+        "/m", alias="m", host="h", port=1, ctx_size=8, n_gpu_layers=0, cpu_count=8
+    )
+    assert cpu_only[cpu_only.index("-t") + 1] == "7"
+    simulated = dict(alias="m", host="h", port=1, ctx_size=8, n_gpu_layers=99, cpu_count=8)
+    on_sim = build_argv("/m", cpu_compute=True, **simulated)  # type: ignore[arg-type]
+    assert on_sim[on_sim.index("-t") + 1] == "7"
+    assert "-t" not in build_argv("/m", **simulated)  # type: ignore[arg-type]  # a real GPU
+    assert build_argv("/m", cpu_compute=True, args=["-t", "2"], **simulated).count("-t") == 1  # type: ignore[arg-type]
 
 
 def test_argv_without_fit_support_omits_the_flag() -> None:

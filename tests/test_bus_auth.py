@@ -21,11 +21,14 @@ from pathlib import Path
 import msgspec
 import pytest
 import yaml
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError
 
 import proto
 from conftest import ROOT, NatsServer, free_port, require
 from lls import auth
-from lls.bus import Bus, connect, durable_config, kv_snapshot
+from lls.aio import wait_event
+from lls.bus import Bus, connect, consume, durable_config, kv_snapshot, watch_kv
 from lls.config import ConfigError, NatsTls, parse
 
 CMDS = proto.CMDS_STREAM
@@ -308,6 +311,233 @@ async def test_services_bind_streams_the_placer_creates(
         srv.stop()
 
 
+# ------------------------------------------------------------------ which consumers each may create
+
+HOSTS_KV, INSTANCES_KV = f"KV_{proto.KV_HOSTS}", f"KV_{proto.KV_INSTANCES}"
+
+
+def _filter(stream: str) -> str:
+    """The subjects of one of our streams (a bucket's are `$KV.<bucket>.>`)."""
+    if stream == proto.EVENTS_STREAM:
+        return proto.EVENTS_SUBJECTS
+    if stream == CMDS:
+        return proto.CMDS_SUBJECTS
+    return f"$KV.{stream[len('KV_') :]}.>"
+
+
+def _hostile_targets(source: str) -> list[str]:
+    """Host A's command subject and a key of a bucket other than `source` (a delivery into
+    the consumer's own stream is refused by the server as a cycle, whoever asks)."""
+    bucket = proto.KV_INSTANCES if source == HOSTS_KV else proto.KV_HOSTS
+    return [proto.cmd_agent("A"), f"$KV.{bucket}.A.x"]
+
+
+async def _put_something(bus: Bus, stream: str) -> None:
+    """One message in `stream`, so that a consumer of it would have something to deliver."""
+    if stream == proto.EVENTS_STREAM:
+        await bus.emit(proto.Demand(model="m", gateway_id="g"))
+    else:
+        await bus.kv[stream[len("KV_") :]].put("k", proto.encode(proto.LeaseRecord("h", 1.0)))
+
+
+async def _wait_for(check: Callable[[], bool], what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def _watch_once(bus: Bus, bucket: str) -> None:
+    """lls.bus.watch_kv on `bucket` until its first record arrives."""
+    seen = asyncio.Event()
+    stop = asyncio.Event()
+    watch = asyncio.create_task(
+        watch_kv(
+            bus, bus.kv[bucket], proto.LeaseRecord, lambda *_: seen.set(), lambda _k: None, stop
+        )
+    )
+    try:
+        assert await wait_event(seen, 5), f"no record from {bucket}"
+    finally:
+        stop.set()
+        await watch
+
+
+@pytest.mark.parametrize("user", ["gateway", "placer", "ui", "agent-A", "downloader-A"])
+async def test_each_service_follows_the_streams_its_code_watches_and_no_other(
+    user: str, as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = await as_user(user)
+    watched = auth.WATCHES[auth.role_of(user)]
+    for stream in watched:  # with the code the services use (lls.bus.watch_kv, the ui feed)
+        await _put_something(bus, stream)
+        if stream == proto.EVENTS_STREAM:
+            sub = await b.js.subscribe(_filter(stream), stream=stream, ordered_consumer=True)
+            assert (await sub.next_msg(timeout=5)).subject == proto.evt("demand")
+            await sub.unsubscribe()
+            continue
+        await _watch_once(b, stream[len("KV_") :])
+    js = b.nc.jetstream(timeout=1)
+    for stream in sorted(set(auth.DECLARED) - set(watched)):  # nor even an ordered consumer
+        caplog.clear()
+        follow = js.subscribe(_filter(stream), stream=stream, ordered_consumer=True)
+        await refused(follow, f"$JS.API.CONSUMER.CREATE.{stream}", caplog)
+
+
+@pytest.mark.parametrize("user", ["agent-B", "gateway", "ui", "downloader-A", "placer"])
+async def test_no_identity_can_aim_a_consumer_at_commands_or_buckets(
+    user: str, as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    await as_user("agent-A")  # host A, with its command durable and a command waiting in it
+    own = proto.cmd_agent("A")
+    await bus.js.add_consumer(CMDS, durable_config("agent-A", own).evolve(name="agent-A"))
+    await bus.command(own, proto.StopInstance(cmd_id="real", instance_id="x-0123abcd"))
+    b = await as_user(user)
+    js = b.nc.jetstream(timeout=1)
+    watched = auth.WATCHES[auth.role_of(user)]
+
+    # On a stream it does not follow: no consumer at all, named or not, push or pull.
+    for stream in sorted(set(auth.DECLARED) - set(watched)):
+        for target in _hostile_targets(stream):
+            caplog.clear()
+            push = ConsumerConfig(deliver_subject=target, ack_policy=AckPolicy.NONE)
+            await refused(
+                js.add_consumer(stream, push), f"$JS.API.CONSUMER.CREATE.{stream}", caplog
+            )
+        caplog.clear()
+        named = ConsumerConfig(name="evil", filter_subject=_filter(stream), deliver_subject=own)
+        subject = f"$JS.API.CONSUMER.CREATE.{stream}.evil.{_filter(stream)}"
+        await refused(js.add_consumer(stream, named), subject, caplog)
+
+    # On a stream it follows: no named and no durable consumer, whatever its shape.
+    source = watched[0]
+    target = _hostile_targets(source)[1]
+    caplog.clear()
+    named = ConsumerConfig(name="evil", filter_subject=_filter(source), deliver_subject=target)
+    subject = f"$JS.API.CONSUMER.CREATE.{source}.evil.{_filter(source)}"
+    await refused(js.add_consumer(source, named), subject, caplog)
+    caplog.clear()
+    durable = ConsumerConfig(durable_name="evil", deliver_subject=target)
+    subject = f"$JS.API.CONSUMER.DURABLE.CREATE.{source}.evil"
+    await refused(js.add_consumer(source, durable), subject, caplog)
+
+    # Nor delete, drain or ack host A's command consumer.
+    for subject in (
+        f"$JS.API.CONSUMER.DELETE.{CMDS}.agent-A",
+        f"$JS.API.CONSUMER.MSG.NEXT.{CMDS}.agent-A",
+    ):
+        caplog.clear()
+        await refused(b.nc.request(subject, b"", timeout=1), subject, caplog)
+    caplog.clear()
+    await b.nc.publish(f"$JS.ACK.{CMDS}.agent-A.1.1.1.1.0", b"+ACK")
+    await b.nc.flush()
+    await refused(asyncio.sleep(5), f"$JS.ACK.{CMDS}.agent-A.1.1.1.1.0", caplog)
+
+    # What it can create is the ordered consumer of its watches, whose delivery subject is in
+    # the request body where permissions cannot look. Such a consumer delivers only to a
+    # subscriber of exactly that subject, and no service identity may subscribe there.
+    targets = _hostile_targets(source)
+    for target in targets:
+        caplog.clear()
+        await b.nc.subscribe(target)
+        await b.nc.flush()
+        await refused(asyncio.sleep(5), target, caplog, kind="subscription")
+    await _put_something(bus, source)
+    stored = {
+        s: (await bus.js.stream_info(s)).state.messages for s in (CMDS, HOSTS_KV, INSTANCES_KV)
+    }
+    for target in targets:
+        await js.add_consumer(
+            source, ConsumerConfig(deliver_subject=target, ack_policy=AckPolicy.NONE)
+        )
+    if auth.role_of(user) in auth.PER_HOST:  # its own command durable, made a push consumer
+        mine = b.nc.jetstream(timeout=1)
+        durable_name = "agent-B" if user == "agent-B" else "downloader-A"
+        mine_subject = proto.cmd_agent("B") if user == "agent-B" else proto.cmd_download("A")
+        push = durable_config(durable_name, mine_subject).evolve(name=durable_name)
+        with pytest.raises(BadRequestError, match="cycle"):  # into commands: the server says no
+            await mine.add_consumer(CMDS, push.evolve(deliver_subject=own))
+        await mine.add_consumer(CMDS, push.evolve(deliver_subject=targets[1]))  # inert too
+    await asyncio.sleep(1.5)  # deliveries arrive in milliseconds when someone listens
+    after = {s: (await bus.js.stream_info(s)).state.messages for s in stored}
+    assert after == stored  # nothing went into the commands or any bucket
+    info = await bus.js.consumer_info(CMDS, "agent-A")
+    assert info.num_pending == 1  # host A's command is there for host A, and only that
+
+
+async def test_a_delivery_keeps_its_source_subject_so_it_is_never_a_command(
+    as_user, bus: Bus
+) -> None:
+    """The positive control of the above, and the fact the receivers rely on: given a
+    listener on the exact subject (only the operator may be one), a delivery arrives within
+    a moment, but under its source subject: stored in the command stream it is no command
+    for any host, and a handler can tell it from a message published there."""
+    await as_user("agent-A")
+    gw = await as_user("gateway")
+    key = proto.instance_key("A", "m-0000000a")
+    forged = proto.StopInstance(cmd_id="forged", instance_id="x-0123abcd")
+    await bus.instances.put(key, proto.encode(forged))
+    got: list[str] = []
+
+    async def on_msg(msg) -> None:  # noqa: ANN001
+        got.append(msg.subject)
+
+    await bus.nc.subscribe(proto.cmd_agent("A"), cb=on_msg)
+    await bus.nc.flush()
+    push = ConsumerConfig(deliver_subject=proto.cmd_agent("A"), ack_policy=AckPolicy.NONE)
+    await gw.js.add_consumer(INSTANCES_KV, push)
+    await _wait_for(lambda: bool(got), "the delivery to the operator's listener")
+    source = f"$KV.{proto.KV_INSTANCES}.{key}"
+    assert got == [source]
+    info = await bus.js.stream_info(CMDS, subjects_filter=">")
+    assert info.state.subjects == {source: 1}
+    assert await pending(bus, proto.cmd_agent("A")) == 0
+
+
+async def test_the_command_loop_ignores_deliveries_aimed_at_its_inbox(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever learns the inbox of an agent's pull subscription could aim a consumer's
+    deliveries at it; the agent handles only what comes from its own durable."""
+    a = await as_user("agent-A")
+    own = proto.cmd_agent("A")
+    subs: list = []
+    pull = a.js.pull_subscribe
+
+    async def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - to learn the inbox
+        subs.append(await pull(*args, **kwargs))
+        return subs[-1]
+
+    a.js.pull_subscribe = spy  # type: ignore[method-assign]
+    handled: list[str] = []
+
+    async def handle(msg) -> None:  # noqa: ANN001
+        handled.append(proto.decode(msg.data, proto.AgentCommand).cmd_id)
+        await msg.ack()
+
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consume(a, "agent-A", own, handle, stop, stream=CMDS))
+    try:
+        await _wait_for(lambda: bool(subs), "the command loop's subscription")
+        forged = proto.StopInstance(cmd_id="forged", instance_id="x-0123abcd")
+        await bus.hosts.put("Z", proto.encode(forged))
+        aim = ConsumerConfig(
+            filter_subject=f"$KV.{proto.KV_HOSTS}.Z",
+            deliver_subject=subs[0]._deliver,  # noqa: SLF001
+            ack_policy=AckPolicy.NONE,
+        )
+        await bus.js.add_consumer(HOSTS_KV, aim)
+        await _wait_for(
+            lambda: f"ignored a message from $JS.ACK.{HOSTS_KV}." in caplog.text, "the forgery"
+        )
+        await bus.command(own, proto.StopInstance(cmd_id="real", instance_id="x-0123abcd"))
+        await _wait_for(lambda: bool(handled), "the real command")
+    finally:
+        stop.set()
+        await loop
+    assert handled == ["real"]
+
+
 # ------------------------------------------------------------------ operating it
 
 
@@ -495,3 +725,55 @@ def test_tls_config_is_checked_naming_the_key(tmp_path: Path, certs: dict[str, P
     parse({"nats": {"url": "nats://h:4222", "tls": {"ca": ok["ca"]}}})  # a client may go certless
     with pytest.raises(ConfigError, match="nats.url"):
         parse({"nats": {"url": "http://h:4222"}})
+
+
+def test_subjects_match_as_nats_matches_them() -> None:
+    from lls.bus import subject_matches
+
+    assert subject_matches("lls.evt.demand", "lls.evt.demand")
+    assert subject_matches("lls.evt.download.*", "lls.evt.download.completed")
+    assert not subject_matches("lls.evt.download.*", "lls.evt.download.a.b")
+    assert subject_matches("lls.evt.>", "lls.evt.a.b")
+    assert not subject_matches("lls.evt.>", "lls.evt")
+    assert not subject_matches("lls.evt.stop.requested", "$KV.lls_instances.A.m-1")
+
+
+async def test_a_record_relayed_onto_a_services_subject_is_not_taken_as_its_message(
+    as_user, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read-only ui may watch the instances bucket, and a watch is a push consumer whose
+    delivery subject NATS permissions cannot see: aimed at the placer's stop.requested, a
+    genuine instance record would decode as StopRequested(model=...). Bus.subscribe hands a
+    handler only what was published on its subject; the relayed copy keeps its own."""
+    agent = await as_user("agent-A")
+    rec = proto.InstanceRecord(
+        instance_id="m-0000000a",
+        model="m",
+        host="A",
+        state=proto.InstanceState.READY,
+        created=1.0,
+        updated=1.0,
+    )
+    await agent.instances.put(proto.instance_key("A", "m-0000000a"), proto.encode(rec))
+    placer = await as_user("placer")
+    got: list[str] = []
+
+    async def on_stop(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(msg.subject)
+
+    await placer.subscribe(proto.evt("stop.requested"), cb=on_stop)
+    await placer.nc.flush()
+    ui = await as_user("ui")
+    config = ConsumerConfig(deliver_subject=proto.evt("stop.requested"), ack_policy=AckPolicy.NONE)
+    await ui.js.add_consumer(f"KV_{proto.KV_INSTANCES}", config)
+    for _ in range(50):  # delivered within milliseconds when it is delivered at all
+        if "dropped a message" in caplog.text:
+            break
+        await asyncio.sleep(0.05)
+    assert "dropped a message on $KV" in caplog.text
+    await bus.emit(proto.StopRequested(model="m", requested_by="cli"))  # a real one counts
+    for _ in range(50):
+        if got:
+            break
+        await asyncio.sleep(0.05)
+    assert got == [proto.evt("stop.requested")]

@@ -209,8 +209,8 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
                 reason=XSS,
                 log_tail="llama_model_load: error: model file is truncated\n" + XSS,
             )
-            await bus.put(bus.instances, "i-ready", ready)
-            await bus.put(bus.instances, "i-failed", failed)
+            await bus.put(bus.instances, proto.instance_key("gpu-a", "i-ready"), ready)
+            await bus.put(bus.instances, proto.instance_key("gpu-b", "i-failed"), failed)
             await bus.emit(
                 proto.InstanceChanged(
                     instance_id="i-ready",
@@ -257,7 +257,7 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
             detail = page.locator('[data-detail="i-failed"] pre')
             await expect(detail).to_contain_text("model file is truncated")
             await expect(detail).to_contain_text(XSS)
-            assert await page.locator("#instances img").count() == 0
+            assert await page.locator("#instances-section img").count() == 0
             await page.locator('[data-instance="i-failed"]').click()
             await expect(detail).to_have_count(0)
 
@@ -272,7 +272,7 @@ async def test_page_updates_live(bus: Bus, start_ui) -> None:
                 drain_since=time.time() - 1,
                 reason="yielding to other, which waits",
             )
-            await bus.put(bus.instances, "i-drain", draining)
+            await bus.put(bus.instances, proto.instance_key("gpu-a", "i-drain"), draining)
             queues = {"demo": proto.ModelQueue(7, time.time() - 2)}
             report = proto.ActivityReport(
                 gateway_id="gw1", ts=time.time(), queues=queues, draining=["i-drain"]
@@ -512,7 +512,7 @@ async def test_charts_filters_and_downloads_live(
                         reason="binpack: most free memory after placement",
                         ready_at=time.time() - 75,
                     )
-                    await bus.put(bus.instances, iid, rec)
+                    await bus.put(bus.instances, proto.instance_key(where, iid), rec)
                 await bus.emit(
                     proto.ReplicaChanged(
                         model="demo",
@@ -534,6 +534,8 @@ async def test_charts_filters_and_downloads_live(
                         seconds=0.21,
                     )
                 )
+                for n in range(8):  # some history: it folds into "recent history"
+                    await live_and_end(bus, n)
                 await asyncio.sleep(history.SPAN_S)  # a full window of samples
                 await page.screenshot(path=shot, full_page=True)
             assert errors == []
@@ -582,7 +584,7 @@ async def test_replicas_queues_and_warm_swaps_live(bus: Bus, start_ui) -> None:
                 ("demo-0", proto.InstanceState.STOPPED, ("gpu-a", [0])),
             ):
                 rec = instance(iid, state, host=where[0], gpus=where[1], memory_mib=2048)
-                await bus.put(bus.instances, iid, rec)
+                await bus.put(bus.instances, proto.instance_key(where[0], iid), rec)
             t = time.time()
             use = {
                 "demo-1": proto.InstanceActivity(in_flight=3, last_used=t),
@@ -730,7 +732,8 @@ async def test_replicas_queues_and_warm_swaps_live(bus: Bus, start_ui) -> None:
             await page.fill("#filter", "")
 
             # The removed replica ends: the count follows the instance records.
-            await bus.put(bus.instances, "demo-2", instance("demo-2", proto.InstanceState.STOPPED))
+            ended = instance("demo-2", proto.InstanceState.STOPPED, host="gpu-b")
+            await bus.put(bus.instances, proto.instance_key("gpu-b", "demo-2"), ended)
             await expect(count).to_contain_text("2/3")
             await expect(row.locator('[data-replica="demo-2"]')).to_have_count(0)
             assert errors == []
@@ -1016,3 +1019,224 @@ async def test_timeline_reads_older_events_on_demand(
             assert errors == []
         finally:
             await browser.close()
+
+
+async def live_and_end(bus: Bus, n: int, model: str = "demo") -> None:
+    """One instance's life as placer and agent write it (each record to KV, then its event):
+    placed, pending, ready, stopping, ended: stopped; every 7th failed, every 11th lost."""
+    iid = f"{model}-{n}"
+    where: dict = {"host": "gpu-a" if n % 2 else "gpu-b", "gpus": [0], "memory_mib": 2048}
+    end, why = proto.InstanceState.STOPPED, f"idle 300 s (instance {n})"
+    if n % 7 == 0:
+        end, why = proto.InstanceState.FAILED, "llama-server exited with status 1"
+    elif n % 11 == 0:
+        end, why = proto.InstanceState.LOST, f"host {where['host']} silent 12 s"
+    await bus.emit(proto.PlacementDecided(model=model, instance_id=iid, reason="binpack", **where))
+    life = [
+        (proto.InstanceState.PENDING, ""),
+        (proto.InstanceState.READY, ""),
+        (proto.InstanceState.STOPPING, why),
+        (end, why),
+    ]
+    for revision, (state, reason) in enumerate(life, 1):
+        ev = changed(iid, model, state, revision, reason=reason, **where)
+        assert ev.record is not None
+        await bus.put(bus.instances, proto.instance_key(where["host"], iid), ev.record)
+        await bus.emit(ev)
+
+
+async def page_height(page) -> int:  # type: ignore[no-untyped-def]
+    return await page.evaluate("document.documentElement.scrollHeight")
+
+
+async def log_seqs(page) -> list[int]:  # type: ignore[no-untyped-def]
+    return await page.locator("#events tr").evaluate_all("rs => rs.map(r => +r.dataset.seq)")
+
+
+VIEWPORT = {"width": 1400, "height": 900}
+LOG_ROWS = 300  # dashboard.html: the event rows the page keeps
+HISTORY_SHOWN = 50  # dashboard.html: the ended instances in "recent history"
+
+
+@pytest.mark.browser
+async def test_history_never_makes_the_page_taller(
+    bus: Bus, start_ui, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After 100 instances came and went and 500 events, the page is exactly as tall as with
+    a screenful of history (55 instances, 135 events: every bounded panel full), paged back
+    or not. And at most two screens at 1400x900: the live part of this cluster (the docs'
+    screenshot's: 2 hosts, 3 GPUs, 1 model) is about 1,150 px, the bounded history panels
+    (log 340 px, recent history 170 px, their headings and bars) about 600 px more; a page
+    that grew with history was 16,772 px. Live instances come before the recent history; the
+    log keeps at most LOG_ROWS rows and pages back to the stream's start through the UI
+    service (GET log), then returns to the newest."""
+    require("Chromium", HAVE_CHROMIUM, "apt-get install chromium")
+    from playwright.async_api import async_playwright, expect
+
+    from services.ui import feed
+
+    monkeypatch.setattr(feed, "REPLAY_MSGS", 60)  # most of the past only the stream holds
+    monkeypatch.setattr(history, "SAMPLE_S", 0.25)  # the charts are drawn before measuring
+    await bus.put(bus.hosts, "gpu-a", host("gpu-a"))
+    await bus.put(bus.hosts, "gpu-b", host("gpu-b", gpus=1))
+    for i in range(3):  # gone for an hour: their records stay in KV
+        gone = msgspec.structs.replace(host(f"old-{i}"), ts=time.time() - 3600)
+        await bus.put(bus.hosts, f"old-{i}", gone)
+    await bus.emit(proto.HostJoined(host_id="gpu-a", gpus=2, runtime="process"))  # seq 1
+    await bus.emit(proto.HostJoined(host_id="gpu-b", gpus=1, runtime="process"))
+    live = {
+        "demo-live-1": instance("demo-live-1", proto.InstanceState.READY, host="gpu-a", gpus=[1]),
+        "demo-live-2": instance("demo-live-2", proto.InstanceState.STARTING, host="gpu-b"),
+    }
+    for iid, rec in live.items():
+        await bus.put(bus.instances, proto.instance_key(rec.host or "", iid), rec)
+    for n in range(40):  # before the UI started: in KV, and in the stream only
+        await live_and_end(bus, n)
+
+    base = await start_ui()  # one model, "demo", as in docs/dashboard.png
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport=VIEWPORT, extra_http_headers=GATEWAY)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(base + "/dashboard")
+            await expect(page.locator("#conn")).to_have_text("live", timeout=5000)
+            await expect(page.locator('[data-chart="gpu:gpu-b/0"]')).to_be_visible()
+            # Hosts long gone: one line of names, not cards, and not charted.
+            await expect(page.locator("[data-gone-host]")).to_have_count(3)
+            assert await page.locator('#hosts [data-host^="old-"]').count() == 0
+            assert await page.locator('[data-chart^="gpu:old-"]').count() == 0
+
+            # A screenful of history: 55 ended instances, 135 events on the page.
+            for n in range(40, 55):
+                await live_and_end(bus, n)
+            sub = page.locator("#history-sub")
+            await expect(sub).to_contain_text(f"the {HISTORY_SHOWN} newest of 55")
+            await expect(page.locator("#events tr")).to_have_count(60 + 15 * 5, timeout=10_000)
+            await page.wait_for_timeout(300)  # a render pass after the last delta
+            screenful = await page_height(page)
+
+            # Three times as much.
+            for n in range(55, 100):
+                await live_and_end(bus, n)
+            last = (await bus.js.stream_info(proto.EVENTS_STREAM)).state.last_seq
+            assert last == 2 + 100 * 5
+            await expect(sub).to_contain_text(f"the {HISTORY_SHOWN} newest of 100")
+            await expect(page.locator("#events tr").first).to_have_attribute(
+                "data-seq", str(last), timeout=10_000
+            )
+            await page.wait_for_timeout(300)
+            height = await page_height(page)
+            await page.screenshot(path="/tmp/dashboard-history.png", full_page=True)  # to look at
+            assert height == screenful, (screenful, height)
+            assert height <= 2 * VIEWPORT["height"], height
+
+            # Live instances first, then the history, newest first, scrolling in its box.
+            shown_live = await page.locator("#instances [data-instance]").evaluate_all(
+                "rs => rs.map(r => r.dataset.instance)"
+            )
+            assert sorted(shown_live) == sorted(live)
+            ended = page.locator("#ended [data-instance]")
+            await expect(ended).to_have_count(HISTORY_SHOWN)
+            states = await ended.locator(".state").all_text_contents()
+            assert set(states) == {"stopped", "failed", "lost"}
+            ends = await ended.evaluate_all("rs => rs.map(r => +r.dataset.ended)")
+            assert ends == sorted(ends, reverse=True)
+            assert await ended.first.get_attribute("data-instance") == "demo-99"
+            last_live = await page.locator("#instances tr").last.bounding_box()
+            box = page.locator("#history-box")
+            history_box = await box.bounding_box()
+            assert last_live and history_box
+            assert last_live["y"] + last_live["height"] <= history_box["y"]
+            sizes = await box.evaluate("b => [b.clientHeight, b.scrollHeight]")
+            assert sizes[0] <= 170 < sizes[1], sizes
+            # A failed one's details open in the history too.
+            await page.locator('#ended [data-instance="demo-98"]').click()
+            await expect(page.locator('[data-detail="demo-98"] pre')).to_contain_text(
+                "llama-server exited with status 1"
+            )
+            await page.locator('#ended [data-instance="demo-98"]').click()
+
+            # The log: the newest LOG_ROWS events, in a panel that scrolls.
+            log = page.locator("#log-box")
+            sizes = await log.evaluate("b => [b.clientHeight, b.scrollHeight]")
+            assert sizes[0] <= 340 < sizes[1], sizes
+            assert await log_seqs(page) == list(range(last, last - LOG_ROWS, -1))
+
+            # Older pages come from the stream; the page drops its newest rows to stay bounded.
+            older_button = page.locator("#log-older")
+            await older_button.click()  # GET log: the 200 events before the oldest shown
+            newer = page.locator("#log-newer")
+            await expect(newer).to_contain_text("200 newer events not shown")
+            seqs = await log_seqs(page)
+            assert seqs == list(range(last - 200, last - 200 - LOG_ROWS, -1))
+            await older_button.click()  # the stream's start
+            await expect(page.locator("#log-reach")).to_contain_text("all the event stream holds")
+            await expect(older_button).to_be_hidden()
+            assert await log_seqs(page) == list(range(LOG_ROWS, 0, -1))
+            first = page.locator('#events tr[data-seq="1"]')
+            await expect(first).to_contain_text("host.joined")
+            await expect(first).to_contain_text("gpu-a")
+            await expect(page.locator("#n-events")).to_contain_text("older events")
+            assert await page_height(page) == screenful  # paged back: the same page
+
+            # Paged back, live events wait; "back to the newest" shows them.
+            await bus.emit(proto.HostJoined(host_id="gpu-c", gpus=1, runtime="process"))
+            await expect(newer).to_contain_text(f"{last + 1 - LOG_ROWS} newer events")
+            await page.locator("#log-newest").click()
+            await expect(newer).to_be_hidden()
+            top = page.locator("#events tr").first
+            await expect(top).to_have_attribute("data-seq", str(last + 1))
+            await expect(top).to_contain_text("gpu-c")
+            assert len(await log_seqs(page)) == LOG_ROWS
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+def test_snapshot_says_whether_the_log_reaches_the_streams_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page offers older events only where the view's log lacks some: its ring dropped
+    them, or the replay began after the stream's start."""
+    from services.ui import view as view_mod
+
+    monkeypatch.setattr(view_mod, "MAX_EVENTS", 3)
+    view = View(["demo"])
+    demand = msgspec.to_builtins(proto.Demand(model="demo", gateway_id="g"))
+    for seq in range(1, 4):
+        view.apply_event(seq, dict(demand))
+    assert view.snapshot()["events_complete"]
+    view.apply_event(4, dict(demand))
+    snap = view.snapshot()
+    assert not snap["events_complete"] and [e["seq"] for e in snap["events"]] == [2, 3, 4]
+    replayed = View(["demo"])
+    replayed.replay_from = 100
+    assert not replayed.snapshot()["events_complete"]
+
+
+async def test_log_pages_come_from_the_stream(
+    bus: Bus, start_ui, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /dashboard/log?before=SEQ: the newest page of events before SEQ, oldest first,
+    progress left out; `held_from` is where the next page ends; bad input names the key."""
+    from services.ui import older
+
+    monkeypatch.setattr(older, "LOG_PAGE", 3)
+    for i in range(5):  # seq 1..10: a join, then a progress report, five times
+        await bus.emit(proto.HostJoined(host_id=f"h{i}", gpus=1, runtime="process"))
+        await bus.emit(proto.DownloadProgress(model="m", host=f"h{i}", bytes=i, total=9))
+    base = await start_ui()
+    async with httpx.AsyncClient(headers=GATEWAY) as http:
+        page = (await http.get(base + "/dashboard/log?before=11")).json()
+        assert [e["host_id"] for e in page["events"]] == ["h2", "h3", "h4"]
+        assert [e["seq"] for e in page["events"]] == [5, 7, 9]
+        assert not page["complete"] and page["held_from"] == 5
+        page = (await http.get(base + "/dashboard/log?before=5")).json()
+        assert [e["host_id"] for e in page["events"]] == ["h0", "h1"]
+        assert page["complete"] and page["held_from"] == 0
+        for query, code in (("", "invalid_before"), ("?before=x", "invalid_before")):
+            r = await http.get(base + "/dashboard/log" + query)
+            assert r.status_code == 400 and r.json()["error"]["code"] == code
+            assert "before" in r.json()["error"]["message"]

@@ -29,7 +29,7 @@ from services.downloader.sources import (
     resolve,
     split_names,
 )
-from services.downloader.store import Outcome, Staging, obtain
+from services.downloader.store import Outcome, Staging, StoreConflict, obtain
 
 MiB = 1 << 20
 FAST = Options(connections=4, backoff_s=0.02, read_timeout=5)
@@ -52,6 +52,7 @@ async def get(
     progress: Progress | None = None,
     ollama: list[Path] | None = None,
     hf: list[Path] | None = None,
+    model: str = "m",
 ) -> Outcome:
     sources = resolve(url, filename)
     outs = [
@@ -63,10 +64,21 @@ async def get(
             progress or Progress(),
             ollama or [],
             hf or [],
+            model=model,
         )
         for i, s in enumerate(sources)
     ]
     return outs[0] if len(outs) == 1 else Outcome(sum(o.size for o in outs), outs[0].reused)
+
+
+def rot_in_place(path: Path) -> int:
+    """Bit rot: bytes change, inode, size and mtime do not (what a disk error looks like).
+    Returns the inode."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 64)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return stat.st_ino
 
 
 def only_final_files(store: Path) -> list[str]:
@@ -204,12 +216,34 @@ async def test_file_in_the_store_completes_without_a_request(tmp_path: Path):
     assert srv.stats.requests == 0
 
 
-async def test_store_file_with_another_checksum_is_replaced_atomically(tmp_path: Path):
-    data = blob(MiB, 3)
-    (tmp_path / "m.gguf").write_bytes(b"stale")
+async def test_a_mismatching_store_file_is_replaced_only_if_written_for_that_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A file the downloader did not write for the model is reported (path and both hashes)
+    and kept; one it wrote, unchanged since but no longer matching (bit rot, its cached
+    digest lost), is fetched again and replaced by an atomic rename."""
+    data, other = blob(MiB, 3), b"someone else's model"
+    dest = tmp_path / "m.gguf"
+    dest.write_bytes(other)
     with FileServer({"/m.gguf": data}) as srv:
+        with pytest.raises(StoreConflict) as e:
+            await get(srv.url("m.gguf"), tmp_path, sha256=sha(data))
+        assert srv.stats.requests == 0
+    assert dest.read_bytes() == other
+    for text in (str(e.value), caplog.text):
+        assert str(dest) in text and sha(data) in text and sha(other) in text, text
+
+    dest.unlink()
+    with FileServer({"/m.gguf": data}) as srv:
+        await get(srv.url("m.gguf"), tmp_path, sha256=sha(data))  # written for "m"
+        st = Staging.of(tmp_path, "m.gguf")
+        with pytest.raises(StoreConflict):  # written for m, but this is model n asking
+            await get(srv.url("m.gguf"), tmp_path, sha256=sha(other), model="n")
+        rotten = rot_in_place(dest)
+        st.digest.unlink()
         out = await get(srv.url("m.gguf"), tmp_path, sha256=sha(data))
-    assert out.reused is None and (tmp_path / "m.gguf").read_bytes() == data
+    assert out.reused is None and dest.read_bytes() == data
+    assert dest.stat().st_ino != rotten  # renamed into place, not written over
 
 
 async def test_file_url_is_copied_verified_and_renamed(tmp_path: Path):

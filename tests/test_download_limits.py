@@ -1,5 +1,6 @@
-"""What a download command cannot do: read local files outside the configured roots (never
-/proc, /dev or /sys), climb out of a repo with `..`, fill the disk past the configured margin,
+"""What a download cannot do, even from the downloader's own config: read local files outside
+the configured roots (never /proc, /dev or /sys; a symlink inside a root that leads out of it
+counts as outside), climb out of a repo with `..`, fill the disk past the configured margin,
 or leave unfinished files behind that nobody will resume."""
 
 from __future__ import annotations
@@ -9,15 +10,14 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from test_download_service import (
     HOST,
     Events,
+    ask,
     blob,
-    command,
     events,  # noqa: F401 - fixture
     no_local_stores,  # noqa: F401 - fixture
 )
@@ -67,6 +67,29 @@ def test_file_urls_only_from_roots_and_never_from_proc_dev_sys(tmp_path: Path) -
             check_file_url(url, [Path("/")])
     with pytest.raises(SourceError, match="/proc, /dev or /sys"):
         check_file_url(f"file://{models}/env.gguf", roots)
+
+
+def test_only_the_resolved_path_of_a_file_url_counts(tmp_path: Path) -> None:
+    """A symlink inside a root that points out of every root is refused, naming where it
+    leads; one that stays inside is fine, and so is a root that is itself a link."""
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.gguf").write_bytes(b"not yours")
+    (models / "real.gguf").write_bytes(b"GGUF")
+    (models / "escape.gguf").symlink_to(elsewhere / "secret.gguf")
+    (models / "sub").symlink_to(elsewhere)  # a folder link: the file's path is inside lexically
+    (models / "alias.gguf").symlink_to(models / "real.gguf")
+    for url in (f"file://{models}/escape.gguf", f"file://{models}/sub/secret.gguf"):
+        with pytest.raises(SourceError) as e:
+            check_file_url(url, [models])
+        assert f"resolves to {elsewhere / 'secret.gguf'}" in str(e.value)
+        assert "downloader.file_roots" in str(e.value) and "symlink" in str(e.value)
+    assert check_file_url(f"file://{models}/alias.gguf", [models]) == models / "real.gguf"
+    (tmp_path / "link-root").symlink_to(models)
+    assert check_file_url(f"file://{models}/real.gguf", [tmp_path / "link-root"]) == (
+        models / "real.gguf"
+    )
 
 
 def test_default_roots_are_the_folders_of_the_configs_own_file_models(tmp_path: Path) -> None:
@@ -165,60 +188,69 @@ def store_files(store: Path) -> list[str]:
     return sorted(p.name for p in store.iterdir() if p.is_file())
 
 
-@pytest.fixture
-async def limited(
+async def test_file_urls_of_the_config_itself_are_refused_outside_the_roots(
     bus: Bus,
+    events: Events,  # noqa: F811
     tmp_path: Path,
     no_local_stores: None,  # noqa: F811
-) -> AsyncIterator[Path]:
-    """The downloader service with default roots: the folder of its one file:// model."""
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "ok.gguf").write_bytes(blob(64 * 1024))
+) -> None:
+    """Models whose own url leads out of downloader.file_roots (a folder beside it, /proc, a
+    `..`, a symlink inside the root, a repo path climbing out) are refused: a command.refused
+    and a download.failed naming why, nothing copied. A model inside the root is fetched."""
+    models_dir, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models_dir.mkdir()
+    elsewhere.mkdir()
+    (models_dir / "ok.gguf").write_bytes(blob(64 * 1024))
+    secret = elsewhere / "secret.gguf"
+    secret.write_text("not a model")
+    (models_dir / "link.gguf").symlink_to(secret)
     store = tmp_path / "store"
     # a leftover of an unconfigured model from an earlier run: swept at start
     stale = Staging.of(store, "stale.gguf")
     stale.part.parent.mkdir(parents=True)
     stale.part.write_bytes(b"x" * 1000)
+    urls = {
+        "ok": f"file://{models_dir}/ok.gguf",
+        "outside": f"file://{secret}",
+        "proc": "file:///proc/self/environ",
+        "climb": f"file://{models_dir}/../elsewhere/secret.gguf",
+        "link": f"file://{models_dir}/link.gguf",
+        "hfdots": "hf://o/r/../../../etc/passwd",
+    }
+    models = {name: {"url": url} for name, url in urls.items()}
     cfg = parse(
         {
             "agent": {"store": str(store), "host_id": HOST},
-            "models": {"ok": {"url": f"file://{models}/ok.gguf"}},
+            "downloader": {"file_roots": [str(models_dir)]},
+            "models": models,
         }
     )
+    refused: list[proto.CommandRefused] = []
+
+    async def on_refused(msg) -> None:  # type: ignore[no-untyped-def]
+        refused.append(proto.decode(msg.data, proto.CommandRefused))
+
+    sub = await bus.nc.subscribe(proto.evt("command.refused"), cb=on_refused)
     ctx = ServiceContext(name="downloader", cfg=cfg, bus=bus, host_id=HOST)
     task = asyncio.create_task(run(ctx))
-    yield store
-    ctx.stop.set()
-    await asyncio.wait_for(task, 10)
-
-
-async def test_forged_file_downloads_fail_with_a_reason_and_copy_nothing(
-    bus: Bus,
-    events: Events,  # noqa: F811
-    limited: Path,
-    tmp_path: Path,
-) -> None:
-    secret = tmp_path / "secret.txt"
-    secret.write_text("not a model")
-    tries = {
-        "outside": (f"file://{secret}", "s.gguf"),
-        "proc": ("file:///proc/self/environ", "p.gguf"),
-        "climb": (f"file://{tmp_path}/models/../secret.txt", "c.gguf"),
-        "hfdots": ("hf://o/r/../../../etc/passwd", "h.gguf"),
-    }
-    for model, (url, filename) in tries.items():
-        await bus.command(proto.cmd_download(HOST), command(f"c-{model}", model, url, filename))
-    await bus.command(
-        proto.cmd_download(HOST),
-        command("c-ok", "ok", f"file://{tmp_path}/models/ok.gguf", "ok.gguf"),
-    )
-    for model in tries:
-        failed = await events.final(model)
-        assert isinstance(failed, proto.DownloadFailed), failed
-    assert "downloader.file_roots" in (await events.final("outside")).reason
-    assert "/proc, /dev or /sys" in (await events.final("proc")).reason
-    assert "'..'" in (await events.final("hfdots")).reason
-    assert isinstance(await events.final("ok"), proto.DownloadCompleted)
-    assert store_files(limited) == ["ok.gguf"]
-    assert not Staging.of(limited, "stale.gguf").part.exists()  # swept at start
+    try:
+        for model in urls:
+            await bus.command(proto.cmd_download(HOST), ask(f"c-{model}", model, models))
+        failed = {m: await events.final(m) for m in urls if m != "ok"}
+        done = await events.final("ok")
+    finally:
+        await sub.unsubscribe()
+        ctx.stop.set()
+        await asyncio.wait_for(task, 10)
+    assert all(isinstance(f, proto.DownloadFailed) for f in failed.values()), failed
+    assert "downloader.file_roots" in failed["outside"].reason
+    assert "/proc, /dev or /sys" in failed["proc"].reason
+    assert "downloader.file_roots" in failed["climb"].reason
+    assert f"resolves to {secret}" in failed["link"].reason
+    assert "symlink" in failed["link"].reason
+    assert "'..'" in failed["hfdots"].reason
+    why = {r.model: r.reason for r in refused}
+    assert why == {m: f.reason for m, f in failed.items()}  # each refusal said so, once
+    assert isinstance(done, proto.DownloadCompleted)
+    assert store_files(store) == [done.filename]
+    assert not Staging.of(store, "stale.gguf").part.exists()  # swept at start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from test_download_fetch import hf_cache
 
 import proto
 from lls.bus import Bus
-from lls.config import parse
+from lls.config import parse, store_filename
 from lls.gguf_header import read_summary
 from lls.service import ServiceContext
 from services.downloader.devserver import Behaviour, FileServer
@@ -80,14 +81,17 @@ async def test_unreadable_sources_fail_with_reasons(
         await peek(f"file://{tmp_path}/absent.gguf", "m.gguf", OPTS)
 
 
-@pytest.fixture
-async def downloader(bus: Bus, tmp_path: Path) -> AsyncIterator[None]:
-    cfg = parse({"agent": {"store": str(tmp_path / "store"), "host_id": "h1"}})
+@asynccontextmanager
+async def downloader(bus: Bus, store: Path, models: dict) -> AsyncIterator[None]:  # type: ignore[type-arg]
+    """The downloader service in this process, with these models configured."""
+    cfg = parse({"agent": {"store": str(store), "host_id": "h1"}, "models": models})
     ctx = ServiceContext(name="downloader", cfg=cfg, bus=bus, host_id="h1")
     task = asyncio.create_task(run(ctx))
-    yield
-    ctx.stop.set()
-    await asyncio.wait_for(task, 10)
+    try:
+        yield
+    finally:
+        ctx.stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def _model_info(bus: Bus, model: str) -> proto.ModelInfo:
@@ -103,7 +107,7 @@ async def _model_info(bus: Bus, model: str) -> proto.ModelInfo:
 
 
 async def test_inspect_command_records_the_header_and_says_so_on_the_event_stream(
-    bus: Bus, downloader: None, tiny_gguf: Callable[[int], Path]
+    bus: Bus, tmp_path: Path, tiny_gguf: Callable[[int], Path]
 ) -> None:
     seen: list[proto.ModelInspected] = []
 
@@ -113,10 +117,15 @@ async def test_inspect_command_records_the_header_and_says_so_on_the_event_strea
     sub = await bus.nc.subscribe(proto.evt("model.inspected"), cb=on_event)
     data = padded(tiny_gguf(5), 8)
     with FileServer({"/m.gguf": data}) as srv:
-        for model, url in [("good", srv.url("m.gguf")), ("gone", srv.url("nope.gguf"))]:
-            cmd = proto.InspectModel(cmd_id=f"i-{model}", model=model, url=url, filename="m.gguf")
-            await bus.command(proto.cmd_inspect(), cmd)
-        good, gone = await _model_info(bus, "good"), await _model_info(bus, "gone")
+        models = {"good": {"url": srv.url("m.gguf")}, "gone": {"url": srv.url("nope.gguf")}}
+        async with downloader(bus, tmp_path / "store", models):
+            for model, m in models.items():
+                name = store_filename(model, m["url"])
+                cmd = proto.InspectModel(
+                    cmd_id=f"i-{model}", model=model, url=m["url"], filename=name
+                )
+                await bus.command(proto.cmd_inspect(), cmd)
+            good, gone = await _model_info(bus, "good"), await _model_info(bus, "gone")
     assert good.gguf == read_summary(tiny_gguf(5)) and good.size == len(data)
     assert good.url.endswith("/m.gguf") and good.error == ""
     assert gone.gguf is None and "404" in gone.error

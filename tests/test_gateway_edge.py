@@ -5,11 +5,14 @@ sockets cannot exhaust the gateway; a silent bus refuses cold requests fast."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import NatsServer
-from stack import Stack
+import proto
+from conftest import ROOT, NatsServer
+from stack import Cluster, Stack
 
 KEY = "edge-user-key-1"  # scoped to tiny and emb
 ADMIN = "edge-admin-key-1"
+TRUSTED = "edge-trusted-key-1"  # scoped to slotted; may set id_slot and cache_prompt
 OK_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -46,6 +51,8 @@ def edge(tmp_path_factory, llama_server_bin, tiny_gguf) -> Iterator[Edge]:
         "tiny": {"url": f"file://{tiny_gguf(4)}", "ctx_size": 512, "aliases": ["tiny:latest"]},
         "emb": {"url": f"file://{tiny_gguf(5)}", "ctx_size": 512, "embeddings": True},
         "secret-model": {"url": f"file://{tiny_gguf(6)}", "ctx_size": 512, "args": ["-np", "1"]},
+        # two slots, started only by test_slot_fields_reach_llama_server_only_from_trusted_keys
+        "slotted": {"url": f"file://{tiny_gguf(8)}", "ctx_size": 512, "args": ["-np", "2"]},
     }
     stack = Stack(tmp, nats.url, models)
     stack.patch_config(
@@ -53,8 +60,9 @@ def edge(tmp_path_factory, llama_server_bin, tiny_gguf) -> Iterator[Edge]:
             "api_keys": [
                 {"key": KEY, "models": ["tiny", "emb"]},
                 {"key": ADMIN, "admin": True},
+                {"key": TRUSTED, "models": ["slotted"], "trusted": True},
             ]
-        }
+        },
     )
     try:
         stack.start()
@@ -345,7 +353,7 @@ def test_key_is_checked_before_the_body_and_hides_models(edge: Edge) -> None:
     admin_ids = {
         m["id"] for m in httpx.get(f"{edge.base}/v1/models", headers=auth(ADMIN)).json()["data"]
     }
-    assert admin_ids == {"emb", "tiny", "secret-model"}
+    assert admin_ids == {"emb", "tiny", "secret-model", "slotted"}
 
     user = httpx.post(f"{edge.base}/api/show", json={"model": "tiny"}, headers=auth()).json()
     assert "file://" not in json.dumps(user) and user["parameters"] == ""
@@ -438,6 +446,143 @@ def test_idle_connections_do_not_stop_health(edge: Edge) -> None:
             s.close()
 
 
+def test_cross_site_requests_that_change_state_are_refused(edge: Edge) -> None:
+    """What a web page on another site makes its visitor's browser send: refused (403) before
+    anything happens; the gateway's own pages and clients that send no Origin are served."""
+    evil = {"Origin": "http://evil.example"}
+    admin = auth(ADMIN)
+    gone = httpx.request(
+        "DELETE", f"{edge.base}/api/delete", json={"model": "tiny"}, headers={**admin, **evil}
+    )
+    assert gone.status_code == 403 and "allowed_origins" in gone.json()["error"], gone.text
+    # a form or no-cors fetch: text/plain, no preflight; the key would come from a cookie
+    for path, body in (("/api/pull", b'{"model": "tiny"}'), ("/api/delete", b'{"model": "x"}')):
+        r = httpx.post(
+            f"{edge.base}{path}",
+            content=body,
+            headers={**admin, **evil, "Content-Type": "text/plain"},
+        )
+        assert r.status_code == 403 and isinstance(r.json()["error"], str), (path, r.text)
+    for origin in ("http://evil.example", "null", f"http://localhost:{edge.port}"):
+        r = httpx.post(
+            f"{edge.base}/v1/chat/completions", json=OK_CHAT, headers={**auth(), "Origin": origin}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
+    r = httpx.post(f"{edge.base}/dashboard/anything", headers={**admin, **evil})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    # the file is still there: the refused delete did nothing
+    ok = httpx.post(f"{edge.base}/v1/chat/completions", json=OK_CHAT, headers=auth(), timeout=30)
+    assert ok.status_code == 200, ok.text
+    # same origin passes the check (and then meets the route's own: no such model)
+    own = {"Origin": f"http://127.0.0.1:{edge.port}"}
+    r = httpx.request(
+        "DELETE", f"{edge.base}/api/delete", json={"model": "no-such"}, headers={**admin, **own}
+    )
+    assert r.status_code == 404, r.text
+    # reads change nothing: allowed (with no CORS headers, the page cannot read them anyway)
+    r = httpx.get(f"{edge.base}/v1/models", headers={**auth(), **evil})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_rebinding_host_is_refused_on_loopback(edge: Edge) -> None:
+    """A page whose name now resolves to 127.0.0.1 sends its own name as Host: refused on
+    every route but /health; loopback names are served."""
+    bad = {"Host": f"rebind.evil.example:{edge.port}"}
+    r = httpx.get(f"{edge.base}/v1/models", headers={**auth(), **bad})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", r.text
+    r = httpx.post(f"{edge.base}/api/pull", json={"model": "tiny"}, headers={**auth(ADMIN), **bad})
+    assert r.status_code == 403 and "allowed_hosts" in r.json()["error"]
+    r = httpx.get(f"{edge.base}/dashboard/state", headers={**auth(ADMIN), **bad})
+    assert r.status_code == 403
+    assert httpx.get(f"{edge.base}/health", headers=bad).status_code == 200
+    for host in (f"localhost:{edge.port}", f"127.0.0.1:{edge.port}", "[::1]"):
+        r = httpx.get(f"{edge.base}/v1/models", headers={**auth(), "Host": host})
+        assert r.status_code == 200, (host, r.text)
+
+
+def test_keys_in_urls_only_on_the_dashboard_and_never_logged(edge: Edge) -> None:
+    for path in ("/v1/models", "/api/tags"):
+        r = httpx.get(f"{edge.base}{path}", params={"key": KEY})
+        assert r.status_code == 401, (path, r.text)
+        assert "only /dashboard" in json.dumps(r.json())
+    r = httpx.post(f"{edge.base}/v1/chat/completions", params={"key": KEY}, json=OK_CHAT)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_in_url"
+    # ...even beside a good header: the key in the URL has leaked, say so
+    r = httpx.get(f"{edge.base}/v1/models", params={"key": KEY}, headers=auth())
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_in_url"
+
+    page = httpx.get(f"{edge.base}/dashboard", params={"key": ADMIN})
+    assert page.status_code == 200, page.text
+    cookie = page.headers["set-cookie"].lower()
+    assert "path=/dashboard" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    jar = {"lls_key": page.cookies["lls_key"]}
+    assert httpx.get(f"{edge.base}/dashboard/state", cookies=jar).status_code == 200
+    r = httpx.get(f"{edge.base}/v1/models", cookies=jar)  # API routes take no cookie
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{edge.base}/dashboard/state", params={"key": ADMIN, "x": "1"})
+    assert r.status_code == 200
+    for key in (KEY, ADMIN, TRUSTED):  # what the stack logged (gateway, UI, all of it)
+        assert key not in edge.stack.logs()
+
+
+async def _slots(edge: Edge, model: str) -> list[dict]:
+    """What the instance of `model` itself says about its slots (its /slots, with its key)."""
+    from lls import instance_key
+    from lls.bus import connect, kv_snapshot
+
+    bus = await connect(edge.nats.url, "test")
+    try:
+        recs = (await kv_snapshot(bus, bus.instances, proto.InstanceRecord)).values()
+        [rec] = [r for r in recs if r.model == model and r.state == proto.InstanceState.READY]
+        placed = await instance_key.read(bus, rec.host or "", rec.instance_id)  # as the operator
+    finally:
+        await bus.close()
+    assert placed is not None
+    key = placed.key
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.get(f"{rec.endpoint}/slots", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return sorted(r.json(), key=lambda s: s["id"])
+
+
+def test_slot_fields_reach_llama_server_only_from_trusted_keys(edge: Edge) -> None:
+    """id_slot and cache_prompt of an untrusted key are dropped before llama-server, even
+    spelled with JSON escapes; a trusted key's arrive. `timings` stay in the answers."""
+    p1, p2 = "a" * 32, "z" * 36  # no common beginning: llama-server's own pick is its LRU slot
+
+    def ask(key: str, body: bytes) -> dict:
+        r = httpx.post(
+            f"{edge.base}/v1/completions",
+            content=body,
+            headers={**auth(key), "Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def body(prompt: str, extra: str) -> bytes:
+        return f'{{"model": "slotted", "prompt": "{prompt}", "max_tokens": 2{extra}}}'.encode()
+
+    # trusted, fresh instance: slot 0 as asked (left alone, llama-server takes slot 1)
+    ask(TRUSTED, body(p1, ', "id_slot": 0'))
+    slots = asyncio.run(_slots(edge, "slotted"))
+    assert "id_task" in slots[0] and "id_task" not in slots[1], slots
+    # trusted, cache_prompt false: nothing reused, though slot 0 holds this very prompt
+    again = ask(TRUSTED, body(p1, ', "id_slot": 0, "cache_prompt": false'))
+    assert again["timings"]["cache_n"] == 0, again["timings"]
+    trusted_task = asyncio.run(_slots(edge, "slotted"))[0]["id_task"]
+
+    # untrusted (an admin key is not a trusted one), id_slot spelled with an escape: dropped,
+    # so llama-server takes its least recently used slot, 1
+    ask(ADMIN, body(p2, ', "id\\u005fslot": 0'))
+    slots = asyncio.run(_slots(edge, "slotted"))
+    assert "id_task" in slots[1] and slots[0]["id_task"] == trusted_task, slots
+    # untrusted cache_prompt false: dropped, so its cached prompt is reused after all
+    cached = ask(ADMIN, body(p2, ', "id_slot": 0, "cache_prompt": false'))
+    assert cached["timings"]["cache_n"] > 0, cached["timings"]
+    assert asyncio.run(_slots(edge, "slotted"))[0]["id_task"] == trusted_task  # slot 0 untouched
+
+
 def test_silent_bus_warm_served_cold_refused_fast(edge: Edge) -> None:
     """Runs last: NATS frozen (SIGSTOP) like a hung server; nats-py still thinks it is up."""
     assert edge.nats.proc is not None
@@ -466,3 +611,42 @@ def test_silent_bus_warm_served_cold_refused_fast(edge: Edge) -> None:
     while httpx.get(f"{edge.base}/health").status_code != 200:
         assert time.monotonic() < deadline, "gateway did not see the bus come back"
         time.sleep(0.2)
+
+
+def test_open_gateway_warns_in_its_log_and_in_lls_ps(tmp_path: Path, nats_url: str) -> None:
+    """A gateway that listens beyond loopback with no API keys says so: several WARNING lines
+    at start naming the fix, and a line in `lls ps` (from its activity report on the bus)."""
+    cluster = Cluster(tmp_path, nats_url, {})
+    cluster.shared["gateway"]["host"] = "0.0.0.0"
+    cluster.spawn("gateway")
+    try:
+        cluster.wait_gateway()
+        # beyond loopback it cannot know the names it is reached by: any Host is served
+        r = httpx.get(f"{cluster.base}/v1/models", headers={"Host": "gw.lan:5000"}, timeout=5)
+        assert r.status_code == 200, r.text
+        log = cluster.logs("gateway").splitlines()
+        [first] = [i for i, line in enumerate(log) if "OPEN GATEWAY" in line]
+        banner = log[first : first + 4]  # several lines, one WARNING record each
+        assert all(" WARNING " in line for line in banner), banner
+        text = "\n".join(banner)
+        assert "0.0.0.0" in text and "no API keys" in text
+        assert "gateway.api_keys" in text and "gateway.host: 127.0.0.1" in text
+        deadline = time.monotonic() + 15
+        while True:  # the report goes out every second
+            ps = subprocess.run(
+                [sys.executable, "-m", "lls.cli", "--config", str(tmp_path / "gateway.yaml"), "ps"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert ps.returncode == 0, ps.stderr
+            lines = [line for line in ps.stdout.splitlines() if line.startswith("warning:")]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        [line] = lines
+        assert line.startswith("warning: gateway gw-") and "OPEN GATEWAY" in line, ps.stdout
+        assert "0.0.0.0" in line and "gateway.api_keys" in line, line
+    finally:
+        cluster.stop()

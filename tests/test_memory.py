@@ -98,8 +98,11 @@ def test_weights_fall_back_to_file_size_when_tensors_are_unsized() -> None:
 
 def test_cpu_and_partial_offload() -> None:
     cpu = estimate_mib(LLAMA3_8B, 0, 8192, n_gpu_layers=0)
-    assert cpu.overhead_mib == CPU_OVERHEAD_MIB
+    # the fixed part and 128256 x 352 B of vocabulary = 43.1 MiB -> 44
+    assert cpu.overhead_mib == CPU_OVERHEAD_MIB + 44
     assert cpu.weights_mib == 4693 and cpu.kv_cache_mib == 1024  # all of it in RAM
+    # no micro-batch of logits on a CPU: 512 x (4 x 16 x 4096 + 2 x 8192) B = 136 MiB
+    assert cpu.compute_mib == 136
     half = estimate_mib(LLAMA3_8B, 0, 8192, n_gpu_layers=16)
     assert half.kv_cache_mib == 512 and half.weights_mib == 2347
     assert estimate_mib(LLAMA3_8B, 0, 8192, n_gpu_layers=999) == estimate_mib(LLAMA3_8B, 0, 8192)
@@ -201,7 +204,49 @@ def test_the_tiny_pin_matches_the_real_generator(tmp_path: Path) -> None:
 def test_a_cpu_process_carries_no_gpu_overhead() -> None:
     gpu = estimate_mib(TINY, TINY.tensor_bytes, 512)
     cpu = estimate_mib(TINY, TINY.tensor_bytes, 512, n_gpu_layers=0)
-    assert gpu.total_mib == 664 and cpu.total_mib == 1 + 1 + 6 + CPU_OVERHEAD_MIB == 136
+    # compute 512 x (4 x 16 x 64 + 2 x 512) B = 2.5 MiB -> 3; vocabulary 269 x 352 B -> 1 MiB
+    assert gpu.total_mib == 664 and cpu.total_mib == 1 + 1 + 3 + CPU_OVERHEAD_MIB + 1 == 26
+
+
+# Gemma 3 270M Q4_K_M, config.yaml's real model (lls/real_model.py), as lls.gguf_header reads
+# it (tests/test_real_model.py checks this pin against the file).
+GEMMA3_270M = GgufSummary(
+    architecture="gemma3",
+    n_layers=18,
+    n_ctx_train=32768,
+    n_embd=640,
+    n_head=4,
+    n_head_kv=1,
+    head_dim_k=256,
+    head_dim_v=256,
+    n_vocab=262144,
+    file_type=15,
+    tensor_bytes=246_587_904,
+    n_params=268_098_176,
+    has_chat_template=False,  # config.yaml sets `chat_template: gemma`
+)
+
+
+@pytest.mark.parametrize(
+    ("summary", "ctx", "real_mib", "parts"),
+    [
+        # VmHWM of llama-server on 2 x86 cores (-t 1, 4 slots, --cache-ram 0 --swa-full)
+        # after a ~1,900-token prompt and four 5-turn chats
+        (TINY, 2048, 23, (1, 1, 4, 21)),
+        (GEMMA3_270M, 2048, 383, (236, 36, 22, 108)),
+        (GEMMA3_270M, 4096, 422, (236, 72, 24, 108)),
+        (GEMMA3_270M, 8192, 499, (236, 144, 28, 108)),
+    ],
+    ids=["tiny-2048", "gemma3-270m-2048", "gemma3-270m-4096", "gemma3-270m-8192"],
+)
+def test_cpu_estimate_covers_the_measured_peak_rss(
+    summary: GgufSummary, ctx: int, real_mib: int, parts: tuple[int, int, int, int]
+) -> None:
+    e = estimate_mib(summary, summary.tensor_bytes, ctx_size=ctx, n_gpu_layers=0)
+    assert (e.weights_mib, e.kv_cache_mib, e.compute_mib, e.overhead_mib) == parts
+    assert real_mib <= e.total_mib
+    if summary is not TINY:  # the tiny model's few MiB are all fixed costs, +17%
+        assert e.total_mib <= 1.10 * real_mib
 
 
 # ---------------------------------------------------------------- what agents measured
@@ -272,8 +317,8 @@ def test_the_placer_needs_the_cpu_figure_on_a_cpu_host_and_the_measured_one_on_a
     n = placer._need("tiny", cfg, host=None)
     assert (n.memory_mib, n.cpu_memory_mib, n.ram_mib, dict(n.gpu_memory_mib)) == (
         664,
-        136,
-        136,
+        26,
+        26,
         {},
     )
     h200 = GpuInfo(0, "GPU-0", "NVIDIA H200", 143771, 700)

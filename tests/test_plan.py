@@ -194,6 +194,23 @@ def test_a_drain_is_wanted_while_requests_wait_or_demand_is_fresh() -> None:
     assert [a.stage for a in plan_drains(stale_demand, NOW)] == ["cancelled"]  # type: ignore[union-attr]
 
 
+def test_a_drain_is_reclaimed_by_its_models_burst_as_old_as_the_waiting_ones() -> None:
+    """m (idle, so asked to yield to n) gets 42 requests in the same instant as n's: it
+    serves them first (no swap out and back); its other ready copy would serve them instead."""
+    gw = report(draining=("a",))
+    burst = {"n": Waiting(50, NOW - 0.3), "m": Waiting(42, NOW - 0.25)}
+    v = view(draining(since=NOW - 0.3), queues=burst, reports=(gw,))
+    [act] = plan_drains(v, NOW)
+    assert isinstance(act, EndDrain) and act.stage == "cancelled"
+    assert "42 request(s) for m came as it began to yield" in act.reason
+    later = {"n": Waiting(50, NOW - 9), "m": Waiting(3, NOW - 0.25)}  # n waited far longer
+    assert plan_drains(view(draining(since=NOW - 0.3), queues=later, reports=(gw,)), NOW) == []
+    copy = inst("c", model="m", ready_at=NOW - 60)
+    assert (
+        plan_drains(view(draining(since=NOW - 0.3), copy, queues=burst, reports=(gw,)), NOW) == []
+    )
+
+
 def test_a_drain_past_drain_timeout_is_abandoned_refused_and_held() -> None:
     gw = report(busy={"a": 2}, draining=("a",))
     within = view(draining(since=NOW - 59.9), queues={"n": Waiting(1, NOW)}, reports=(gw,))
@@ -324,6 +341,16 @@ def test_idle_stops_spare_pinned_models_but_not_keep_loaded_or_preloaded_ones() 
     ]
     unpinned = plan_upkeep(view(*old, limits=limits), NOW)
     assert [a.instance_id for a in unpinned] == ["kept", "pin", "pre"]  # type: ignore[union-attr]
+
+
+def test_a_model_with_requests_queued_is_never_stopped_as_idle() -> None:
+    """Between two of its requests nothing is in flight, but requests wait for it: busy.
+    (Ollama's keep_alive 0 says stop after the answer, not with a queue behind it.)"""
+    now0 = report(used={"a": NOW - 0.1}, keep_alive=0)
+    queued = {"m": Waiting(43, NOW - 2)}
+    a = inst("a", ready_at=NOW - 10)
+    assert plan_upkeep(view(a, reports=(now0,), queues=queued), NOW) == []
+    assert [type(x) for x in plan_upkeep(view(a, reports=(now0,)), NOW)] == [Stop]
 
 
 def test_no_idle_stop_while_every_gateway_report_is_stale() -> None:
@@ -576,11 +603,20 @@ def test_a_busy_instance_past_its_turn_is_asked_to_yield() -> None:
 
 
 def test_a_busy_instance_in_its_turn_is_waited_for() -> None:
-    young = on_gpu("a", ready_at=NOW - 1)  # placer.min_turn (5 s) not over yet
-    v = view(young, hosts=gpu_host(20), reports=[report(busy={"a": 1})])
+    # Its requests queued before its turn began: the turn is theirs (placer.min_turn 5 s).
+    young = on_gpu("a", ready_at=NOW - 1)
+    queued = {"n": Waiting(9, NOW - 3), "m": Waiting(1, NOW - 10)}
+    v = view(young, hosts=gpu_host(20), reports=[report(busy={"a": 1})], queues=queued)
     [act] = plan_demand(v, "m", NEED, NOW)
     assert isinstance(act, Wait) and act.model == "m"
     assert "1 busy with requests in flight" in act.reason
+
+
+def test_a_busy_instance_with_nothing_queued_yields_at_once() -> None:
+    young = on_gpu("a", ready_at=NOW - 1)  # in its first second, but nothing waits for it
+    v = view(young, hosts=gpu_host(20), reports=[report(busy={"a": 1})])
+    [act] = plan_demand(v, "m", NEED, NOW)
+    assert isinstance(act, Drain) and act.victims == ("a",)
 
 
 def test_no_new_drain_while_the_last_swap_is_held_no_swap() -> None:
@@ -642,9 +678,11 @@ def test_an_unsettled_instance_is_not_evicted_without_a_drain() -> None:
 def test_its_exclusive_group_makes_way_first() -> None:
     idle = inst("i", model="g2", ready_at=NOW - 600)
     busy = inst("b", model="g2", ready_at=NOW - 600)
-    young = inst("y", model="g2", ready_at=NOW - 1)  # in its turn: waited for
+    young = inst("y", model="g2", ready_at=NOW - 1)  # in its turn: its requests wait
     starting = inst("s", S.STARTING, model="g2")
-    v = view(idle, busy, young, starting, reports=[report(busy={"b": 1, "y": 1})])
+    reports = [report(busy={"b": 1, "y": 1})]
+    queued = {"g2": Waiting(3, NOW - 2)}  # (b's turn is long over: it yields all the same)
+    v = view(idle, busy, young, starting, reports=reports, queues=queued)
     acts = plan_demand(v, "g1", Need(model="g1", memory_mib=100), NOW)
     assert acts == [
         Stop("i", "exclusive group big: g1 is wanted"),
@@ -678,3 +716,30 @@ def test_the_config_reaches_the_demand_planner_through_limits() -> None:
     )
     [act] = plan_demand(view(on_gpu("a"), hosts=gpu_host(20), limits=limits), "m", NEED, NOW)
     assert isinstance(act, Refuse) and "marked keep_loaded" in act.reason
+
+
+async def test_the_placers_upkeep_sees_the_gateways_queues(bus: Bus) -> None:
+    """The idle stop is planned from a View the service builds: it must carry the gateways'
+    queues, or a model whose requests wait (nothing in flight between two of them, keep_alive
+    0) is stopped as idle with its queue behind it."""
+    from services.placer.service import Placer
+
+    cfg = parse({"models": {"m": {"url": "file:///nowhere/m.gguf", "memory_mib": 100}}})
+    placer = Placer(ServiceContext(name="placer", cfg=cfg, bus=bus, host_id="p"))
+    assert await placer.lease.try_acquire()
+    t = time.time()
+    iid = f"m-{new_id()[:8]}"
+    rec = inst(iid, updated=t - 60, ready_at=t - 60)
+    key = proto.instance_key("h1", iid)
+    placer._on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
+    done = InstanceActivity(0, t - 1, keep_alive=0)  # "stop after the answer"
+    queued = {"m": proto.ModelQueue(43, t - 2)}
+    placer.activity["gw"] = ActivityReport(
+        gateway_id="gw", ts=t, instances={iid: done}, queues=queued
+    )
+    await placer._upkeep(t)
+    assert placer.instances[iid].state == S.READY  # 43 wait: busy, not idle
+    placer.activity["gw"] = ActivityReport(gateway_id="gw", ts=t, instances={iid: done})
+    await placer._upkeep(t)
+    got = proto.decode((await bus.instances.get(key)).value, InstanceRecord)
+    assert got.state == S.STOPPING and "keep_alive 0 s" in got.reason

@@ -14,8 +14,7 @@ import pytest
 
 import proto
 from lls import instance_key
-from lls.bus import kv_snapshot
-from lls.config import expand, load
+from lls.bus import Bus, kv_snapshot
 from stack import Stack
 
 ONE_EACH = [{"name": "sim", "memory_mib": 2000}, {"name": "sim", "memory_mib": 2000}]
@@ -44,15 +43,19 @@ def chat(i: int, question: str, max_tokens: int = 4) -> dict:
 class Replicas:
     """The model's READY instances and their own llama-server counters (with their keys)."""
 
-    def __init__(self, s: Stack, recs: list[proto.InstanceRecord]):
-        secret = instance_key.load_or_create(expand(load(s.config).cluster.secret_file))
+    def __init__(self, recs: list[proto.InstanceRecord], keys: dict[str, str]):
         self.recs = sorted(recs, key=lambda r: r.instance_id)
-        self.auth = {
-            r.instance_id: {
-                "Authorization": f"Bearer {instance_key.instance_key(secret, r.instance_id)}"
-            }
-            for r in self.recs
-        }
+        self.auth = {iid: {"Authorization": f"Bearer {key}"} for iid, key in keys.items()}
+
+    @classmethod
+    async def of(cls, bus: Bus, recs: list[proto.InstanceRecord]) -> Replicas:
+        """With the keys the placer issued (read as the operator: hosts cannot)."""
+        keys = {}
+        for r in recs:
+            placed = await instance_key.read(bus, r.host or "", r.instance_id)
+            assert placed is not None, f"no key issued for {r.instance_id}"
+            keys[r.instance_id] = placed.key
+        return cls(recs, keys)
 
     async def counters(self, c: httpx.AsyncClient) -> dict[str, dict[str, float]]:
         out = {}
@@ -116,7 +119,7 @@ async def two_replicas(tmp_path, nats_url, llama_server_bin, tiny_gguf, bus):
                 await asyncio.sleep(0.25)
             assert len(ready) == 2, f"replicas.min 2 gave {len(ready)} ready:\n{s.logs()[-3000:]}"
             await asyncio.sleep(1.0)  # the gateway's view follows the bucket (a watch)
-        yield s, Replicas(s, ready)
+        yield s, await Replicas.of(bus, ready)
     finally:
         s.stop()
 

@@ -75,17 +75,26 @@ def ready(i: int) -> proto.InstanceRecord:
     )
 
 
+def vouch(r: Router, rec: proto.InstanceRecord) -> None:
+    """The placer's instance key for `rec`: the gateway routes only to what one vouches for."""
+    key = proto.InstanceKey(
+        instance_id=rec.instance_id, host=rec.host or "", model=rec.model, key="k" * 43, issued=0
+    )
+    r.on_key(proto.instance_key(key.host, key.instance_id), key, 0)
+
+
 async def test_a_replica_that_becomes_ready_takes_waiters_at_once(tmp_path):
     cfg = parse(
         {
             "models": {"m": {"url": "file:///m.gguf", "args": ["-np", "2"]}},
-            "cluster": {"secret_file": str(tmp_path / "secret")},
+            "gateway": {"overlap": False},  # the plain slot count, to read the limits
         }
     )
     r = Router(None, cfg, "g1")  # type: ignore[arg-type]
     up = Upstream(cfg, r, Metrics())
-    r.on_change = up.instance_changed
+    r.on_reindex = up.ready_changed
     r.on_host(proto.kv_key("h1"), host(), 1)
+    vouch(r, ready(0))
     r.on_instance("m-0", ready(0), 2)
     gate = up.gate("m")
     assert gate.limit == 2  # -np 2, one instance (max_in_flight 32 by default)
@@ -94,9 +103,8 @@ async def test_a_replica_that_becomes_ready_takes_waiters_at_once(tmp_path):
     waiting = [asyncio.create_task(gate.enter("a", t)) for t in range(3)]
     await asyncio.sleep(0)
     assert gate.queued == 3
-    r.on_instance("m-1", ready(1), 3)  # a replica: the grant follows in the next loop turn
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    vouch(r, ready(1))
+    r.on_instance("m-1", ready(1), 3)  # a replica: its slots are granted as it is indexed
     assert gate.limit == 4 and gate.in_flight == 4 and gate.queued == 1
     cfg.gateway.max_in_flight = 5  # a reload raises... and lowers nothing that runs
     up.reload(cfg)

@@ -23,7 +23,7 @@ def start(tmp_path, nats_url, tiny_gguf, replicas: dict) -> Stack:  # noqa: ANN0
             "url": f"file://{tiny_gguf(40)}",
             "memory_mib": 1200,
             "ctx_size": 1024,
-            "args": ["-t", "1"],  # -np 1 (the default): a second request waits at the gateway
+            "args": ["-t", "1", "-np", "1"],  # one slot: a third request waits at the gateway
             "replicas": replicas,
         }
     }

@@ -153,3 +153,17 @@ def test_docker_mounts_the_slot_folder_read_write_and_runs_as_the_agents_user(
     rt.launch(LaunchSpec(**spec))  # type: ignore[arg-type]
     assert "user" not in client.containers.runs[-1]
     assert "--slot-save-path" not in client.containers.runs[-1]["command"]
+
+
+def test_only_slots_with_a_prompt_worth_a_file_are_saved() -> None:
+    from services.agent.slot_cache import MIN_TOKENS, worth_saving
+
+    slots = [
+        {"id": 0, "n_ctx": 512, "is_processing": False},  # never used
+        {"id": 1, "n_prompt_tokens": MIN_TOKENS - 1},  # a short prompt: cheaper to recompute
+        {"id": 2, "n_prompt_tokens": MIN_TOKENS},
+        {"id": 3, "n_prompt_tokens": 5000},
+    ]
+    assert worth_saving(slots) == [2, 3]
+    assert worth_saving({"error": "no"}) is None  # not understood: every slot is tried
+    assert worth_saving([{"n_prompt_tokens": 900}]) is None

@@ -15,6 +15,7 @@ from services.placer.turns import (
     group_conflicts,
     may_yield,
     merged_queues,
+    reclaimed,
     waiting_order,
 )
 
@@ -47,24 +48,112 @@ def test_the_model_whose_oldest_request_waited_longest_goes_first() -> None:
 # ---------------------------------------------------------------- who yields
 
 
-def test_a_model_in_its_first_turn_or_kept_loaded_never_yields() -> None:
+def yielders(instances, queues, *, rival_since=NOW - 1, activity=None, **kw):  # type: ignore[no-untyped-def]
+    """may_yield with the defaults of these tests: min_turn 5 s, max_turn 30 s, and every
+    instance busy since it became ready unless `activity` says otherwise."""
+    if activity is None:
+        activity = {
+            i.instance_id: InstanceActivity(2, NOW, busy_since=i.ready_at) for i in instances
+        }
+    return may_yield(
+        instances,
+        activity,
+        queues,
+        for_model=kw.pop("for_model", "new"),
+        now=NOW,
+        min_turn_s=5,
+        max_turn_s=30,
+        rival_since=rival_since,
+        keep_loaded=kw.pop("keep_loaded", frozenset()),
+    )
+
+
+def test_a_model_with_nothing_queued_yields_at_once_even_in_its_first_turn() -> None:
     instances = [
-        inst("fresh", "h", [0], 1, ready_at=NOW - 2),
+        inst("fresh", "h", [0], 1, ready_at=NOW - 0.5),
         inst("kept", "h", [0], 1, ready_at=NOW - 100, model="pinned"),
-        inst("old", "h", [0], 1, ready_at=NOW - 100),
         inst("self", "h", [0], 1, ready_at=NOW - 100, model="new"),
         inst("starting", "h", [0], 1, state=S.STARTING),
     ]
+    # Its running requests finish in the drain: yielding idles no GPU.
+    assert yielders(instances, {}, keep_loaded=frozenset({"pinned"})) == {"fresh": 0.0}
+
+
+def test_a_model_with_requests_queued_keeps_its_turn_for_min_turn() -> None:
+    young = inst("young", "h", [0], 1, ready_at=NOW - 2, model="m")
+    # Its waiters came before its turn: they are what the turn is for.
+    assert yielders([young], {"m": Waiting(40, NOW - 10)}, rival_since=NOW - 60) == {}
+
+
+def test_a_model_keeps_its_turn_until_those_who_waited_for_it_are_admitted() -> None:
+    turn = inst("turn", "h", [0], 1, ready_at=NOW - 8, model="m")
+    backlog = {"m": Waiting(40, NOW - 10)}  # queued before the turn began at NOW - 8
+    assert yielders([turn], backlog, rival_since=NOW - 60) == {}
+    # Once they are served, newer waiters go first come, first served against the rival:
+    newer = {"m": Waiting(5, NOW - 3)}
+    assert yielders([turn], newer, rival_since=NOW - 4) == {"turn": 0.0}
+    assert yielders([turn], newer, rival_since=NOW - 2) == {}  # its own waited longer
+
+
+def test_a_burst_that_finds_a_model_loaded_begins_its_turn() -> None:
+    # Loaded long ago and idle since; a burst began 2 s ago: min_turn counts from the burst.
+    loaded = inst("loaded", "h", [0], 1, ready_at=NOW - 600, model="m")
+    burst = {"loaded": InstanceActivity(8, NOW, busy_since=NOW - 2)}
+    queued = {"m": Waiting(42, NOW - 2)}
+    assert yielders([loaded], queued, activity=burst, rival_since=NOW - 2) == {}
+    # Its requests about to be sent (none in flight yet): the turn begins with the oldest.
+    about = {"loaded": InstanceActivity(0, NOW - 600)}
+    assert yielders([loaded], queued, activity=about, rival_since=NOW - 9) == {}
+
+
+def test_a_burst_just_beginning_is_not_taken_for_an_empty_queue() -> None:
+    # 8 requests sent 0.1 s ago, the gateway's next report (with its queue) not in yet.
+    loaded = inst("loaded", "h", [0], 1, ready_at=NOW - 600, model="m")
+    starting = {"loaded": InstanceActivity(8, NOW, busy_since=NOW - 0.1)}
+    assert yielders([loaded], {}, activity=starting) == {}
+    settled = {"loaded": InstanceActivity(8, NOW, busy_since=NOW - 0.6)}
+    assert yielders([loaded], {}, activity=settled) == {"loaded": 0.0}
+
+
+def test_an_instance_not_yet_reported_on_by_every_gateway_is_not_asked_to_yield() -> None:
+    back = inst("back", "h", [0], 1, ready_at=NOW - 600, model="m")
+    assert yielders([back], {}) == {"back": 0.0}
     ranks = may_yield(
-        instances,
+        [back],
         {},
         {},
         for_model="new",
         now=NOW,
         min_turn_s=5,
-        keep_loaded=frozenset({"pinned"}),
+        keep_loaded=frozenset(),
+        unsettled=frozenset({"back"}),
     )
-    assert ranks == {"old": 0.0}
+    assert ranks == {}
+
+
+def test_a_drain_is_reclaimed_by_a_burst_as_old_as_the_waiting_models_wait() -> None:
+    draining = inst("d", "h", [0], 1, state=S.DRAINING, model="m")
+    draining = msgspec.structs.replace(draining, drain_for="w", drain_since=NOW - 0.05)
+    # Asked to yield as it sat idle; its own burst came with the rival's: it serves it first.
+    assert reclaimed(draining, Waiting(42, NOW - 0.04), rival_since=NOW - 0.1)
+    # Requests that came well after the rival's: first come, first served.
+    assert not reclaimed(draining, Waiting(3, NOW - 0.04), rival_since=NOW - 9)
+    # Requests that waited before the drain began (a turn over by max_turn): no reclaiming.
+    assert not reclaimed(draining, Waiting(90, NOW - 40), rival_since=NOW - 45)
+    assert not reclaimed(draining, None, rival_since=NOW - 0.1)
+
+
+def test_max_turn_caps_a_turn_whatever_is_queued() -> None:
+    long = inst("long", "h", [0], 1, ready_at=NOW - 31, model="m")
+    assert yielders([long], {"m": Waiting(400, NOW - 40)}, rival_since=NOW - 1) == {"long": 0.0}
+
+
+def test_a_kept_model_and_the_waiting_models_own_copies_never_yield() -> None:
+    instances = [
+        inst("kept", "h", [0], 1, ready_at=NOW - 100, model="pinned"),
+        inst("self", "h", [0], 1, ready_at=NOW - 100, model="new"),
+    ]
+    assert yielders(instances, {}, keep_loaded=frozenset({"pinned"})) == {}
 
 
 def test_fewest_waiting_then_longest_turn_yield_first_and_keep_alive_last() -> None:
@@ -74,7 +163,8 @@ def test_fewest_waiting_then_longest_turn_yield_first_and_keep_alive_last() -> N
         inst("short-turn", "h", [0], 1, ready_at=NOW - 20, model="s"),
         inst("pinned", "h", [0], 1, ready_at=NOW - 99, model="p"),
     ]
-    activity = {"pinned": InstanceActivity(1, NOW, keep_alive=-1)}
+    activity = {i.instance_id: InstanceActivity(1, NOW) for i in instances}
+    activity["pinned"] = InstanceActivity(1, NOW, keep_alive=-1)
     queues = {"q": Waiting(7, NOW - 3)}
     ranks = may_yield(
         instances,

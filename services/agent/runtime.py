@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from lls import chat_templates
+
 LOG_TAIL_LINES = 30
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -40,6 +42,13 @@ class LaunchSpec:
     http_threads: int = 0  # --threads-http; 0 = llama-server's default
     slot_dir: str = ""  # host folder for slot saves (warm swaps); empty = slot saving off
     slot_key: str = ""  # slot_cache.cache_key of this launch, kept for a later agent to adopt
+    # Computes on the CPU whatever -ngl says: simulated GPUs, or a binary without a GPU
+    # backend. Its threads are then set as for a CPU-only instance (cpu_threads).
+    cpu_compute: bool = False
+    # The model's chat template (lls/chat_templates.py): a built-in name, or a Jinja file the
+    # agent wrote, relative to the store like `filename`; both empty = the GGUF's own.
+    chat_template: str = ""
+    chat_template_file: str = ""
 
 
 @dataclass
@@ -52,6 +61,9 @@ class Handle:
     pid: int | None = None  # process pid, or the container's main pid
     container_id: str | None = None
     slot_key: str = ""  # of its launch (warm swaps); "" = none known
+    # its LLAMA_API_KEY: kept from the launch, or read back from the server's environment
+    # when adopted (never stored elsewhere); "" = not known
+    api_key: str = ""
 
 
 class Runtime(Protocol):
@@ -128,6 +140,9 @@ def build_argv(
     cpu_count: int = 0,
     http_threads: int = 0,
     slot_save_path: str = "",
+    cpu_compute: bool = False,
+    chat_template: str = "",
+    chat_template_file: str = "",
 ) -> list[str]:
     """llama-server arguments (without the program). -c and -ngl are always explicit so the
     memory placement reserved is what gets used; the model's own args come last so they win."""
@@ -136,9 +151,7 @@ def build_argv(
     argv += ["-c", str(ctx_size), "-ngl", str(n_gpu_layers)]
     if fit_off:  # --fit would silently shrink unset settings to whatever memory is free
         argv += ["--fit", "off"]
-    if not has_flag(args, _PARALLEL_FLAGS):
-        argv += ["-np", "1"]  # the default (4 slots sharing -c) would quarter the context
-    if n_gpu_layers == 0 and cpu_count and not has_flag(args, _THREAD_FLAGS):
+    if (n_gpu_layers == 0 or cpu_compute) and cpu_count and not has_flag(args, _THREAD_FLAGS):
         argv += ["-t", str(cpu_threads(cpu_count))]
     if http_threads and not has_flag(args, _HTTP_THREAD_FLAGS):
         # One HTTP thread per connection: llama-server's default (slots + 4) is fewer than
@@ -153,6 +166,9 @@ def build_argv(
     if slot_save_path and not has_flag(args, _SLOT_SAVE_FLAGS):
         # enables POST /slots/{id}?action=save|restore, confined to this folder (warm swaps)
         argv += ["--slot-save-path", slot_save_path]
+    # a built-in name or a Jinja file (as the server sees its path); the config keeps the
+    # model's args from choosing a template too (chat_templates.check)
+    argv += chat_templates.argv(chat_template, chat_template_file)
     argv += ["--metrics"]
     return argv + args
 

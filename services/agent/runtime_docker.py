@@ -59,6 +59,13 @@ def container_name(host_id: str, instance_id: str, cluster_id: str = "") -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"lls-{scope}{host_id}-{instance_id}")
 
 
+def container_env(c) -> dict[str, str]:  # noqa: ANN001 - docker Container
+    """A container's environment as its config says (an adopted server's API key is read back
+    from here, so it is never written anywhere else)."""
+    env = (c.attrs.get("Config") or {}).get("Env") or []
+    return dict(e.split("=", 1) for e in env if isinstance(e, str) and "=" in e)
+
+
 def hardening() -> dict[str, object]:
     """containers.run() options that take from llama-server what it does not need."""
     return {
@@ -170,7 +177,13 @@ class DockerRuntime:
             fit_off=knows_fit(self.image),
             cpu_count=os.cpu_count() or 1,
             http_threads=spec.http_threads,
+            cpu_compute=spec.cpu_compute,
             slot_save_path=SLOTS_DIR if spec.slot_dir else "",
+            chat_template=spec.chat_template,
+            # written into the store, which is mounted read-only at MODELS_DIR
+            chat_template_file=f"{MODELS_DIR}/{spec.chat_template_file}"
+            if spec.chat_template_file
+            else "",
         )
         devices = None
         if spec.gpu_uuids:  # real GPUs only: simulated ones have nothing to pass through
@@ -202,6 +215,7 @@ class DockerRuntime:
             pid=pid,
             container_id=c.id,
             slot_key=spec.slot_key,
+            api_key=spec.api_key,
         )
 
     def _container(self, h: Handle):  # noqa: ANN202
@@ -273,6 +287,7 @@ class DockerRuntime:
                     pid=c.attrs.get("State", {}).get("Pid") or None,
                     container_id=c.id,
                     slot_key=lb.get("lls.slot_key", ""),
+                    api_key=container_env(c).get("LLAMA_API_KEY", ""),
                 )
             except (KeyError, ValueError):
                 log.warning("container %s has broken lls labels; removing it", c.short_id)

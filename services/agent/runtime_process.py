@@ -45,6 +45,17 @@ def proc_status(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment (readable for our own user's processes); {} when unreadable.
+    An adopted server's API key is read back from here, so it is never written to disk."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
 def alive(pid: int, start_ticks: int | None) -> bool:
     st = proc_status(pid)
     return st is not None and st[0] not in "ZX" and (start_ticks is None or st[1] == start_ticks)
@@ -93,6 +104,13 @@ class ProcessRuntime:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._ticks: dict[str, int | None] = {}
 
+    def has_binary(self) -> bool:
+        return self.binary is not None and os.access(self.binary, os.X_OK)
+
+    def use(self, binary: Path, backend: str) -> None:
+        """Run `binary` from now on: the build `make run` started has finished."""
+        self.binary, self.program, self.backend = binary, str(binary), backend
+
     def _state_file(self, instance_id: str) -> Path:
         if not proto.INSTANCE_ID_RE.fullmatch(instance_id):  # never a path
             raise LaunchError(f"bad instance id {instance_id!r}")
@@ -121,7 +139,12 @@ class ProcessRuntime:
             fit_off=supports_fit(str(binary), binary.stat().st_mtime_ns),
             cpu_count=os.cpu_count() or 1,
             http_threads=spec.http_threads,
+            cpu_compute=spec.cpu_compute,
             slot_save_path=spec.slot_dir,
+            chat_template=spec.chat_template,
+            chat_template_file=str(self.store / spec.chat_template_file)
+            if spec.chat_template_file
+            else "",
         )
         log_file = self._log_file(spec.instance_id)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -157,7 +180,14 @@ class ProcessRuntime:
         self._children[spec.instance_id] = proc
         self._ticks[spec.instance_id] = ticks
         log.info("launched %s (pid %d): %s", spec.instance_id, proc.pid, " ".join(argv))
-        return Handle(spec.instance_id, spec.model, spec.port, pid=proc.pid, slot_key=spec.slot_key)
+        return Handle(
+            spec.instance_id,
+            spec.model,
+            spec.port,
+            pid=proc.pid,
+            slot_key=spec.slot_key,
+            api_key=spec.api_key,
+        )
 
     def exit_code(self, h: Handle) -> int | None:
         proc = self._children.get(h.instance_id)
@@ -239,6 +269,7 @@ class ProcessRuntime:
             h = Handle(iid, model, port, pid=pid, slot_key=str(st.get("slot_key") or ""))
             if alive(pid, ticks):
                 self._ticks[iid] = ticks
+                h.api_key = environ(pid).get("LLAMA_API_KEY", "")
                 found.append(h)
             else:
                 self.release(h)  # it died while no agent watched; the agent marks it failed

@@ -10,7 +10,8 @@ Defence in depth: whoever can publish on the command subject cannot make this ho
 anything its config does not say. A start names a configured model and a placement only;
 the argv comes from the model's config, the file must be that model's file in the store, the
 instance id must have the project's format. Anything else is refused with a CommandRefused
-event and nothing runs. Every server requires its per-instance API key (lls.instance_key).
+event and nothing runs. Every server requires the API key the placer issued for it, which
+comes with its start command alone (lls.instance_key); a start without one is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +34,12 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
-from lls import instance_key
+from lls import build_status, chat_templates, instance_key
 from lls.aio import wait_event
 from lls.bus import consume, kv_snapshot
 from lls.config import (
     AgentConfig,
     Config,
-    expand,
     launch_fingerprint,
     slots_of,
     store_filename_of,
@@ -80,6 +81,10 @@ LOG_PENDING_MAX = 32  # log tail requests waiting for an answer; more are droppe
 SLOT_SAVE_S = 10.0
 SLOT_SAVE_SHUTDOWN_S = 3.0  # the agent's own shutdown waits STOP_GRACE_S + 5 s in all
 SLOT_RESTORE_S = 10.0
+# A start that arrives while `make run` still builds llama-server waits for the build (a few
+# minutes on 2 cores), looking at its status file this often.
+BUILD_WAIT_S = 3600.0
+BUILD_POLL_S = 1.0
 
 
 def http_threads(max_in_flight: int) -> int:
@@ -117,6 +122,10 @@ class Instance:
     task: asyncio.Task[None] | None = None
     # slot_cache.cache_key of how it was launched; "" = no warm swap (cache off, adopted)
     slot_key: str = ""
+    slots: int = 0  # its server's slots (requests at once), read when it became ready
+    # Its llama-server's API key: from the start command, or (adopted) from the server's own
+    # environment; "" = not known (no slot saves or /props for it, requests still work)
+    api_key: str = ""
 
     def request_stop(self, reason: str, quiet: bool = False) -> None:
         if self.stop_reason is None:
@@ -163,8 +172,9 @@ def choose_runtime(
 
 
 def refusal(cmd: StartInstance, cfg: Config) -> str | None:
-    """Why this agent must not run `cmd`, or None: it names a configured model and that
-    model's store file, with an instance id of the project's format and a sane placement."""
+    """Why this agent must not run `cmd`, or None: it names a configured model, that model's
+    store file and chat template, with an instance id of the project's format and a sane
+    placement."""
     if not proto.INSTANCE_ID_RE.fullmatch(cmd.instance_id):
         return f"instance id {cmd.instance_id!r} does not have the project's id format"
     mcfg = cfg.models.get(cmd.model)
@@ -179,6 +189,15 @@ def refusal(cmd: StartInstance, cfg: Config) -> str | None:
         )
     if cmd.n_gpu_layers < 0 or cmd.memory_mib < 0 or any(g < 0 for g in cmd.gpus):
         return "negative GPU layers, memory or GPU index"
+    if cmd.chat_template != mcfg.chat_template:  # what runs is this config's, as argv is
+        return (
+            f"the chat template in the command is not model {cmd.model}'s in this agent's "
+            "config; if it just changed, reload every service's config"
+        )
+    if not instance_key.KEY_RE.fullmatch(cmd.api_key):
+        # never a server anyone may call: the key is what keeps other hosts out of it
+        why = "carries no API key" if not cmd.api_key else "carries a malformed API key"
+        return f"the start {why} (a placer older than per-instance keys? upgrade it)"
     return None
 
 
@@ -200,13 +219,11 @@ class Agent:
         runtime: Runtime,
         telemetry: Telemetry,
         store: Store,
-        secret: bytes,  # the cluster secret instance keys derive from (lls.instance_key)
     ):
         self.ctx = ctx
         self.bus = ctx.bus
         self.cfg = ctx.cfg.agent
         self.host = ctx.host_id
-        self.secret = secret
         self.bind = bind_host(self.cfg.advertise_host, self.cfg.bind_host)
         self.runtime = runtime
         self.telemetry = telemetry
@@ -235,6 +252,7 @@ class Agent:
         self.slot_dir = slot_cache.cache_dir(self.cfg.slot_cache_dir, store.root, self.host)
         self._shutting_down = False
         self.fence = Fence()  # the highest placer epoch seen: older commands are refused
+        self._template_warned: set[str] = set()  # store files warned of (no chat template)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -304,6 +322,19 @@ class Agent:
                 await self._heartbeat()
         await self._close()
 
+    def _warn_templates(self, files: list[proto.FileInfo]) -> None:
+        """Once per store file, where its header was read: a configured model whose GGUF
+        has no chat template, and none is configured (llama-server would use ChatML)."""
+        models = self.ctx.cfg.models
+        for f in files:
+            m = models.get(f.model)
+            has = f.gguf.has_chat_template if f.gguf is not None else None
+            if m is None or not chat_templates.missing(m.chat_template, has):
+                continue
+            if f.filename not in self._template_warned:
+                self._template_warned.add(f.filename)
+                log.warning("%s", chat_templates.warning(f.model))
+
     async def _close(self) -> None:
         if self._logs_sub is not None:
             with contextlib.suppress(Exception):
@@ -341,6 +372,7 @@ class Agent:
             msgspec.structs.replace(f, model=owners[f.filename]) if f.filename in owners else f
             for f in files
         ]
+        self._warn_templates(files)
         total, free = host_memory()
         rec = proto.HostRecord(
             host_id=self.host,
@@ -357,6 +389,7 @@ class Agent:
             advertise_host=self.cfg.advertise_host,
             port_range=self.cfg.port_range,
             measured=measured,
+            build=await self._call(self._build),
         )
         async with asyncio.timeout(5):
             await self.bus.put(self.bus.hosts, self.host, rec)
@@ -394,6 +427,7 @@ class Agent:
                 await self._mark_ready(inst, "ready (recorded again after the bus was away)")
 
     async def _mark_ready(self, inst: Instance, reason: str) -> None:
+        slots = await self._n_slots(inst)  # what the gateways admit to it at once
         await self._set(
             inst,
             InstanceState.READY,
@@ -401,6 +435,7 @@ class Agent:
             ready_at=proto.now(),
             reason=reason,
             log_tail="",
+            slots=slots,
         )
 
     # ------------------------------------------------------------ log tails
@@ -409,7 +444,7 @@ class Agent:
         """Answer LogTailRequests on this host's subject (core NATS: nats-py subscribes again
         after a reconnect). Requests are answered one at a time, and few wait: a flood
         overflows the pending bound and is dropped, not queued."""
-        self._logs_sub = await self.bus.nc.subscribe(
+        self._logs_sub = await self.bus.subscribe(
             proto.logs(self.host), cb=self._answer_log, pending_msgs_limit=LOG_PENDING_MAX
         )
 
@@ -507,6 +542,7 @@ class Agent:
             log.info("start %s: already running here", cmd.instance_id)
             return
         inst = Instance(cmd.instance_id, cmd.model, tuple(cmd.gpus), cmd.memory_mib, cmd=cmd)
+        inst.api_key = cmd.api_key  # refusal() checked its form
         self._spawn(inst)
         await wait_event(inst.launched, LAUNCH_ACK_S)
 
@@ -621,6 +657,24 @@ class Agent:
         except ValueError as e:
             await self._set(inst, InstanceState.FAILED, reason=str(e))
             return False
+        builtin, template_file = "", ""
+        if chat_templates.kind(cmd.chat_template) == "builtin":
+            builtin = cmd.chat_template
+        elif cmd.chat_template:  # Jinja text: into a file this agent names, in its store
+            try:
+                template_file = await self._call(
+                    chat_templates.write_template, self.store.root, cmd.chat_template
+                )
+            except OSError as e:
+                why = f"cannot write the chat template into the store: {e}"
+                await self._set(inst, InstanceState.FAILED, reason=why)
+                return False
+        why = await self._await_build(inst)
+        if inst.stop_reason is not None:
+            return True
+        if why is not None:
+            await self._set(inst, InstanceState.FAILED, reason=why, endpoint=None)
+            return False
         await self._set(
             inst,
             InstanceState.STARTING,
@@ -655,10 +709,13 @@ class Agent:
                     embeddings=mcfg.embeddings,
                     args=tuple(mcfg.args),
                     memory_mib=cmd.memory_mib,
-                    api_key=instance_key.instance_key(self.secret, inst.instance_id),
+                    api_key=inst.api_key,
                     http_threads=http_threads(self.ctx.cfg.gateway.max_in_flight),
                     slot_dir=slot_dir,
                     slot_key=inst.slot_key,
+                    cpu_compute=self._cpu_compute(cmd.n_gpu_layers),
+                    chat_template=builtin,
+                    chat_template_file=template_file,
                 )
                 inst.handle = await self._call(self.runtime.launch, spec)
             except LaunchError as e:
@@ -676,6 +733,57 @@ class Agent:
                     continue
             return await self._settle(inst, outcome, "")
         return False  # not reached: the last attempt always settles
+
+    def _has_binary(self) -> bool:
+        """Whether the runtime has its llama-server. A process runtime that started before
+        `make run`'s build finished takes the built binary once it is there (lls.paths)."""
+        rt = self.runtime
+        if not isinstance(rt, ProcessRuntime) or rt.has_binary():
+            return True
+        chosen = choose_llama_server(self.cfg.llama_server, gpus=self.telemetry.has_nvidia)
+        if chosen is None or not os.access(chosen.path, os.X_OK):
+            return False
+        rt.use(chosen.path, chosen.backend)
+        self.cpu_only = self.telemetry.has_nvidia and chosen.backend.endswith(CPU)
+        log.info("llama-server is there now: %s (%s)", chosen.path, chosen.backend)
+        return True
+
+    def _build(self) -> proto.BuildProgress | None:
+        """The llama-server build this host waits for, if its binary is not there yet."""
+        return None if self._has_binary() else build_status.current()
+
+    async def _await_build(self, inst: Instance) -> str | None:
+        """Hold a start while this host's llama-server is being built, its record saying how
+        far the build is (the gateway passes that on to the requests waiting for it). None
+        to go on: the binary is there, a stop was requested, or no build runs (the launch
+        then says what is missing); else why the start failed (a failed build names its log).
+        """
+        deadline = time.monotonic() + BUILD_WAIT_S
+        said = ""
+        while (build := await self._call(self._build)) is not None:
+            if build.stage in (build_status.FAILED, build_status.STOPPED):
+                return build.message
+            if time.monotonic() >= deadline:
+                return (
+                    f"the llama-server build did not finish in {BUILD_WAIT_S:g} s; see {build.log}"
+                )
+            if build.message != said:  # a few writes a minute: one per percent at most
+                said = build.message
+                await self._set(inst, InstanceState.STARTING, reason=build.message, endpoint=None)
+            if await self._pause(inst, BUILD_POLL_S):
+                return None
+        return None
+
+    def _cpu_compute(self, n_gpu_layers: int) -> bool:
+        """Whether an instance computes on the CPU: no layers offloaded, simulated GPUs (no
+        GPU to offload to), or a binary built without a GPU backend. Left to its default
+        thread count (every core) there, two busy instances spin against each other at
+        llama.cpp's barriers: 190 ms a token instead of 0.1 ms in a swap storm."""
+        return (
+            n_gpu_layers == 0
+            or self.telemetry.simulated is not None
+            or self.runtime.backend.rsplit("/", 1)[-1] == "cpu"
+        )
 
     async def _readopt(self, inst: Instance) -> bool:
         deadline = time.monotonic() + self.cfg.start_timeout
@@ -793,7 +901,9 @@ class Agent:
         if h is None:
             raise SlotError(0, "the instance has no server")
         url = f"http://{local_url_host(self.bind)}:{h.port}{path}"
-        key = instance_key.instance_key(self.secret, inst.instance_id)
+        key = inst.api_key
+        if not key:
+            raise SlotError(0, "its API key is not known (adopted from a server without one)")
         r = await self._http.request(
             method,
             url,
@@ -810,13 +920,21 @@ class Agent:
         return r.json()
 
     async def _n_slots(self, inst: Instance) -> int:
-        """How many slots the server has (GET /slots), else what the model's -np says."""
-        try:
-            slots = await self._slot_call(inst, "GET", "/slots", 2.0)
-            if isinstance(slots, list) and slots:
-                return min(len(slots), slot_cache.MAX_SLOTS)
-        except (httpx.HTTPError, SlotError, ValueError) as e:
-            log.info("%s: GET /slots: %s", inst.instance_id, e)
+        """How many slots the server has: known once it was ready, else its own word (GET
+        /props: total_slots; GET /slots where /props does not say), else what the model's
+        -np says (llama-server's own default when it has none)."""
+        if inst.slots:
+            return inst.slots
+        for path in ("/props", "/slots"):
+            try:
+                ans = await self._slot_call(inst, "GET", path, 2.0)
+            except (httpx.HTTPError, SlotError, ValueError) as e:
+                log.info("%s: GET %s: %s", inst.instance_id, path, e)
+                continue
+            n = ans.get("total_slots") if isinstance(ans, dict) else len(ans)
+            if isinstance(n, int) and n > 0:
+                inst.slots = min(n, slot_cache.MAX_SLOTS)
+                return inst.slots
         mcfg = self.ctx.cfg.models.get(inst.model)
         return slots_of(mcfg) if mcfg is not None else 1
 
@@ -830,7 +948,7 @@ class Agent:
         errors: list[str] = []
         try:
             async with asyncio.timeout(budget_s):
-                for slot in range(await self._n_slots(inst)):
+                for slot in await self._slots_to_save(inst):
                     temp = slot_cache.temp_file(inst.instance_id, slot)
                     left = budget_s - (time.monotonic() - t0)
                     try:
@@ -872,6 +990,15 @@ class Agent:
             reason,
         )
         return self._slot_event(inst, stage, saved, tokens, nbytes, took, reason)
+
+    async def _slots_to_save(self, inst: Instance) -> list[int]:
+        """The slots worth a file (slot_cache.worth_saving), else every slot it has."""
+        try:
+            ids = slot_cache.worth_saving(await self._slot_call(inst, "GET", "/slots", 2.0))
+        except (httpx.HTTPError, SlotError, ValueError) as e:
+            log.info("%s: GET /slots: %s", inst.instance_id, e)
+            ids = None
+        return ids if ids is not None else list(range(await self._n_slots(inst)))
 
     def _after_save(self, instance_id: str) -> None:
         """Once the server is gone: its unfinished temporary files, then the size bound."""
@@ -990,6 +1117,9 @@ class Agent:
                 h.instance_id, rec.model, tuple(rec.gpus), rec.memory_mib, handle=h, port=h.port
             )
             inst.state = rec.state
+            inst.api_key = h.api_key  # from its server's environment (the runtime read it)
+            if not h.api_key:
+                log.warning("%s: its API key cannot be read back; no slot saves", h.instance_id)
             if self.cfg.slot_cache_mib and slot_cache.is_key(h.slot_key):
                 inst.slot_key = h.slot_key  # launched with saving on: it saves when it stops
             inst.launched.set()
@@ -1113,10 +1243,6 @@ async def create_agent(ctx: ServiceContext) -> Agent:
             f"host id {ctx.host_id!r} (--host-id or agent.host_id): 1 to 64 letters, digits, "
             "'-' and '_' only"
         )
-    try:
-        secret = instance_key.load_or_create(expand(ctx.cfg.cluster.secret_file))
-    except instance_key.SecretError as e:
-        raise StartupError(str(e)) from None
     store = ctx.cfg.store_dir().absolute()  # docker bind mounts need absolute paths
     store.mkdir(parents=True, exist_ok=True)
     cluster = ctx.cfg.cluster_id()
@@ -1131,7 +1257,7 @@ async def create_agent(ctx: ServiceContext) -> Agent:
         " (simulated)" if telemetry.simulated is not None else "",
         store,
     )
-    return Agent(ctx, runtime, telemetry, Store(store), secret)
+    return Agent(ctx, runtime, telemetry, Store(store))
 
 
 async def run(ctx: ServiceContext) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -488,9 +489,15 @@ def _disk_error(e: OSError, part: Path) -> Exception:
 
 
 async def copy_file(
-    src: Path, part: Path, progress: Progress, margin: int = DISK_MARGIN
+    src: Path,
+    part: Path,
+    progress: Progress,
+    margin: int = DISK_MARGIN,
+    opened: Callable[[Path], None] | None = None,
 ) -> tuple[int, str]:
-    """Copy `src` into `part` block by block (progress, no event-loop stall); returns size, sha256."""
+    """Copy `src` into `part` block by block (progress, no event-loop stall); returns size, sha256.
+    `opened` is called with the real path of the file actually opened, before a byte is read
+    (it raises to refuse it): a check of the name before the open could be raced by a link."""
     try:
         fi = await asyncio.to_thread(open, src, "rb")
     except FileNotFoundError:
@@ -498,6 +505,8 @@ async def copy_file(
     except OSError as e:
         raise FetchError(f"cannot read {src}: {e.strerror or e}") from None
     with fi:
+        if opened is not None:
+            opened(opened_path(fi.fileno(), src))
         size = os.fstat(fi.fileno()).st_size
         part.parent.mkdir(parents=True, exist_ok=True)
         check_disk(part.parent, size, margin)
@@ -519,6 +528,14 @@ async def copy_file(
         except OSError as e:
             raise _disk_error(e, part) from e
     return progress.done, h.hexdigest()
+
+
+def opened_path(fd: int, name: Path) -> Path:
+    """The real path of an open file (Linux: /proc/self/fd), else `name` resolved now."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path(os.path.realpath(name))
 
 
 def sha256_file(path: Path) -> str:

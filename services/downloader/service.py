@@ -9,11 +9,16 @@ One durable pull consumer per host on the command stream. Each command runs in i
 while it runs, and is acked once its outcome is on the bus: failures are events, not endless
 redeliveries. Commands for a file already being fetched join that download.
 
-A command cannot make it read any local file: file:// URLs must lie under
-downloader.file_roots (default: the folders of the config's own file:// models), never
-/proc, /dev or /sys. Unfinished downloads nobody will resume are swept at start and before
-each new download, and a download that would leave less than downloader.min_free_mib free
-on the store's disk is refused.
+It trusts no command (admit.py): a command whose url, sha256 or file name is not what its
+own config gives the model is refused (a command.refused event, acked, nothing fetched), after
+waiting up to RELOAD_GRACE_S for a config reload that may be under way. A file:// source
+must resolve (symlinks and `..` followed) to a path under downloader.file_roots (default: the
+folders of the config's own file:// models), never /proc, /dev or /sys; the file actually
+opened is checked again. A store file that does not match its sha256 is replaced only if this
+downloader wrote it for that model (store.py's write records), else reported and left alone.
+Unfinished downloads nobody will resume are swept at start and before each new download, and
+a download that would leave less than downloader.min_free_mib free on the store's disk is
+refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +38,18 @@ from nats.aio.msg import Msg
 
 import proto
 from lls.bus import Bus, consume
-from lls.config import Config, expand, legacy_store_filename, store_filename_of
+from lls.config import Config, ModelConfig, expand, legacy_store_filename, store_filename_of
 from lls.fence import Fence
 from lls.service import ServiceContext
+from services.downloader import admit
+from services.downloader.admit import Command
 from services.downloader.fetch import FetchError, Options, Progress
 from services.downloader.peek import peek
 from services.downloader.sources import (
     Source,
     SourceError,
     check_file_url,
+    check_real_path,
     file_roots,
     resolve,
     split_names,
@@ -53,6 +62,9 @@ PROGRESS_EVERY_S = 0.5  # at most 2 progress events per second per command
 RATE_WINDOW_S = 5.0
 KEEPALIVE_S = 10.0  # well inside the consumer's 30 s ack_wait
 INSPECT_TIMEOUT_S = 20.0  # reading one header; inside the consumer's 30 s ack_wait
+# A command that disagrees with the config waits this long for a reload before it is refused:
+# `lls reload` signals every service at once, and the placer may send the new url first.
+RELOAD_GRACE_S = 2.0
 
 
 @dataclass
@@ -112,8 +124,10 @@ class Downloader:
             for model, m in cfg.models.items()
             for name in split_names(store_filename_of(model, m))
         }
-        # model -> its store file: the only file a DeleteFile for that model may remove
-        self.filenames = {model: store_filename_of(model, m) for model, m in cfg.models.items()}
+        # what a command for a model must carry (admit.refusal): its url, sha256, store file
+        self.models: dict[str, ModelConfig] = dict(cfg.models)
+        self.grace = RELOAD_GRACE_S
+        self.reloaded = asyncio.Event()  # set (and replaced) by each config reload
         self.ollama_roots = ollama_roots
         self.hf_roots = hf_roots
         self.jobs: dict[Path, _Job] = {}
@@ -182,6 +196,10 @@ class Downloader:
         keepalive = asyncio.create_task(_keep_alive(msg))
         event: proto.Event
         try:
+            why = await self.refusal(cmd)
+            if why is not None:
+                await self._refuse(cmd, why, msg)
+                return
             if isinstance(cmd, proto.DeleteFile):
                 event = await self.delete(cmd)
             else:
@@ -237,8 +255,8 @@ class Downloader:
 
     async def delete(self, cmd: proto.DeleteFile) -> proto.FileDeleted | proto.FileDeleteFailed:
         """Remove a configured model's store file (all its parts); absent is success. Only the
-        name this config gives that model, as a plain name in the store: a command cannot
-        name any other file."""
+        name this config gives that model (self.refusal checked it), as a plain name in the
+        store: a command cannot name any other file."""
         existed = False
         why, busy = self._refuse_delete(cmd)
         if not why:
@@ -270,13 +288,9 @@ class Downloader:
         )
 
     def _refuse_delete(self, cmd: proto.DeleteFile) -> tuple[str, bool]:
-        """(why a DeleteFile must not run here or '', whether only because the file is busy)."""
-        expected = self.filenames.get(cmd.model)
-        if expected is None:
-            return f"model {cmd.model!r} is not in this host's config", False
-        if cmd.filename != expected:
-            why = f"file {cmd.filename!r} is not model {cmd.model}'s store file ({expected})"
-            return why, False
+        """(why a DeleteFile must not run here or '', whether only because the file is busy).
+        Its model and file name are the config's already (self.refusal)."""
+        expected = cmd.filename
         names = split_names(expected)
         if any(Path(n).name != n or n in (".", "..") for n in names):  # store_filename's job
             return f"file {expected!r} is not a plain name in the store", False
@@ -294,6 +308,11 @@ class Downloader:
             if src.url.startswith("file://"):
                 check_file_url(src.url, self.file_roots)
         return sources
+
+    def _file_check(self, url: str) -> Callable[[Path], None]:
+        """The roots check of the file a file:// download actually opened (see copy_file)."""
+        roots = self.file_roots
+        return lambda real: check_real_path(url, real, roots)
 
     def _failed(self, cmd: proto.DownloadFile, e: BaseException) -> proto.DownloadFailed:
         if not isinstance(e, FetchError | SourceError | TimeoutError):
@@ -344,6 +363,8 @@ class Downloader:
                     # a whole file from before the upgrade; a split one's other parts are
                     # unverifiable, so those are fetched again
                     legacy=legacy_store_filename(cmd.model) if len(sources) == 1 else None,
+                    model=cmd.model,
+                    opened=self._file_check(src.url),
                 )
                 size += out.size
                 reused.append(out.reused)
@@ -388,6 +409,10 @@ class Downloader:
             return
         if await self._refused_stale(cmd, msg):
             return
+        why = await self.refusal(cmd)
+        if why is not None:  # its record is not overwritten: it may be the real model's
+            await self._refuse(cmd, why, msg)
+            return
         info = await self.inspect(cmd)
         try:
             await self.bus.put(self.bus.models, cmd.model, info)
@@ -406,6 +431,11 @@ class Downloader:
         info = proto.ModelInfo(model=cmd.model, url=cmd.url, ts=time.time())
         try:
             self._sources(cmd.url, cmd.filename)  # the same limits as a download
+        except SourceError as e:
+            await self._refused(cmd, str(e))
+            info.error = str(e)
+            return info
+        try:
             async with asyncio.timeout(INSPECT_TIMEOUT_S):
                 p = await peek(cmd.url, cmd.filename, self.opts, self.ollama_roots, self.hf_roots)
         except TimeoutError:
@@ -420,16 +450,59 @@ class Downloader:
             log.warning("inspect %s: %s", cmd.model, info.error)
         return info
 
-    async def _refused_stale(
-        self, cmd: proto.DownloadFile | proto.DeleteFile | proto.InspectModel, msg: Msg
-    ) -> bool:
+    async def _refused_stale(self, cmd: Command, msg: Msg) -> bool:
         """A deposed placer's command (lls/fence.py): not run, acked (never redelivered), and
         a CommandRefused says why."""
         why = self.fence.admit(cmd.epoch)
         if why is None:
             return False
+        await self._refused(cmd, why)
+        with contextlib.suppress(Exception):
+            await msg.ack()
+        return True
+
+    async def refusal(self, cmd: Command) -> str | None:
+        """Why `cmd` must not run here (admit.refusal, then where a download's files would
+        come from), or None. A config mismatch is looked at again after the next reload,
+        within self.grace: one under way must not fail the model it changes."""
+        reloaded = self.reloaded
+        why = admit.refusal(cmd, self.models)
+        if why is not None and self.grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reloaded.wait(), self.grace)
+            why = admit.refusal(cmd, self.models)
+        if why is None and isinstance(cmd, proto.DownloadFile):
+            try:
+                self._sources(cmd.url, cmd.filename)
+            except SourceError as e:
+                why = str(e)
+        return why
+
+    async def _refuse(self, cmd: Command, why: str, msg: Msg) -> None:
+        """Refused: a CommandRefused, and the command's own failure event for whoever waits on
+        it (a placer's instance, a pull), then acked. A download of the model's real file
+        running here is not reported failed: its own outcome follows."""
+        await self._refused(cmd, why)
+        if isinstance(cmd, proto.DeleteFile):
+            await self._emit(
+                proto.FileDeleteFailed(
+                    model=cmd.model[:200],
+                    host=self.host,
+                    filename=cmd.filename[:200],
+                    reason=why,
+                    cmd_id=cmd.cmd_id[:200],
+                )
+            )
+        elif isinstance(cmd, proto.DownloadFile) and not self._downloading(cmd.model):
+            await self._emit(
+                proto.DownloadFailed(model=cmd.model[:200], host=self.host, reason=why)
+            )
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+    async def _refused(self, cmd: Command, why: str) -> None:
         kind = type(cmd).__struct_config__.tag
-        log.warning("refused %s command %s for %s: %s", kind, cmd.cmd_id, cmd.model, why)
+        log.warning("refused %s command %s for %r: %s", kind, cmd.cmd_id, cmd.model, why)
         await self._emit(
             proto.CommandRefused(
                 host=self.host,
@@ -440,9 +513,14 @@ class Downloader:
                 cmd_id=cmd.cmd_id[:200],
             )
         )
-        with contextlib.suppress(Exception):
-            await msg.ack()
-        return True
+
+    def _downloading(self, model: str) -> bool:
+        """Whether the model's configured store file is being fetched here now."""
+        m = self.models.get(model)
+        if m is None:
+            return False
+        job = self.jobs.get(self.store / split_names(store_filename_of(model, m))[0])
+        return job is not None and job.task is not None and not job.task.done()
 
     async def _emit(self, event: proto.Event) -> None:
         try:
@@ -484,6 +562,8 @@ async def run(ctx: ServiceContext) -> None:
         )
 
     downloader = make(ctx.cfg)
+    if ctx.config_path is None:
+        downloader.grace = 0.0  # nothing to reload from: no reason to wait for one
 
     def reload(_old: Config, new: Config) -> None:
         """What the downloader derives from the config follows a reload (the models' URLs,
@@ -491,6 +571,8 @@ async def run(ctx: ServiceContext) -> None:
         fresh = make(new)
         for name in RELOADED:
             setattr(downloader, name, getattr(fresh, name))
+        waiting, downloader.reloaded = downloader.reloaded, asyncio.Event()
+        waiting.set()  # commands held for a reload look again (Downloader.refusal)
 
     ctx.on_reload.append(reload)
     await downloader.serve(ctx.stop)
@@ -502,7 +584,7 @@ RELOADED = (
     "opts",
     "file_roots",
     "keep",
-    "filenames",
+    "models",
     "max_active",
     "ollama_roots",
     "hf_roots",

@@ -45,22 +45,35 @@ def _under(path: Path, roots: list[Path] | tuple[Path, ...]) -> bool:
     return any(path == r or path.is_relative_to(r) for r in roots)
 
 
-def check_file_url(url: str, roots: list[Path]) -> None:
-    """Refuse a file:// URL outside the allowed roots, or in /proc, /dev or /sys."""
+def check_file_url(url: str, roots: list[Path]) -> Path:
+    """The real path of a file:// URL (symlinks and '..' resolved), or SourceError when that
+    real path is outside the allowed roots or in /proc, /dev or /sys. Only the resolved path
+    counts: a symlink inside a root that points out of every root is refused."""
     raw = _file_path(url)
     if not raw.is_absolute():
         raise SourceError(f"{url}: file:// URLs need an absolute path")
     lexical = Path(os.path.normpath(raw))
-    real = Path(os.path.realpath(raw))
-    forbidden = FORBIDDEN_DIRS + tuple(Path(os.path.realpath(d)) for d in FORBIDDEN_DIRS)
-    if _under(lexical, forbidden) or _under(real, forbidden):
+    if _under(lexical, FORBIDDEN_DIRS):  # also by name: /proc/self/cwd/... resolves elsewhere
         raise SourceError(f"{url}: files under /proc, /dev or /sys are never models")
-    norm_roots = [Path(os.path.normpath(r.absolute())) for r in roots]
+    real = Path(os.path.realpath(raw))
+    check_real_path(url, real, roots, via=real != lexical)
+    return real
+
+
+def check_real_path(url: str, real: Path, roots: list[Path], via: bool = True) -> None:
+    """Refuse a resolved path outside the (resolved) roots or in /proc, /dev or /sys. Also
+    run on the file actually opened, so a link swapped in after the first check is caught."""
+    resolves = f" (it resolves to {real})" if via else ""
+    forbidden = FORBIDDEN_DIRS + tuple(Path(os.path.realpath(d)) for d in FORBIDDEN_DIRS)
+    if _under(real, forbidden):
+        raise SourceError(f"{url}{resolves}: files under /proc, /dev or /sys are never models")
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    if not (_under(lexical, norm_roots) or _under(real, real_roots)):
-        where = ", ".join(str(r) for r in norm_roots) or "none"
+    if not _under(real, real_roots):
+        where = ", ".join(str(r) for r in real_roots) or "none"
+        link = " a symlink may not lead out of them;" if via else ""
         raise SourceError(
-            f"{url}: not under an allowed folder ({where}); add its folder to downloader.file_roots"
+            f"{url}{resolves}: not under an allowed folder ({where});{link} add {real.parent} "
+            "to downloader.file_roots if models may come from there"
         )
 
 

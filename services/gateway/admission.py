@@ -5,13 +5,20 @@ functions. `Gate` holds the state (one per model, touched only from the event lo
 grants slots only to callers still waiting: a client that gave up (cancelled) never takes or
 pins a slot (llama-swap's lesson).
 
-The running limit follows the model's slots: an instance runs `slots_of(model)` requests at
-once (its -np), so a model runs at most that many per ready instance (and at most
-gateway.max_in_flight), and the rest wait here, where fairness, queue positions and the
-placer's view of the wait hold, not in llama-server's own FIFO where nobody sees them. With no
-instance ready it is one instance's slots: those go on to demand a start, the rest wait for it.
-When an instance becomes ready the gate grants its waiters up to the new limit at once
-(`Gate.fill`); when one goes, running requests are not cut, new ones queue.
+The running limit follows the model's slots: each ready instance runs as many requests at
+once as its llama-server has slots (its record's `slots`, read from /props; llama-server's
+own default is 4 sharing one unified KV cache), at most gateway.max_in_flight in all, and
+the rest wait here, where fairness, queue positions and the placer's view of the wait hold,
+not in llama-server's own FIFO where nobody sees them. With no instance ready it is one
+instance's slots: those go on to demand a start, the rest wait for it. When an instance
+becomes ready the gate grants its waiters up to the new limit at once (`Gate.fill`); when one
+goes, running requests are not cut, new ones queue.
+
+Hand-off overlap (`overlap_limit`): while at most one client waits for the model, the gate
+lets one more request per slot go on to wait inside llama-server, so a slot that finishes
+starts the next request at once instead of idling for the round trip back to the gateway
+and out again. When a second client waits the plain limit holds, so fairness is unchanged:
+a newcomer waits behind at most one extra request per slot.
 
 Fairness: each caller says who it is (its API key's name, or its address when keys are off).
 Inside the model's queue every client has its own FIFO, and a freed slot goes to the waiting
@@ -58,15 +65,19 @@ class Limits:
     # A request queued while the model has no ready instance (it waits for a start or a swap
     # before it can wait for a slot) may wait this much longer: a cold start's deadline.
     start_timeout: float = 0.0
+    overlap: bool = False  # gateway.overlap: one more request per slot while one client waits
 
 
 @dataclass(frozen=True)
 class Room:
     """What a model has to run requests on, as this gateway sees it now."""
 
-    slots: int  # requests one instance runs at once (its -np)
+    slots: int  # requests its ready instances run at once in all (one instance's if none is)
     ready: int  # ready instances
     start_s: float = 0.0  # how long a start (or swap) took lately, for Retry-After
+    # Requests still running on its instances that left the ready set (draining: a swap, a
+    # reload, a replica retiring): they hold admission slots but none of `slots`.
+    held: int = 0
 
 
 # A gate that is told nothing about instances: max_in_flight alone limits it.
@@ -75,8 +86,19 @@ UNBOUNDED = Room(slots=1 << 30, ready=1)
 
 def running_limit(max_in_flight: int, room: Room) -> int:
     """Requests of a model that may run at once: every slot of its ready instances, within
-    max_in_flight; with none ready, one instance's slots (they go on to demand a start)."""
-    return max(1, min(max_in_flight, max(1, room.slots) * max(1, room.ready)))
+    max_in_flight; with none ready, one instance's slots (they go on to demand a start).
+    Requests still finishing on a draining instance are counted on top: they must not keep
+    a ready instance's free slots from its waiters."""
+    return max(1, min(max_in_flight, room.slots + room.held))
+
+
+def overlap_limit(max_in_flight: int, room: Room, clients_waiting: int) -> int:
+    """The running limit with the hand-off overlap: one more request per slot of a ready
+    instance while at most one client waits (see the module's note), within max_in_flight."""
+    base = running_limit(max_in_flight, room)
+    if room.ready == 0 or clients_waiting > 1:
+        return base
+    return max(base, min(max_in_flight, 2 * room.slots + room.held))
 
 
 def decide(in_flight: int, queued: int, limit: int, max_queue: int) -> Verdict:
@@ -123,11 +145,11 @@ def grant_order(
     return out
 
 
-def stage_of(gated: bool, ready: bool, running: int, limit: int, starting: str) -> str:
+def stage_of(gated: bool, ready: bool, running: int, slots: int, starting: str) -> str:
     """What a waiting request waits for, in words: a slot of a running model, or the model
     itself (`starting`: the router's account of its start or swap)."""
     if gated and ready:
-        return f"waiting for a free slot ({running} of {limit} in use)"
+        return f"waiting for a free slot ({running} running on {slots})"
     return starting
 
 
@@ -148,6 +170,7 @@ class Pushed(Exception):
 class Waiter:
     fut: asyncio.Future[None]
     ticket: int | None  # the router's ticket for it (its place in the model's queue)
+    overlap: bool = True  # may be sent on to wait inside a busy slot (see overlap_limit)
 
 
 class Gate:
@@ -174,20 +197,36 @@ class Gate:
 
     @property
     def limit(self) -> int:
-        """Requests that may run now (running_limit of the model's instances as they are)."""
+        """Requests that may be sent now: overlap_limit of the model's instances as they are
+        and of who waits (the plain running limit once two clients wait)."""
+        return self.limit_for(True)
+
+    @property
+    def slots(self) -> int:
+        """Requests that may run now without waiting inside llama-server (no overlap)."""
         return running_limit(self.limits.max_in_flight, self.room())
 
-    def would_queue(self) -> bool:
-        """Whether a request arriving now would wait here (not run at once, not be refused)."""
-        return decide(self.in_flight, self.queued, self.limit, self.limits.max_queue) is (
-            Verdict.QUEUE
-        )
+    def limit_for(self, overlap: bool) -> int:
+        room = self.room()
+        if not (overlap and self.limits.overlap):
+            return running_limit(self.limits.max_in_flight, room)
+        return overlap_limit(self.limits.max_in_flight, room, len(self.waiters))
 
-    async def enter(self, who: str = "", ticket: int | None = None) -> None:
+    def would_queue(self, overlap: bool = True) -> bool:
+        """Whether a request arriving now would wait here (not run at once, not be refused).
+        `overlap`: whether it may be sent on to wait in a busy slot (a streamed answer may
+        not: it waits here, where it hears its place in the queue)."""
+        limit = self.limit_for(overlap)
+        return decide(self.in_flight, self.queued, limit, self.limits.max_queue) is Verdict.QUEUE
+
+    async def enter(self, who: str = "", ticket: int | None = None, overlap: bool = True) -> None:
         """Take a slot of the model, waiting in `who`'s line for one if none is free.
-        `ticket` names the waiter in `order` (the router's ticket for the request)."""
+        `ticket` names the waiter in `order` (the router's ticket for the request);
+        `overlap`: whether it may be sent on to wait inside a busy slot (not a stream: it
+        would hear nothing of its wait there, and be held behind a long answer)."""
         self.fill()  # the limit may have grown since the last grant (an instance came)
-        verdict = decide(self.in_flight, self.queued, self.limit, self.limits.max_queue)
+        limit = self.limit_for(overlap)
+        verdict = decide(self.in_flight, self.queued, limit, self.limits.max_queue)
         if verdict is Verdict.RUN:
             self.in_flight += 1
             self._charge(who)
@@ -202,7 +241,7 @@ class Gate:
             queue.pop().fut.set_exception(Pushed())  # its newest makes room
             self._forget(heaviest)
             self._version += 1
-        waiter = Waiter(asyncio.get_running_loop().create_future(), ticket)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), ticket, overlap)
         if who not in self.waiters:  # (re)joining: no credit for the time it was idle
             self.vtime[who] = max(self.vtime.get(who, 0.0), self.vnow)
             self.waiters[who] = collections.deque()
@@ -273,17 +312,25 @@ class Gate:
         )
 
     def _grant_next(self) -> bool:
-        """Give a slot to the next waiting client in fair order; False if nobody waits."""
+        """Give a slot to the next waiting client in fair order; False if nobody waits, or
+        the next one may not be sent until a slot is really free (it does not overlap)."""
         while self.waiters:
             who = next_turn(self.waiters, self.vtime)
-            waiter = self.waiters[who].popleft()
+            waiter = self.waiters[who][0]
+            if waiter.fut.done():  # gone (cancelled, not yet removed)
+                self.waiters[who].popleft()
+                self._forget(who)
+                self._version += 1
+                continue
+            if self.in_flight >= self.limit_for(waiter.overlap):
+                return False  # it waits for a free slot; nobody overtakes it
+            self.waiters[who].popleft()
             self._forget(who)
             self._version += 1
-            if not waiter.fut.done():
-                waiter.fut.set_result(None)
-                self.in_flight += 1
-                self._charge(who)
-                return True
+            waiter.fut.set_result(None)
+            self.in_flight += 1
+            self._charge(who)
+            return True
         return False
 
     def fill(self) -> int:

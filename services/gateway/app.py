@@ -2,7 +2,8 @@
 
 OpenAI bodies are forwarded as the bytes the client sent; only `model` and `stream` are
 decoded, with a msgspec struct that skips every other field. Bodies are re-encoded only when
-the model has an alias or default parameters to apply.
+the model has an alias or default parameters to apply, or an untrusted caller set
+llama-server's slot fields (SLOT_FIELDS, dropped).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 import logging
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -22,18 +24,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import proto
-from lls.config import ApiKey, Config, store_filename_of
+from lls.config import ApiKey, Config, GatewayConfig, store_filename_of
 from services.ui.secret import SECRET_HEADER, ui_secret
 
 from . import http, ollama, pull
 from .admission import BY_ADDRESS, stage_of
-from .edge import decode_body
+from .edge import BrowserChecks, decode_body, open_gateway_warning
 from .errors import ApiError, error_response, style_of
 from .lifecycle import Calls, unless, until_disconnected, upstream_error
 from .metrics import Metrics
 from .observe import Observer
 from .proxy import UPSTREAM_HEADERS, Passthrough, Upstream, forward_headers
 from .router import Router
+from .stall import StallWatch
+from .template import template_in_use
 from .usage import KeyLimits, KeyWindow, Usage
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,23 @@ OPENAI_ROUTES = [
 ]
 
 
+# llama-server request fields that pick a slot and its prompt cache: with them a caller can
+# aim at the slot another tenant's prompt is cached in and read from `timings.cache_n`
+# whether a guess of that prompt is cached. Only trusted callers' reach it.
+SLOT_FIELDS = ("id_slot", "cache_prompt")
+
+
 class _Head(msgspec.Struct):
-    """The only fields the gateway reads from an OpenAI request body; the rest passes through."""
+    """The only fields the gateway reads from an OpenAI request body; the rest passes through.
+    SLOT_FIELDS are only noticed (kept raw, in the same pass): no extra decoding without them."""
 
     model: str
     stream: bool = False
+    id_slot: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    cache_prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+    def sets_slots(self) -> bool:
+        return self.id_slot is not msgspec.UNSET or self.cache_prompt is not msgspec.UNSET
 
 
 _HEAD = msgspec.json.Decoder(_Head)
@@ -71,14 +87,32 @@ def parse_head(body: bytes) -> _Head:
     return decode_body(_HEAD, body)
 
 
+def on_dashboard(path: str) -> bool:
+    """The browser's pages: the only routes that take a key from the URL or a cookie (a
+    browser opening a link cannot send a header)."""
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
 def presented_key(request: Request) -> str:
-    """The key a client sent: Bearer, x-api-key, `?key=` or the dashboard's cookie."""
+    """The key a client sent: Bearer or x-api-key; on /dashboard paths also `?key=` or the
+    dashboard's cookie. A key in the URL of any other route is refused: URLs end up in
+    proxy logs and browser history."""
     headers = request.headers
     auth = headers.get("authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     given = given or headers.get("x-api-key", "")
-    if not given and (request.scope.get("query_string") or "cookie" in headers):
-        given = request.query_params.get("key", "") or request.cookies.get("lls_key", "")
+    query = request.scope.get("query_string")
+    if on_dashboard(request.scope["path"]):
+        if not given and (query or "cookie" in headers):
+            given = request.query_params.get("key", "") or request.cookies.get("lls_key", "")
+    elif query and "key" in request.query_params:
+        raise ApiError(
+            401,
+            "API keys are not taken from the URL here (URLs end up in logs and browser "
+            "history): send `Authorization: Bearer KEY` or `x-api-key: KEY`; only /dashboard "
+            "takes ?key=",
+            "key_in_url",
+        )
     return given
 
 
@@ -111,6 +145,12 @@ def authenticate(cfg: Config, request: Request) -> ApiKey | None:
     return found
 
 
+def trusted(key: ApiKey | None) -> bool:
+    """Whether a caller's SLOT_FIELDS reach llama-server: a trusted key's, and anyone's on an
+    open gateway (no keys: no tenants to keep apart, and it warns when open to the network)."""
+    return key is None or key.trusted
+
+
 def may_use(key: ApiKey | None, model: str) -> bool:
     return key is None or not key.models or model in key.models
 
@@ -135,14 +175,23 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
     metrics = Metrics()
     upstream = Upstream(cfg, router, metrics)
 
-    def on_change(old: proto.InstanceRecord | None, rec: proto.InstanceRecord) -> None:
-        metrics.observe_instance(old, rec)
-        upstream.instance_changed(old, rec)  # a new ready instance takes waiters at once
-
-    router.on_change = on_change
+    router.on_change = metrics.observe_instance
+    router.on_reindex = upstream.ready_changed  # a new ready instance takes waiters at once
+    app.state.stall = StallWatch(router, upstream.gates, metrics)  # run by the service
     usage = Usage(cfg.gateway.api_keys, metrics)  # per-key limits and token counts
     calls = Calls(usage, upstream, router, Observer(metrics, router.stats))  # every request's
     ui_url = cfg.gateway.ui_url.rstrip("/")
+    bound = cfg.gateway.host  # gateway.host is read once: a reload changes it only at restart
+    app.state.browser = BrowserChecks.of(cfg.gateway, bound)  # applied in fast_path
+
+    def warn_if_open(g: GatewayConfig) -> None:
+        """Loudly, in the log and (on the bus) in `lls ps`, while anyone may use the gateway."""
+        lines = open_gateway_warning(g, bound)
+        for line in lines:
+            log.warning("%s", line)
+        router.warnings = [" ".join(lines)] if lines else []
+
+    warn_if_open(cfg.gateway)
 
     def reload(_old: Config, new: Config) -> None:
         """A reloaded config (lls.service): models, aliases, defaults and keys are read from
@@ -157,6 +206,8 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
                 windows[k.name] = usage.windows.get(k.name) or KeyWindow(limits)
                 windows[k.name].limits = limits
         usage.windows = windows
+        app.state.browser = BrowserChecks.of(g, bound)
+        warn_if_open(g)
 
     app.state.reload = reload
     ui_clients: list[http.Client] = []  # made on first use, inside the running loop
@@ -221,8 +272,9 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def rewrite(body: bytes, model: str) -> bytes:
-        """Apply the canonical model name and per-model defaults (only when needed)."""
+    def rewrite(body: bytes, model: str, drop_slots: bool = False) -> bytes:
+        """Apply the canonical model name, drop an untrusted caller's SLOT_FIELDS, and apply
+        per-model defaults (the operator's may set them); only when needed."""
         defaults = cfg.models[model].defaults
         try:
             data = msgspec.json.decode(body)
@@ -231,6 +283,9 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_request")
         data["model"] = model
+        if drop_slots:
+            for field in SLOT_FIELDS:
+                data.pop(field, None)
         for k, v in defaults.items():
             data.setdefault(k, v)
         return msgspec.json.encode(data)
@@ -280,15 +335,17 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         body = await read_body(request)
         head = parse_head(body)
         model = resolve(head.model, key, route)
-        if head.model != model or cfg.models[model].defaults:
-            body = rewrite(body, model)
+        drop_slots = head.sets_slots() and not trusted(key)
+        if head.model != model or cfg.models[model].defaults or drop_slots:
+            body = rewrite(body, model, drop_slots)
         headers = upstream_subset(request)
         who = client(request, key)
         call = calls.call(request.receive, model, route, key, who, shown(key), started)
         call.admit()  # 429 past the key's limits
-        if head.stream and (router.pick(model) is None or upstream.gate(model).would_queue()):
+        gate = upstream.gate(model)
+        if head.stream and (router.pick(model) is None or gate.would_queue(overlap=False)):
             return call.waiting(route, body, headers, waiting_comment)
-        resp = await call.open(route, body, headers)
+        resp = await call.open(route, body, headers, overlap=not head.stream)
         if head.stream and resp.status_code == 200:
             return call.relay(resp.aiter_raw(), forward_headers(resp.headers), None, call.chunk)
         # A whole answer: llama-server sends it at the end anyway, so take it in and pass
@@ -305,7 +362,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             ticket in gated,
             bool(router.ready.get(model)),
             gate.in_flight,
-            gate.limit,
+            gate.slots,
             router.describe(model),
         )
         return f": waiting for {model}: {where}; {stage}\n\n".encode()
@@ -338,7 +395,11 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         # Opened before the answer's head, streamed or not: an error the instance gives
         # (images for a model without vision, say) is then a 4xx, not a 200 stream.
         resp = await call.open(
-            path, body, {"content-type": "application/json"}, keep_alive=keep_alive
+            path,
+            body,
+            {"content-type": "application/json"},
+            keep_alive=keep_alive,
+            overlap=not streamed,
         )
         if streamed and resp.status_code == 200:
             lines = ollama.sse_to_ndjson(
@@ -433,7 +494,7 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             {
                 "modelfile": f"FROM {m.url}" if admin else f"FROM {model}",
                 "parameters": " ".join(m.args) if admin else "",
-                "template": "",
+                "template": await template_in_use(model, m, upstream),
                 "details": details,
                 "model_info": {**model_info, "llama_scheduler.ctx_size": m.ctx_size},
                 "capabilities": ["embedding"] if m.embeddings else ["completion"],
@@ -510,7 +571,10 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
         check_key(cfg, request, None, admin=True)
         if not ui_clients:
             ui_clients.append(http.Client(read_timeout=None, max_connections=256))
-        query = f"?{request.url.query}" if request.url.query else ""
+        query = ""  # the UI gets the query without the key (nothing downstream sees a key)
+        if request.url.query:
+            params = [(k, v) for k, v in request.query_params.multi_items() if k != "key"]
+            query = f"?{urlencode(params)}" if params else ""
         headers = {h: v for h in UI_HEADERS if (v := request.headers.get(h)) is not None}
         headers[SECRET_HEADER] = ui_secret()  # the UI answers nobody else
         try:
@@ -527,8 +591,16 @@ def create_app(cfg: Config, router: Router) -> FastAPI:
             await resp.aclose()
             raise upstream_error("the dashboard", resp.status_code, data)
         out = Passthrough(resp)
-        if request.query_params.get("key"):  # the browser keeps the key for the page's own calls
-            out.set_cookie("lls_key", request.query_params["key"], httponly=True, samesite="strict")
+        if cfg.gateway.api_keys and request.query_params.get("key"):
+            # The browser keeps the key for the page's own calls, and sends it to /dashboard
+            # paths only (API routes take no cookie).
+            out.set_cookie(
+                "lls_key",
+                request.query_params["key"],
+                path="/dashboard",
+                httponly=True,
+                samesite="strict",
+            )
         return out
 
     @app.on_event("shutdown")
@@ -545,11 +617,17 @@ def fast_path(app: FastAPI) -> ASGIApp:
 
     The proxy path is the one that must add next to nothing: skipping FastAPI's middleware
     stack, routing and dependency solving there measured ~25% of the gateway's CPU per request.
+    Every request first passes the browser checks (edge.BrowserChecks: Host and Origin).
     """
     forward = app.state.forward
     paths = frozenset(OPENAI_ROUTES)
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refused = app.state.browser.refusal(scope["method"], scope["path"], scope["headers"])
+            if refused is not None:
+                await refused.response(style_of(scope["path"]))(scope, receive, send)
+                return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in paths:
             await guarded(app, scope, receive, send)
             return

@@ -17,20 +17,31 @@ many connections it may hold open, so a few slow or idle sockets could exhaust t
 Every refusal here is a JSON error in the route's style, like the app's own.
 
 `check_depth` caps JSON nesting cheaply before any decoder (ours or llama-server's) sees it.
+
+Browsers are the other hostile client: a web page may send requests to the gateway on its
+visitor's machine. `BrowserChecks` refuses those that could change anything (a cross-site
+POST, CSRF) and, while the gateway listens on loopback, every request naming a host that is
+not this machine (DNS rebinding). `open_gateway_warning` says when the gateway is open to the
+network with no API keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import resource
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httptools
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from lls.config import GatewayConfig
 
 from .errors import ApiError, error_body, style_of
 
@@ -89,6 +100,117 @@ def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+
+
+# ---------------------------------------------------------------- browsers
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # change nothing here: no Origin check
+UNCHECKED_PATHS = frozenset({"/health"})  # probes may name any host
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a listen address or a Host name) means this machine only: localhost,
+    *.localhost (browsers resolve those to loopback themselves), 127.0.0.0/8, ::1. Other
+    names are not resolved: they count as beyond this machine."""
+    name = host_name(host)
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header or listen address: lowercase, without port or brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1] or [::1]:5000
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _shown(value: str) -> str:
+    return repr(value[:100])  # the client's own header, cut short
+
+
+@dataclass(frozen=True)
+class BrowserChecks:
+    """Which requests a browser could have been tricked into sending are refused (403).
+
+    - Host: while the gateway listens on loopback, or once `gateway.allowed_hosts` is set,
+      a request must name a loopback host, the listen address or an allowed host. A page
+      that rebinds its own name to 127.0.0.1 still sends that name.
+    - Origin: a request that may change something (any method but GET, HEAD, OPTIONS) and
+      carries an Origin must come from the gateway's own origin (Origin's host:port is the
+      Host) or an allowed one. Browsers always send Origin on such requests; other clients
+      (OpenAI and Ollama libraries, curl) send none and are not affected.
+    """
+
+    hosts: frozenset[str] | None  # Host names accepted besides loopback ones; None: any
+    origins: frozenset[str]  # allowed Origins besides the gateway's own, lowercase
+
+    @classmethod
+    def of(cls, g: GatewayConfig, bound: str) -> BrowserChecks:
+        """From the gateway's config; `bound` is the address it listens on (read once at
+        start: a reloaded `gateway.host` is used only after a restart)."""
+        checked = is_loopback(bound) or bool(g.allowed_hosts)
+        names = {host_name(h) for h in (bound, *g.allowed_hosts)} | LOOPBACK_NAMES
+        return cls(
+            frozenset(names) if checked else None, frozenset(o.lower() for o in g.allowed_origins)
+        )
+
+    def refusal(
+        self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> ApiError | None:
+        """The 403 for a request (method, path, raw ASGI headers), or None to serve it."""
+        if path in UNCHECKED_PATHS:
+            return None
+        host = origin = None
+        for k, v in headers:
+            if k == b"host":
+                host = v.decode("latin-1")
+            elif k == b"origin":
+                origin = v.decode("latin-1")
+        if self.hosts is not None and host is not None:
+            name = host_name(host)
+            if name not in self.hosts and not is_loopback(name):
+                return ApiError(
+                    403,
+                    f"this gateway does not answer to the host {_shown(host)} (a page that "
+                    "points its own name at this machine names it); list it in "
+                    "gateway.allowed_hosts if clients really use it",
+                    "host_not_allowed",
+                )
+        if origin is not None and method not in SAFE_METHODS:
+            given = origin.strip().lower().rstrip("/")
+            if given.partition("://")[2] != (host or "").strip().lower() and (
+                given not in self.origins
+            ):
+                return ApiError(
+                    403,
+                    f"a page at {_shown(origin)} may not send this request here (cross-site); "
+                    "gateway.allowed_origins lists the pages that may",
+                    "origin_not_allowed",
+                )
+        return None
+
+
+def open_gateway_warning(g: GatewayConfig, bound: str) -> list[str]:
+    """Lines to log loudly (and for `lls ps`) when anyone on the network may use the gateway:
+    it listens beyond loopback and has no API keys. Empty when it does not."""
+    if g.api_keys or is_loopback(bound):
+        return []
+    return [
+        f"OPEN GATEWAY: listening on {bound} (beyond this machine) with no API keys.",
+        "Anyone who can reach it may run every model, pull and delete model files on every "
+        "host, and open the dashboard.",
+        "Fix: set gateway.api_keys (an admin key for the dashboard and /metrics),",
+        "or listen on this machine only: gateway.host: 127.0.0.1",
+    ]
 
 
 def open_file_limit() -> int:

@@ -145,15 +145,18 @@ class Call:
         ticket: int | None = None,
         keep_alive: float | None = None,
         watch: bool = True,
+        overlap: bool = True,
     ) -> http.Reply:
         """Admission, an instance (waiting for one if none is ready), send: the answer's
         head, its body still to come. `watch`: give up with a 499 if the client leaves (a
-        waiting stream watches its own way). Refused, failed or gone: finished, and raised."""
+        waiting stream watches its own way); `overlap`: whether it may be sent on to wait
+        inside a busy slot (a stream waits at the gateway instead, where it hears its place).
+        Refused, failed or gone: finished, and raised."""
         if self.lease is None:
             self.admit()
         assert self.lease is not None
         opening = self._calls.upstream.open(
-            self.model, path, body, headers, ticket, keep_alive, self.who, self.shown
+            self.model, path, body, headers, ticket, keep_alive, self.who, self.shown, overlap
         )
         try:
             if watch:
@@ -258,7 +261,9 @@ class Call:
     ) -> AsyncIterator[bytes]:
         router = self._calls.router
         ticket = router.enqueue(self.model, self.shown)
-        opening = asyncio.ensure_future(self.open(path, body, headers, ticket=ticket, watch=False))
+        opening = asyncio.ensure_future(
+            self.open(path, body, headers, ticket=ticket, watch=False, overlap=False)
+        )
         try:
             said, said_at = b"", 0.0
             wait = FIRST_COMMENT_S  # say at once that it waits and where, then on change

@@ -63,6 +63,19 @@ class Metrics:
             registry=r,
         )
         self.instances = Gauge("lls_instances", "Instances by state", ["state"], registry=r)
+        self.stall_violations = Counter(
+            "lls_stall_violations",
+            "Times requests waited for a model while one of its ready instances had a free "
+            "slot, for at least 50 ms (a lost wake-up; the goal is zero)",
+            ["model"],
+            registry=r,
+        )
+        self.stall_seconds = Counter(
+            "lls_stall_seconds",
+            "Total time of those stall violations",
+            ["model"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "lls_queue_wait_seconds",
             "Time a request waited before it was sent: for a slot, a start or a swap",

@@ -13,9 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import msgspec
 from starlette.responses import StreamingResponse
 
-from lls import instance_key
-from lls.config import Config, expand, slots_of
-from proto import InstanceRecord, InstanceState
+from lls.config import Config
 
 from . import affinity, embeddings, http
 from .admission import BY_ADDRESS, Gate, Limits, Room
@@ -62,8 +60,6 @@ class Upstream:
         self.metrics = metrics
         self.limits = limits_of(cfg)
         self.gates: dict[str, Gate] = {}
-        # the cluster secret the agents derive instance keys from (a bad file stops start-up)
-        self.secret = instance_key.load_or_create(expand(cfg.cluster.secret_file))
         self.service_time = Ewma()  # seconds from sending a request to releasing its slot
         self._client: http.Client | None = None
 
@@ -82,26 +78,21 @@ class Upstream:
         return gate
 
     def room(self, model: str) -> Room:
-        """A model's slots as the router sees them now (two dict lookups: the hot path)."""
-        m = self.cfg.models.get(model)
-        return Room(
-            slots_of(m) if m is not None else 1,
-            len(self.router.ready.get(model, ())),
-            self.router.swap_wait.get(model, 5.0),
-        )
+        """A model's slots as the router sees them now (the hot path: no bus, a few lookups):
+        every slot of its ready instances, each as its record says (the model's expected
+        slots for an older agent's record), or one instance's when none is ready."""
+        router = self.router
+        ready = router.ready.get(model, ())
+        expected = router.slots_expected(model)
+        slots = sum(r.slots or expected for r in ready) if ready else expected
+        held = router.held_elsewhere(model, ready) if router.in_flight else 0
+        return Room(slots, len(ready), router.swap_wait.get(model, 5.0), held)
 
-    def instance_changed(self, old: InstanceRecord | None, rec: InstanceRecord) -> None:
-        """The router's on_change: an instance that became ready takes waiters at once. The
-        hook runs before the router re-indexes its ready instances, so the grant comes right
-        after, in the loop's next turn."""
-        gate = self.gates.get(rec.model)
-        if gate is None or rec.state != InstanceState.READY:
-            return
-        if old is not None and old.state == InstanceState.READY:
-            return
-        try:
-            asyncio.get_running_loop().call_soon(gate.fill)
-        except RuntimeError:  # no loop (a test feeding records by hand): now is as good
+    def ready_changed(self, model: str) -> None:
+        """The router's on_reindex: an instance that became ready (new, serving again after
+        a cancelled drain, or trusted once its host was heard) takes waiters at once."""
+        gate = self.gates.get(model)
+        if gate is not None and gate.waiters:
             gate.fill()
 
     def reload(self, cfg: Config) -> None:
@@ -134,19 +125,21 @@ class Upstream:
         keep_alive: float | None = None,
         who: str = "",
         shown: str = BY_ADDRESS,
+        overlap: bool = True,
     ) -> tuple[http.Reply, Callable[[], None]]:
         """Admit, find (or wait for) an instance, and send; the response is still streaming.
 
         From arrival until it is sent, the request is in the router's queue for `model`
         (`ticket`, from `router.enqueue`, when the caller wants to ask for its position).
         `who` is the client the admission queue is fair across (admission.Gate); `shown`,
-        what the activity report may call it (a key's name; never an address)."""
+        what the activity report may call it (a key's name; never an address); `overlap`,
+        whether it may be sent on to wait inside a busy slot (not a streamed answer)."""
         if ticket is None:
             ticket = self.router.enqueue(model, shown)
         try:
             gate = self.gate(model)
             try:
-                await gate.enter(who, ticket)
+                await gate.enter(who, ticket, overlap)
             except ApiError:
                 self.metrics.refused.labels(model, "429").inc()
                 raise
@@ -193,9 +186,7 @@ class Upstream:
             self.router.begin(rec, keep_alive)
             sent = time.monotonic()
             try:
-                sending = upstream_headers(
-                    headers, instance_key.instance_key(self.secret, rec.instance_id)
-                )
+                sending = upstream_headers(headers, self.router.key_for(rec))
                 if "embed" in path:
                     body = await self._fit_embedding_inputs(
                         model, rec.endpoint or "", body, sending
@@ -248,7 +239,7 @@ class Upstream:
 
 def limits_of(cfg: Config) -> Limits:
     g = cfg.gateway
-    return Limits(g.max_in_flight, g.max_queue, g.queue_timeout, g.cold_start_timeout)
+    return Limits(g.max_in_flight, g.max_queue, g.queue_timeout, g.cold_start_timeout, g.overlap)
 
 
 class Passthrough(StreamingResponse):

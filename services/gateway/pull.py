@@ -46,7 +46,7 @@ class Follow:
     async def __aenter__(self) -> Follow:
         try:
             for subject in self.subjects:
-                self._subs.append(await self.bus.nc.subscribe(subject, cb=self._on_msg))
+                self._subs.append(await self.bus.subscribe(subject, cb=self._on_msg))
         except BaseException:
             await self.close()
             raise

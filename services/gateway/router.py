@@ -13,6 +13,7 @@ this gateway has seen; it goes out at once when a drain could finish, not only e
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import time
@@ -26,7 +27,8 @@ import msgspec
 import proto
 from lls.aio import wait_event
 from lls.bus import Bus, kv_snapshot, watch_kv
-from lls.config import Config, slots_of, store_filename_of
+from lls.config import Config, slots_of, store_filename_of, upstream_entry
+from lls.records import InstanceIndex
 from proto import InstanceRecord, InstanceState
 
 from . import affinity
@@ -43,12 +45,39 @@ BUS_GRACE_S = 2.0  # a bus silent this long refuses cold requests (503) instead 
 BUS_RETRY_S = 5.0
 REPORT_EVERY_S = 1.0  # activity report period
 REPORT_SOONEST_S = 0.005  # an early report waits this long for changes that come together
+IDLE_GAP_S = 1.0  # an instance idle longer than this between requests begins a new busy spell
 
 
-def endpoint_refusal(rec: InstanceRecord, hosts: Mapping[str, proto.HostRecord]) -> str | None:
-    """Why a READY record's endpoint must get no traffic, or None. It must be the advertised
-    address of the record's host, as that host's own heartbeat says, and a port in its agent's
-    range: a forged or stale record pointing anywhere else would receive clients' requests."""
+def upstream_allowed(host_id: str, address: str, allowed: Mapping[str, list[str]]) -> bool:
+    """Whether the operator's config lets host `host_id`'s instances be reached at `address`
+    (gateway.allowed_upstreams: its addresses, networks or names; with none configured, a
+    loopback address, whatever the host)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        ip = None
+    if not allowed:
+        return address.lower() == "localhost" or (ip is not None and ip.is_loopback)
+    for text in allowed.get(host_id, ()):
+        entry = upstream_entry(text)
+        if isinstance(entry, str):
+            if address.lower() == entry:
+                return True
+        elif entry is not None and ip is not None and ip.version == entry.version:
+            if ip in entry:
+                return True
+    return False
+
+
+def endpoint_refusal(
+    rec: InstanceRecord,
+    hosts: Mapping[str, proto.HostRecord],
+    allowed: Mapping[str, list[str]],
+) -> str | None:
+    """Why a READY record's endpoint must get no traffic, or None. Its address must be one
+    the operator allows for the record's host (`allowed`: gateway.allowed_upstreams) and
+    the address that host advertises in its heartbeat, with a port in its agent's range: a
+    forged or stale record pointing anywhere else would receive clients' requests."""
     host = hosts.get(rec.host or "")
     if host is None:
         return f"host {rec.host!r} is not known from heartbeats"
@@ -71,6 +100,20 @@ def endpoint_refusal(rec: InstanceRecord, hosts: Mapping[str, proto.HostRecord])
         or u.fragment
     ):
         return f"not http://{host.advertise_host}:<{lo}-{hi}> as host {rec.host} advertises"
+    if not upstream_allowed(host.host_id, u.hostname, allowed):
+        where = "a loopback address" if not allowed else f"gateway.allowed_upstreams.{rec.host}"
+        return f"{u.hostname} is not an address the config allows for host {rec.host} ({where})"
+    return None
+
+
+def placement_refusal(rec: InstanceRecord, key: proto.InstanceKey | None) -> str | None:
+    """Why a READY record was never placed where it says, or None: the placer's instance key
+    (KV instance keys, which only the placer writes) must name its host and model. A host's
+    agent may write its own records, but not the placer's word."""
+    if key is None:
+        return "no placement vouches for it (the placer issued no key for this instance)"
+    if key.host != rec.host or key.model != rec.model:
+        return f"it was placed as {key.model} on host {key.host}, not {rec.model} on {rec.host}"
     return None
 
 
@@ -113,13 +156,22 @@ class Router:
         self.ready: dict[str, list[InstanceRecord]] = {}  # model -> READY instances
         self.in_flight: dict[str, int] = {}  # instance id -> requests through this gateway
         self.last_used: dict[str, float] = {}
+        self.busy_since: dict[str, float] = {}  # instance id -> when its busy spell began
         self.failures: dict[str, Failure] = {}
         self.bad_until: dict[str, float] = {}  # endpoint -> monotonic time
         self._demanding: dict[str, asyncio.Task[None]] = {}  # model -> demand being sent
         self.last_demand: dict[str, float] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self.hosts: dict[str, proto.HostRecord] = {}  # from heartbeats: who may serve where
-        self._distrusted: set[tuple[str, str]] = set()  # (instance, endpoint) logged once
+        # instance id -> its API key, issued by the placer: the placer's word that the
+        # instance was placed on that host, and what the gateway sends it (upstream_headers)
+        self.keys: dict[str, proto.InstanceKey] = {}
+        # One record per instance id, the placed host's (lls/records.py): the watch's puts
+        # and deletes go through it to on_instance / on_instance_deleted.
+        self.instance_index = InstanceIndex(
+            self.on_instance, self.on_instance_deleted, lambda *a: self.bus.refuse_record(*a)
+        )
+        self._loading = 3  # initial loads of instances, hosts and keys still to come
         # Requests not yet sent to an instance (queued for a slot or for a ready instance),
         # per model in arrival order: ticket -> wall time it began to wait.
         self.queued: dict[str, dict[int, float]] = {}
@@ -130,12 +182,16 @@ class Router:
         self.keep_alive: dict[str, float] = {}  # instance id -> the last request's keep_alive
         self.swap_wait = Ewma()  # seconds a request waited for a model to become ready
         self.stats = ServingStats()  # per-model request counts and times, for the dashboard
+        self.warnings: list[str] = []  # what `lls ps` shows about this gateway (app.py sets it)
         self._report_now = asyncio.Event()
+        self.queue_began = asyncio.Event()  # set when a model's queue forms (stall.StallWatch)
         self.on_change: Callable[[InstanceRecord | None, InstanceRecord], None] | None = None
+        self.on_reindex: Callable[[str], None] | None = None  # a model's ready set was redone
         # Routing among a model's replicas (pick): each model's hash ring, rebuilt only when
         # its usable replicas change, and its round-robin turn (advanced by acquire).
         self._rings: dict[str, affinity.Ring] = {}
         self._turn: dict[str, int] = {}
+        self._slots: dict[str, int] = {}  # model -> slots its last ready instance reported
 
     # ------------------------------------------------------------------ view upkeep
 
@@ -151,8 +207,6 @@ class Router:
             self.draining.discard(rec.instance_id)
             if rec.state == InstanceState.READY and (old is None or old.state != rec.state):
                 self._report_now.set()  # its waiters start now; the placer should see them
-        if self.on_change is not None:
-            self.on_change(old, rec)
         if rec.state == InstanceState.FAILED and (old is None or old.state != rec.state):
             age = time.time() - rec.updated
             left = self.cfg.placer.failure_backoff - age
@@ -160,7 +214,11 @@ class Router:
                 self._fail(rec.model, f"{rec.model} failed to start: {rec.reason}", left)
         elif rec.state == InstanceState.READY:
             self.failures.pop(rec.model, None)
+            if rec.slots > 0:
+                self._slots[rec.model] = rec.slots
         self._reindex(rec.model)
+        if self.on_change is not None:  # after the re-index: it sees the instance as it is now
+            self.on_change(old, rec)
 
     def on_instance_deleted(self, key: str) -> None:
         iid = proto.instance_of_key(key)
@@ -179,19 +237,51 @@ class Router:
             and self._trusted(r)
         ]
         self._notify(model)
+        if self.on_reindex is not None:  # its waiters take what came free, now
+            self.on_reindex(model)
 
     def _trusted(self, rec: InstanceRecord) -> bool:
-        why = endpoint_refusal(rec, self.hosts)
-        if why is not None and (rec.instance_id, rec.endpoint or "") not in self._distrusted:
-            self._distrusted.add((rec.instance_id, rec.endpoint or ""))
-            log.warning(
-                "ignoring %s of %s at %s: %s", rec.instance_id, rec.model, rec.endpoint, why
+        """Whether a READY record may get traffic: placed there (placement_refusal), at an
+        endpoint its host advertises and the config allows (endpoint_refusal). Refusals are
+        reported once the views are loaded (before that, a record may just be early)."""
+        why = placement_refusal(rec, self.keys.get(rec.instance_id)) or endpoint_refusal(
+            rec, self.hosts, self.cfg.gateway.allowed_upstreams
+        )
+        if why is not None and not self._loading:
+            where = f"{rec.model} at {rec.endpoint}: {why}; it gets no traffic"
+            self.bus.refuse_record(
+                proto.KV_INSTANCES, proto.instance_key(rec.host or "", rec.instance_id), where
             )
         return why is None
 
+    def key_for(self, rec: InstanceRecord) -> str:
+        """The API key to send an instance that pick() chose (its key was there to trust it;
+        "" if it went meanwhile: the instance then answers 401)."""
+        key = self.keys.get(rec.instance_id)
+        return key.key if key is not None and key.host == rec.host else ""
+
+    def on_key(self, _key: str, key: proto.InstanceKey, _rev: int) -> None:
+        self.keys[key.instance_id] = key
+        self.instance_index.placed(key.instance_id, key.host)
+        if (rec := self.instances.get(key.instance_id)) is not None:
+            self._reindex(rec.model)
+
+    def on_key_deleted(self, key: str) -> None:
+        iid = proto.instance_of_key(key)
+        if self.keys.pop(iid, None) is not None:
+            self.instance_index.placed(iid, None)
+            if (rec := self.instances.get(iid)) is not None:
+                self._reindex(rec.model)
+
+    def _loaded(self) -> None:
+        """One of the three initial loads is done; after the last, every model is judged
+        again, now with the whole view (and what it refuses is reported)."""
+        self._loading -= 1
+        if self._loading == 0:
+            for model in {r.model for r in self.instances.values()}:
+                self._reindex(model)
+
     def on_host(self, key: str, rec: proto.HostRecord, _rev: int) -> None:
-        if key != proto.kv_key(rec.host_id):
-            return  # a record under another host's key: not that host's word
         old = self.hosts.get(rec.host_id)
         self.hosts[rec.host_id] = rec
         if old is None or (old.advertise_host, old.port_range) != (
@@ -210,9 +300,11 @@ class Router:
 
     def reloaded(self) -> None:
         """Wake the waits of models a reload removed: they answer 404 now, not at their next
-        check."""
+        check; judge every instance again (gateway.allowed_upstreams may have changed)."""
         for model in [m for m in self._changed if m not in self.cfg.models]:
             self._notify(model)
+        for model in {r.model for r in self.instances.values()}:
+            self._reindex(model)
 
     def _notify(self, model: str) -> None:
         ev = self._changed.pop(model, None)
@@ -231,40 +323,36 @@ class Router:
         self._fail(ev.model, ev.reason, ev.retry_after_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.bus.nc.subscribe(
-            proto.evt("placement.failed"), cb=self._on_placement_failed
-        )
-        loaded = asyncio.Event()
-        watcher = asyncio.create_task(
-            watch_kv(
-                self.bus,
-                self.bus.instances,
-                InstanceRecord,
-                self.on_instance,
-                self.on_instance_deleted,
-                stop,
-                on_initial_done=loaded.set,
+        sub = await self.bus.subscribe(proto.evt("placement.failed"), cb=self._on_placement_failed)
+        # The watches whose first load is done (one set up again after a reconnect loads
+        # again: counted once).
+        loaded: set[int] = set()
+
+        def first_load(i: int) -> None:
+            if i not in loaded:
+                loaded.add(i)
+                self._loaded()
+
+        index = self.instance_index
+        watches = [
+            (self.bus.instances, InstanceRecord, index.put, index.delete),
+            (self.bus.hosts, proto.HostRecord, self.on_host, self.on_host_deleted),
+            (self.bus.instance_keys, proto.InstanceKey, self.on_key, self.on_key_deleted),
+        ]
+        tasks = [
+            asyncio.create_task(
+                watch_kv(self.bus, kv, typ, put, delete, stop, lambda i=i: first_load(i))
             )
-        )
-        host_watcher = asyncio.create_task(
-            watch_kv(
-                self.bus,
-                self.bus.hosts,
-                proto.HostRecord,
-                self.on_host,
-                self.on_host_deleted,
-                stop,
-            )
-        )
-        reporter = asyncio.create_task(self._report_activity(stop))
+            for i, (kv, typ, put, delete) in enumerate(watches)
+        ]
+        tasks.append(asyncio.create_task(self._report_activity(stop)))
         try:
             await stop.wait()
         finally:
             await sub.unsubscribe()
-            watcher.cancel()
-            host_watcher.cancel()
-            reporter.cancel()
-            await asyncio.gather(watcher, host_watcher, reporter, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ requests
 
@@ -289,19 +377,44 @@ class Router:
             ids = tuple(sorted(r.instance_id for r in usable))
             if ring is None or ring.ids != ids:  # a replica came, went or was skipped
                 ring = self._rings[model] = affinity.Ring(ids)
-            m = self.cfg.models.get(model)
             iid, _why = affinity.choose(
                 ring,
                 prefix,
                 self.in_flight,
                 self.cfg.gateway.prefix_load_factor,
-                slots_of(m) if m is not None else 0,
+                min(r.slots or self.slots_expected(model) for r in usable),
             )
             return next(r for r in usable if r.instance_id == iid)
         if routing == "round_robin":
             usable.sort(key=lambda r: r.instance_id)  # a stable order to rotate through
             return usable[self._turn.get(model, 0) % len(usable)]
         return min(usable, key=lambda r: self.in_flight.get(r.instance_id, 0))
+
+    def slots_expected(self, model: str) -> int:
+        """Requests one instance of `model` runs at once, before it says: what its last ready
+        instance reported, else what its config implies (lls.config.slots_of)."""
+        known = self._slots.get(model)
+        if known:
+            return known
+        m = self.cfg.models.get(model)
+        return slots_of(m) if m is not None else 1
+
+    def sent_to(self, model: str) -> int:
+        """Requests in flight on any of `model`'s instances (sent, answer not finished)."""
+        return sum(
+            n
+            for iid, n in self.in_flight.items()
+            if n and (rec := self.instances.get(iid)) and rec.model == model
+        )
+
+    def held_elsewhere(self, model: str, ready: Sequence[InstanceRecord]) -> int:
+        """Requests in flight on `model`'s instances outside `ready` (draining ones)."""
+        ids = {r.instance_id for r in ready}
+        held = 0
+        for iid, n in self.in_flight.items():
+            if n and iid not in ids and (rec := self.instances.get(iid)) and rec.model == model:
+                held += n
+        return held
 
     def mark_bad(self, rec: InstanceRecord) -> None:
         log.warning("%s refused a connection; skipped for %g s", rec.endpoint, BAD_ENDPOINT_S)
@@ -379,7 +492,15 @@ class Router:
             return (
                 f"instance {r.instance_id} is yielding to {r.drain_for}; queued for its next turn"
             )
-        return f"instance {r.instance_id} is {r.state.value}{where}"
+        return f"instance {r.instance_id} is {r.state.value}{where}{self._build_on(r)}"
+
+    def _build_on(self, r: InstanceRecord) -> str:
+        """The build's stage, when a starting instance's host still builds llama-server (its
+        heartbeat says so: HostRecord.build), after a "; "; else ""."""
+        host = self.hosts.get(r.host or "")
+        if r.state != InstanceState.STARTING or host is None or host.build is None:
+            return ""
+        return f"; {host.build.message}"
 
     async def header_of(self, model: str) -> tuple[proto.GgufSummary | None, int | None]:
         """A model's GGUF summary and size: from a host's store, else as read from its source
@@ -422,6 +543,7 @@ class Router:
         waits = self.queued.setdefault(model, {})
         if not waits:
             self._report_now.set()  # a new queue: the placer orders models by oldest wait
+            self.queue_began.set()
         waits[ticket] = time.time()
         self.queued_by[ticket] = client
         return ticket
@@ -444,8 +566,12 @@ class Router:
 
     def begin(self, rec: InstanceRecord, keep_alive: float | None = None) -> None:
         iid = rec.instance_id
-        self.in_flight[iid] = self.in_flight.get(iid, 0) + 1
-        self.last_used[iid] = time.time()
+        now = time.time()
+        running = self.in_flight.get(iid, 0)
+        if not running and now - self.last_used.get(iid, 0.0) > IDLE_GAP_S:
+            self.busy_since[iid] = now  # a new busy spell (a short gap continues the last)
+        self.in_flight[iid] = running + 1
+        self.last_used[iid] = now
         if keep_alive is not None:
             self.keep_alive[iid] = keep_alive
         elif iid in self.keep_alive:
@@ -474,12 +600,16 @@ class Router:
                     self.last_used.pop(iid, None)
                     self.in_flight.pop(iid, None)
                     self.keep_alive.pop(iid, None)
+                    self.busy_since.pop(iid, None)
             report = proto.ActivityReport(
                 gateway_id=self.gateway_id,
                 ts=time.time(),
                 instances={
                     iid: proto.InstanceActivity(
-                        self.in_flight.get(iid, 0), used, self.keep_alive.get(iid)
+                        self.in_flight.get(iid, 0),
+                        used,
+                        self.keep_alive.get(iid),
+                        self.busy_since.get(iid),
                     )
                     for iid, used in self.last_used.items()
                 },
@@ -494,6 +624,7 @@ class Router:
                 instances_rev=self.view_rev,
                 serving=self.stats.report(),
                 serving_since=self.stats.since,
+                warnings=self.warnings,
             )
             try:
                 await self.bus.put(self.bus.activity, self.gateway_id, report)

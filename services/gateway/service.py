@@ -63,6 +63,7 @@ async def run(ctx: ServiceContext) -> None:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     sockets = [shared_socket(ctx.cfg.gateway.host, port)] if ctx.cfg.gateway.workers > 1 else None
     watch = asyncio.create_task(router.run(ctx.stop))
+    stall = asyncio.create_task(app.state.stall.run(ctx.stop))
     serve = asyncio.create_task(server.serve(sockets=sockets))
     log.info(
         "gateway listening on http://%s:%d (at most %d connections)",
@@ -74,7 +75,7 @@ async def run(ctx: ServiceContext) -> None:
     done, _ = await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     ctx.stop.set()
-    await asyncio.gather(serve, watch, return_exceptions=True)
+    await asyncio.gather(serve, watch, stall, return_exceptions=True)
     stop.cancel()
     if serve in done and serve.exception():
         raise serve.exception()  # type: ignore[misc]

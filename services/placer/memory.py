@@ -18,7 +18,14 @@ what the agents measured raises it.
                this assumes flash attention (llama.cpp's default on GPUs). Without it the KQ
                matrix adds n_ubatch x n_ctx x n_head x 4 bytes: set `memory_mib` then.
     overhead = 656 MiB per process on a GPU (CUDA context, cuBLAS handle, workspace and
-               kernels, the CUDA pool); 128 MiB for a CPU-only process.
+               kernels, the CUDA pool).
+
+A CPU-only process (n_gpu_layers 0; the total is RAM, compared with the process's RSS):
+
+    total = weights + kv_cache + cpu_compute + vocab + 20 MiB                (see "CPU" below)
+
+    cpu_compute = n_ubatch x (4 x 16 x n_embd + 2 x n_ctx)
+    vocab       = n_vocab x 352 B
 
 Calibration. The compute and overhead constants were fitted to one measurement, on one H200
 (driver 580, CUDA 13.0, llama-server for sm_90, process runtime), NVML per-process memory:
@@ -40,7 +47,40 @@ only 3 MiB from 4k to 32k context, so this bounds it from above. The estimate is
 664 / 2488 / 4308 MiB, 2-6% above each real figure (tests/test_memory.py pins this); the old
 512 MiB overhead and 4 x n_embd activations were 111-198 MiB short. One card, one llama.cpp
 build, two models: the agents' measurements (below) correct what the fit gets wrong
-elsewhere. The CPU overhead (128 MiB) was not part of that measurement.
+elsewhere.
+
+CPU. Fitted to llama-server's own buffer report and VmHWM (peak RSS) of two models on this
+repository's CPU build (2-core x86 host, AVX2, -t 1, llama-server's default 4 slots in one
+unified KV cache, config.yaml's `--cache-ram 0 --swa-full`), after the worst load we ran: one
+~1,900-token prompt, then four chats of five turns each, one per slot:
+
+    model                               ctx    real VmHWM MiB   estimate   over
+    tiny f32 (make_tiny_gguf.py)       2048         23              27     +17%
+    Gemma 3 270M Q4_K_M (config.yaml)  2048        383             402      +5%
+    Gemma 3 270M Q4_K_M (config.yaml)  4096        422             440      +4%
+    Gemma 3 270M Q4_K_M                8192        499             516      +3%
+
+No logits of a whole micro-batch: llama-server asks for one output per sequence, so the CPU
+compute buffer (22.3 MiB for Gemma at 2048, 24.8 at 4096; 1.6-5.1 MiB for the tiny model) is
+activations, 9-16 n_embd-wide f32 values per micro-batch token (16 kept), and the f16 mask
+(2 B per context cell, measured: +1 KiB per cell). Whether a GPU build also skips the
+micro-batch of logits was not measured (the H200 models above had a 269-token vocabulary).
+The weights are the mapped file (RssFile counts the pages once read; the few tensors
+repacked for AVX2, 12.7 MiB for Gemma, are copies, and fall in the rest). The fixed 20 MiB
+is what the tiny model's process holds beyond its buffers (~16 MiB: the binary's and
+libraries' pages, threads, heap), with room for the HTTP threads the agent adds. The rest
+grows with the vocabulary: the tokenizer's tables, and the per-slot sampler arrays and
+output logits (n_vocab f32 per slot). Gemma's 262,144 tokens left 71-107 MiB for it (the
+range that keeps all three of its rows within [real, real + 10%]); 352 B a token is kept.
+One real model fitted that constant: another vocabulary or tokenizer may land a few per
+cent elsewhere.
+
+Not counted: llama-server's RAM that grows with use unless flags bound it. Its prompt cache
+(`--cache-ram`, default 8 GiB: +29 MiB RSS per new conversation, measured on Gemma), and,
+for sliding-window models without `--swa-full`, its context checkpoints (`--ctx-checkpoints`,
+default 32 per slot: +15 MiB per turn of a growing chat). config.yaml's Gemma sets
+`--cache-ram 0 --swa-full`; do the same (or set `memory_mib`) for a model whose RAM must
+stay as placed.
 
 Measured memory. Once an instance runs on an NVIDIA GPU, its agent reports what the process
 really holds (`proto.MeasuredMemory`, NVML per process, in each heartbeat). The placer keeps
@@ -49,13 +89,15 @@ max(estimate, measured) on that kind of GPU (`gpu_needs`), so the next placement
 even where the formula is not. Only single-GPU instances teach it (a split one holds a
 context per GPU). Nothing is persisted: a restarted placer relearns it from the heartbeats.
 
-Sliding-window layers are sized for the full context, a safe upper bound (llama.cpp
-allocates less for them). n_gpu_layers: None (or >= n_layers) = everything on the GPU; 0 = a
-CPU process, the total is RAM; in between, weights, KV and compute scale with the offloaded
-fraction (the GPU part only). Worked example, Llama-3-8B Q4_K_M at 8192 context (32 layers,
-8 KV heads of 128 dims, 128256 tokens): weights 4.6 GiB + KV 8192 x 32 x 8 x 512 B = 1.0 GiB
-+ compute 512 x (4 x (128256 + 32 x 4096) + 2 x 8192) B = 0.5 GiB + overhead 0.6 GiB
-= 6.7 GiB.
+Sliding-window layers are sized for the full context: exact with `--swa-full`, an upper
+bound without it (llama.cpp then gives them a window per slot plus a micro-batch: Gemma 3
+270M's 15 of 18 layers, 49.5 MiB at 4096 context where the formula says 72, and 133.5 at
+32768 where it says 576, but the checkpoints above come on top; the GGUF header does not say
+which layers slide, so the estimate cannot). n_gpu_layers: None (or >= n_layers) = everything on the GPU; 0 = a CPU process, the total is
+RAM; in between, weights, KV and compute scale with the offloaded fraction (the GPU part
+only). Worked example, Llama-3-8B Q4_K_M at 8192 context (32 layers, 8 KV heads of 128 dims,
+128256 tokens): weights 4.6 GiB + KV 8192 x 32 x 8 x 512 B = 1.0 GiB + compute 512 x (4 x
+(128256 + 32 x 4096) + 2 x 8192) B = 0.5 GiB + overhead 0.6 GiB = 6.7 GiB.
 """
 
 from __future__ import annotations
@@ -69,7 +111,10 @@ from proto.messages import GgufSummary, MeasuredMemory
 N_UBATCH = 512  # llama-server's default -ub
 ACTIVATION_WIDTHS = 32  # f32 values per micro-batch token, in units of n_embd (fitted)
 GPU_OVERHEAD_MIB = 656  # fitted to one H200 measurement (see the module docstring)
-CPU_OVERHEAD_MIB = 128
+# A CPU-only process (the module docstring's "CPU"): fitted to two models' peak RSS.
+CPU_OVERHEAD_MIB = 20
+CPU_ACTIVATION_WIDTHS = 16  # f32 values per micro-batch token, in units of n_embd
+CPU_VOCAB_BYTES = 352  # per vocabulary entry: tokenizer tables, 4 slots' sampler and logits
 MIB = 1 << 20
 
 # bytes per element of each KV cache type (`--cache-type-k/-v`)
@@ -132,6 +177,11 @@ def compute_bytes(s: GgufSummary, n_ctx: int) -> int:
     return N_UBATCH * (4 * (s.n_vocab + ACTIVATION_WIDTHS * s.n_embd) + 2 * n_ctx)
 
 
+def cpu_compute_bytes(s: GgufSummary, n_ctx: int) -> int:
+    # a CPU process's: activations of one micro-batch and its f16 mask, no batch of logits
+    return N_UBATCH * (4 * CPU_ACTIVATION_WIDTHS * s.n_embd + 2 * n_ctx)
+
+
 def _mib(n_bytes: float) -> int:
     return math.ceil(n_bytes / MIB)
 
@@ -153,7 +203,9 @@ def estimate_mib(
     compute: float = compute_bytes(summary, n_ctx)
     overhead = GPU_OVERHEAD_MIB
     if n_gpu_layers == 0:
-        overhead = CPU_OVERHEAD_MIB
+        compute = cpu_compute_bytes(summary, n_ctx)
+        # the vocabulary's share goes with the fixed part: it is not a llama.cpp buffer
+        overhead = CPU_OVERHEAD_MIB + _mib(summary.n_vocab * CPU_VOCAB_BYTES)
     elif n_gpu_layers is not None and 0 < n_gpu_layers < summary.n_layers:
         part = n_gpu_layers / summary.n_layers
         weights, kv, compute = weights * part, kv * part, compute * part

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from msgspec.structs import replace as replace_struct
@@ -148,6 +148,59 @@ def _gone_since_heartbeat(
     return gpu, ram
 
 
+def host_room(
+    h: HostRecord,
+    instances: Iterable[InstanceRecord],
+    ram_reserve_mib: int,
+) -> tuple[dict[int, int], int | None]:
+    """Free MiB per GPU index of `h`, and free RAM if it is CPU-only (None otherwise), from
+    its heartbeat and those of `instances` that are on it (in the view's order: the claims
+    of split instances are float shares, summed in that order)."""
+    gpu_claims, ram_claims = _claims(instances)
+    gone_gpu, gone_ram = _gone_since_heartbeat([h], instances)
+    return _room(h, gpu_claims, ram_claims, gone_gpu, gone_ram, ram_reserve_mib)
+
+
+def _room(
+    h: HostRecord,
+    gpu_claims: Mapping[tuple[str, int], float],
+    ram_claims: Mapping[str, float],
+    gone_gpu: Mapping[tuple[str, int], float],
+    gone_ram: Mapping[str, float],
+    ram_reserve_mib: int,
+) -> tuple[dict[int, int], int | None]:
+    gpu_free: dict[int, int] = {}
+    for g in h.gpus:
+        foreign = sum(p.used_mib for p in g.processes if not p.ours) if g.processes else 0
+        claimed = gpu_claims.get((h.host_id, g.index), 0.0) + foreign
+        used = g.memory_used_mib - gone_gpu.get((h.host_id, g.index), 0.0)
+        gpu_free[g.index] = int(g.memory_total_mib - max(used, claimed))
+    ram_free = None
+    if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
+        used = h.ram_total_mib - h.ram_free_mib - gone_ram.get(h.host_id, 0.0)
+        claimed = ram_claims.get(h.host_id, 0.0)
+        reserve = ram_reserve_mib if h.ram_reserve_mib is None else h.ram_reserve_mib
+        ram_free = int(h.ram_total_mib - reserve - max(used, claimed))
+    return gpu_free, ram_free
+
+
+def host_view(
+    h: HostRecord, gpu_free: Mapping[int, int], ram_free: int | None, need: Need
+) -> _HostView:
+    """What `need` sees of one host: its free room (`_room`), narrowed to the pinned GPUs,
+    with what the model needs beyond `need.memory_mib` on each kind of GPU."""
+    v = _HostView(h.host_id, h.host_id in need.file_hosts)
+    for g in h.gpus:
+        if need.pin_gpus and g.index not in need.pin_gpus:
+            continue
+        v.gpu_free[g.index] = gpu_free[g.index]
+        extra = need.gpu_memory_mib.get(g.name, 0) - need.memory_mib
+        if extra > 0:
+            v.gpu_extra[g.index] = extra
+    v.ram_free = ram_free
+    return v
+
+
 def _build_view(
     hosts: Sequence[HostRecord],
     instances: Sequence[InstanceRecord],
@@ -158,23 +211,8 @@ def _build_view(
     gone_gpu, gone_ram = _gone_since_heartbeat(hosts, instances)
     views = []
     for h in hosts:
-        v = _HostView(h.host_id, h.host_id in need.file_hosts)
-        for g in h.gpus:
-            if need.pin_gpus and g.index not in need.pin_gpus:
-                continue
-            foreign = sum(p.used_mib for p in g.processes if not p.ours) if g.processes else 0
-            claimed = gpu_claims.get((h.host_id, g.index), 0.0) + foreign
-            used = g.memory_used_mib - gone_gpu.get((h.host_id, g.index), 0.0)
-            v.gpu_free[g.index] = int(g.memory_total_mib - max(used, claimed))
-            extra = need.gpu_memory_mib.get(g.name, 0) - need.memory_mib
-            if extra > 0:
-                v.gpu_extra[g.index] = extra
-        if not h.gpus:  # same rule as GPUs: live usage vs our claims, whichever is larger
-            used = h.ram_total_mib - h.ram_free_mib - gone_ram.get(h.host_id, 0.0)
-            claimed = ram_claims.get(h.host_id, 0.0)
-            reserve = ram_reserve_mib if h.ram_reserve_mib is None else h.ram_reserve_mib
-            v.ram_free = int(h.ram_total_mib - reserve - max(used, claimed))
-        views.append(v)
+        free, ram = _room(h, gpu_claims, ram_claims, gone_gpu, gone_ram, ram_reserve_mib)
+        views.append(host_view(h, free, ram, need))
     return views
 
 
@@ -330,14 +368,17 @@ def _evictables(
     keep_loaded: frozenset[str],
     hosts: set[str],
     may_drain: Mapping[str, float],
-    unsettled: frozenset[str],
+    unsettled: Container[str],
+    spares: Container[str] | None = None,
 ) -> tuple[dict[str, list[Victim]], int, int]:
     """Victims per host in `hosts`: idle READY (or drained) instances, spare copies of a
     model first, least recently used first; then busy ones allowed to drain in their
-    `may_drain` rank; (busy, kept) counts what stays out."""
+    `may_drain` rank; (busy, kept) counts what stays out. `spares` (default: from
+    `instances`) lets a caller that passes only some hosts' instances say which are spare."""
     by_host: dict[str, list[Victim]] = defaultdict(list)
     busy = kept = 0
-    spares = spare_copies(instances, activity)
+    if spares is None:
+        spares = spare_copies(instances, activity)
     for inst in instances:
         if inst.state not in _SERVING or inst.host not in hosts or inst.model == need.model:
             continue
@@ -528,30 +569,57 @@ def _placed_reason(o: _Option, need: Need, strategy: str, notes: list[str], copi
     return "; ".join([s, *notes])
 
 
+@dataclass(frozen=True)
+class RoomLeft:
+    """What the candidate hosts have free, for the sentences of a NoFit."""
+
+    gpu_hosts: int  # hosts with a GPU (a pinned one, where pinned)
+    largest: tuple[int, str, int] | None  # (free MiB, host, GPU index): the most on one GPU
+    split_best: int  # the largest model an even split over one host's GPUs could hold
+    cpu_hosts: int  # CPU-only hosts
+    best_ram: int  # the most RAM free on one of them (0: none)
+    empty: tuple[str, ...] = ()  # hosts with none of the pinned GPUs
+
+
+def _room_left(views: list[_HostView], overhead_mib: int) -> RoomLeft:
+    gpu_views = [v for v in views if v.gpu_free]
+    cpu_views = [v for v in views if v.ram_free is not None]
+    return RoomLeft(
+        gpu_hosts=len(gpu_views),
+        largest=max(
+            ((f, v.host_id, i) for v in gpu_views for i, f in v.gpu_free.items()), default=None
+        ),
+        split_best=max((_split_capacity(v, overhead_mib) for v in gpu_views), default=0),
+        cpu_hosts=len(cpu_views),
+        best_ram=max((v.ram_free or 0 for v in cpu_views), default=0),
+        empty=tuple(v.host_id for v in views if not v.gpu_free and v.ram_free is None),
+    )
+
+
 def _no_room(views: list[_HostView], need: Need, total_hosts: int, overhead_mib: int) -> list[str]:
+    return no_room_text(_room_left(views, overhead_mib), need, total_hosts)
+
+
+def no_room_text(left: RoomLeft, need: Need, total_hosts: int) -> list[str]:
     needs = gib(need.memory_mib)
     out = []
-    gpu_views = [v for v in views if v.gpu_free]
-    if gpu_views:
-        best = max((f, v.host_id, i) for v in gpu_views for i, f in v.gpu_free.items())
+    if left.gpu_hosts and left.largest is not None:
+        free, host, index = left.largest
         s = (
-            f"{len(gpu_views)} of {total_hosts} hosts excluded: not enough free memory on any GPU,"
-            f" largest free {gib(max(best[0], 0))} ({best[1]} GPU {best[2]}), model needs {needs}"
+            f"{left.gpu_hosts} of {total_hosts} hosts excluded: not enough free memory on any GPU,"
+            f" largest free {gib(max(free, 0))} ({host} GPU {index}), model needs {needs}"
         )
-        split_best = max((_split_capacity(v, overhead_mib) for v in gpu_views), default=0)
-        if split_best > 0:
-            s += f"; split across the GPUs of one host, at most {gib(split_best)} fits"
+        if left.split_best > 0:
+            s += f"; split across the GPUs of one host, at most {gib(left.split_best)} fits"
         out.append(s)
-    cpu_views = [v for v in views if v.ram_free is not None]
-    if cpu_views:
-        best_ram = max(v.ram_free or 0 for v in cpu_views)
+    if left.cpu_hosts:
         out.append(
-            f"{len(cpu_views)} of {total_hosts} hosts excluded: CPU-only with at most"
-            f" {gib(max(best_ram, 0))} RAM free after the reserve, model needs {gib(need.ram_mib)}"
+            f"{left.cpu_hosts} of {total_hosts} hosts excluded: CPU-only with at most"
+            f" {gib(max(left.best_ram, 0))} RAM free after the reserve, model needs {gib(need.ram_mib)}"
         )
-    empty = [v.host_id for v in views if not v.gpu_free and v.ram_free is None]
-    if empty:
+    if left.empty:
         pins = ",".join(map(str, need.pin_gpus))
+        empty = list(left.empty)
         out.append(
             f"{len(empty)} of {total_hosts} hosts excluded: no pinned GPU {pins} there ({_names(empty)})"
         )

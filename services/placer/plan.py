@@ -37,7 +37,7 @@ Timing that must survive a change of leader is not kept there but read from the 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -59,7 +59,14 @@ from services.placer.placement import (
     lost_hosts,
     place,
 )
-from services.placer.turns import Waiting, drain_status, group_conflicts, may_yield
+from services.placer.placement_index import PlacementIndex, fold_activity, place_indexed
+from services.placer.turns import (
+    Waiting,
+    drain_status,
+    group_conflicts,
+    may_yield,
+    reclaimed,
+)
 
 __all__ = [
     "Action",
@@ -82,6 +89,7 @@ __all__ = [
     "Try",
     "View",
     "Wait",
+    "Yielding",
     "advance_gate",
     "check_start",
     "check_stop",
@@ -201,6 +209,7 @@ class Limits:
     keep_loaded: frozenset[str] = frozenset()  # the config's keep_loaded models
     strategy: str = "binpack"  # placer.strategy
     min_turn: float = 5.0  # placer.min_turn
+    max_turn: float = 30.0  # placer.max_turn
     ram_reserve_mib: int = 1024  # agent.ram_reserve_mib
 
 
@@ -233,6 +242,9 @@ class View:
     # READY instances some live gateway has not reported on since it saw them ready (its
     # waiting requests may be about to start there): never evicted without a drain
     unsettled: frozenset[str] = frozenset()
+    # The same instances and hosts, indexed (the service keeps it): placements, and the
+    # lookups by model, read it instead of scanning every instance and GPU
+    index: PlacementIndex | None = None
 
     def __post_init__(self) -> None:
         names = ("instances", "hosts", "heard", "queues", "last_demand", "holds", "download_epochs")
@@ -249,10 +261,38 @@ class View:
 
     def live(self, model: str) -> list[InstanceRecord]:
         return [
+            r for r in self.of_model(model) if r.state in LIVE_STATES and r.host not in self.lost
+        ]
+
+    def of_model(self, model: str) -> list[InstanceRecord]:
+        """The model's instance records, in the view's order."""
+        if self.index is not None:
+            return self.index.of_model(model)
+        return [r for r in self.instances.values() if r.model == model]
+
+    def draining_for(self, model: str) -> list[InstanceRecord]:
+        """Instances DRAINING to make room for `model`, in the view's order."""
+        if self.index is not None:
+            return self.index.draining_for(model)
+        return [
             r
             for r in self.instances.values()
-            if r.model == model and r.state in LIVE_STATES and r.host not in self.lost
+            if r.state == InstanceState.DRAINING and r.drain_for == model
         ]
+
+    def fresh(self, now: float) -> list[ActivityReport]:
+        """The gateways' reports that count at `now`, in the view's order."""
+        return [r for r in self.reports if r.ts >= now - ACTIVITY_STALE_S]
+
+    def indexed(self, now: float) -> PlacementIndex | None:
+        """The index, brought up to the reports that count at `now` and the config."""
+        if self.index is not None:
+            self.index.sync(
+                self.fresh(now),
+                keep_loaded=self.keep_loaded(),
+                ram_reserve_mib=self.limits.ram_reserve_mib,
+            )
+        return self.index
 
     def held(self, kind: str, key: str, now: float) -> bool:
         t = self.holds.get((kind, key))
@@ -273,14 +313,7 @@ def merge_activity(
         if rep.ts < fresh_after:
             continue
         for iid, a in rep.instances.items():
-            cur = out.get(iid)
-            if cur is None:
-                out[iid] = InstanceActivity(a.in_flight, a.last_used, a.keep_alive)
-            else:
-                cur.in_flight += a.in_flight
-                if a.last_used >= cur.last_used:
-                    cur.keep_alive = a.keep_alive
-                cur.last_used = max(cur.last_used, a.last_used)
+            out[iid] = fold_activity(out.get(iid), a)
     return out
 
 
@@ -477,6 +510,14 @@ def _drain_wanted(view: View, target: str, now: float, live: set[str]) -> bool:
     )
 
 
+def _serves_elsewhere(view: View, rec: InstanceRecord) -> bool:
+    """Whether another READY instance of `rec`'s model serves its requests."""
+    return any(
+        r.model == rec.model and r.state == InstanceState.READY and r.instance_id != rec.instance_id
+        for r in view.instances.values()
+    )
+
+
 def _same_group(limits: Limits, a: str, b: str) -> bool:
     ga = limits.groups.get(a, "")
     return bool(ga) and ga == limits.groups.get(b, "")
@@ -495,6 +536,17 @@ def plan_drains(view: View, now: float) -> list[Action]:
         if rec.state != InstanceState.DRAINING or not rec.drain_for:
             continue  # (no drain_for: retiring, see plan_retire)
         target = rec.drain_for
+        q = view.queues.get(target)  # (none: moot, or the target's demand came by event)
+        own = view.queues.get(rec.model)
+        if q is not None and own is not None and reclaimed(rec, own, q.since):
+            if _serves_elsewhere(view, rec):
+                continue  # its other instance serves them; the drain goes on
+            why = (
+                f"swap cancelled: {own.waiting} request(s) for {rec.model} came as it "
+                f"began to yield, as early as {target}'s; it serves them first"
+            )
+            out.append(EndDrain(rec.instance_id, "cancelled", why))
+            continue
         status = drain_status(
             rec,
             view.reports,
@@ -587,7 +639,7 @@ def plan_upkeep(view: View, now: float) -> list[Action]:
         limits = view.limits
         stops = idle_to_stop(
             [r for r in view.instances.values() if r.model not in view.pinned],
-            view.activity(now),
+            placement_activity(view, now),  # a model with requests queued is not idle
             limits.idle_timeouts,
             limits.idle_timeout,
             now,
@@ -644,9 +696,7 @@ def demand_gate(view: View, model: str, now: float) -> Action | None:
         return Refuse(model, f"model {model!r} is not configured", NOT_CONFIGURED_RETRY_S)
     if view.live(model):
         return Wait(model, "it has a live instance")
-    for r in view.instances.values():
-        if r.state != InstanceState.DRAINING or r.drain_for != model:
-            continue
+    for r in view.draining_for(model):
         status = drain_status(
             r,
             view.reports,
@@ -658,7 +708,7 @@ def demand_gate(view: View, model: str, now: float) -> Action | None:
         if status != "drained":
             return Wait(model, f"{r.instance_id} is draining for it")
     backoff = view.limits.failure_backoff
-    failed = recent_failure(view.instances.values(), model, now, backoff)
+    failed = recent_failure(view.of_model(model), model, now, backoff)
     if failed is not None:
         wait = failed.updated + backoff - now
         return Refuse(
@@ -694,12 +744,36 @@ def place_in(
     may_drain: Mapping[str, float] | None = None,
     may_evict: bool = True,
 ) -> Placed | NoFit:
-    """The pure placement (`placement.place`) over what the view holds."""
-    instances = [r for r in view.instances.values() if r.instance_id != exclude]
+    """The pure placement (`placement.place`) over what the view holds: from its index
+    where the view has one and the index can tell (`placement_index.place_indexed`, the
+    same answer), else by scanning every instance and GPU."""
     lim = view.limits
     # Memory unknown until the file's header is read: fetch where the most is free, so
     # the re-check after the download most likely fits on that same host.
     strategy = lim.strategy if need.memory_mib else "spread"
+    if view.index is not None:
+        fast = place_indexed(
+            view.index,
+            view.hosts,
+            need,
+            now=now,
+            fresh=view.fresh(now),
+            queues=view.queues,
+            strategy=strategy,
+            host_lost_after=lim.host_lost_after,
+            heard=view.heard,
+            ram_reserve_mib=lim.ram_reserve_mib,
+            keep_loaded=view.keep_loaded(),
+            may_drain=may_drain,
+            unsettled=view.unsettled,
+            may_evict=may_evict,
+            exclude=exclude,
+        )
+        if fast is not None:
+            return fast
+    if isinstance(may_drain, Yielding):
+        may_drain = may_drain.full()
+    instances = [r for r in view.instances.values() if r.instance_id != exclude]
     return place(
         list(view.hosts.values()),
         instances,
@@ -751,17 +825,77 @@ def never_fits(view: View, need: Need, now: float) -> str | None:
     return None
 
 
-def may_drain(view: View, model: str, now: float) -> dict[str, float]:
-    """Busy READY instances that may yield to `model` now, ranked (pure `turns.may_yield`)."""
+def may_drain(view: View, model: str, now: float) -> Mapping[str, float]:
+    """Busy READY instances that may yield to `model` now, ranked (pure `turns.may_yield`):
+    their turn is over against `model`'s oldest waiting request (or its last demand). Over
+    an indexed view, worked out only for the instances asked about (`Yielding`)."""
+    if view.index is not None:
+        return Yielding(view, model, now)
+    return _may_yield(view, list(view.instances.values()), view.activity(now), model, now)
+
+
+def _may_yield(
+    view: View,
+    instances: list[InstanceRecord],
+    activity: Mapping[str, InstanceActivity],
+    model: str,
+    now: float,
+) -> dict[str, float]:
+    q = view.queues.get(model)
+    rival = q.since if q is not None else view.last_demand.get(model, now)
     return may_yield(
-        list(view.instances.values()),
-        view.activity(now),
+        instances,
+        activity,
         view.queues,
         for_model=model,
         now=now,
         min_turn_s=view.limits.min_turn,
+        max_turn_s=view.limits.max_turn,
+        rival_since=rival,
         keep_loaded=view.keep_loaded(),
+        unsettled=view.unsettled,
     )
+
+
+class Yielding(Mapping[str, float]):
+    """`may_drain` over an indexed view. `ranks_for` asks `turns.may_yield` about a few
+    instances only, with each of their models' most recently used READY instance beside
+    them (which copies are spare depends on it): their ranks keep the whole ranking's
+    order, and that order is all placement compares. Read as a whole mapping, it is the
+    whole ranking (`full`, computed once)."""
+
+    def __init__(self, view: View, model: str, now: float) -> None:
+        self.view, self.model, self.now = view, model, now
+        self._full: dict[str, float] | None = None
+
+    def ranks_for(self, ids: Iterable[str]) -> dict[str, float]:
+        index = self.view.indexed(self.now)
+        assert index is not None
+        wanted = {i for i in ids if i in index.instances}
+        keepers = {k for i in wanted if (k := index.keeper(index.instances[i].model))}
+        recs = index.records(wanted | keepers)
+        ranks = _may_yield(self.view, recs, index.activity, self.model, self.now)
+        return {i: r for i, r in ranks.items() if i in wanted}
+
+    def full(self) -> dict[str, float]:
+        if self._full is None:
+            v = self.view
+            self._full = _may_yield(
+                v, list(v.instances.values()), v.activity(self.now), self.model, self.now
+            )
+        return self._full
+
+    def __contains__(self, iid: object) -> bool:
+        return isinstance(iid, str) and iid in self.ranks_for([iid])
+
+    def __getitem__(self, iid: str) -> float:
+        return self.full()[iid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.full())
+
+    def __len__(self) -> int:
+        return len(self.full())
 
 
 def _yields_now(view: View, iid: str, model: str, now: float) -> bool:

@@ -36,9 +36,11 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 import proto
+from lls import instance_key
 from lls.aio import wait_event
 from lls.bus import new_id, watch_kv
 from lls.config import ModelConfig, launch_fingerprint, store_filename_of
+from lls.records import InstanceIndex
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, lifecycle
 
@@ -53,6 +55,7 @@ from .memory import (
     remember_measured,
 )
 from .placement import Need, NoFit, Placed
+from .placement_index import PlacementIndex, ReadyRevs
 from .plan import (
     ACTIVITY_STALE_S,
     DEMAND_FRESH_S,
@@ -121,6 +124,7 @@ INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dro
 BUSY_WAIT_S = 10.0  # a placed instance waits this long for its evicted victims' memory
 INSPECT_WAIT_S = 10.0  # demand for a model of unknown size waits this long for its header
 INSPECT_RETRY_S = 300.0  # a header that never came is asked for again after this
+KEY_SWEEP_S = 10.0  # instance keys of ended (or vanished) instances are deleted this often
 
 
 class Placer:
@@ -137,7 +141,17 @@ class Placer:
         self.last_heartbeat = 0.0  # when any host's heartbeat last arrived (0: none yet)
         self.instances: dict[str, InstanceRecord] = {}
         self.revisions: dict[str, int] = {}
-        self.ready_rev: dict[str, int] = {}  # instance -> revision of the record that said READY
+        # instance -> revision of the record that said READY (also sorted by revision)
+        self.ready_rev = ReadyRevs()
+        # The Limits of the config sections they were built from (rebuilt after a reload),
+        # and the hosts and instances indexed for placement (placement_index.py), fed by
+        # the watches below
+        self._limits_of: tuple[object, ...] = ()
+        self._limits_built = Limits()
+        limits = self._limits()
+        self.placement_index = PlacementIndex(
+            ram_reserve_mib=limits.ram_reserve_mib, keep_loaded=limits.keep_loaded
+        )
         self.activity: dict[str, proto.ActivityReport] = {}
         self.headers: dict[str, proto.ModelInfo] = {}  # model -> header read from its source
         self.lost: set[str] = set()
@@ -162,6 +176,13 @@ class Placer:
         self.measured: dict[MeasuredKey, int] = {}
         self.started = time.time()
         self.lease = Lease(self.bus.leases, f"placer-{ctx.host_id}-{new_id()}")
+        # instance id -> the API key issued for it (KV instance keys, lls/instance_key.py),
+        # and one record per instance id, the placed host's (lls/records.py)
+        self.keys: dict[str, proto.InstanceKey] = {}
+        self.instance_index = InstanceIndex(
+            self._on_instance, self._on_instance_del, lambda *a: self.bus.refuse_record(*a)
+        )
+        self.keys_swept = 0.0
 
     # ------------------------------------------------------------------ views
 
@@ -176,6 +197,7 @@ class Placer:
             )
             self.hosts_back_at = now
         self.hosts[rec.host_id] = rec
+        self.placement_index.put_host(rec)
         self.received[rec.host_id] = now  # our clock: hosts' clocks may be off
         self.host_revs[rec.host_id] = rev
         if rec.measured:
@@ -184,6 +206,7 @@ class Placer:
 
     def _on_host_del(self, key: str) -> None:
         self.hosts.pop(key, None)
+        self.placement_index.delete_host(key)
         self.host_revs.pop(key, None)
         self.received.pop(key, None)
 
@@ -192,6 +215,8 @@ class Placer:
         to us, nor before heartbeats came again after none came from any host: a placer
         must judge hosts by their silence, not by the bus's."""
         back = max(self.bus.back_at, self.hosts_back_at)
+        if not self.received or back <= min(self.received.values()):
+            return dict(self.received)  # (the usual case, without a Python loop over hosts)
         return {h: max(t, back) for h, t in self.received.items()}
 
     async def _confirm_silence(self, now: float) -> bool:
@@ -226,17 +251,32 @@ class Placer:
         return True
 
     def _on_instance(self, key: str, rec: InstanceRecord, rev: int) -> None:
+        old = self.instances.get(rec.instance_id)
         self.instances[rec.instance_id] = rec
+        self.placement_index.put_instance(rec)
         self.revisions[rec.instance_id] = rev
         if rec.state == InstanceState.READY:
-            self.ready_rev.setdefault(rec.instance_id, rev)
+            if old is not None and old.state == InstanceState.DRAINING:
+                self.ready_rev[rec.instance_id] = rev  # serves again: unsettled till reported
+            else:
+                self.ready_rev.setdefault(rec.instance_id, rev)
         elif rec.state != InstanceState.DRAINING:
             self.ready_rev.pop(rec.instance_id, None)
         self.wake.set()
 
+    def _on_key(self, _key: str, placed: proto.InstanceKey, _rev: int) -> None:
+        self.keys[placed.instance_id] = placed
+        self.instance_index.placed(placed.instance_id, placed.host)
+
+    def _on_key_del(self, key: str) -> None:
+        iid = proto.instance_of_key(key)
+        if self.keys.pop(iid, None) is not None:
+            self.instance_index.placed(iid, None)
+
     def _on_instance_del(self, key: str) -> None:
         iid = proto.instance_of_key(key)
         self.instances.pop(iid, None)
+        self.placement_index.delete_instance(iid)
         self.revisions.pop(iid, None)
         self.ready_rev.pop(iid, None)
 
@@ -249,19 +289,35 @@ class Placer:
 
     def _on_activity(self, key: str, rep: proto.ActivityReport, _rev: int) -> None:
         self.activity[rep.gateway_id] = rep
+        self._index_reports()
         if rep.draining or rep.queues:
             self.wake.set()  # a drain may be done, or a queue formed: decide now
 
     def _on_activity_del(self, key: str) -> None:
         self.activity.pop(key, None)
+        self._index_reports()
+
+    def _index_reports(self) -> None:
+        """The reports that count now, merged into the placement index here rather than on
+        the decision path (which merges again only what went stale since)."""
+        fresh_after = time.time() - ACTIVITY_STALE_S
+        self.placement_index.set_reports([r for r in self.activity.values() if r.ts >= fresh_after])
 
     def merged_activity(self) -> dict[str, proto.InstanceActivity]:
         """In-flight counts summed and last use maxed over every gateway's report."""
         return merge_activity(self.activity.values(), time.time() - ACTIVITY_STALE_S)
 
     def _limits(self) -> Limits:
+        """The knobs the planner reads, built once per config (re)load: a reload swaps the
+        config's sections (lls.service.apply_live), and only then is this built again."""
         cfg = self.cfg
-        return Limits(
+        of = (cfg.models, cfg.placer, cfg.gateway, cfg.downloader, cfg.agent, cfg.idle_timeout)
+        old = self._limits_of
+        if len(old) == len(of) and all(a is b for a, b in zip(old[:-1], of[:-1], strict=True)):
+            if old[-1] == of[-1]:
+                return self._limits_built
+        self._limits_of = of
+        self._limits_built = Limits(
             host_lost_after=cfg.placer.host_lost_after,
             failure_backoff=cfg.placer.failure_backoff,
             drain_timeout=cfg.placer.drain_timeout,
@@ -276,8 +332,10 @@ class Placer:
             keep_loaded=frozenset(n for n, m in cfg.models.items() if m.keep_loaded),
             strategy=cfg.placer.strategy,
             min_turn=cfg.placer.min_turn,
+            max_turn=max(cfg.placer.max_turn, cfg.placer.min_turn),
             ram_reserve_mib=cfg.agent.ram_reserve_mib,
         )
+        return self._limits_built
 
     def _view(self, queues: dict[str, Waiting] | None = None, now: float | None = None) -> View:
         """What the planner decides from: the current views, read-only. Built right before
@@ -289,7 +347,9 @@ class Placer:
             heard=self._heard(),
             lost=frozenset(self.lost),
             reports=self.activity.values(),
-            queues=queues if queues is not None else {},
+            # What waits at the gateways, as of their last reports: every decision that could
+            # stop an instance must see it (a model with requests queued is never idle).
+            queues=queues if queues is not None else self._queues(),
             last_demand=self.last_demand,
             limits=self._limits(),
             holds=self.backoff.view(),
@@ -298,6 +358,7 @@ class Placer:
             epoch=self.lease.epoch,
             download_epochs=self.download_epoch,
             unsettled=self._unsettled(now) if now is not None else frozenset(),
+            index=self.placement_index,
         )
 
     # ------------------------------------------------------------------ run
@@ -312,8 +373,16 @@ class Placer:
                 self.bus,
                 self.bus.instances,
                 InstanceRecord,
-                self._on_instance,
-                self._on_instance_del,
+                self.instance_index.put,
+                self.instance_index.delete,
+                stop,
+            ),
+            watch_kv(
+                self.bus,
+                self.bus.instance_keys,
+                proto.InstanceKey,
+                self._on_key,
+                self._on_key_del,
                 stop,
             ),
             watch_kv(
@@ -344,11 +413,11 @@ class Placer:
         ]
         tasks = [asyncio.create_task(c) for c in buses]
         subs = [
-            await self.bus.nc.subscribe(proto.evt("demand"), cb=self._on_demand),
-            await self.bus.nc.subscribe(proto.evt("download.*"), cb=self._on_download),
-            await self.bus.nc.subscribe(proto.evt("stop.requested"), cb=self._on_stop_requested),
-            await self.bus.nc.subscribe(proto.evt("pull.requested"), cb=self._on_file_request),
-            await self.bus.nc.subscribe(proto.evt("delete.requested"), cb=self._on_file_request),
+            await self.bus.subscribe(proto.evt("demand"), cb=self._on_demand),
+            await self.bus.subscribe(proto.evt("download.*"), cb=self._on_download),
+            await self.bus.subscribe(proto.evt("stop.requested"), cb=self._on_stop_requested),
+            await self.bus.subscribe(proto.evt("pull.requested"), cb=self._on_file_request),
+            await self.bus.subscribe(proto.evt("delete.requested"), cb=self._on_file_request),
         ]
         try:
             await self._loop()
@@ -553,6 +622,7 @@ class Placer:
         """Resends, idle stops and purges (pure `plan.plan_upkeep`), then forget per-key
         state of instances that moved on."""
         await self._execute(plan_upkeep(self._view(), now), now)
+        await self._sweep_keys(now)
         for iid in [i for i in self.download_epoch if i not in self.instances or
                     self.instances[i].state != InstanceState.DOWNLOADING]:  # fmt: skip
             del self.download_epoch[iid]
@@ -783,7 +853,12 @@ class Placer:
             config_fp=launch_fingerprint(self.cfg.models[model]),
         )
         key = proto.instance_key(decision.host, iid)
+        # Its API key first: the placer's word that it is placed there (the gateway routes
+        # only to what a key vouches for), sent to its host alone in the start command.
+        placed = instance_key.issue(decision.host, iid, model)
         self.lease.check()
+        await self.bus.instance_keys.create(key, proto.encode(placed))
+        self._on_key(key, placed, 0)
         rev = await self.bus.instances.create(key, proto.encode(rec))
         self._on_instance(iid, rec, rev)  # our own write; the watcher confirms it
         await self._recorded(rec, rev)
@@ -870,8 +945,11 @@ class Placer:
         if decided is not None:
             decision: Placed | NoFit = decided
         else:
+            # Free room only: the room was made when it was placed (its victims drained
+            # and stopped then); what still holds memory is on its way out, or a model
+            # that must yield through a drain, never one stopped here unasked.
             need = self._need(rec.model, mcfg, host=rec.host)
-            decision = self._place(need, now, exclude=rec.instance_id, may_evict=not copy)
+            decision = self._place(need, now, exclude=rec.instance_id, may_evict=False)
         if isinstance(decision, NoFit):
             # Room may be on its way (an evicted instance still stopping, busy ones finishing):
             # retry on the next passes, for a bounded time, before failing.
@@ -884,10 +962,6 @@ class Placer:
                 await self._refuse(rec.model, decision.reason, 5)
             return
         self.backoff.clear(NO_ROOM, rec.instance_id)
-        for victim in decision.evict:
-            vic = self.instances.get(victim)
-            if vic is not None:
-                await self._stop(vic, f"evicted to make room for {rec.model}")
         ok = await self._write(
             rec,
             state=InstanceState.STARTING,
@@ -922,7 +996,8 @@ class Placer:
         self, rec: InstanceRecord, mcfg: ModelConfig, filename: str, decision: Placed
     ) -> None:
         # model and placement only: the agent builds argv (ctx_size, args, embeddings) from
-        # its own config, so nobody on the bus can hand it flags
+        # its own config, so nobody on the bus can hand it flags. The chat template's text
+        # travels (the agent runs it only if its own config has the same)
         await self._command(
             proto.cmd_agent(rec.host or ""),
             proto.StartInstance(
@@ -933,8 +1008,45 @@ class Placer:
                 n_gpu_layers=decision.n_gpu_layers,
                 gpus=list(decision.gpus),
                 memory_mib=decision.memory_mib,
+                chat_template=mcfg.chat_template,
+                api_key=await self._api_key(rec),
             ),
         )
+
+    async def _api_key(self, rec: InstanceRecord) -> str:
+        """The key issued for `rec`: the same on every resend (its server may run with it
+        already); read from KV when this placer did not see it issued (a new leader); issued
+        now for a record placed before instance keys existed."""
+        host = rec.host or ""
+        placed = self.keys.get(rec.instance_id)
+        if placed is None or placed.host != host:
+            placed = await instance_key.read(self.bus, host, rec.instance_id)
+        if placed is None or placed.host != host or placed.model != rec.model:
+            placed = instance_key.issue(host, rec.instance_id, rec.model)
+            self.lease.check()
+            key = proto.instance_key(host, rec.instance_id)
+            await self.bus.instance_keys.put(key, proto.encode(placed))
+        self._on_key("", placed, 0)
+        return placed.key
+
+    async def _sweep_keys(self, now: float) -> None:
+        """Delete the keys of instances that ended (their server is gone) or whose record
+        went; every KEY_SWEEP_S. A key is written before its record: one younger than that
+        may be waiting for it."""
+        if now - self.keys_swept < KEY_SWEEP_S:
+            return
+        self.keys_swept = now
+        for iid, placed in list(self.keys.items()):
+            rec = self.instances.get(iid)
+            ended = (
+                rec.state in proto.END_STATES
+                if rec is not None
+                else now - placed.issued > KEY_SWEEP_S
+            )
+            if ended:
+                self.lease.check()
+                await self.bus.instance_keys.delete(proto.instance_key(placed.host, iid))
+                self._on_key_del(proto.instance_key(placed.host, iid))
 
     async def _check_start(self, rec: InstanceRecord, now: float) -> None:
         """A STARTING instance its agent never took up: resend (pure `plan.check_start`)."""
@@ -969,21 +1081,13 @@ class Placer:
 
     def _need(self, model: str, mcfg: ModelConfig, host: str | None) -> Need:
         filename = store_filename_of(model, mcfg)
-        file_hosts = frozenset(
-            h.host_id for h in self.hosts.values() if any(f.filename == filename for f in h.files)
-        )
+        # (hosts whose heartbeat lists the file, from the index: not a scan of every store)
+        file_hosts = frozenset(self.placement_index.file_hosts(filename))
         memory = mcfg.memory_mib or 0
         cpu_memory = 0  # a CPU process has no GPU overhead; 0: the same as on a GPU
         n_layers = 0
         if not memory:
-            infos = [
-                f
-                for h in self.hosts.values()
-                if host is None or h.host_id == host
-                for f in h.files
-                if f.filename == filename
-            ]
-            info = infos[0] if infos else None
+            info = self.placement_index.file_info(filename, host)
             header = self._header(model) if info is None else None
             if info is not None and info.gguf is not None:
                 memory = estimate_mib(info.gguf, info.size, mcfg.ctx_size).total_mib
@@ -1028,13 +1132,17 @@ class Placer:
         """The pure placement (`plan.place_in`) over the current views."""
         return place_in(self._view(queues, now), need, now, exclude=exclude, may_evict=may_evict)
 
+    def _queues(self) -> dict[str, Waiting]:
+        """What waits per model at the gateways that reported lately."""
+        return merged_queues(self.activity.values(), time.time() - ACTIVITY_STALE_S)
+
     def _unsettled(self, now: float) -> frozenset[str]:
         """READY instances some live gateway has not reported on since it saw them ready:
         its waiting requests may be about to start there (no clocks compared)."""
         seen = [r.instances_rev for r in self.activity.values() if r.ts >= now - ACTIVITY_STALE_S]
         if not seen:  # none lately: no gateway at all, or we cannot tell (the bus was away)
             return frozenset(self.ready_rev) if self.activity else frozenset()
-        return frozenset(iid for iid, rev in self.ready_rev.items() if rev > min(seen))
+        return self.ready_rev.newer_than(min(seen))
 
     def _activity_known(self, now: float) -> bool:
         """Whether the gateways' reports tell what is in use: some are fresh, or there are

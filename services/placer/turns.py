@@ -29,6 +29,9 @@ __all__ = [
     "group_conflicts",
     "may_yield",
     "merged_queues",
+    "reclaimed",
+    "turn_began",
+    "turn_over",
     "waiting_order",
 ]
 
@@ -77,6 +80,70 @@ def waiting_order(demanded: Mapping[str, float], queues: Mapping[str, Waiting]) 
     return sorted(models, key=key)
 
 
+# A busy instance with nothing queued yields only once its busy spell is this old: a burst
+# that has just begun may not show in the gateways' reports yet (they report a new queue
+# within ~5 ms, but a pass can fall in between), and draining a model as its burst arrives
+# sends that whole burst to wait a swap out and back.
+SETTLE_S = 0.5
+
+
+def turn_began(inst: InstanceRecord, act: InstanceActivity | None, queue: Waiting | None) -> float:
+    """When a READY instance's current turn began: when it became ready, or when its current
+    busy spell began if it sat idle in between (a model loaded earlier that a burst finds
+    ready is in its turn from the burst on, not from its load). Requests queued for it with
+    none yet in flight (about to be sent: it just became ready, or serves again after a
+    cancelled drain) begin its turn when the oldest of them came."""
+    ready_at = inst.ready_at if inst.ready_at is not None else inst.updated
+    if act is not None and act.in_flight > 0:  # (an older gateway reports no busy spell)
+        return ready_at if act.busy_since is None else max(ready_at, act.busy_since)
+    if queue is not None and queue.waiting > 0:
+        return max(ready_at, queue.since)
+    return ready_at
+
+
+def reclaimed(rec: InstanceRecord, own: Waiting | None, rival_since: float) -> bool:
+    """Whether a drain should end because the yielding instance's own model got requests as
+    old as the waiting model's: a burst that came as (or just after) an idle model was asked
+    to yield. Serving it first costs no swap; swapping first sends the whole burst to wait
+    a swap out and back. Requests that came later than SETTLE_S after the rival's wait
+    began, or before the drain, do not reclaim it (first come, first served; a turn's cap)."""
+    if own is None or own.waiting <= 0 or rec.drain_since is None:
+        return False
+    return rec.drain_since - SETTLE_S <= own.since <= rival_since + SETTLE_S
+
+
+def turn_over(
+    inst: InstanceRecord,
+    act: InstanceActivity | None,
+    queue: Waiting | None,
+    *,
+    now: float,
+    min_turn_s: float,
+    max_turn_s: float,
+    rival_since: float,
+) -> bool:
+    """Whether a busy READY instance's turn is over, so that it may yield to a model whose
+    oldest request has waited since `rival_since`. A turn follows the work (DESIGN.md 7):
+
+    - nothing queued for its model: over at once (past SETTLE_S), whatever min_turn says.
+      Its running requests finish in the drain, so yielding idles no GPU.
+    - requests queued: it keeps the turn at least `min_turn_s` (the anti-thrash floor; it
+      applies only while there is work, so it never holds a GPU idle), then until every
+      request that waited for this turn has been admitted (its oldest waiter came after the
+      turn began), then only while its oldest waiter is older than the rival's: first come,
+      first served across models. `max_turn_s` caps a turn whatever is queued.
+    """
+    began = turn_began(inst, act, queue)
+    served = now - began
+    if queue is None or queue.waiting <= 0:
+        return served >= SETTLE_S
+    if served >= max_turn_s:
+        return True
+    if served < min_turn_s:
+        return False
+    return queue.since >= began and rival_since <= queue.since
+
+
 def may_yield(
     instances: Sequence[InstanceRecord],
     activity: Mapping[str, InstanceActivity],
@@ -86,13 +153,16 @@ def may_yield(
     now: float,
     min_turn_s: float,
     keep_loaded: frozenset[str],
+    max_turn_s: float = float("inf"),
+    rival_since: float = float("-inf"),
+    unsettled: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
-    """Busy READY instances that may drain to make room for `for_model`, with their rank
-    (lower yields first).
+    """Busy READY instances that may drain to make room for `for_model` (whose oldest request
+    has waited since `rival_since`), with their rank (lower yields first).
 
-    Never: a `keep_loaded` model, another copy of `for_model`, or an instance that has been
-    ready for less than `min_turn_s` (its turn: the requests that waited for it get served
-    before it can be swapped out again, so two models cannot thrash).
+    Never: a `keep_loaded` model, another copy of `for_model`, or an instance whose turn is
+    not over (`turn_over`: a model with nothing queued yields at once; one with requests
+    queued serves those that waited for its turn first, so two models cannot thrash).
     Order: spare copies of a model (replicas; the model keeps serving) before any model's
     last instance, then models with fewer requests waiting (they lose least), then the one
     whose turn began earliest, and those an Ollama client asked to keep (keep_alive < 0)
@@ -103,14 +173,23 @@ def may_yield(
     for inst in instances:
         if inst.state != InstanceState.READY or inst.model == for_model:
             continue
-        if inst.model in keep_loaded:
+        if inst.model in keep_loaded or inst.instance_id in unsettled:
+            continue  # (unsettled: not every gateway has told what it sends there yet)
+        q = queues.get(inst.model)
+        act = activity.get(inst.instance_id)
+        over = turn_over(
+            inst,
+            act,
+            q,
+            now=now,
+            min_turn_s=min_turn_s,
+            max_turn_s=max_turn_s,
+            rival_since=rival_since,
+        )
+        if not over:
             continue
         ready_at = inst.ready_at if inst.ready_at is not None else inst.updated
-        if now - ready_at < min_turn_s:
-            continue
-        act = activity.get(inst.instance_id)
         pinned = act is not None and act.keep_alive is not None and act.keep_alive < 0
-        q = queues.get(inst.model)
         last = inst.instance_id not in spares
         waiting = float(q.waiting if q else 0)
         ranked.append(((float(pinned), float(last), waiting, ready_at), inst.instance_id))

@@ -21,9 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import proto
 from lls.bus import Bus
+from services.ui import older
 from services.ui.hub import Hub
 from services.ui.logs import NoAnswer, ask_log_tail, find_instance
-from services.ui.older import ScanTimeout, older_events
 from services.ui.secret import SECRET_HEADER
 from services.ui.view import View
 
@@ -117,6 +117,19 @@ def create_app(view: View, hub: Hub, bus: Bus | None = None) -> FastAPI:
             return Response(
                 msgspec.json.encode(view.timeline(model)), media_type="application/json"
             )
+        return await read_older(model, before)
+
+    @app.get("/dashboard/log")
+    async def log_page(before: str = "") -> Response:
+        """A page of the event log older than what the page shows: the newest LOG_PAGE
+        events before `before` (a stream sequence), oldest first, read from the stream."""
+        if not before:
+            return error(400, "before: required (a stream sequence number)", "invalid_before")
+        return await read_older(None, before, scan=older.LOG_SCAN_MSGS, limit=older.LOG_PAGE)
+
+    async def read_older(model: str | None, before: str, **window: int) -> Response:
+        """Events before stream sequence `before` read from the stream (services.ui.older):
+        a model's (its timeline) or every one (the log)."""
         try:
             seq = int(before)
         except ValueError:
@@ -124,8 +137,8 @@ def create_app(view: View, hub: Hub, bus: Bus | None = None) -> FastAPI:
         if bus is None:
             return error(503, "the event stream is not available here", "unavailable")
         try:
-            body = await older_events(bus, model, seq, view.model_of)
-        except ScanTimeout as e:
+            body = await older.older_events(bus, model, seq, view.model_of, **window)
+        except older.ScanTimeout as e:
             return error(504, str(e), "stream_timeout")
         return Response(msgspec.json.encode(body), media_type="application/json")
 

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 import proto
+from lls import chat_templates
 from lls.config import ModelConfig
 from services.ui.history import History
 
@@ -49,16 +50,23 @@ def replica_limits(models: Mapping[str, ModelConfig]) -> dict[str, Json]:
     return {name: {"min": m.replicas.min, "max": m.replicas.max} for name, m in models.items()}
 
 
-def slim_host(rec: Json) -> Json:
+def slim_host(rec: Json, templates: Mapping[str, str] | None = None) -> Json:
     """Drop GGUF summaries from the file list: the page shows names and sizes only, and
-    hosts heartbeat every second to every browser."""
-    files = rec.get("files") or []
-    rec["files"] = [
-        {"model": f.get("model"), "filename": f.get("filename"), "size": f.get("size")}
-        for f in files
-        if isinstance(f, dict)
-    ]
+    hosts heartbeat every second to every browser. A configured model's file whose GGUF has
+    no chat template, while `templates` (model -> its chat_template) sets none, keeps a
+    `warning` (chat_templates.warning) for the page to show by the model."""
+    files = [f for f in rec.get("files") or [] if isinstance(f, dict)]
+    rec["files"] = [_slim_file(f, templates or {}) for f in files]
     return rec
+
+
+def _slim_file(f: Json, templates: Mapping[str, str]) -> Json:
+    out = {"model": f.get("model"), "filename": f.get("filename"), "size": f.get("size")}
+    gguf, model = f.get("gguf"), f.get("model")
+    has = gguf.get("has_chat_template", True) if isinstance(gguf, dict) else None
+    if model in templates and chat_templates.missing(templates[model], has):
+        out["warning"] = chat_templates.warning(model)
+    return out
 
 
 def models_named(ev: Json, model_of: Mapping[str, str]) -> set[str]:
@@ -78,6 +86,7 @@ class View:
     def __init__(self, models: list[str] | None = None, host_lost_after: float = 10.0):
         self.models = sorted(models or [])  # configured model names
         self.replicas: dict[str, Json] = {}  # model -> {min, max} from the config (set_models)
+        self.templates: dict[str, str] = {}  # model -> its chat_template (set_models)
         self.host_lost_after = host_lost_after
         self.hosts: dict[str, Json] = {}
         self.instances: dict[str, Json] = {}
@@ -85,6 +94,7 @@ class View:
         self.desired: dict[str, Json] = {}  # model key -> DesiredModel (who asked what)
         self.downloads: dict[str, Json] = {}  # "host/model" -> last DownloadProgress
         self.events: deque[Json] = deque(maxlen=MAX_EVENTS)
+        self.events_cut = False  # the log dropped its oldest events (older pages: the stream)
         self.by_model: dict[str, deque[Json]] = {}  # model -> the events naming it (timeline)
         self.overflowed: set[str] = set()  # models whose timeline lost its oldest events
         self.model_of: dict[str, str] = {}  # instance id -> model
@@ -96,13 +106,19 @@ class View:
         """Follow a reloaded config: the configured models and their replica limits."""
         self.models = sorted(models)
         self.replicas = replica_limits(models)
+        self.templates = {name: m.chat_template for name, m in models.items()}
         self.history.models = list(self.models)
 
     def sample(self, now: float | None = None) -> Json:
         """One chart point per series from the current tables; the delta for browsers."""
         now = now or time.time()
         self.prune(now)
-        return self.history.sample(now, self.hosts, self.instances, self.activity)
+        # A lost host's record stays in KV, its last heartbeat frozen: charting it would add
+        # a flat line per GPU for every host ever seen. Unheard, its series age out instead.
+        heard = {
+            k: h for k, h in self.hosts.items() if h.get("ts", 0) >= now - self.host_lost_after
+        }
+        return self.history.sample(now, heard, self.instances, self.activity)
 
     def apply_event(self, seq: int, ev: Json) -> bool:
         """Fold one event in; False when it was already seen (a consumer redelivery)."""
@@ -117,6 +133,7 @@ class View:
                 self.downloads[key] = ev
                 return True  # progress swamps the log; the page shows it as a bar instead
             self.downloads.pop(key, None)
+        self.events_cut |= len(self.events) == self.events.maxlen
         self.events.append(ev)
         self._file_by_model(ev)
         return True
@@ -150,7 +167,7 @@ class View:
         if rec is None:
             table.pop(key, None)
         else:
-            table[key] = slim_host(rec) if bucket == proto.KV_HOSTS else rec
+            table[key] = slim_host(rec, self.templates) if bucket == proto.KV_HOSTS else rec
             if bucket == proto.KV_INSTANCES and rec.get("instance_id") and rec.get("model"):
                 self._remember(rec["instance_id"], rec["model"])
 
@@ -184,6 +201,8 @@ class View:
             "desired": self.desired,
             "downloads": self.downloads,
             "events": list(self.events),
+            # The log holds every event since the stream's start: no older page to read.
+            "events_complete": not self.events_cut and not self.replay_from,
             "last_seq": self.last_seq,
             "history": self.history.snapshot(),
         }
