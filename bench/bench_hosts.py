@@ -1,9 +1,9 @@
 """Faults across real network hosts (issue 13's "Numbers to report"), from one run.
 
-A HostLab (lls/hostlab.py: three network namespaces on a bridge, a three-node NATS cluster
+A HostLab (lab/hosts.py: three network namespaces on a bridge, a three-node NATS cluster
 with 3 replicas, agent + downloader per host, placer + gateway on h1 and h2; tiny GGUFs,
 the process runtime, simulated GPUs) is started once; then, as tests/test_hosts.py does
-and with the same code (lls/hostfaults.py), under a bounded steady load of small
+and with the same code (lab/faults.py), under a bounded steady load of small
 completions (3 clients, each request with a 30 s deadline):
 
   baseline   cold starts of "m" (its file on the last host only: no download) and "wide"
@@ -41,8 +41,10 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT)]
 import make_tiny_gguf  # noqa: E402
 import proto  # noqa: E402
 from conftest import cached_llama_server  # noqa: E402
-from lls import hostfaults as hf  # noqa: E402
-from lls import hostlab  # noqa: E402
+from lab import faults, observe  # noqa: E402
+from lab.hosts import NATS_NODES, HostLab  # noqa: E402
+from lab.load import Load  # noqa: E402
+from lab.network import unavailable  # noqa: E402
 from lls.bus import Bus  # noqa: E402
 from services.placer.lease import LEASE_TTL_S  # noqa: E402
 
@@ -55,7 +57,7 @@ class Report:
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str, str]] = []
-        self.loads: list[tuple[str, str, hf.Load | None, tuple[int, int, int] | None]] = []
+        self.loads: list[tuple[str, str, Load | None, tuple[int, int, int] | None]] = []
         self.failed: list[str] = []
         self.leaders: dict[str, str] = {}  # stream -> its leader node, before the last fault
 
@@ -68,7 +70,7 @@ class Report:
         self.rows.append((what, got, goal, verdict))
 
     def load(
-        self, fault: str, window: str, load: hf.Load | None, during: tuple[int, int, int] | None
+        self, fault: str, window: str, load: Load | None, during: tuple[int, int, int] | None
     ) -> None:
         self.loads.append((fault, window, load, during))
 
@@ -99,19 +101,19 @@ class Report:
             print(f"FAILED: {f}")
 
 
-def longest(load: hf.Load) -> float:
+def longest(load: Load) -> float:
     """The longest any request took (served, refused or hung)."""
     return max((o.seconds for o in load.outcomes), default=0.0)
 
 
-def served_rate(load: hf.Load) -> float:
+def served_rate(load: Load) -> float:
     ends = [o.at for o in load.outcomes]
     span = max(ends) - min(o.at - o.seconds for o in load.outcomes) if ends else 0.0
     return load.served / span if span > 0 else 0.0
 
 
 async def on(
-    lab: hostlab.HostLab,
+    lab: HostLab,
     avoid: tuple[str, ...],
     body: Callable[[Bus], Awaitable[Any]],
     rep: Report | None = None,
@@ -121,32 +123,32 @@ async def on(
     bus = await lab.bus(avoid=avoid)
     try:
         if rep is not None:
-            rep.leaders = await hf.stream_leaders(bus)
-        before = await hf.lease(bus)
+            rep.leaders = await observe.stream_leaders(bus)
+        before = await observe.lease(bus)
         got = await body(bus)
-        after = await hf.until(lambda: hf.lease(bus), 20, "the lease readable")
+        after = await observe.until(lambda: observe.lease(bus), 20, "the lease readable")
         if rep is not None and (after.holder, after.epoch) != (before.holder, before.epoch):
             rep.figure(f"  {name}: the lease changed hands", f"{holder(before)} -> {holder(after)}")
         return got
     finally:
         try:
-            for h in lab.hosts[: hostlab.NATS_NODES]:
+            for h in lab.hosts[:NATS_NODES]:
                 lab.start_nats(h.name)
-            await hf.healed(lab, bus)
+            await faults.healed(lab, bus)
         finally:
             await bus.close()
 
 
-async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) -> float:
+async def scenario(lab: HostLab, host_lost_after: float, rep: Report) -> float:
     """Every fault in turn; returns the baseline served/s."""
     coordinators = lab.coordinators
     last = lab.hosts[-1].name  # holds m's file: m runs there, and it is the host cut
-    nodes = [h.name for h in lab.hosts[: hostlab.NATS_NODES]]
+    nodes = [h.name for h in lab.hosts[:NATS_NODES]]
 
-    async def baseline(bus: Bus) -> tuple[float, float, str, float, hf.Load]:
-        t_m, m = await hf.cold_start(bus, lab.gateway_url("h1"), "m")
-        t_wide, wide = await hf.cold_start(bus, lab.gateway_url("h2"), "wide")
-        async with hf.Load(lab.gateway_url("h2"), "m") as load:
+    async def baseline(bus: Bus) -> tuple[float, float, str, float, Load]:
+        t_m, m = await faults.cold_start(bus, lab.gateway_url("h1"), "m")
+        t_wide, wide = await faults.cold_start(bus, lab.gateway_url("h2"), "wide")
+        async with Load(lab.gateway_url("h2"), "m") as load:
             await asyncio.sleep(BASELINE_S)
         rep.figure(f"cold start m on {m.host} (file there), demand to READY", f"{t_m:.2f} s")
         rep.figure(f"cold start wide on {wide.host} (downloaded), demand to READY", f"{t_wide:.2f} s")  # fmt: skip
@@ -156,9 +158,9 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
     rep.load("baseline", "", base_load, None)
 
     # 2. a short drop: nothing rescheduled
-    async def drop(bus: Bus) -> hf.ShortDrop:
-        async with hf.EventTap(bus) as tap:
-            got = await hf.short_drop(lab, bus, "m", "h2", host_lost_after / 4)
+    async def drop(bus: Bus) -> faults.ShortDrop:
+        async with observe.EventTap(bus) as tap:
+            got = await faults.short_drop(lab, bus, "m", "h2", host_lost_after / 4)
             last = await tap.settle()
         events(rep, "short drop", tap, last)
         return got
@@ -175,9 +177,9 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
         rep.load("short drop", "", None, None)
 
     # 1. a host lost
-    async def lose(bus: Bus) -> hf.HostLost:
-        async with hf.EventTap(bus) as tap:
-            got = await hf.host_lost(lab, bus, "m", "h2")
+    async def lose(bus: Bus) -> faults.HostLost:
+        async with observe.EventTap(bus) as tap:
+            got = await faults.host_lost(lab, bus, "m", "h2")
             last = await tap.settle()
         events(rep, "host lost", tap, last)
         return got
@@ -187,7 +189,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
         goal = host_lost_after + t_m + SLACK_S
         goal_dl = host_lost_after + t_wide + SLACK_S
         if hl.moved is None:
-            rep.figure(f"host lost ({hl.cut}): m READY elsewhere", f"not in {hf.MOVE_WITHIN_S:g} s",
+            rep.figure(f"host lost ({hl.cut}): m READY elsewhere", f"not in {faults.MOVE_WITHIN_S:g} s",
                        f"< {goal:.2f} s", False)  # fmt: skip
         else:
             node = "a NATS node's host" if hl.cut in nodes else "no NATS node"
@@ -210,9 +212,9 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
         rep.load("host lost", "", None, None)
 
     # 4. the leader placer's host cut off
-    async def leader(bus: Bus) -> hf.LeaderCut:
-        async with hf.EventTap(bus) as tap:
-            got = await hf.leader_cut(lab, bus, "m")
+    async def leader(bus: Bus) -> faults.LeaderCut:
+        async with observe.EventTap(bus) as tap:
+            got = await faults.leader_cut(lab, bus, "m")
             last = await tap.settle()
         events(rep, "leader cut", tap, last)
         return got
@@ -220,7 +222,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
     try:
         lc = await on(lab, coordinators, leader, rep, "leader cut")
         if lc.after is None:
-            rep.figure(f"leader cut ({lc.cut}): take-over", f"not in {hf.MOVE_WITHIN_S:g} s",
+            rep.figure(f"leader cut ({lc.cut}): take-over", f"not in {faults.MOVE_WITHIN_S:g} s",
                        f"within the lease TTL {LEASE_TTL_S:g} s + renewal", False)  # fmt: skip
         else:
             rep.figure(f"leader cut ({lc.cut}): {lc.other}'s placer took over",
@@ -242,7 +244,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
     # 3. a NATS node killed
     try:
         nk = await on(
-            lab, ("h1",), lambda bus: hf.nats_kill(lab, bus, "h1", "m", "n"), rep, "NATS kill"
+            lab, ("h1",), lambda bus: faults.nats_kill(lab, bus, "h1", "m", "n"), rep, "NATS kill"
         )
         events(rep, "NATS kill", nk.tap, nk.last)
         if not nk.t_down:
@@ -273,7 +275,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
 
     # The whole run: KV's records against the event log; duplicates; commands left.
     async def final(bus: Bus) -> None:
-        problems = await hf.settled_disagreements(bus)
+        problems = await observe.settled_disagreements(bus)
         rep.figure("whole run: instance records KV vs rebuilt from events",
                    f"{len(problems)} differ", "0", not problems)  # fmt: skip
         for p in problems:
@@ -281,7 +283,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
         cmds = await bus.js.stream_info(proto.CMDS_STREAM)
         rep.figure("whole run: commands left unconsumed", str(cmds.state.messages), "0",
                    cmds.state.messages == 0)  # fmt: skip
-        dup = await hf.duplicates(bus)
+        dup = await observe.duplicates(bus)
         rep.figure("whole run: duplicate instances at the end", str(len(dup)), "0", not dup)
 
     try:
@@ -291,7 +293,7 @@ async def scenario(lab: hostlab.HostLab, host_lost_after: float, rep: Report) ->
     return base_rate
 
 
-def events(rep: Report, fault: str, tap: hf.EventTap, last: int) -> None:
+def events(rep: Report, fault: str, tap: observe.EventTap, last: int) -> None:
     """Events the stream numbered during the fault vs those an ordered consumer saw."""
     published = last - tap.seq0
     lost = len(set(range(tap.seq0 + 1, last + 1)) - set(tap.seqs))
@@ -313,7 +315,7 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=3, help="3: m's host runs a NATS node; 4: not")
     ap.add_argument("--keep", default="", help="keep the lab's logs and files in this folder")
     args = ap.parse_args()
-    why = hostlab.unavailable()
+    why = unavailable()
     if why:
         raise SystemExit(f"error: {why}")
     if cached_llama_server() is None:
@@ -330,8 +332,8 @@ def main() -> None:
 
         rep = Report()
         t0 = time.monotonic()
-        spec = hf.fault_lab(gguf, args.host_lost_after, args.hosts)
-        with hostlab.HostLab(workdir=tmp / "lab", **spec) as lab:
+        spec = faults.fault_lab(gguf, args.host_lost_after, args.hosts)
+        with HostLab(workdir=tmp / "lab", **spec) as lab:
             started = time.monotonic() - t0
             print(f"lab: {args.hosts} hosts, NATS cluster {lab.nats_url}, started in {started:.1f} s; "
                   f"host_lost_after {args.host_lost_after:g} s, lease TTL {LEASE_TTL_S:g} s",

@@ -1,10 +1,11 @@
-"""Connecting to NATS and declaring the streams and KV buckets of proto/ (idempotently)."""
+"""Connecting to NATS: the Bus (publish helpers, the health probe, records refused) and
+reading its KV buckets (kv_snapshot, watch_kv). The streams and buckets are declared by
+lls/streams.py; commands are consumed by lls/consume.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -22,22 +23,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 import proto
 from lls import auth
 from lls.aio import wait_event
 from lls.config import NatsLimits, NatsTls, expand, nats_servers
+from lls.streams import bind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,33 +61,6 @@ MAX_OUTSTANDING_PINGS = 3
 EVENT_RETRY_S = 120.0
 MAX_PENDING_EVENTS = 10_000
 
-STREAMS = [
-    StreamConfig(
-        name=proto.EVENTS_STREAM,
-        subjects=[proto.EVENTS_SUBJECTS],
-        retention=RetentionPolicy.LIMITS,
-        max_age=proto.EVENTS_MAX_AGE_S,
-        max_msgs=proto.EVENTS_MAX_MSGS,
-        storage=StorageType.FILE,
-    ),
-    StreamConfig(
-        name=proto.CMDS_STREAM,
-        subjects=[proto.CMDS_SUBJECTS],
-        retention=RetentionPolicy.WORK_QUEUE,
-        duplicate_window=proto.CMD_DEDUP_WINDOW_S,
-        max_age=3600,
-        storage=StorageType.FILE,
-    ),
-]
-BUCKETS = [
-    KeyValueConfig(bucket=proto.KV_HOSTS, history=1),
-    KeyValueConfig(bucket=proto.KV_INSTANCES, history=1),
-    KeyValueConfig(bucket=proto.KV_ACTIVITY, history=1, ttl=30),
-    KeyValueConfig(bucket=proto.KV_LEASES, history=1),
-    KeyValueConfig(bucket=proto.KV_MODELS, history=1),
-    KeyValueConfig(bucket=proto.KV_DESIRED, history=1),
-    KeyValueConfig(bucket=proto.KV_INSTANCE_KEYS, history=1),
-]
 MAX_REFUSALS_KEPT = 10_000  # (bucket, key, reason) reported once each; forgotten past this
 MAX_REFUSAL_EVENTS = 100  # record.refused events on their way at once; more are only logged
 
@@ -376,19 +342,7 @@ async def connect(
     connecting.result()
     js = nc.jetstream(timeout=10)
     declare = ident is None or ident.may_declare
-    limits = limits or NatsLimits()
-    for cfg in STREAMS:
-        if declare:
-            await _ensure_stream(js, cfg, limits, replicas)
-        else:
-            await _await_stream(js, cfg.name, until)
-    kv = {}
-    for cfg in BUCKETS:
-        if declare:
-            kv[cfg.bucket] = await _ensure_bucket(js, cfg, limits, replicas)
-        else:
-            await _await_stream(js, f"KV_{cfg.bucket}", until)
-            kv[cfg.bucket] = await js.key_value(cfg.bucket)
+    kv = await bind(js, declare, limits or NatsLimits(), replicas, until)
     buses.append(Bus(nc, js, kv, name))
     return buses[0]
 
@@ -399,121 +353,6 @@ def tls_context(tls: NatsTls) -> ssl.SSLContext:
     if tls.cert:
         ctx.load_cert_chain(str(expand(tls.cert)), str(expand(tls.key)))
     return ctx
-
-
-async def _await_stream(js: JetStreamContext, name: str, until: float) -> None:
-    """Wait for a stream this identity may not create (the placer or `lls` creates it)."""
-    loop = asyncio.get_running_loop()
-    warned = False
-    while True:
-        try:
-            await js.stream_info(name)
-            return
-        except NotFoundError:
-            if loop.time() >= until:
-                raise TimeoutError(f"stream {name} does not exist; start the placer") from None
-            if not warned:
-                log.info("waiting for stream %s (the placer creates it)", name)
-                warned = True
-            await asyncio.sleep(0.5)
-
-
-DEFAULT_LIMITS = NatsLimits(
-    events_max_bytes=1 << 30,
-    events_max_age_days=7.0,
-    commands_max_bytes=256 << 20,
-    bucket_max_bytes=64 << 20,
-    max_msg_bytes=1 << 20,
-)
-
-
-def size_limits(stream: str, limits: NatsLimits) -> dict[str, Any]:
-    """The size fields of `stream` (a KV bucket's is KV_<bucket>) that `limits` sets; the
-    ones it leaves out (None) are not there, so what the server has stays."""
-    size = {
-        proto.EVENTS_STREAM: limits.events_max_bytes,
-        proto.CMDS_STREAM: limits.commands_max_bytes,
-    }.get(stream, limits.bucket_max_bytes)
-    out: dict[str, Any] = {"max_bytes": size, "max_msg_size": limits.max_msg_bytes}
-    if stream == proto.EVENTS_STREAM and limits.events_max_age_days is not None:
-        out["max_age"] = limits.events_max_age_days * 86400.0  # seconds, as nats-py takes it
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _with_defaults(limits: NatsLimits) -> NatsLimits:
-    given = msgspec.structs.asdict(limits)
-    return NatsLimits(
-        **{k: v if v is not None else getattr(DEFAULT_LIMITS, k) for k, v in given.items()}
-    )
-
-
-def _replicas(replicas: int | None) -> dict[str, Any]:
-    return {} if replicas is None else {"num_replicas": replicas}
-
-
-async def _ensure_stream(
-    js: JetStreamContext, cfg: StreamConfig, limits: NatsLimits, replicas: int | None = None
-) -> None:
-    """Create the stream with the configured limits (defaults where unset); an existing one
-    keeps its limits (an operator may have set them on purpose) except those the config sets."""
-    try:
-        info = await js.stream_info(cfg.name)
-    except NotFoundError:
-        made = {**size_limits(cfg.name, _with_defaults(limits)), **_replicas(replicas)}
-        try:
-            await js.add_stream(dataclasses.replace(cfg, **made))
-            return
-        except BadRequestError:  # another service created it meanwhile
-            info = await js.stream_info(cfg.name)
-    changes = {**size_limits(cfg.name, limits), **_replicas(replicas)}
-    await _apply(js, info.config, changes, subjects=cfg.subjects)
-
-
-async def _apply(
-    js: JetStreamContext, cur: StreamConfig, changes: dict[str, Any], **ours: Any
-) -> None:
-    wanted = {**changes, **ours}
-    if any(getattr(cur, k) != v for k, v in wanted.items()):
-        log.info("stream %s: setting %s", cur.name, wanted)
-        await js.update_stream(dataclasses.replace(cur, **wanted))
-
-
-async def _ensure_bucket(
-    js: JetStreamContext, cfg: KeyValueConfig, limits: NatsLimits, replicas: int | None = None
-) -> KeyValue:
-    stream = f"KV_{cfg.bucket}"
-    try:
-        kv = await js.key_value(cfg.bucket)
-    except Exception:
-        made = size_limits(stream, _with_defaults(limits))
-        sized = dataclasses.replace(
-            cfg,
-            max_bytes=made["max_bytes"],
-            max_value_size=made["max_msg_size"],
-            replicas=replicas or 1,
-        )
-        try:
-            kv = await js.create_key_value(sized)
-        except BadRequestError:
-            kv = await js.key_value(cfg.bucket)
-    # No roll-ups: permissions see subjects, not headers, so an identity allowed one key
-    # could otherwise empty the whole bucket with `Nats-Rollup: all` (we never purge).
-    info = await js.stream_info(stream)
-    changes = {**size_limits(stream, limits), **_replicas(replicas)}
-    await _apply(js, info.config, changes, allow_rollup_hdrs=False)
-    return kv
-
-
-def durable_config(name: str, subject: str, ack_wait_s: float = 30) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=name,
-        filter_subject=subject,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=ack_wait_s,
-        max_deliver=20,
-        max_ack_pending=256,
-    )
 
 
 def new_id() -> str:
@@ -634,102 +473,3 @@ async def watch_kv(
                 return
             log.warning("watch of %s failed (%s); retrying", getattr(kv, "_name", "kv"), e)
             await wait_event(stop, 1.0)
-
-
-async def consume(
-    bus: Bus,
-    durable: str,
-    subject: str,
-    handle: Callable[[Any], Awaitable[None]],
-    stop: asyncio.Event,
-    *,
-    stream: str,
-    tasks: set[asyncio.Task[None]] | None = None,
-    concurrency: int = 1,
-    ack_wait_s: float = 30,
-) -> None:
-    """Pull a durable consumer's messages and run `handle(msg)` on each until `stop`: the one
-    command loop of every service (agent, downloader, inspector).
-
-    `handle` acks or naks the message itself. Given `tasks`, each `handle` runs in a task put
-    there (the owner cancels them on shutdown), at most `concurrency` at once; without, one
-    after another. Messages are fetched one at a time: nats-py's fetch of n, once one came,
-    waits out its timeout for the rest, which held a second command up to a second.
-
-    Only messages of this durable reach `handle`: a delivery from any other consumer (which
-    anyone who may create one could aim at our inbox) is dropped by its ack subject.
-
-    It rides out bus trouble: it subscribes again after an error, after 3 failed fetches in a
-    row, and when fetches keep timing out while the consumer has messages pending (pull
-    subscriptions have been seen to stall after a server restart, nats.py issue 504).
-    """
-    sub = None
-    errors = idle = 0
-    ours = f"$JS.ACK.{stream}.{durable}."  # the reply the server gives this durable's messages
-    try:
-        while not stop.is_set():
-            if sub is None:
-                try:
-                    sub = await bus.js.pull_subscribe(
-                        subject,
-                        durable=durable,
-                        stream=stream,
-                        config=durable_config(durable, subject, ack_wait_s),
-                    )
-                except Exception as e:  # noqa: BLE001 - NATS not reachable yet
-                    log.warning("cannot subscribe to %s: %s", subject, e)
-                    await wait_event(stop, 1.0)
-                    continue
-            if tasks is not None and len(tasks) >= concurrency:
-                await asyncio.wait(tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                msgs = await sub.fetch(1, timeout=1.0)
-                errors = idle = 0
-            except (TimeoutError, nats.errors.TimeoutError):
-                idle += 1
-                if idle % STALL_CHECK_EVERY == 0 and await _stalled(bus, stream, durable):
-                    log.warning("consumer %s stalled; subscribing again", durable)
-                    sub = await _drop(sub)
-                continue
-            except Exception as e:  # noqa: BLE001 - keep consuming through bus trouble
-                errors += 1
-                log.warning("consumer %s: fetching failed: %s", durable, e)
-                if errors >= 3:
-                    sub, errors = await _drop(sub), 0
-                await wait_event(stop, 0.5)
-                continue
-            for msg in msgs:
-                if not (msg.reply or "").startswith(ours):
-                    # Not from our durable: another consumer's push delivery aimed at our
-                    # inbox (docs/security.md, "Consumers"). Never handled as a command.
-                    log.warning("consumer %s: ignored a message from %s", durable, msg.reply)
-                    continue
-                if tasks is None:
-                    await handle(msg)
-                else:
-                    task = asyncio.create_task(handle(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-    finally:
-        await _drop(sub)  # an open pull subscription would stall the connection's drain
-
-
-STALL_CHECK_EVERY = 30  # idle fetches (about a second each) between checks for a stall
-
-
-async def _stalled(bus: Bus, stream: str, durable: str) -> bool:
-    """Messages wait for the consumer, yet fetches time out (or the consumer is gone)."""
-    try:
-        info = await bus.js.consumer_info(stream, durable)
-    except Exception as e:  # noqa: BLE001 - consumer gone, or NATS away
-        log.warning("consumer %s: %s", durable, e)
-        return True
-    return info.num_pending > 0
-
-
-async def _drop(sub: Any) -> None:
-    if sub is not None:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return None

@@ -94,7 +94,7 @@ async def test_streams_get_size_limits_and_an_operators_own_limits_stay(nats_url
 async def test_the_command_loop_runs_at_most_its_concurrency_and_hands_every_message_on(
     bus: Bus,
 ) -> None:
-    from lls.bus import consume
+    from lls.consume import consume
 
     host = f"c{new_id()[:6]}"
     subject = proto.cmd_agent(host)

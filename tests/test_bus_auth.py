@@ -28,8 +28,9 @@ import proto
 from conftest import ROOT, NatsServer, free_port, require
 from lls import auth
 from lls.aio import wait_event
-from lls.bus import Bus, connect, consume, durable_config, kv_snapshot, watch_kv
+from lls.bus import Bus, connect, kv_snapshot, watch_kv
 from lls.config import ConfigError, NatsTls, parse
+from lls.consume import consume, durable_config
 
 CMDS = proto.CMDS_STREAM
 

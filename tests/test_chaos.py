@@ -31,10 +31,10 @@ from test_history import all_events
 
 import proto
 from conftest import ROOT, NatsServer
+from lab.observe import live, records, until
 from lls import auth
 from lls.bus import Bus, new_id
 from lls.history import diff, rebuild
-from lls.hostfaults import live, records, until
 from proto import InstanceRecord, InstanceState, LeaseRecord, StopInstance
 from services.downloader.devserver import Behaviour, FileServer
 from services.downloader.fetch import state_path

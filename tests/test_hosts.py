@@ -1,7 +1,7 @@
 """Faults across real network hosts (issue 13): network namespaces on a bridge, a three-node
 NATS cluster with streams and buckets on 3 replicas, an agent and a downloader per host,
-placers and gateways on h1 and h2 (lls/hostlab.py). The faults themselves, with their
-measurements, are lls/hostfaults.py's (bench/bench_hosts.py drives the same ones); these
+placers and gateways on h1 and h2 (lab/hosts.py). The faults themselves, with their
+measurements, are lab/faults.py's (bench/bench_hosts.py drives the same ones); these
 tests assert on what they measure. Each fault runs under a bounded steady
 load of small completions through a gateway that stays up; every request has a deadline and
 ends served, refused clearly (an OpenAI error body) or hung (the deadline passed: a failure).
@@ -23,20 +23,10 @@ import msgspec
 import pytest
 
 from conftest import require
+from lab.faults import STALLED, fault_lab, healed, host_lost, leader_cut, nats_kill, short_drop
+from lab.load import REFUSALS
+from lab.observe import ask, ready_one, until
 from lls.config import ModelConfig, store_filename_of
-from lls.hostfaults import (
-    REFUSALS,
-    STALLED,
-    ask,
-    fault_lab,
-    healed,
-    host_lost,
-    leader_cut,
-    nats_kill,
-    ready_one,
-    short_drop,
-    until,
-)
 from proto import InstanceState
 
 HOST_LOST_AFTER = 4.0
@@ -49,12 +39,13 @@ def report(capsys: pytest.CaptureFixture[str], fault: str, lines: list[str]) -> 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, tiny_gguf) -> Iterator:  # noqa: ANN001
-    from lls import hostlab
+    from lab.hosts import HostLab
+    from lab.network import unavailable
 
-    why = hostlab.unavailable()
+    why = unavailable()
     require("network namespaces and nats-server", why is None, why or "")
     spec = fault_lab(tiny_gguf, HOST_LOST_AFTER)
-    with hostlab.HostLab(workdir=tmp_path_factory.mktemp("hostlab"), **spec) as lab:
+    with HostLab(workdir=tmp_path_factory.mktemp("hostlab"), **spec) as lab:
         yield lab
         # Every test leaves the lab whole: links up, every process running.
         lab.check_alive()
@@ -73,7 +64,7 @@ def logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def test_a_lab_picks_a_subnet_no_address_here_uses_starting_from_its_pid() -> None:
-    from lls.hostlab import pick_subnet
+    from lab.network import pick_subnet
 
     assert pick_subnet(set(), 4242) == 20 + 4242 % 200
     assert pick_subnet({62, 63}, 4242) == 64  # 4242 % 200 = 42: from 62 on
@@ -82,7 +73,7 @@ def test_a_lab_picks_a_subnet_no_address_here_uses_starting_from_its_pid() -> No
 
 
 def test_only_a_labs_own_names_are_taken_for_leftovers() -> None:
-    from lls.hostlab import stale_owner
+    from lab.network import stale_owner
 
     for name in ("ll5ce8gbr", "ll5ce8gv1", "ll5ce8gp12", "ll5ce8g-h3", "ll5ce8g-p_ehxp15"):
         assert stale_owner(name) == 0x5CE8, name
@@ -268,13 +259,14 @@ async def test_a_cluster_over_tls_serves_and_refuses_plain_connections(
 ) -> None:  # noqa: ANN001
     """The secure recipe: identities, TLS from clients to nodes and between nodes, several
     seed URLs (README "Several hosts")."""
-    from lls import hostlab
+    from lab.hosts import HostLab
+    from lab.network import unavailable
     from lls.bus import connect
 
-    why = hostlab.unavailable()
+    why = unavailable()
     require("network namespaces and nats-server", why is None, why or "")
     models = {"m": {"url": f"file://{tiny_gguf(44)}", "ctx_size": 256, "memory_mib": 500}}
-    with hostlab.HostLab(models, 3, workdir=tmp_path / "lab", tls=True) as tls_lab:
+    with HostLab(models, 3, workdir=tmp_path / "lab", tls=True) as tls_lab:
         assert tls_lab.nats_url.startswith("tls://")
         r = await ask(tls_lab.gateway_url("h1"), "m")
         assert r.status_code == 200, r.text

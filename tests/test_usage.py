@@ -398,7 +398,7 @@ def test_names_are_unique_and_never_a_key() -> None:
 
 
 def test_lls_usage_sums_codes_and_kinds_per_key_and_model() -> None:
-    from lls.cli import usage_rows
+    from lls.cli_local import usage_rows
 
     metrics = Metrics()
     metrics.key_requests.labels("team-a", "tiny", "200").inc(3)

@@ -11,7 +11,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,118 +87,145 @@ class FileServer:
             return False
 
 
-def _handler(server: FileServer) -> Callable[..., BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+class _Handler(BaseHTTPRequestHandler):
+    """One request to the FileServer `fs` (each server gets its subclass: _handler)."""
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
+    fs: FileServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
 
-        def do_HEAD(self) -> None:
-            self._serve(body=False)
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
 
-        def do_GET(self) -> None:
-            self._serve(body=True)
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
 
-        def _serve(self, body: bool) -> None:
-            b = server.behaviour
-            path = self.path.split("?", 1)[0]
-            server.count(requests=1)
-            with server.lock:
-                server.stats.paths[path] = server.stats.paths.get(path, 0) + 1
-                if self.headers.get("Authorization"):
-                    server.stats.authorized.add(path)
-            auth_ok = self.headers.get("Authorization") == f"Bearer {b.token}"
-            targets = {urlsplit(u).path for u in b.redirects.values()}
-            if b.token and not auth_ok and path not in targets:
-                return self._empty(401)  # like a CDN, signed redirect targets need no token
-            if path in b.redirects:
-                location = b.redirects[path]
-                if b.target_uses is not None:  # a signed URL, like a CDN's
-                    with server.lock:
-                        sig = str(len(server.uses_left))
-                        server.uses_left[sig] = b.target_uses
-                    location += f"?sig={sig}"
-                self.send_response(302)
-                self.send_header("Location", location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if b.target_uses is not None and path in targets:
-                sig = self.path.partition("?sig=")[2]
-                with server.lock:
-                    left = server.uses_left.get(sig, 0)
-                    server.uses_left[sig] = left - 1
-                if left <= 0:
-                    return self._empty(403)  # an expired signature
-            src = server.files.get(path)
-            if src is None:
-                return self._empty(404)
-            data = src if isinstance(src, bytes) else None
-            size = len(data) if data is not None else Path(src).stat().st_size  # type: ignore[arg-type]
-            start, end, status = 0, size, 200
-            rng = self.headers.get("Range")
-            if rng and b.ranges:
-                server.count(range_requests=1)
-                m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
-                if not m or int(m.group(1)) >= size:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{size}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                start = int(m.group(1))
-                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
-                status = 206
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(end - start))
-            self.send_header("ETag", f'"{size}-{_tag(path)}"')
-            if b.ranges:
-                self.send_header("Accept-Ranges", "bytes")
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            self.end_headers()
-            if body:
-                self._body(src, start, end)
+    def do_GET(self) -> None:
+        self._serve(body=True)
 
-        def _body(self, src: bytes | Path, start: int, end: int) -> None:
-            b = server.behaviour
-            limit = end - start
-            if b.drop_after is not None and server.take_drop():
-                limit = min(limit, b.drop_after)
-                self.close_connection = True
-            t0, sent = time.monotonic(), 0
-            f = None if isinstance(src, bytes) else open(src, "rb")  # noqa: SIM115
-            try:
-                if f:
-                    f.seek(start)
-                while sent < limit:
-                    n = min(BLOCK, limit - sent)
-                    if f:
-                        chunk = f.read(n)
-                    else:
-                        assert isinstance(src, bytes)
-                        chunk = src[start + sent : start + sent + n]
-                    self.wfile.write(chunk)
-                    sent += len(chunk)
-                    server.count(bytes_sent=len(chunk))
-                    if b.rate_bps:
-                        ahead = sent / b.rate_bps - (time.monotonic() - t0)
-                        if ahead > 0:
-                            time.sleep(ahead)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            finally:
-                if f:
-                    f.close()
+    def _serve(self, body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        self._count(path)
+        if self._turned_away(path):
+            return
+        src = self.fs.files.get(path)
+        if src is None:
+            return self._empty(404)
+        data = src if isinstance(src, bytes) else None
+        size = len(data) if data is not None else Path(src).stat().st_size  # type: ignore[arg-type]
+        span = self._span(size)
+        if span is None:
+            return
+        start, end, status = span
+        self._head(path, size, start, end, status)
+        if body:
+            self._body(src, start, end)
 
-        def _empty(self, code: int) -> None:
-            self.send_response(code)
+    def _count(self, path: str) -> None:
+        self.fs.count(requests=1)
+        with self.fs.lock:
+            self.fs.stats.paths[path] = self.fs.stats.paths.get(path, 0) + 1
+            if self.headers.get("Authorization"):
+                self.fs.stats.authorized.add(path)
+
+    def _turned_away(self, path: str) -> bool:
+        """Answered already: no token (401), a redirect (302) or an expired signature (403)."""
+        b = self.fs.behaviour
+        auth_ok = self.headers.get("Authorization") == f"Bearer {b.token}"
+        targets = {urlsplit(u).path for u in b.redirects.values()}
+        if b.token and not auth_ok and path not in targets:
+            self._empty(401)  # like a CDN, signed redirect targets need no token
+            return True
+        if path in b.redirects:
+            location = b.redirects[path]
+            if b.target_uses is not None:  # a signed URL, like a CDN's
+                with self.fs.lock:
+                    sig = str(len(self.fs.uses_left))
+                    self.fs.uses_left[sig] = b.target_uses
+                location += f"?sig={sig}"
+            self.send_response(302)
+            self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return True
+        if b.target_uses is not None and path in targets:
+            sig = self.path.partition("?sig=")[2]
+            with self.fs.lock:
+                left = self.fs.uses_left.get(sig, 0)
+                self.fs.uses_left[sig] = left - 1
+            if left <= 0:
+                self._empty(403)  # an expired signature
+                return True
+        return False
 
-    return Handler
+    def _span(self, size: int) -> tuple[int, int, int] | None:
+        """(start, end, status) of the answer: the Range asked for (206) or all (200); None
+        when the range cannot be served (416 sent)."""
+        rng = self.headers.get("Range")
+        if not (rng and self.fs.behaviour.ranges):
+            return 0, size, 200
+        self.fs.count(range_requests=1)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+        if not m or int(m.group(1)) >= size:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        start = int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+        return start, end, 206
+
+    def _head(self, path: str, size: int, start: int, end: int, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("ETag", f'"{size}-{_tag(path)}"')
+        if self.fs.behaviour.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+
+    def _body(self, src: bytes | Path, start: int, end: int) -> None:
+        b = self.fs.behaviour
+        limit = end - start
+        if b.drop_after is not None and self.fs.take_drop():
+            limit = min(limit, b.drop_after)
+            self.close_connection = True
+        t0, sent = time.monotonic(), 0
+        f = None if isinstance(src, bytes) else open(src, "rb")  # noqa: SIM115
+        try:
+            if f:
+                f.seek(start)
+            while sent < limit:
+                n = min(BLOCK, limit - sent)
+                if f:
+                    chunk = f.read(n)
+                else:
+                    assert isinstance(src, bytes)
+                    chunk = src[start + sent : start + sent + n]
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                self.fs.count(bytes_sent=len(chunk))
+                if b.rate_bps:
+                    ahead = sent / b.rate_bps - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            if f:
+                f.close()
+
+    def _empty(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
+    """The handler class of `server`: http.server makes one instance per connection."""
+    return type("Handler", (_Handler,), {"fs": server})
 
 
 def _tag(path: str) -> str:

@@ -37,8 +37,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 import proto
-from lls.bus import Bus, consume
+from lls.bus import Bus
 from lls.config import Config, ModelConfig, expand, legacy_store_filename, store_filename_of
+from lls.consume import consume
 from lls.fence import Fence
 from lls.service import ServiceContext
 from services.downloader import admit

@@ -2,41 +2,49 @@
 (tests/test_hosts.py asserts on what these return) and the report (bench/bench_hosts.py
 prints it), so the scenario exists once.
 
-Each fault runs under a bounded steady load (`Load`: CLIENTS clients, one small completion
-after another, each with a deadline): every request ends served, refused clearly (an
-OpenAI error body) or hung (no answer before its deadline). A driver measures and returns;
-it asserts only its own preconditions, and raises `NotInTime` when a wait runs out. The
-caller owns the bus and heals the lab afterwards (`healed`).
+Each fault runs under a bounded steady load (lab/load.py). A driver measures and returns;
+it asserts only its own preconditions, and raises `NotInTime` (lab/observe.py) when a wait
+runs out. The caller owns the bus and heals the lab afterwards (`healed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import proto
+from lab.load import REFUSALS, Load
+from lab.observe import (
+    EventTap,
+    NotInTime,
+    ask,
+    duplicates,
+    events_since,
+    last_seq,
+    lease,
+    live,
+    ok,
+    read,
+    ready_one,
+    records,
+    settled_disagreements,
+    steady_lease,
+    until,
+)
 from lls.bus import Bus, kv_snapshot, new_id
 from lls.config import ModelConfig, store_filename_of
-from lls.history import diff, rebuild
-from proto import InstanceRecord, InstanceState, LeaseRecord
+from proto import InstanceRecord, LeaseRecord
 
 if TYPE_CHECKING:
-    from lls.hostlab import HostLab
+    from lab.hosts import HostLab
 
-T = TypeVar("T")
-DEADLINE_S = 30.0  # each request's own deadline: past it, the request hung
-REFUSALS = (429, 502, 503, 504)  # clear refusals under a fault
-CLIENTS = 3  # concurrent load clients: steady, not a flood (two cores run everything)
 MOVE_WITHIN_S = 35.0  # a lost host's model (or the lease) must have moved by then
 
 # A client of a NATS node that is cut off (not killed: its packets just vanish) learns it
@@ -47,10 +55,6 @@ STALLED = (
     "was a service attached to the cut-off host's NATS node stalled past its pings "
     "(lls/bus.py PING_INTERVAL_S x MAX_OUTSTANDING_PINGS)? see the report in the test output"
 )
-
-
-class NotInTime(AssertionError):
-    """A wait ran past its deadline (an AssertionError: a test fails with its message)."""
 
 
 # ------------------------------------------------------------------ the lab's shape
@@ -80,315 +84,6 @@ def fault_lab(
         "gpus": {f"h{hosts}": [{"name": "sim-1g", "memory_mib": 1024}]},
         "seed_files": {f"h{hosts}": seeds},
     }
-
-
-# ------------------------------------------------------------------ load
-
-
-@dataclass
-class Outcome:
-    status: int | None  # None: no HTTP answer (deadline, connection error)
-    seconds: float
-    error: str
-    at: float = 0.0  # time.monotonic() when it ended
-
-
-class Load:
-    """CLIENTS tasks sending small completions, one after another, until stopped."""
-
-    def __init__(self, base: str, model: str, clients: int = CLIENTS):
-        self.base = base
-        self.model = model
-        self.clients = clients
-        self.outcomes: list[Outcome] = []
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> Load:
-        self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        async with asyncio.timeout(DEADLINE_S + 10):
-            await asyncio.gather(*self.tasks)
-
-    async def _client(self) -> None:
-        body = {"model": self.model, "prompt": "hi", "max_tokens": 2}
-        async with httpx.AsyncClient() as c:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = await c.post(f"{self.base}/v1/completions", json=body, timeout=DEADLINE_S)
-                except httpx.HTTPError as e:
-                    now = time.monotonic()
-                    self.outcomes.append(Outcome(None, now - t0, repr(e), now))
-                    await asyncio.sleep(0.5)
-                    continue
-                msg = ""
-                if r.status_code != 200:
-                    try:
-                        msg = r.json()["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        msg = f"not an OpenAI error body: {r.text[:200]!r}"
-                now = time.monotonic()
-                self.outcomes.append(Outcome(r.status_code, now - t0, msg, now))
-                await asyncio.sleep(0.3)
-
-    @property
-    def served(self) -> int:
-        return sum(o.status == 200 for o in self.outcomes)
-
-    @property
-    def refused(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status is not None and o.status != 200]
-
-    @property
-    def hung(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status is None]
-
-    @property
-    def unclear(self) -> list[Outcome]:
-        """Refusals that are not a clear one (a status of REFUSALS with an OpenAI body)."""
-        return [
-            o
-            for o in self.refused
-            if o.status not in REFUSALS or o.error.startswith("not an OpenAI")
-        ]
-
-    def counts(self, since: float = 0.0, until: float = float("inf")) -> tuple[int, int, int]:
-        """(served, refused, hung) of the requests that ended in [since, until)."""
-        window = [o for o in self.outcomes if since <= o.at < until]
-        served = sum(o.status == 200 for o in window)
-        hung = sum(o.status is None for o in window)
-        return served, len(window) - served - hung, hung
-
-    def longest_gap(self, since: float, until: float) -> float:
-        """The longest time in [since, until] in which no request ended served."""
-        served = sorted(o.at for o in self.outcomes if o.status == 200 and since <= o.at <= until)
-        return max(b - a for a, b in itertools.pairwise([since, *served, until]))
-
-    def summary(self) -> str:
-        why = sorted({f"{o.status} {o.error[:120]}" for o in self.refused})
-        return (
-            f"served {self.served}, refused {len(self.refused)}, hung {len(self.hung)}"
-            + "".join(f"\n    refusal: {w}" for w in why)
-        )
-
-    def check(self) -> None:
-        """No request hung; every refusal was clear."""
-        assert self.served > 0, self.outcomes
-        assert not self.hung, self.hung
-        assert not self.unclear, self.unclear
-
-
-# ------------------------------------------------------------------ waiting and reading
-
-
-async def until(check: Callable[[], Awaitable[T | None]], within: float, what: str) -> T:
-    """The first truthy result of `check`, polled until `within` seconds have passed."""
-    deadline = time.monotonic() + within
-    error: Exception | None = None
-    while True:
-        try:
-            got = await check()
-        except Exception as e:  # noqa: BLE001 - the bus may be away mid-fault: try again
-            got, error = None, e
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise NotInTime(f"not within {within:.0f} s: {what} ({error!r})")
-        await asyncio.sleep(0.2)
-
-
-async def read(call: Callable[[], Awaitable[T]], within: float = 30, what: str = "a read") -> T:
-    """`call()`'s result, tried again while it raises: after a fault JetStream may answer
-    'unavailable' or time out for a few seconds while its streams elect new leaders."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await call()
-        except Exception as e:  # noqa: BLE001 - a stream without a leader yet: try again
-            if time.monotonic() >= deadline:
-                raise NotInTime(f"not within {within:.0f} s: {what} ({e!r})") from e
-            await asyncio.sleep(0.5)
-
-
-async def records(bus: Bus) -> list[InstanceRecord]:
-    return list((await kv_snapshot(bus, bus.instances, InstanceRecord)).values())
-
-
-async def live(bus: Bus, model: str) -> list[InstanceRecord]:
-    return [r for r in await records(bus) if r.model == model and r.state in proto.LIVE_STATES]
-
-
-async def ready_one(bus: Bus, model: str, not_on: str = "") -> InstanceRecord | None:
-    """The model's only live instance, when it is ready (and not on `not_on`)."""
-    recs = await live(bus, model)
-    if len(recs) == 1 and recs[0].state == InstanceState.READY and recs[0].host != not_on:
-        return recs[0]
-    return None
-
-
-async def duplicates(bus: Bus) -> list[str]:
-    """Models with more than one live instance (each wants one here)."""
-    per_model = [r.model for r in await records(bus) if r.state in proto.LIVE_STATES]
-    return sorted({m for m in per_model if per_model.count(m) > 1})
-
-
-async def lease(bus: Bus) -> LeaseRecord:
-    return proto.decode((await bus.leases.get("placer")).value, LeaseRecord)
-
-
-async def steady_lease(bus: Bus) -> LeaseRecord:
-    """The lease record once it has been renewed by the same holder for a while (a take-over
-    left by the previous fault has settled)."""
-
-    async def steady() -> LeaseRecord | None:
-        first = await lease(bus)
-        await asyncio.sleep(1.5)
-        again = await lease(bus)
-        same = (first.holder, first.epoch) == (again.holder, again.epoch) and first.holder
-        return again if same else None
-
-    return await until(steady, 30, "one placer holding the lease")
-
-
-async def ask(base: str, model: str) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=DEADLINE_S) as c:
-        body = {"model": model, "prompt": "a", "max_tokens": 2}
-        return await c.post(f"{base}/v1/completions", json=body)
-
-
-async def ok(call: Awaitable[httpx.Response]) -> httpx.Response | None:
-    try:
-        r = await call
-    except httpx.HTTPError:
-        return None
-    return r if r.status_code == 200 else None
-
-
-async def last_seq(bus: Bus) -> int:
-    return (await bus.js.stream_info(proto.EVENTS_STREAM)).state.last_seq
-
-
-async def events_since(bus: Bus, seq: int, within: float = 20) -> list[proto.Event]:
-    """Every event of the stream after sequence `seq`, oldest first."""
-    got: list[proto.Event] = []
-    done = asyncio.Event()
-    info = await bus.js.stream_info(proto.EVENTS_STREAM)
-    last = info.state.last_seq
-    if last <= seq:
-        return []
-
-    async def on_msg(msg: Any) -> None:
-        with contextlib.suppress(msgspec.ValidationError):
-            got.append(proto.decode(msg.data, proto.Event))
-        if msg.metadata.sequence.stream >= last:
-            done.set()
-
-    sub = await bus.js.subscribe(
-        proto.EVENTS_SUBJECTS,
-        cb=on_msg,
-        ordered_consumer=True,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq + 1
-        ),
-    )
-    try:
-        async with asyncio.timeout(within):
-            await done.wait()
-    finally:
-        await sub.unsubscribe()
-    return got
-
-
-class EventTap:
-    """An ordered consumer of the event stream from the sequence after `seq0` on: which
-    stream sequences reached it (a gap or a shortfall is a lost event)."""
-
-    def __init__(self, bus: Bus):
-        self.bus = bus
-        self.seq0 = 0
-        self.seqs: list[int] = []
-        self.sub: Any = None
-
-    async def __aenter__(self) -> EventTap:
-        self.seq0 = await last_seq(self.bus)
-
-        async def on_event(msg: Any) -> None:
-            self.seqs.append(msg.metadata.sequence.stream)
-
-        self.sub = await self.bus.js.subscribe(
-            proto.EVENTS_SUBJECTS,
-            cb=on_event,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq0 + 1
-            ),
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            await self.sub.unsubscribe()
-
-    async def settle(self, within: float = 20) -> int:
-        """Wait until every event the stream holds now has arrived; the stream's last
-        sequence then."""
-        last = await read(lambda: last_seq(self.bus))
-
-        async def all_seen() -> bool:
-            return last <= self.seq0 or (bool(self.seqs) and self.seqs[-1] >= last)
-
-        await until(all_seen, within, "every event delivered")
-        return last
-
-    @property
-    def published(self) -> int:
-        return (self.seqs[-1] - self.seq0) if self.seqs else 0
-
-    @property
-    def gaps(self) -> bool:
-        return self.seqs != list(range(self.seq0 + 1, self.seq0 + 1 + len(self.seqs)))
-
-
-async def stream_leaders(bus: Bus) -> dict[str, str]:
-    """Stream (KV buckets included) -> the NATS node leading it (its Raft leader): writes to
-    a stream whose leader is cut off wait for a new leader to be elected."""
-    out = {}
-    for name in await bus.js.streams_info():
-        cluster = name.cluster
-        if cluster is not None and cluster.leader:
-            out[name.config.name or "?"] = cluster.leader
-    return out
-
-
-async def disagreements(bus: Bus) -> list[str]:
-    """Where KV's instance records and the ones rebuilt from the event log differ, each with
-    both revisions (KV's below the event's: that write is gone from KV)."""
-    table = rebuild(await events_since(bus, 0))
-    kv = {r.instance_id: r for r in await records(bus)}
-    out = []
-    for line in diff(table, kv):
-        iid = line.split(":", 1)[0]
-        rec = kv.get(iid)
-        got = table.get(iid)
-        rev = None
-        if rec is not None:
-            with contextlib.suppress(Exception):
-                entry = await bus.instances.get(proto.instance_key(rec.host or "", iid))
-                rev = entry.revision
-        out.append(f"{line} [KV revision {rev}, event revision {got[0] if got else None}]")
-    return out
-
-
-async def settled_disagreements(bus: Bus) -> list[str]:
-    problems = await disagreements(bus)
-    if problems:  # events follow their writes: give a late one a moment
-        await asyncio.sleep(5)
-        problems = await disagreements(bus)
-    return problems
 
 
 # ------------------------------------------------------------------ the lab

