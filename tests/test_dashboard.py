@@ -19,9 +19,9 @@ from conftest import free_port, require
 from lls.bus import Bus, connect
 from lls.config import parse
 from lls.service import ServiceContext
+from lls.ui_secret import SECRET_HEADER, ui_secret
 from services.ui import history
 from services.ui.hub import Hub
-from services.ui.secret import SECRET_HEADER, ui_secret
 from services.ui.service import run
 from services.ui.view import View
 

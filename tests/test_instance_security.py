@@ -60,7 +60,7 @@ from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState
 from services.agent.runtime_process import alive
 from services.agent.service import StartupError, create_agent
-from services.gateway.router import endpoint_refusal, placement_refusal, upstream_allowed
+from services.gateway.trust import endpoint_refusal, placement_refusal, upstream_allowed
 from stack import Stack
 
 # ---------------------------------------------------------------- helpers

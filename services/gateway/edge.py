@@ -16,7 +16,8 @@ many connections it may hold open, so a few slow or idle sockets could exhaust t
 
 Every refusal here is a JSON error in the route's style, like the app's own.
 
-`check_depth` caps JSON nesting cheaply before any decoder (ours or llama-server's) sees it.
+`check_depth` caps JSON nesting cheaply before any decoder (ours or llama-server's) sees it;
+`read_body` caps a body's size (MAX_BODY_BYTES, a 413).
 
 Browsers are the other hostile client: a web page may send requests to the gateway on its
 visitor's machine. `BrowserChecks` refuses those that could change anything (a cross-site
@@ -39,6 +40,7 @@ from typing import Any, TypeVar
 
 import httptools
 import msgspec
+from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lls.config import GatewayConfig
@@ -55,6 +57,7 @@ MAX_HEAD_BYTES = 64 << 10  # request line + headers; nginx's default large buffe
 MAX_HEADERS = 256
 FDS_RESERVED = 256  # file descriptors kept for NATS, logs and the like
 MAX_DEPTH = 64  # JSON nesting; real requests (chat, tools, schemas) use a handful of levels
+MAX_BODY_BYTES = 32 << 20
 
 # A string, or an unterminated one to the end: each byte is scanned once, however the
 # quotes fall (a closing quote required would rescan from every quote: quadratic).
@@ -100,6 +103,21 @@ def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise ApiError(400, f"invalid request body: {msg}", "invalid_request") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+
+
+async def read_body(request: Request) -> bytes:
+    """A request's body, at most MAX_BODY_BYTES: a 413 past it (before reading any, when the
+    declared length already says so)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- browsers

@@ -15,7 +15,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        # In this order in /metrics (a registry lists its metrics as they were added).
+        self._add_request_metrics(self.registry)
+        self._add_admission_metrics(self.registry)
+        self._add_model_metrics(self.registry)
+        self._add_key_metrics(self.registry)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Requests by outcome, and their times."""
         self.requests = Counter(
             "lls_requests",
             "Requests by model, route and status",
@@ -49,6 +56,9 @@ class Metrics:
             ["model", "status"],
             registry=r,
         )
+
+    def _add_admission_metrics(self, r: CollectorRegistry) -> None:
+        """Queues, admission limits, instances, and the waits and stalls they cause."""
         self.queue_depth = Gauge(
             "lls_queue_depth", "Requests waiting for a slot", ["model"], registry=r
         )
@@ -83,6 +93,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _add_model_metrics(self, r: CollectorRegistry) -> None:
+        """Swaps (drains) between models, and generation speed."""
         self.swaps = Counter(
             "lls_swaps",
             "Times a model began to yield its memory to a waiting model (a drain)",
@@ -104,7 +117,8 @@ class Metrics:
             registry=r,
         )
 
-        # Per API key, by its configured name (never the secret); "open" when no keys are set.
+    def _add_key_metrics(self, r: CollectorRegistry) -> None:
+        """Per API key, by its configured name (never the secret); "open" when no keys are set."""
         self.key_tokens = Counter(
             "lls_tokens",
             "Tokens by API key, model and kind (prompt or completion), from each answer's usage",

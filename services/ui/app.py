@@ -1,7 +1,7 @@
 """The dashboard's HTTP app. Every route lives under /dashboard because the gateway proxies
 that prefix here unchanged; the page uses URLs relative to itself.
 
-Only the gateway is answered: every request must carry the shared secret (services.ui.secret)
+Only the gateway is answered: every request must carry the shared secret (lls.ui_secret)
 that the gateway adds after its admin check. Errors use the project's one form,
 `{"error": {"message", "type", "code"}}`."""
 
@@ -21,10 +21,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import proto
 from lls.bus import Bus
+from lls.ui_secret import SECRET_HEADER
 from services.ui import older
 from services.ui.hub import Hub
 from services.ui.logs import NoAnswer, ask_log_tail, find_instance
-from services.ui.secret import SECRET_HEADER
 from services.ui.view import View
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"

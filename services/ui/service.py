@@ -14,10 +14,10 @@ import uvicorn
 
 from lls.config import Config
 from lls.service import ServiceContext
+from lls.ui_secret import ENV, ui_secret
 from services.ui.app import create_app, require_secret
 from services.ui.feed import Feed
 from services.ui.hub import Hub
-from services.ui.secret import ENV, ui_secret
 from services.ui.view import View
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ through the gateway's admin check (not by whoever can reach the UI's port).
 
 `LLS_UI_SECRET` when set (give the gateway's and the UI's hosts the same value); otherwise a
 random secret kept in `<cache>/ui.secret` (mode 0600), created by whichever of the two
-services starts first on this machine.
+services starts first on this machine. In lls/ because both services use it (neither
+imports the other).
 """
 
 from __future__ import annotations
