@@ -37,7 +37,7 @@ real-model: setup
 	@$(BIN)/python -m lls.real_model --link demo/models/gemma-3-270m-q4_k_m.gguf >/dev/null
 
 # No waiting for llama-server: where none is built yet, lls.run builds the CPU one in the
-# background (about 4 minutes on 2 cores, once) while the gateway and dashboard are already
+# background (3 to 4 minutes on 2 cores, once) while the gateway and dashboard are already
 # up; requests wait for it, and the dashboard and their stream comments show its stage.
 # Where nvcc and an NVIDIA driver are found the CUDA build still comes first, in front.
 run: setup demo-model real-model
@@ -48,7 +48,7 @@ run: setup demo-model real-model
 # make cluster        three hosts as network namespaces (root), a 3-node NATS cluster, the
 #                     gateway forwarded to http://127.0.0.1:5000; Ctrl-C removes it all
 cluster: setup llama-server demo-model real-model
-	exec $(BIN)/python -m lls.hostlab --config $(CONFIG)
+	exec $(BIN)/python -m lab.cluster --config $(CONFIG)
 
 test: setup llama-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

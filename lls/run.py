@@ -1,7 +1,9 @@
 """`make run`: the whole system on one machine, each service in its own process.
 
 Starts an embedded NATS server with JetStream (unless the config names one), then the
-gateway, ui, placer, downloader and agent, restarting any that dies (with backoff).
+gateway, ui, placer, downloader and agent, restarting any that dies (with backoff). Where the
+machine has no llama-server yet, it builds one in the background meanwhile (Build): the
+agent holds starts until it is there.
 SIGINT/SIGTERM stop them all; the agent stops its llama-server instances on the way out, so
 nothing is left running. SIGHUP (`lls reload`, which finds this process by `pid_file`) is
 passed on to every service: each re-reads the config file (lls.service).
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         if needs_build(cfg):
             log(
                 "no llama-server on this machine yet: building it in the background (first "
-                "run only, about 4 minutes on 2 cores); the gateway and dashboard are up "
+                "run only, 3 to 4 minutes on 2 cores); the gateway and dashboard are up "
                 "meanwhile, and requests wait for it"
             )
             build = Build()

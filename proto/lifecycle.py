@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from proto.messages import END_STATES, InstanceState
 
-__all__ = ["AGENT", "PLACER", "WRITERS", "refusal"]
+__all__ = ["AGENT", "PLACER", "WRITERS", "refusal", "table"]
 
 PLACER = "placer"
 AGENT = "agent"
@@ -58,3 +58,26 @@ def refusal(writer: str, old: InstanceState | None, new: InstanceState) -> str |
         was = "no record (never created, or purged)" if old is None else old.value
         return f"the {writer} may not move {was} to {new.value}"
     return None
+
+
+def _from_words(writer: str, new: InstanceState) -> str:
+    allowed = _FROM.get((writer, new))
+    if allowed is None:
+        return "never"
+    if allowed == {None}:
+        return "no record (it alone creates)"
+    if allowed == _LIVE:
+        return "any live"
+    if allowed == _LIVE | {_S.STOPPING}:
+        return "any live, stopping"
+    return ", ".join(s.value for s in InstanceState if s in allowed)
+
+
+def table() -> list[tuple[str, str, str]]:
+    """(new state, the placer may write it from, the agent may write it from), in lifecycle
+    order: the first three columns of docs/architecture.md's table, which a test keeps equal
+    to this one."""
+    return [
+        (new.value, _from_words(PLACER, new), _from_words(AGENT, new))
+        for new in InstanceState
+    ]

@@ -114,6 +114,21 @@ JOBS="${JOBS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || ec
 
 work="$CACHE/build-$VERSION"
 mkdir -p "$work"
+# One build at a time per cache (a `make run` building in the background and a `make test`,
+# say): a second one waits for the first, then finds its binary.
+if [ -z "$configure_only" ] && command -v flock >/dev/null 2>&1; then
+  exec 9>"$work/.lock"
+  if ! flock -n 9; then
+    echo "  another build of llama-server is running in $work; waiting for it" >&2
+    flock 9
+  fi
+  for d in "$DEST" "$OLD_DEST"; do
+    if [ -x "$d/bin/llama-server" ]; then
+      echo "$d/bin/llama-server"
+      exit 0
+    fi
+  done
+fi
 log="$work/$build_dir.log"
 build_to="$work/$build_dir"
 if [ -n "$configure_only" ]; then
@@ -152,7 +167,7 @@ if [ "$BACKEND" = cuda ]; then
   echo "building llama-server $VERSION with CUDA (architectures ${archs:-the llama.cpp default" \
     "list}) into $CACHE (first run only; about 5 minutes on 16 cores)" >&2
 elif [ -z "$configure_only" ]; then
-  echo "building llama-server $VERSION into $CACHE (first run only; about 4 minutes on 2 idle cores)" >&2
+  echo "building llama-server $VERSION into $CACHE (first run only; 3 to 4 minutes on 2 idle cores)" >&2
 fi
 fail() {
   echo "error: $1 failed after $(elapsed); the last lines of $log:" >&2

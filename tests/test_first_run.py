@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_dashboard import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 
 from conftest import require
 from lls import build_status, paths, run
@@ -395,3 +396,32 @@ def test_a_failed_build_fails_the_waiting_request_naming_its_log(first_run):
     assert "the llama-server build failed" in stack.logs()
     build = _wait_for("the failed build on the host card", lambda: _host_build(stack.base))
     assert build["stage"] == "failed"
+
+
+@pytest.mark.browser
+def test_dashboard_host_card_shows_the_build_stage(first_run):
+    require("Chromium", HAVE_CHROMIUM, "apt-get install chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    stack, fake = first_run
+
+    def held() -> bool:
+        build = _host_build(stack.base)
+        return build is not None and build["percent"] == 50
+
+    _wait_for("the build held at 50% on the host card", held)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{stack.base}/dashboard")
+            line = page.locator('[data-host="h1"] [data-build="compiling"]')
+            expect(line).to_contain_text("building llama-server: compiling 50%")
+            expect(line).to_have_attribute("title", f"build log: {fake.log}")
+            fake.go()  # built: the line goes with the next heartbeat
+            expect(page.locator('[data-host="h1"] [data-build]')).to_have_count(0, timeout=10000)
+            assert errors == []
+        finally:
+            browser.close()

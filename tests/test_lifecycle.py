@@ -58,3 +58,19 @@ def test_a_write_that_keeps_the_state_is_allowed_until_the_record_ends():
     assert refusal(PLACER, S.STARTING, S.STARTING) is None  # start resent, new reason
     assert refusal(AGENT, S.READY, S.READY) is None
     assert refusal(AGENT, S.STOPPED, S.STOPPED) is not None
+
+
+def test_the_architecture_docs_table_is_the_codes() -> None:
+    """docs/architecture.md draws the lifecycle table; its first three columns must say what
+    proto/lifecycle.py enforces (edit the code, then the doc: this test names the row)."""
+    from pathlib import Path
+
+    from proto.lifecycle import table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    rows = [
+        tuple(cell.strip() for cell in line.strip().strip("|").split("|")[:3])
+        for line in doc.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip() in {s for s, _, _ in table()}
+    ]
+    assert rows == table()

@@ -166,6 +166,11 @@ def build_argv(
     if slot_save_path and not has_flag(args, _SLOT_SAVE_FLAGS):
         # enables POST /slots/{id}?action=save|restore, confined to this folder (warm swaps)
         argv += ["--slot-save-path", slot_save_path]
+        if "--swa-full" not in args:
+            # Sliding-window models (Gemma 2/3, gpt-oss): a restored slot is otherwise evaluated
+            # in full again, and their checkpoints grow RAM per turn. The memory estimate
+            # already sizes those layers for the whole context, so this costs no placement.
+            argv += ["--swa-full"]
     # a built-in name or a Jinja file (as the server sees its path); the config keeps the
     # model's args from choosing a template too (chat_templates.check)
     argv += chat_templates.argv(chat_template, chat_template_file)

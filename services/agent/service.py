@@ -36,7 +36,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 import proto
 from lls import build_status, chat_templates, instance_key
 from lls.aio import wait_event
-from lls.bus import consume, kv_snapshot
+from lls.bus import kv_snapshot
 from lls.config import (
     AgentConfig,
     Config,
@@ -44,6 +44,7 @@ from lls.config import (
     slots_of,
     store_filename_of,
 )
+from lls.consume import consume
 from lls.fence import Fence
 from lls.paths import CPU, UNKNOWN, choose_llama_server
 from lls.service import ServiceContext
@@ -759,7 +760,7 @@ class Agent:
         then says what is missing); else why the start failed (a failed build names its log).
         """
         deadline = time.monotonic() + BUILD_WAIT_S
-        said = ""
+        said: tuple[str, int] | None = None
         while (build := await self._call(self._build)) is not None:
             if build.stage in (build_status.FAILED, build_status.STOPPED):
                 return build.message
@@ -767,8 +768,8 @@ class Agent:
                 return (
                     f"the llama-server build did not finish in {BUILD_WAIT_S:g} s; see {build.log}"
                 )
-            if build.message != said:  # a few writes a minute: one per percent at most
-                said = build.message
+            if (build.stage, build.percent // 10) != said:  # each stage, each 10%: the host
+                said = (build.stage, build.percent // 10)  # record has the rest (heartbeat)
                 await self._set(inst, InstanceState.STARTING, reason=build.message, endpoint=None)
             if await self._pause(inst, BUILD_POLL_S):
                 return None
