@@ -3,10 +3,11 @@ figures; not a test).
 
     .venv/bin/python bench/bench_placement.py [--hosts 1000] [--gpus 8] [--models 200]
 
-A real `Placer` is fed the cluster through its own watch callbacks (`_on_host`,
-`_on_instance`, `_on_activity`: what its KV watches call), and each decision is timed as
-`Placer._demand` makes it: the pass's View (`_view`), `demand_gate`, the model's `Need`
-(`_need`), and `plan_demand` over a View with `now` (the placement itself, turns included).
+A real `Placer` is fed the cluster through its own watch callbacks (`Watches.on_host`,
+`on_instance`, `on_activity`: what its KV watches call), and each decision is timed as
+`Demand.decide` makes it: the pass's View (`Planning.view`), `demand_gate`, the model's
+`Need` (`Planning.need`), and `plan_demand` over a View with `now` (the placement itself,
+turns included).
 Demand is for configured models with no live instance, whose files three hosts hold.
 
 Scenarios: two instances per model (a nearly empty cluster), a cluster with room (GPUs about
@@ -48,13 +49,9 @@ from proto.messages import (  # noqa: E402
     InstanceRecord,
     InstanceState,
 )
-from services.placer.plan import (  # noqa: E402
-    ACTIVITY_STALE_S,
-    Create,
-    Drain,
-    demand_gate,
-    plan_demand,
-)
+from services.placer.actions import Create, Drain  # noqa: E402
+from services.placer.activity import ACTIVITY_STALE_S  # noqa: E402
+from services.placer.plan_demand import demand_gate, plan_demand  # noqa: E402
 from services.placer.service import Placer  # noqa: E402
 from services.placer.turns import merged_queues  # noqa: E402
 
@@ -126,7 +123,7 @@ def feed(
                     ready_at=now - rng.uniform(60, 3600),
                 )
                 rev += 1
-                placer._on_instance(proto.instance_key(hid, iid), rec, rev)
+                placer.watches.on_instance(proto.instance_key(hid, iid), rec, rev)
                 activity[iid] = InstanceActivity(
                     in_flight=rng.choice([0, 0, 0, 1, 3]), last_used=now - rng.uniform(0, 3600)
                 )
@@ -137,10 +134,10 @@ def feed(
             hid, now, 0.0, "docker", gpus, 64, 512_000, 400_000, files=files.get(h, [])
         )
         rev += 1
-        placer._on_host(hid, host, rev)
+        placer.watches.on_host(hid, host, rev)
     # Everything already reported once: the decisions see a settled cluster.
     report = ActivityReport("gw", now, instances=activity, instances_rev=rev)
-    placer._on_activity("gw", report, rev)
+    placer.watches.on_activity("gw", report, rev)
     return n
 
 
@@ -194,17 +191,17 @@ def keep_beating(placer: Placer) -> None:
     """Every host's heartbeat and the gateway's report again, as they come every second
     (untimed): without them hosts would go lost, and a report older than ACTIVITY_STALE_S
     would make every instance unsettled (nothing evictable)."""
-    rep = placer.activity["gw"]
+    rep = placer.watches.activity["gw"]
     if time.time() - rep.ts > 1.0:
-        for h in list(placer.hosts.values()):
-            placer._on_host(h.host_id, replace_struct(h, ts=time.time()), 0)
-        placer._on_activity("gw", replace_struct(rep, ts=time.time()), 0)
+        for h in list(placer.watches.hosts.values()):
+            placer.watches.on_host(h.host_id, replace_struct(h, ts=time.time()), 0)
+        placer.watches.on_activity("gw", replace_struct(rep, ts=time.time()), 0)
 
 
 def decide(
     placer: Placer, model: str, indexed: bool = True, now: float | None = None
 ) -> tuple[object, float]:
-    """One demand decision as `Placer._demand` makes it; (what it decided, ms of wall time).
+    """One demand decision as `Demand.decide` makes it; (what it decided, ms of wall time).
     `CPU.ms` is then the CPU time this thread spent on it: on a shared machine the wall time
     also holds the time other processes had the core."""
     if now is None:
@@ -213,16 +210,16 @@ def decide(
     GC.ms = 0.0
     CPU.start = time.thread_time()
     t0 = time.perf_counter()
-    queues = merged_queues(placer.activity.values(), now - ACTIVITY_STALE_S)
-    view = placer._view(queues)
+    queues = merged_queues(placer.watches.activity.values(), now - ACTIVITY_STALE_S)
+    view = placer.planning.view(queues)
     if not indexed:
         view = replace(view, index=None)
     gate = demand_gate(view, model, now)
     if gate is not None:
         CPU.stop()
         return gate, (time.perf_counter() - t0) * 1000
-    need = placer._need(model, placer.cfg.models[model], host=None)
-    view = placer._view(queues, now)
+    need = placer.planning.need(model, placer.cfg.models[model], host=None)
+    view = placer.planning.view(queues, now)
     if not indexed:
         view = replace(view, index=None)
     actions = plan_demand(view, model, need, now)
@@ -290,19 +287,19 @@ def scenario(label: str, fill: float, args: argparse.Namespace, cap: int = 10**9
 
 def upkeep(placer: Placer, rng: random.Random) -> None:
     """What keeping the index costs the watch callbacks (timed around the callback)."""
-    hosts = list(placer.hosts.values())
-    insts = [r for r in placer.instances.values() if r.state == InstanceState.READY]
+    hosts = list(placer.watches.hosts.values())
+    insts = [r for r in placer.watches.instances.values() if r.state == InstanceState.READY]
 
     def beat() -> None:
         h = rng.choice(hosts)
-        placer._on_host(h.host_id, replace_struct(h, ts=time.time()), 0)
+        placer.watches.on_host(h.host_id, replace_struct(h, ts=time.time()), 0)
 
     def record() -> None:
         r = rng.choice(insts)
-        placer._on_instance("k", replace_struct(r, updated=time.time()), 0)
+        placer.watches.on_instance("k", replace_struct(r, updated=time.time()), 0)
 
     reports = []
-    rep = placer.activity["gw"]
+    rep = placer.watches.activity["gw"]
     for _ in range(5):  # reports where 1% of the instances were used since the one before
         acts = dict(rep.instances)
         for iid in rng.sample(list(acts), max(1, len(acts) // 100)):
@@ -311,7 +308,7 @@ def upkeep(placer: Placer, rng: random.Random) -> None:
         reports.append(rep)
 
     def gateway() -> None:
-        placer._on_activity("gw", reports.pop(0), 0)
+        placer.watches.on_activity("gw", reports.pop(0), 0)
 
     for label, fn, n in (("heartbeat", beat, 300), ("instance record", record, 300)):
         times = timed(fn, n)
@@ -340,7 +337,7 @@ def main() -> None:
     ap.add_argument("--compare", type=int, default=5, help="decisions also made without index")
     args = ap.parse_args()
     # (the placer warns of the pause in heartbeats while decisions are timed: not news here)
-    logging.getLogger("services.placer.service").setLevel(logging.ERROR)
+    logging.getLogger("services.placer.watches").setLevel(logging.ERROR)
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, load average {load:.1f} at start (shared)")
     scenario("two instances per model", 1.0, args, cap=2 * args.models)

@@ -83,7 +83,7 @@ async def main() -> None:
         )
         placer = Placer(ctx)
         task = asyncio.create_task(placer.run())
-        while len(placer.hosts) < args.hosts or not placer.lease.held:
+        while len(placer.watches.hosts) < args.hosts or not placer.lease.held:
             await asyncio.sleep(0.05)
 
         started: dict[str, float] = {}

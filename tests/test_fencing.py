@@ -55,7 +55,8 @@ from services.placer.lease import (
     observe,
     valid_until,
 )
-from services.placer.service import STOP_GRACE_S, Placer
+from services.placer.plan import STOP_GRACE_S
+from services.placer.service import Placer
 
 TTL, MARGIN = 3.0, 1.0
 
@@ -462,7 +463,7 @@ async def test_a_placer_whose_lease_lapsed_mid_pass_sends_and_writes_nothing(bus
     cfg = parse({"models": {"m": {"url": "file:///nowhere/m.gguf", "memory_mib": 100}}})
     placer = Placer(ServiceContext(name="placer", cfg=cfg, bus=bus, host_id="p"))
     clock = [1000.0]
-    placer.lease = Lease(bus.leases, "p", clock=lambda: clock[0])
+    placer.lease.clock = lambda: clock[0]  # (the lease its parts share, on a clock we move)
     assert await placer.lease.try_acquire()
     iid = new_iid("m")
     t = time.time()
@@ -470,20 +471,20 @@ async def test_a_placer_whose_lease_lapsed_mid_pass_sends_and_writes_nothing(bus
         instance_id=iid, model="m", state=InstanceState.PENDING, created=t, updated=t, host="h1"
     )
     key = proto.instance_key("h1", iid)
-    placer._on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
+    placer.watches.on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
     subject = proto.cmd_agent("h1")
 
     # While valid: writes land, and commands carry the epoch.
-    assert await placer._write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
-    await placer._command(subject, StopInstance(cmd_id="stop-1", instance_id=iid))
+    assert await placer.writer.write(rec, state=InstanceState.DOWNLOADING, reason="downloading")
+    await placer.writer.command(subject, StopInstance(cmd_id="stop-1", instance_id=iid))
     sent = await bus.js.get_last_msg(proto.CMDS_STREAM, subject)
     assert proto.decode(sent.data, proto.AgentCommand).epoch == placer.lease.epoch >= 1
 
     clock[0] += 2.5  # past TTL - margin since the last renewal was sent, no renewal since
     with pytest.raises(LeaseLost):
-        await placer._write(placer.instances[iid], state=InstanceState.STARTING)
+        await placer.writer.write(placer.watches.instances[iid], state=InstanceState.STARTING)
     with pytest.raises(LeaseLost):
-        await placer._command(subject, StopInstance(cmd_id="stop-2", instance_id=iid))
+        await placer.writer.command(subject, StopInstance(cmd_id="stop-2", instance_id=iid))
     assert (await get_record(bus, iid)).state == InstanceState.DOWNLOADING
     assert (await bus.js.get_last_msg(proto.CMDS_STREAM, subject)).seq == sent.seq
     # a renewal that lands (nobody took over) makes it valid again, in the same epoch
@@ -504,20 +505,21 @@ async def test_a_stop_never_reported_done_is_sent_again_with_a_new_id(bus: Bus) 
         host="h1", reason="idle for 300 s",
     )  # fmt: skip
     key = proto.instance_key("h1", iid)
-    placer._on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
+    placer.watches.on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
     subject = proto.cmd_agent("h1")
 
-    await placer._check_stop(placer.instances[iid], t + 1)  # within the grace: nothing
+    stopping = placer.watches.instances[iid]
+    await placer.executor.check_stop(stopping, t + 1)  # within the grace: nothing
     with pytest.raises(Exception):  # noqa: B017 - no message on the subject yet
         await bus.js.get_last_msg(proto.CMDS_STREAM, subject)
     later = t + STOP_GRACE_S + 1
-    await placer._check_stop(placer.instances[iid], later)
+    await placer.executor.check_stop(placer.watches.instances[iid], later)
     sent = proto.decode((await bus.js.get_last_msg(proto.CMDS_STREAM, subject)).data,
                         proto.AgentCommand)  # fmt: skip
     assert isinstance(sent, StopInstance) and sent.instance_id == iid
     assert sent.cmd_id == f"stop-{iid}-{int(later)}" and sent.epoch == placer.lease.epoch
     again = await get_record(bus, iid)
     assert again.state == InstanceState.STOPPING and again.reason == "idle for 300 s (stop resent)"
-    now = placer.instances[iid].updated + 1  # the resend restarted the grace: not yet again
-    await placer._check_stop(placer.instances[iid], now)
+    now = placer.watches.instances[iid].updated + 1  # the resend restarted the grace: not yet again
+    await placer.executor.check_stop(placer.watches.instances[iid], now)
     assert (await bus.js.get_last_msg(proto.CMDS_STREAM, subject)).data == proto.encode(sent)

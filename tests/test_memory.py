@@ -307,14 +307,14 @@ def _placer_with(tiny_on: str, gpus: list[GpuInfo], measured: list[MeasuredMemor
         files=[FileInfo("tiny", filename, TINY.tensor_bytes, TINY)],
         measured=measured,
     )
-    placer._on_host(tiny_on, rec, 1)
+    placer.watches.on_host(tiny_on, rec, 1)
     return placer
 
 
 def test_the_placer_needs_the_cpu_figure_on_a_cpu_host_and_the_measured_one_on_a_gpu() -> None:
     placer = _placer_with("cpu", [], [])
     cfg = placer.cfg.models["tiny"]
-    n = placer._need("tiny", cfg, host=None)
+    n = placer.planning.need("tiny", cfg, host=None)
     assert (n.memory_mib, n.cpu_memory_mib, n.ram_mib, dict(n.gpu_memory_mib)) == (
         664,
         26,
@@ -327,9 +327,12 @@ def test_the_placer_needs_the_cpu_figure_on_a_cpu_host_and_the_measured_one_on_a
         MeasuredMemory("i2", "x", 512, "NVIDIA H200", 9),
     ]
     placer = _placer_with("gpu", [h200], seen)
-    assert placer.measured == {("tiny", 512, "NVIDIA H200"): 700, ("x", 512, "NVIDIA H200"): 9}
-    n = placer._need("tiny", cfg, host=None)
+    assert placer.watches.measured == {
+        ("tiny", 512, "NVIDIA H200"): 700,
+        ("x", 512, "NVIDIA H200"): 9,
+    }
+    n = placer.planning.need("tiny", cfg, host=None)
     assert n.memory_mib == 664 and dict(n.gpu_memory_mib) == {"NVIDIA H200": 700}
     # an operator's memory_mib is the need as given: measurements do not override it
     fixed = msgspec.structs.replace(cfg, memory_mib=500)
-    assert dict(placer._need("tiny", fixed, host=None).gpu_memory_mib) == {}
+    assert dict(placer.planning.need("tiny", fixed, host=None).gpu_memory_mib) == {}

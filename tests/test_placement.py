@@ -14,14 +14,8 @@ from proto.messages import (
     InstanceRecord,
     InstanceState,
 )
-from services.placer.placement import (
-    Need,
-    NoFit,
-    Placed,
-    idle_to_stop,
-    lost_hosts,
-    place,
-)
+from services.placer.idle_stops import idle_to_stop
+from services.placer.placement import Need, NoFit, Placed, lost_hosts, place
 
 GiB = 1024
 NOW = 1000.0

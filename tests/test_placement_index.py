@@ -1,5 +1,5 @@
-"""The indexed placement (services/placer/placement_index.py) against the straightforward one,
-on random clusters: the same decision and the same sentence, always (seeded generator)."""
+"""The indexed placement (services/placer/indexed_placement.py) against the straightforward
+one, on random clusters: the same decision and the same sentence, always (seeded generator)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ from proto.messages import (
     InstanceState,
     ModelQueue,
 )
-from services.placer import placement_index
-from services.placer.placement import Need, NoFit, Placed, spare_copies
+from services.placer import indexed_eviction, indexed_placement
+from services.placer.activity import merge_activity
+from services.placer.placement import Need, NoFit, Placed
+from services.placer.placement_eviction import spare_copies
 from services.placer.placement_index import PlacementIndex
-from services.placer.plan import (
-    Limits,
-    View,
-    demand_gate,
-    merge_activity,
-    place_in,
-    plan_demand,
-)
+from services.placer.plan_demand import demand_gate, place_in, plan_demand
+from services.placer.plan_view import Limits, View
 from services.placer.turns import merged_queues
 
 S = InstanceState
@@ -253,7 +249,7 @@ def same(c: Cluster, idx: PlacementIndex, stats: dict[str, int]) -> None:
             )
             got = place_in(fast, need, NOW, exclude=exclude, may_drain=drains, may_evict=may_evict)
             assert got == want, (need, exclude, may_evict, drains)
-            quick = placement_index.place_indexed(
+            quick = indexed_placement.place_indexed(
                 idx,
                 fast.hosts,
                 need,
@@ -301,7 +297,7 @@ def derived_state_matches(c: Cluster, idx: PlacementIndex) -> None:
 def test_the_indexed_placement_decides_as_the_straightforward_one(
     suffix_max: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(placement_index, "SUFFIX_MAX", suffix_max)
+    monkeypatch.setattr(indexed_eviction, "SUFFIX_MAX", suffix_max)
     stats = {"asked": 0, "fast": 0, "evicting": 0, "nofit": 0}
     for seed in range(60):
         rng = random.Random(seed)

@@ -23,16 +23,7 @@ from proto import (
     InstanceRecord,
     InstanceState,
 )
-from services.placer.placement import Need, Placed
-from services.placer.plan import (
-    END_RECORD_TTL_S,
-    NEVER_FITS_RETRY_S,
-    NO_HOST_GRACE_S,
-    NO_ROOM,
-    NO_SWAP,
-    START_GRACE_S,
-    STOP_GRACE_S,
-    Backoff,
+from services.placer.actions import (
     Create,
     Download,
     Drain,
@@ -41,25 +32,35 @@ from services.placer.plan import (
     Hold,
     HostBack,
     HostLost,
-    Limits,
     MarkLost,
     Purge,
     Refuse,
     ResendStart,
     ResendStop,
     Stop,
-    View,
     Wait,
+)
+from services.placer.activity import merge_activity
+from services.placer.backoff import NO_ROOM, NO_SWAP, Backoff
+from services.placer.placement import Need, Placed
+from services.placer.plan import (
+    END_RECORD_TTL_S,
+    START_GRACE_S,
+    STOP_GRACE_S,
     advance_gate,
-    demand_gate,
-    merge_activity,
     plan,
-    plan_demand,
     plan_drains,
     plan_hosts,
     plan_retire,
     plan_upkeep,
 )
+from services.placer.plan_demand import (
+    NEVER_FITS_RETRY_S,
+    NO_HOST_GRACE_S,
+    demand_gate,
+    plan_demand,
+)
+from services.placer.plan_view import Limits, View
 from services.placer.turns import Waiting
 
 S = InstanceState
@@ -316,7 +317,7 @@ def test_idle_stops_spare_pinned_models_but_not_keep_loaded_or_preloaded_ones() 
     """A pin (`lls load --pin`, KV desired) is never idle-stopped; keep_loaded only keeps a
     model from eviction and preload only starts it: both idle-stop like any other (an
     idle_timeout of 0 is how a model is kept for ever). The limits come from a parsed
-    config through the service's own `_limits`."""
+    config through the service's own `Planning.limits`."""
     from services.placer.service import Placer
 
     url = "file:///nowhere/x.gguf"
@@ -332,7 +333,7 @@ def test_idle_stops_spare_pinned_models_but_not_keep_loaded_or_preloaded_ones() 
         }
     )
     ctx = SimpleNamespace(cfg=cfg, bus=SimpleNamespace(leases=None), host_id="p")
-    limits = Placer(ctx)._limits()  # type: ignore[arg-type]
+    limits = Placer(ctx).planning.limits()  # type: ignore[arg-type]
     old = [inst(m, model=m, ready_at=NOW - 301) for m in ("kept", "pre", "never", "pin")]
     acts = plan_upkeep(view(*old, limits=limits, pinned=frozenset({"pin"})), NOW)
     assert acts == [
@@ -514,9 +515,9 @@ async def test_the_executor_acts_only_on_the_record_an_action_was_planned_from(
     t = time.time()
     rec = inst(iid, updated=t, ready_at=t)
     key = proto.instance_key("h1", iid)
-    placer._on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
+    placer.watches.on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
 
-    await placer._execute([Stop(iid, "idle"), MarkLost(iid, "host h1 lost")], t)
+    await placer.executor.execute([Stop(iid, "idle"), MarkLost(iid, "host h1 lost")], t)
     entry = await bus.instances.get(key)
     got = proto.decode(entry.value, InstanceRecord)
     assert (got.state, got.reason) == (S.STOPPING, "idle")
@@ -526,15 +527,15 @@ async def test_the_executor_acts_only_on_the_record_an_action_was_planned_from(
     assert cmd.epoch == placer.lease.epoch >= 1
 
     # a Hold lands in the Backoff the demand path reads
-    await placer._execute([Hold(NO_SWAP, "m", t + 60, "abandoned")], t)
+    await placer.executor.execute([Hold(NO_SWAP, "m", t + 60, "abandoned")], t)
     assert placer.backoff.holding(NO_SWAP, "m", t + 59)
 
     # a Drain (a swap's first step) marks its victims DRAINING for the waiting model
     vid = f"m-{new_id()[:8]}"
     vic = inst(vid, updated=t, ready_at=t)
     vkey = proto.instance_key("h1", vid)
-    placer._on_instance(vkey, vic, await bus.instances.create(vkey, proto.encode(vic)))
-    await placer._execute([Drain("x", (vid, "gone"), "yielding to x")], t)
+    placer.watches.on_instance(vkey, vic, await bus.instances.create(vkey, proto.encode(vic)))
+    await placer.executor.execute([Drain("x", (vid, "gone"), "yielding to x")], t)
     got = proto.decode((await bus.instances.get(vkey)).value, InstanceRecord)
     assert (got.state, got.drain_for, got.drain_since, got.reason) == (
         S.DRAINING,
@@ -707,7 +708,7 @@ def test_the_config_reaches_the_demand_planner_through_limits() -> None:
         }
     )
     ctx = SimpleNamespace(cfg=cfg, bus=SimpleNamespace(leases=None), host_id="p")
-    limits = Placer(ctx)._limits()  # type: ignore[arg-type]
+    limits = Placer(ctx).planning.limits()  # type: ignore[arg-type]
     assert (limits.keep_loaded, limits.strategy, limits.min_turn, limits.ram_reserve_mib) == (
         frozenset({"n"}),
         "spread",
@@ -731,15 +732,15 @@ async def test_the_placers_upkeep_sees_the_gateways_queues(bus: Bus) -> None:
     iid = f"m-{new_id()[:8]}"
     rec = inst(iid, updated=t - 60, ready_at=t - 60)
     key = proto.instance_key("h1", iid)
-    placer._on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
+    placer.watches.on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
     done = InstanceActivity(0, t - 1, keep_alive=0)  # "stop after the answer"
     queued = {"m": proto.ModelQueue(43, t - 2)}
-    placer.activity["gw"] = ActivityReport(
+    placer.watches.activity["gw"] = ActivityReport(
         gateway_id="gw", ts=t, instances={iid: done}, queues=queued
     )
     await placer._upkeep(t)
-    assert placer.instances[iid].state == S.READY  # 43 wait: busy, not idle
-    placer.activity["gw"] = ActivityReport(gateway_id="gw", ts=t, instances={iid: done})
+    assert placer.watches.instances[iid].state == S.READY  # 43 wait: busy, not idle
+    placer.watches.activity["gw"] = ActivityReport(gateway_id="gw", ts=t, instances={iid: done})
     await placer._upkeep(t)
     got = proto.decode((await bus.instances.get(key)).value, InstanceRecord)
     assert got.state == S.STOPPING and "keep_alive 0 s" in got.reason

@@ -7,7 +7,8 @@ from test_placement import NOW, GiB, gpu, host, inst, nofit, placed, used
 
 from lls.config import Replicas
 from proto.messages import InstanceActivity, InstanceRecord, InstanceState
-from services.placer.placement import Need, place, spare_copies
+from services.placer.placement import Need, place
+from services.placer.placement_eviction import spare_copies
 from services.placer.replicas import AddReplica, StopReplica, plan
 from services.placer.turns import Waiting, may_yield
 

@@ -8,7 +8,8 @@ import msgspec
 from test_placement import NOW, GiB, gpu, host, inst, need, nofit, placed, used
 
 from proto.messages import ActivityReport, InstanceActivity, InstanceState, ModelQueue
-from services.placer.placement import at_rest, idle_to_stop, place
+from services.placer.idle_stops import idle_to_stop
+from services.placer.placement import at_rest, place
 from services.placer.turns import (
     Waiting,
     drain_status,

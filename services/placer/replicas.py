@@ -3,7 +3,7 @@
 A model runs between `replicas.min` and `replicas.max` instances. `plan` looks at one model's
 instances, the gateways' activity on them and the model's queue at the gateways, and says
 what to do next: nothing, start one more instance, or stop one idle instance. At most one
-action per pass, each with a sentence for users. `service.py` carries it out; where a new
+action per pass, each with a sentence for users. `scaling.py` carries it out; where a new
 instance goes is `placement.place` (free room only). See DESIGN.md section 8.
 """
 

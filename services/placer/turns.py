@@ -3,7 +3,8 @@
 When a waiting model fits only if a busy model makes room, the busy one *yields*: it is
 marked DRAINING, gateways stop admitting new requests to it (they queue for its next turn),
 its requests in flight finish, and it is stopped for the waiting model. The functions here
-decide who waits first, who yields, and when a drain is over; `service.py` carries it out.
+decide who waits first, who yields, and when a drain is over; the service carries it out
+(`plan_demand.py` plans the drains, `executor.py` and `writes.py` act).
 See DESIGN.md section 7 for why each rule is there.
 """
 
@@ -20,7 +21,7 @@ from proto.messages import (
     InstanceRecord,
     InstanceState,
 )
-from services.placer.placement import spare_copies
+from services.placer.placement_eviction import spare_copies
 
 __all__ = [
     "DrainStatus",
