@@ -29,8 +29,9 @@ from lls.config import Config, parse, store_filename
 from lls.instance_key import new_key
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState, StartInstance, StopInstance
+from services.agent.runtime_choice import StartupError
 from services.agent.runtime_process import alive
-from services.agent.service import StartupError, create_agent, run
+from services.agent.service import create_agent, run
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

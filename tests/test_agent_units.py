@@ -405,7 +405,7 @@ def test_cpu_only_servers_leave_one_core_free_unless_the_model_sets_threads():
 
 
 def test_argv_gives_llama_server_an_http_thread_per_gateway_connection() -> None:
-    from services.agent.service import http_threads
+    from services.agent.lifecycle import http_threads
 
     assert http_threads(32) >= 2 * 32  # two gateways, each at its per-model limit
     a = argv(http_threads=http_threads(32))

@@ -30,8 +30,9 @@ from lls.paths import (
     detect_backend,
 )
 from lls.service import ServiceContext
+from services.agent.runtime_choice import choose_runtime
 from services.agent.runtime_docker import image_backend
-from services.agent.service import Agent, choose_runtime
+from services.agent.service import Agent
 from services.agent.store import Store
 from services.agent.telemetry import Telemetry
 from stack import Stack, llama_server_pids
@@ -314,9 +315,9 @@ async def test_a_gpu_host_with_only_a_cpu_build_warns_and_offers_no_gpus(
     agent = await gpu_host_agent(tmp_path, cpu)
     try:
         assert (agent.runtime.program, agent.runtime.backend) == (str(cpu), CPU)
-        assert agent.cpu_only
+        assert agent.binary.cpu_only
         assert "2 NVIDIA GPU(s) but its llama-server is a CPU build" in caplog.text
-        await agent._heartbeat()
+        await agent.heartbeat.send()
         [rec] = agent.ctx.bus.put_records  # type: ignore[attr-defined]
         assert rec.gpus == [], "the placer must put its instances in RAM (-ngl 0)"
     finally:
@@ -326,9 +327,9 @@ async def test_a_gpu_host_with_only_a_cpu_build_warns_and_offers_no_gpus(
     gpu = fake_server(tmp_path / "gpu" / "llama-server", H100_DEVICES)
     agent = await gpu_host_agent(tmp_path, gpu)
     try:
-        assert agent.runtime.backend == CUDA and not agent.cpu_only
+        assert agent.runtime.backend == CUDA and not agent.binary.cpu_only
         assert "CPU build" not in caplog.text
-        await agent._heartbeat()
+        await agent.heartbeat.send()
         [rec] = agent.ctx.bus.put_records  # type: ignore[attr-defined]
         assert [g.name for g in rec.gpus] == ["NVIDIA H100", "NVIDIA H100"]
     finally:

@@ -46,7 +46,7 @@ T = TypeVar("T")
 LOADED = ("a", "b")  # the two models under steady load
 SLOW = "c"  # the third model: its file comes from the throttled server
 DEADLINE_S = 60.0  # each request's own deadline: past it, the request hung
-ADOPTED = "adopted after an agent restart"  # services/agent/service.py
+ADOPTED = "adopted after an agent restart"  # services/agent/lifecycle.py
 REFUSALS = (429, 502, 503, 504)  # the statuses a request may be refused with under faults
 
 

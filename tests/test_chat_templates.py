@@ -40,8 +40,8 @@ from lls.bus import connect, kv_snapshot
 from lls.config import ConfigError, launch_fingerprint, load, parse, store_filename_of
 from lls.gguf_header import read_summary
 from make_tiny_gguf import write as write_gguf
+from services.agent.commands import refusal
 from services.agent.runtime import build_argv
-from services.agent.service import refusal
 from services.agent.store import Store
 from services.ui.view import View
 from stack import Stack

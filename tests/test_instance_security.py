@@ -58,8 +58,9 @@ from lls.config import ConfigError, parse
 from lls.records import InstanceIndex
 from lls.service import ServiceContext
 from proto import InstanceRecord, InstanceState
+from services.agent.runtime_choice import StartupError
 from services.agent.runtime_process import alive
-from services.agent.service import StartupError, create_agent
+from services.agent.service import create_agent
 from services.gateway.trust import endpoint_refusal, placement_refusal, upstream_allowed
 from stack import Stack
 

@@ -285,8 +285,10 @@ async def test_a_server_that_never_answers_costs_a_save_or_restore_its_deadline_
     at its deadline with a `failed` event, and so does the restore; neither raises."""
     from lls.config import parse
     from lls.service import ServiceContext
-    from services.agent import service
+    from services.agent import service, slot_calls
+    from services.agent.instance import Instance
     from services.agent.runtime import Handle
+    from services.agent.runtime_choice import choose_runtime
     from services.agent.store import Store
     from services.agent.telemetry import Telemetry
 
@@ -305,9 +307,9 @@ async def test_a_server_that_never_answers_costs_a_save_or_restore_its_deadline_
     )
     ctx = ServiceContext(name="agent", cfg=cfg, bus=None, host_id="h1")  # type: ignore[arg-type]
     telemetry = Telemetry("h1", [])
-    runtime = service.choose_runtime(cfg.agent, "h1", tmp_path / "store", telemetry, "c1")
+    runtime = choose_runtime(cfg.agent, "h1", tmp_path / "store", telemetry, "c1")
     agent = service.Agent(ctx, runtime, telemetry, Store(tmp_path / "store"))
-    inst = service.Instance(
+    inst = Instance(
         "tiny-0123abcd",
         "tiny",
         (),
@@ -316,17 +318,17 @@ async def test_a_server_that_never_answers_costs_a_save_or_restore_its_deadline_
         api_key="k" * 43,
     )
     inst.slot_key = slot_cache.cache_key("tiny-1.gguf", "fp", runtime.program, 0)
-    agent.slot_dir.mkdir(parents=True)
-    (agent.slot_dir / slot_cache.slot_file(inst.slot_key, 0)).write_bytes(b"x")
-    monkeypatch.setattr(service, "SLOT_RESTORE_S", 1.5)
+    agent.slots.slot_dir.mkdir(parents=True)
+    (agent.slots.slot_dir / slot_cache.slot_file(inst.slot_key, 0)).write_bytes(b"x")
+    monkeypatch.setattr(slot_calls, "SLOT_RESTORE_S", 1.5)
     try:
         t0 = asyncio.get_running_loop().time()
-        saved = await agent._save_slots(inst, 1.5, "idle")
+        saved = await agent.slots.save(inst, 1.5, "idle")
         took = asyncio.get_running_loop().time() - t0
         assert saved is not None and saved.stage == "failed" and "deadline" in saved.reason
         assert 1.4 < took < 5, took
         t0 = asyncio.get_running_loop().time()
-        restored = await agent._restore_slots(inst)
+        restored = await agent.slots.restore(inst)
         took = asyncio.get_running_loop().time() - t0
         assert restored is not None and restored.stage == "failed", restored
         assert "deadline" in restored.reason and 1.4 < took < 5, (restored, took)

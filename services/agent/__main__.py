@@ -3,7 +3,8 @@
 import sys
 
 from lls.service import main
-from services.agent.service import StartupError, run
+from services.agent.runtime_choice import StartupError
+from services.agent.service import run
 
 try:
     main("agent", run)

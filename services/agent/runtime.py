@@ -1,7 +1,8 @@
 """The runtime seam: how an instance's llama-server is launched, watched, stopped and found
 again after an agent restart. Two implementations: plain processes and Docker containers.
 
-Runtime methods block (subprocess, Docker SDK); the agent calls them with asyncio.to_thread.
+Runtime methods block (subprocess, Docker SDK); the agent calls them on its thread pool
+(blocking.py).
 """
 
 from __future__ import annotations

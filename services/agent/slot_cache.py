@@ -2,7 +2,7 @@
 restored into the next compatible instance of the model on this host (README: Warm swaps).
 
 Pure parts (naming, keying, which files to evict) are kept apart from the little I/O here
-(listing, deleting, renaming) and from the HTTP calls, which live in the agent.
+(listing, deleting, renaming) and from the HTTP calls, which live in slot_calls.py.
 
 A saved slot is `<model file stem>.<fingerprint>.slot<i>.bin`. The fingerprint covers all
 that shapes the KV cache and its file format: the model config's launch fingerprint (file,
