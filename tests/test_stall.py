@@ -12,6 +12,7 @@ import re
 import time
 
 import httpx
+import msgspec
 from test_reload import lls_reload, write_models
 from test_swap import chat, hold_stream, post
 
@@ -229,3 +230,35 @@ async def test_a_model_with_nothing_queued_yields_at_once_to_a_waiting_one(
         assert waited < 3 + 8, waited  # the stream's 3 s, then a swap: far from 30 s
     finally:
         s.stop()
+
+
+async def test_requests_in_flight_on_a_lost_host_are_answered_not_left_hanging(
+    tmp_path, nats_url, llama_server_bin, tiny_gguf, bus
+):
+    """A host cut off sends no TCP reset: a request in flight there would wait for an answer
+    that never comes, past any client's deadline. Once the placer marks its instance LOST,
+    the gateway ends it with a 502 that says why, at once."""
+    models = defaults(tiny_gguf, range(1), args=["--context-shift"])
+    s = stack(tmp_path, nats_url, models)
+    try:
+        endless = {"model": "m0", "prompt": "a", "max_tokens": 10**6, "ignore_eos": True}
+        async with httpx.AsyncClient(timeout=60) as c:
+            assert (await c.post(f"{s.base}/v1/completions", json=chat_body(4))).status_code == 200
+            running = asyncio.create_task(c.post(f"{s.base}/v1/completions", json=endless))
+            await asyncio.sleep(1)  # generating, for as long as it is let
+            assert not running.done()
+            recs = await kv_snapshot(bus, bus.instances, proto.InstanceRecord)
+            [(key, rec)] = [(k, r) for k, r in recs.items() if r.model == "m0"]
+            lost = msgspec.structs.replace(rec, state=proto.InstanceState.LOST, reason="test")
+            await bus.instances.put(key, proto.encode(lost))  # as the placer writes it
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(running, 10)
+        assert r.status_code == 502, r.text
+        assert "lost with its host" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        s.stop()
+
+
+def chat_body(max_tokens: int) -> dict:
+    return {"model": "m0", "prompt": "a", "max_tokens": max_tokens}

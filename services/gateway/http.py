@@ -39,6 +39,10 @@ class Reply:
     async def aread(self) -> bytes:
         return await self._resp.read()
 
+    def abort(self) -> None:
+        """Drop the connection under it (its instance is lost): a read under way fails."""
+        self._resp.close()
+
     async def aclose(self) -> None:
         """Done with it: a fully read body returns the connection to the pool; an unfinished
         one closes it, which tells llama-server to stop generating."""

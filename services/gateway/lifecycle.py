@@ -168,6 +168,9 @@ class Call:
             self.finish(e.status)
             raise
         except asyncio.CancelledError:
+            if (lost := self._lost()) is not None:  # its instance's host was lost
+                self.finish(lost.status)
+                raise lost from None
             self.finish(499)
             raise
         except BaseException:
@@ -193,7 +196,10 @@ class Call:
         except ApiError as e:  # the client left
             await self.close(e.status)
             raise
-        except asyncio.CancelledError:  # not by the watch: the gateway stopping, say
+        except asyncio.CancelledError:  # not by the watch: its host lost, the gateway stopping
+            if (lost := self._lost()) is not None:
+                await self.close(lost.status)
+                raise lost from None
             await self.close(499)
             raise
         except BaseException:
@@ -353,6 +359,15 @@ class Call:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+
+    def _lost(self) -> ApiError | None:
+        """The 502 to answer with when this request's task was cancelled because its
+        instance's host was lost (Router.abort_lost), else None."""
+        task = asyncio.current_task()
+        why = self._calls.router.lost_reason(task)
+        if why is None or task is None or task.uncancel() > 0:
+            return None
+        return ApiError(502, why, "instance_lost", 2)
 
     async def _guarded(self, work: Awaitable[T]) -> T:
         try:

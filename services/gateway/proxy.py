@@ -183,7 +183,7 @@ class Upstream:
                 self.metrics.cold_start.labels(model).observe(time.monotonic() - t0)
             if attempt == 0:
                 self.metrics.queue_wait.labels(model).observe(self.router.dequeue(model, ticket))
-            self.router.begin(rec, keep_alive)
+            flight = self.router.begin(rec, keep_alive)
             sent = time.monotonic()
             try:
                 sending = upstream_headers(headers, self.router.key_for(rec))
@@ -195,7 +195,7 @@ class Upstream:
                     "POST", f"{rec.endpoint}{path}", body, sending, fresh=attempt > 0
                 )
             except http.StaleConnection as e:  # the request never reached the instance
-                self.router.end(rec)
+                self.router.end(rec, flight)
                 if isinstance(e, http.ConnectError):  # nothing listens: skip it for a while
                     self.router.mark_bad(rec)
                 if attempt == 0:
@@ -204,17 +204,19 @@ class Upstream:
                     502, f"instance of {model} unreachable: {e}", "upstream_error", 2
                 ) from None
             except asyncio.CancelledError:  # the client left while we waited for the head
-                self.router.end(rec)  # else its in-flight count would pin the instance busy
+                self.router.end(rec, flight)  # else its in-flight count pins the instance busy
                 raise
             except http.TransportError as e:
-                self.router.end(rec)
+                self.router.end(rec, flight)
                 raise ApiError(
                     502, f"instance of {model} failed: {e!r}", "upstream_error", 2
                 ) from None
 
-            def release(rec=rec, sent=sent) -> None:  # type: ignore[no-untyped-def]
+            flight.reply = resp  # (a lost host's requests are cut: Router.abort_lost)
+
+            def release(rec=rec, sent=sent, flight=flight) -> None:  # type: ignore[no-untyped-def]
                 self.service_time.add(model, time.monotonic() - sent)
-                self.router.end(rec)
+                self.router.end(rec, flight)
                 gate.leave()
 
             return resp, release

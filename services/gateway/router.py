@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -71,6 +72,15 @@ def count_clients(tickets: Iterable[int], client_of: Mapping[int, str]) -> dict[
     return dict(Counter(client_of.get(t, BY_ADDRESS) for t in tickets))
 
 
+@dataclass(eq=False)
+class Flight:
+    """One request in flight on an instance: the task that carries it and, once its head
+    came, the upstream reply (so a lost host's requests can be ended: Router.abort_lost)."""
+
+    task: asyncio.Task[Any] | None
+    reply: Any = None  # http.Reply
+
+
 @dataclass
 class Failure:
     reason: str
@@ -87,6 +97,8 @@ class Router:
         self.in_flight: dict[str, int] = {}  # instance id -> requests through this gateway
         self.last_used: dict[str, float] = {}
         self.busy_since: dict[str, float] = {}  # instance id -> when its busy spell began
+        self.flights: dict[str, set[Flight]] = {}  # instance id -> requests in flight there
+        self.lost: dict[asyncio.Task[Any], str] = {}  # task -> why abort_lost cancelled it
         self.failures: dict[str, Failure] = {}
         self.bad_until: dict[str, float] = {}  # endpoint -> monotonic time
         self._demanding: dict[str, asyncio.Task[None]] = {}  # model -> demand being sent
@@ -137,6 +149,8 @@ class Router:
             self.draining.discard(rec.instance_id)
             if rec.state == InstanceState.READY and (old is None or old.state != rec.state):
                 self._report_now.set()  # its waiters start now; the placer should see them
+        if rec.state == InstanceState.LOST and rec.instance_id in self.flights:
+            self.abort_lost(rec)
         if rec.state == InstanceState.FAILED and (old is None or old.state != rec.state):
             age = time.time() - rec.updated
             left = self.cfg.placer.failure_backoff - age
@@ -494,8 +508,12 @@ class Router:
 
     # ------------------------------------------------------------------ activity
 
-    def begin(self, rec: InstanceRecord, keep_alive: float | None = None) -> None:
+    def begin(self, rec: InstanceRecord, keep_alive: float | None = None) -> Flight:
+        """A request goes to `rec`: counted in flight there, and known by its task, so that
+        it can be ended if the instance is lost (`abort_lost`). Pass the Flight to `end`."""
         iid = rec.instance_id
+        flight = Flight(asyncio.current_task())
+        self.flights.setdefault(iid, set()).add(flight)
         now = time.time()
         running = self.in_flight.get(iid, 0)
         if not running and now - self.last_used.get(iid, 0.0) > IDLE_GAP_S:
@@ -506,13 +524,42 @@ class Router:
             self.keep_alive[iid] = keep_alive
         elif iid in self.keep_alive:
             del self.keep_alive[iid]  # an OpenAI request: the model's own idle timeout again
+        return flight
 
-    def end(self, rec: InstanceRecord) -> None:
+    def end(self, rec: InstanceRecord, flight: Flight | None = None) -> None:
         iid = rec.instance_id
+        if flight is not None and (flights := self.flights.get(iid)) is not None:
+            flights.discard(flight)
+            if not flights:
+                del self.flights[iid]
         left = self.in_flight[iid] = max(0, self.in_flight.get(iid, 0) - 1)
         self.last_used[iid] = time.time()
         if left == 0 and (iid in self.draining or self._others_wait(rec.model)):
             self._report_now.set()  # a drain may be done, or room is free for who waits
+
+    def abort_lost(self, rec: InstanceRecord) -> int:
+        """The instance's host was lost: what is still in flight there would wait for a TCP
+        peer that may never answer (a cut host sends no reset), past the client's deadline.
+        Each such request is cancelled and answers 502 with the reason (`lost_reason`); a
+        streamed answer already under way is cut. How many there were."""
+        flights = self.flights.pop(rec.instance_id, set())
+        why = (
+            f"model {rec.model}: instance {rec.instance_id} was lost with its host "
+            f"{rec.host} ({rec.reason or 'no heartbeat'}); try again"
+        )
+        for flight in flights:
+            if flight.task is not None and not flight.task.done():
+                self.lost[flight.task] = why
+                flight.task.cancel()
+            if flight.reply is not None:
+                flight.reply.abort()
+        if flights:
+            log.warning("%d request(s) in flight on lost %s ended", len(flights), rec.instance_id)
+        return len(flights)
+
+    def lost_reason(self, task: asyncio.Task[Any] | None) -> str | None:
+        """Why `task` was cancelled by `abort_lost`, once; None if it was not."""
+        return self.lost.pop(task, None) if task is not None else None
 
     def _others_wait(self, model: str) -> bool:
         return any(waits for m, waits in self.queued.items() if m != model)
