@@ -77,7 +77,4 @@ def table() -> list[tuple[str, str, str]]:
     """(new state, the placer may write it from, the agent may write it from), in lifecycle
     order: the first three columns of docs/architecture.md's table, which a test keeps equal
     to this one."""
-    return [
-        (new.value, _from_words(PLACER, new), _from_words(AGENT, new))
-        for new in InstanceState
-    ]
+    return [(new.value, _from_words(PLACER, new), _from_words(AGENT, new)) for new in InstanceState]
