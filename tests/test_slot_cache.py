@@ -167,3 +167,12 @@ def test_only_slots_with_a_prompt_worth_a_file_are_saved() -> None:
     assert worth_saving(slots) == [2, 3]
     assert worth_saving({"error": "no"}) is None  # not understood: every slot is tried
     assert worth_saving([{"n_prompt_tokens": 900}]) is None
+
+
+def test_a_server_is_idle_only_when_it_says_no_slot_is_processing() -> None:
+    from services.agent.slot_cache import all_idle
+
+    assert all_idle([{"id": 0, "is_processing": False}, {"id": 1, "is_processing": False}])
+    assert not all_idle([{"id": 0, "is_processing": False}, {"id": 1, "is_processing": True}])
+    assert not all_idle([{"id": 0}])  # not said: not idle
+    assert not all_idle([]) and not all_idle({"error": "x"})

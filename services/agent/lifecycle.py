@@ -342,7 +342,10 @@ class Lifecycle:
             if inst.slot_key:  # after STOPPING: no new request changes what is saved
                 budget = SLOT_SAVE_SHUTDOWN_S if self.shutting_down else SLOT_SAVE_S
                 saved = await self.slots.save(inst, budget, reason)
-            await self.pool.call(self.runtime.stop, inst.handle, STOP_GRACE_S)
+            # Nothing running (a drained or idle instance, slots saved): SIGKILL at once, as
+            # SIGTERM only adds llama-server's ~110 ms shutdown to every swap; else a grace.
+            grace = 0.0 if await self.slots.idle(inst) else STOP_GRACE_S
+            await self.pool.call(self.runtime.stop, inst.handle, grace)
             inst.handle = None
             if inst.slot_key:  # a save cut short may have left its temporary file
                 await self.pool.call(self.slots.after_save, inst.instance_id)

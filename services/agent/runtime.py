@@ -86,7 +86,8 @@ class Runtime(Protocol):
         ...
 
     def stop(self, h: Handle, grace_s: float) -> None:
-        """SIGTERM, SIGKILL after `grace_s`, then release()."""
+        """SIGTERM, SIGKILL after `grace_s` (at once when it is 0: nothing to finish), then
+        release()."""
         ...
 
     def release(self, h: Handle) -> None:

@@ -257,7 +257,10 @@ class DockerRuntime:
         c = self._container(h)
         if c is not None:
             try:
-                c.stop(timeout=int(max(1, grace_s)))  # SIGTERM, SIGKILL after the grace
+                if grace_s <= 0:  # nothing to finish: no grace
+                    c.kill()
+                else:
+                    c.stop(timeout=int(max(1, grace_s)))  # SIGTERM, SIGKILL after the grace
             except docker.errors.DockerException as e:
                 log.warning("stopping container %s: %s", c.short_id, e)
         self.release(h)

@@ -213,7 +213,10 @@ class ProcessRuntime:
     def stop(self, h: Handle, grace_s: float) -> None:
         proc = self._children.get(h.instance_id)
         if proc is not None:
-            if proc.poll() is None:
+            if proc.poll() is None and grace_s <= 0:  # nothing to finish: no grace
+                proc.kill()
+                proc.wait(10)
+            elif proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(grace_s)

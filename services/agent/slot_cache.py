@@ -41,6 +41,16 @@ MAX_SLOTS = 10_000  # the naming holds 4 digits
 MIN_TOKENS = 64
 
 
+def all_idle(slots: object) -> bool:
+    """Whether llama-server's GET /slots says no slot is processing a request (a stop may
+    then kill it at once: there is nothing to finish, and SIGTERM costs ~110 ms more)."""
+    return (
+        isinstance(slots, list)
+        and bool(slots)
+        and all(isinstance(s, dict) and s.get("is_processing") is False for s in slots)
+    )
+
+
 def worth_saving(slots: object) -> list[int] | None:
     """The ids of the slots whose prompt is long enough to save, from llama-server's GET
     /slots; None when the answer is not understood (then every slot is tried)."""

@@ -187,6 +187,14 @@ class SlotCalls:
             ids = None
         return ids if ids is not None else list(range(await self.n_slots(inst)))
 
+    async def idle(self, inst: Instance) -> bool:
+        """Whether no slot of the instance's server is processing a request (GET /slots);
+        False when it cannot tell."""
+        try:
+            return slot_cache.all_idle(await self.request(inst, "GET", "/slots", 2.0))
+        except (httpx.HTTPError, SlotError, ValueError):
+            return False
+
     def after_save(self, instance_id: str) -> None:
         """Once the server is gone: its unfinished temporary files, then the size bound."""
         names = [f.name for f in slot_cache.scan(self.slot_dir)]
