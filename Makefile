@@ -56,7 +56,7 @@ test: setup llama-server
 # make test-fast      the pure and unit tests: none needs NATS, llama-server, Docker, a
 #                     browser or root (tests/conftest.py marks each test by the fixtures it uses)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not (nats or llama_server or docker or browser or root or real_model)" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not (nats or llama_server or docker or browser or root or real_model or pypi)" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 import proto
 from lab.load import DEADLINE_S
 from lls.bus import Bus, kv_snapshot
+from lls.event_feed import EventFeed
 from lls.history import diff, rebuild
 from proto import InstanceRecord, InstanceState, LeaseRecord
 
@@ -146,14 +149,15 @@ async def events_since(bus: Bus, seq: int, within: float = 20) -> list[proto.Eve
 
 
 class EventTap:
-    """An ordered consumer of the event stream from the sequence after `seq0` on: which
-    stream sequences reached it (a gap or a shortfall is a lost event)."""
+    """An ordered consumer of the event stream from the sequence after `seq0` on, as the
+    dashboard follows it (lls.event_feed): which stream sequences reached it (a gap or a
+    shortfall is a lost event), and how often it had to resubscribe."""
 
     def __init__(self, bus: Bus):
         self.bus = bus
         self.seq0 = 0
         self.seqs: list[int] = []
-        self.sub: Any = None
+        self.feed: EventFeed | None = None
 
     async def __aenter__(self) -> EventTap:
         self.seq0 = await last_seq(self.bus)
@@ -161,19 +165,17 @@ class EventTap:
         async def on_event(msg: Any) -> None:
             self.seqs.append(msg.metadata.sequence.stream)
 
-        self.sub = await self.bus.js.subscribe(
-            proto.EVENTS_SUBJECTS,
-            cb=on_event,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq0 + 1
-            ),
-        )
+        self.feed = EventFeed(self.bus, on_event, after=self.seq0)
+        await self.feed.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            await self.sub.unsubscribe()
+        if self.feed is not None:
+            await self.feed.stop()
+
+    @property
+    def heals(self) -> int:
+        return self.feed.heals if self.feed is not None else 0
 
     async def settle(self, within: float = 20) -> int:
         """Wait until every event the stream holds now has arrived; the stream's last
@@ -193,6 +195,19 @@ class EventTap:
     @property
     def gaps(self) -> bool:
         return self.seqs != list(range(self.seq0 + 1, self.seq0 + 1 + len(self.seqs)))
+
+    def describe_gaps(self) -> str:
+        """What broke the order, in words: missing, repeated and out-of-order sequences."""
+        seen = Counter(self.seqs)
+        top = max(self.seqs, default=self.seq0)
+        missing = [s for s in range(self.seq0 + 1, top + 1) if s not in seen]
+        repeated = sorted(s for s, n in seen.items() if n > 1)
+        backwards = [(a, b) for a, b in itertools.pairwise(self.seqs) if b <= a]
+        return (
+            f"after {self.seq0}: {len(self.seqs)} delivered up to {top}; missing {missing[:20]}, "
+            f"repeated {repeated[:20]}, backwards steps {backwards[:10]}; resubscribed "
+            f"{self.heals} times; holes in the stream {self.feed.holes if self.feed else []}"
+        )
 
 
 async def stream_leaders(bus: Bus) -> dict[str, str]:

@@ -46,6 +46,7 @@ NEEDS = {
     "llama_server_bin": "llama_server",
     "docker_client": "docker",
     "lab": "root",  # tests/test_hosts.py: hosts as network namespaces
+    "three_nodes": "nats",  # tests/test_nats_cluster.py: a cluster of its own
 }
 STARTS_NATS = {"NatsServer", "Stack", "Cluster", "HostLab"}
 

@@ -608,6 +608,7 @@ def test_a_service_without_its_identity_says_how_to_get_one(
     assert "agent-gpu-c" in r.stderr and "lls hosts add gpu-c" in r.stderr
 
 
+@pytest.mark.nats  # make run starts its own server
 def test_make_runs_embedded_server_requires_credentials(tmp_path: Path) -> None:
     """`make run`: identities are created on first start, and outsiders are refused."""
     store = tmp_path / "nats"

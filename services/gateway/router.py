@@ -25,12 +25,12 @@ import msgspec
 
 import proto
 from lls.aio import wait_event
-from lls.bus import Bus, kv_snapshot, watch_kv
-from lls.config import Config, slots_of, store_filename_of
+from lls.bus import Bus, watch_kv
+from lls.config import Config, slots_of
 from lls.records import InstanceIndex
 from proto import InstanceRecord, InstanceState
 
-from . import affinity
+from . import affinity, model_status
 from .admission import BY_ADDRESS
 from .errors import ApiError
 from .stats import ServingStats
@@ -418,65 +418,18 @@ class Router:
 
     def describe(self, model: str) -> str:
         """Where a model's wait stands, in words (for 503s and a waiting stream's comments)."""
-        live = [
-            r for r in self.instances.values() if r.model == model and r.state in proto.LIVE_STATES
-        ]
-        if not live:
-            yielding = sorted(
-                r.model
-                for r in self.instances.values()
-                if r.state == InstanceState.DRAINING and r.drain_for == model
-            )
-            if yielding:
-                return f"waiting for {', '.join(yielding)} to finish their requests and yield"
-            return "no instance placed yet (waiting for room)"
-        r = max(live, key=lambda r: r.updated)
-        where = f" on {r.host}" if r.host else ""
-        if r.state == InstanceState.DRAINING:
-            return (
-                f"instance {r.instance_id} is yielding to {r.drain_for}; queued for its next turn"
-            )
-        return f"instance {r.instance_id} is {r.state.value}{where}{self._build_on(r)}"
-
-    def _build_on(self, r: InstanceRecord) -> str:
-        """The build's stage, when a starting instance's host still builds llama-server (its
-        heartbeat says so: HostRecord.build), after a "; "; else ""."""
-        host = self.hosts.get(r.host or "")
-        if r.state != InstanceState.STARTING or host is None or host.build is None:
-            return ""
-        return f"; {host.build.message}"
+        return model_status.describe(model, self.instances.values(), self.hosts)
 
     async def header_of(self, model: str) -> tuple[proto.GgufSummary | None, int | None]:
-        """A model's GGUF summary and size: from a host's store, else as read from its source
-        (KV models). Bus reads, for /api/show only: never on the request path."""
-        filename = store_filename_of(model, self.cfg.models[model])
-        try:
-            hosts = await kv_snapshot(self.bus, self.bus.hosts, proto.HostRecord, timeout=2)
-            for host in hosts.values():
-                for f in host.files:
-                    if f.filename == filename and f.gguf is not None:
-                        return f.gguf, f.size
-            entry = await self.bus.models.get(proto.kv_key(model))
-            info = proto.decode(entry.value, proto.ModelInfo) if entry.value else None
-        except Exception as e:  # noqa: BLE001 - no facts is an answer too (KeyNotFound, timeouts)
-            log.debug("no header for %s: %r", model, e)
-            return None, None
-        m = self.cfg.models.get(model)  # a reload may have removed it meanwhile
-        if info is None or m is None or info.url != m.url:
-            return None, None
-        return info.gguf, info.size
+        return await model_status.header_of(self.bus, self.cfg, model)
 
     def state_of(self, model: str) -> str:
         """One word for /v1/models: ready, starting, downloading, failed, or stopped."""
-        recs = [r for r in self.instances.values() if r.model == model]
-        if self.ready.get(model):
-            return "ready"
-        live = [r for r in recs if r.state in proto.LIVE_STATES]
-        if live:
-            return max(live, key=lambda r: r.updated).state.value
-        if model in self.failures and time.monotonic() < self.failures[model].until:
-            return "failed"
-        return "stopped"
+        failure = self.failures.get(model)
+        failed = failure is not None and time.monotonic() < failure.until
+        return model_status.state_of(
+            model, self.instances.values(), bool(self.ready.get(model)), failed
+        )
 
     # ------------------------------------------------------------------ queues
 

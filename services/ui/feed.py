@@ -7,17 +7,16 @@ event loop, so a snapshot taken between two changes is consistent with the delta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 import proto
 from lls.aio import wait_event
 from lls.bus import Bus, watch_kv
+from lls.event_feed import EventFeed
 from services.ui.hub import Hub
 from services.ui.view import View, decode_event
 
@@ -39,11 +38,10 @@ class Feed:
         self.bus = bus
         self.view = view
         self.hub = hub
-        self._sub = None
+        self._events: EventFeed | None = None
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._replay_target = 0
-        self._last_seq = 0
         self._caught_up = asyncio.Event()
 
     async def start(self) -> None:
@@ -61,7 +59,6 @@ class Feed:
                 )
             )
         await self._subscribe_events()
-        self._tasks.append(asyncio.create_task(self._follow_reconnects()))
         self._tasks.append(asyncio.create_task(self._sample()))
         await wait_event(self._caught_up, CATCH_UP_S)
 
@@ -75,56 +72,21 @@ class Feed:
             except Exception:  # one bad record must not end the charts
                 log.exception("ui: chart sample failed")
 
-    async def _follow_reconnects(self) -> None:
-        """A restarted NATS server forgets our consumer: resume after the last event seen."""
-        generation = self.bus.reconnects
-        while not self._stop.is_set():
-            await asyncio.sleep(1.0)
-            if self.bus.reconnects == generation:
-                continue
-            generation = self.bus.reconnects
-            if self._sub is not None:
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-            try:
-                await self._subscribe_events(resume_after=self._last_seq)
-            except Exception as e:  # noqa: BLE001 - the next reconnect or tick tries again
-                log.warning("ui: could not resubscribe to events: %s", e)
-                generation = -1
-
-    async def _subscribe_events(self, resume_after: int = 0) -> None:
+    async def _subscribe_events(self) -> None:
+        """The recent past (REPLAY_MSGS events), then live; `start` returns once the replay
+        reached the stream's end as it was (or after CATCH_UP_S)."""
         info = await self.bus.js.stream_info(proto.EVENTS_STREAM)
-        last = info.state.last_seq
-        self._replay_target = last
-        if resume_after:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=resume_after + 1
-            )
-        elif last == 0:
+        self._replay_target = info.state.last_seq
+        if self._replay_target == 0:
             self._caught_up.set()
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        else:
-            start = max(info.state.first_seq, last - REPLAY_MSGS + 1)
-            if start > info.state.first_seq:  # timelines say where they begin
-                self.view.replay_from = start
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            )
-        # An ordered consumer: no acks, and nats-py restarts it after the last seen sequence
-        # when it detects a gap or a reconnect.
-        self._sub = await self.bus.js.subscribe(
-            proto.EVENTS_SUBJECTS,
-            stream=proto.EVENTS_STREAM,
-            cb=self._on_event,
-            ordered_consumer=True,
-            config=config,
-        )
+        start = max(info.state.first_seq, self._replay_target - REPLAY_MSGS + 1)
+        if start > info.state.first_seq:  # timelines say where they begin
+            self.view.replay_from = start
+        self._events = EventFeed(self.bus, self._on_event, after=max(0, start - 1))
+        await self._events.start()
 
     async def _on_event(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
-        if seq <= self._last_seq:
-            return  # already applied (a resubscription overlaps)
-        self._last_seq = seq
         ev = decode_event(msg.subject, msg.data)
         if ev is not None and self.view.apply_event(seq, ev):
             self.hub.publish("event", msgspec.json.encode(ev))
@@ -144,9 +106,8 @@ class Feed:
             log.exception("ui: bad %s entry %s", bucket, key)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        if self._events is not None:
+            await self._events.stop()
         self._stop.set()
         for task in self._tasks:
             task.cancel()
