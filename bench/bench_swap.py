@@ -48,6 +48,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT)]
 
 import proto  # noqa: E402
 from conftest import NatsServer, cached_llama_server, free_port  # noqa: E402
+from lab.observe import events_since, last_seq  # noqa: E402
 from lls.bus import connect, kv_snapshot  # noqa: E402
 from make_tiny_gguf import write  # noqa: E402
 from services.agent.runtime import cpu_threads  # noqa: E402
@@ -164,12 +165,26 @@ def stall_counts(base: str) -> tuple[float, float]:
     return n, s
 
 
-async def ready_since(nats_url: str, t0_wall: float) -> int:
-    """Instances that became ready since `t0_wall` (model loads)."""
+async def last_event(nats_url: str) -> int:
     bus = await connect(nats_url, "bench")
     try:
-        recs = await kv_snapshot(bus, bus.instances, proto.InstanceRecord)
-        return sum(1 for r in recs.values() if r.ready_at is not None and r.ready_at >= t0_wall)
+        return await last_seq(bus)
+    finally:
+        await bus.close()
+
+
+async def ready_since(nats_url: str, seq: int) -> int:
+    """Instances that became ready after event `seq` (model loads), from the event log: a
+    model loaded twice in one storm counts twice."""
+    bus = await connect(nats_url, "bench")
+    try:
+        return len(
+            {
+                e.instance_id
+                for e in await events_since(bus, seq)
+                if isinstance(e, proto.InstanceChanged) and e.state == proto.InstanceState.READY
+            }
+        )
     finally:
         await bus.close()
 
@@ -207,9 +222,9 @@ async def run_ours(tmp: Path, files: list[Path], reqs: list[Request], runs: int)
         await wait_for_host(nats.url)
         for _ in range(runs):
             before = stall_counts(stack.base)
-            t0 = time.time()
+            seq0 = await last_event(nats.url)
             res = await storm(stack.base, reqs)
-            res.loads = await ready_since(nats.url, t0)
+            res.loads = await ready_since(nats.url, seq0)
             after = stall_counts(stack.base)
             res.stalls, res.stall_s = after[0] - before[0], after[1] - before[1]
             print(row("ours", res), flush=True)

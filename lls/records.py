@@ -9,6 +9,11 @@ of its instance key (KV instance keys, written by the placer alone), or none whi
 host has no record of it. Without a key to go by (not read yet, or a record from before
 keys), the record seen first keeps the id. Any other claim is reported
 (lls.bus.Bus.refuse_record) and never passed on, and deleting it deletes nothing.
+
+The placer's view is stricter (`vouched_only`): a live record no key vouches for is not
+passed on until its key is seen, so a host cannot make the placer count an instance it
+never placed (a forged READY record would keep its model from being placed anywhere). A
+record once passed on stays when its key is swept after it ended.
 """
 
 from __future__ import annotations
@@ -46,13 +51,17 @@ class InstanceIndex:
     _claims: dict[str, dict[str, tuple[InstanceRecord, int]]] = field(default_factory=dict)
     _chosen: dict[str, str] = field(default_factory=dict)  # instance id -> key passed on
     _placed_on: dict[str, str] = field(default_factory=dict)  # instance id -> its key's host
+    vouched_only: bool = False  # the placer's view: live records only with their key
 
     def put(self, key: str, rec: InstanceRecord, rev: int) -> None:
         iid = rec.instance_id
         claims = self._claims.setdefault(iid, {})
         claims[key] = (rec, rev)
         placed_on = self._placed_on.get(iid)
-        if len(claims) == 1 and placed_on in (None, rec.host):  # the usual case: the hot path
+        if len(claims) == 1 and (  # the usual case: the hot path
+            placed_on == rec.host
+            or (placed_on is None and (not self.vouched_only or rec.state in proto.END_STATES))
+        ):
             self._chosen[iid] = key
             self.on_put(key, rec, rev)
         else:
@@ -88,9 +97,13 @@ class InstanceIndex:
         claims = self._claims[iid]
         held = self._chosen.get(iid)
         placed_on = self._placed_on.get(iid)
-        key = choose({k: r for k, (r, _) in claims.items()}, placed_on, held)
+        candidates = {k: r for k, (r, _) in claims.items()}
+        unvouched = self.vouched_only and placed_on is None and held is None
+        if unvouched:  # live claims wait for a key (no report: it may be on its way)
+            candidates = {k: r for k, r in candidates.items() if r.state in proto.END_STATES}
+        key = choose(candidates, placed_on, held)
         owner = claims[key][0].host if key is not None else placed_on
-        for other in claims:
+        for other in candidates if unvouched else claims:
             if other != key:
                 why = f"instance {iid} is host {owner}'s; another host's claim to it is ignored"
                 self.report(proto.KV_INSTANCES, other, why)

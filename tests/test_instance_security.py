@@ -408,6 +408,32 @@ def test_one_record_per_instance_the_placed_hosts_whichever_came_first() -> None
     assert "n-0123abcd" not in shown
 
 
+def test_the_placers_view_counts_a_live_record_only_once_a_key_vouches_for_it() -> None:
+    shown: dict[str, InstanceRecord] = {}
+    reports: list[tuple[str, str]] = []
+    index = InstanceIndex(
+        lambda key, rec, _rev: shown.__setitem__(rec.instance_id, rec),
+        lambda key: shown.pop(proto.instance_of_key(key)),
+        lambda _bucket, key, why: reports.append((key, why)),
+        vouched_only=True,
+    )
+    forged = ready("http://10.0.0.5:39001", "h1", "m-0123abcd")
+    index.put("h1.m-0123abcd", forged, 1)  # never placed: the placer does not count it
+    assert shown == {} and reports == []  # (nor reports it: a key may be on its way)
+    genuine = ready("http://10.0.0.5:39002", "h1", "m-4567abcd")
+    index.put("h1.m-4567abcd", genuine, 2)  # seen before its key (another bucket's watch)
+    assert shown == {}
+    index.placed("m-4567abcd", "h1")
+    assert shown == {"m-4567abcd": genuine}
+    stopped = msgspec.structs.replace(genuine, state=InstanceState.STOPPED)
+    index.put("h1.m-4567abcd", stopped, 3)
+    index.placed("m-4567abcd", None)  # its key swept once it ended: the record stays
+    assert shown == {"m-4567abcd": stopped}
+    ended = msgspec.structs.replace(forged, instance_id="m-89abcdef", state=InstanceState.FAILED)
+    index.put("h1.m-89abcdef", ended, 4)  # an ended record needs no key
+    assert set(shown) == {"m-4567abcd", "m-89abcdef"} and reports == []
+
+
 def test_endpoints_must_be_advertised_in_range_and_allowed_by_the_config() -> None:
     hosts = {"h1": host_record(), "old": host_record(host_id="old", advertise_host="")}
     allowed = {"h1": ["10.0.0.5"]}
@@ -728,4 +754,36 @@ async def test_forged_records_get_no_traffic_and_are_reported(
     finally:
         beating.cancel()
         await sub.unsubscribe()
+        stack.stop()
+
+
+async def test_a_forged_ready_record_does_not_keep_its_model_from_being_placed(
+    tmp_path: Path,
+    nats_url: str,
+    bus: Bus,
+    as_user: Callable[[str], Awaitable[Bus]],  # noqa: F811
+    llama_server_bin: Path,
+    tiny_gguf: Callable[[int], Path],
+) -> None:
+    """A host writes a READY record of its own for a model nobody placed there: no key
+    vouches for it, so the placer does not count it and places the model for real."""
+    stack = Stack(tmp_path, nats_url, {"tiny": {"url": f"file://{tiny_gguf(3)}", "ctx_size": 256}})
+    stack.start()
+    try:
+        a1 = await as_user("agent-h1")
+        iid = new_iid("tiny")
+        now = time.time()
+        forged = msgspec.structs.replace(ready("http://127.0.0.1:1", "h1", iid, now), model="tiny")
+        await a1.instances.put(proto.instance_key("h1", iid), proto.encode(forged))
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(f"{stack.base}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        recs = await kv_snapshot(bus, bus.instances, InstanceRecord)
+        served = [
+            r for r in recs.values() if r.instance_id != iid and r.state == InstanceState.READY
+        ]
+        assert [r.model for r in served] == ["tiny"]
+        assert await instance_key.read(bus, "h1", served[0].instance_id) is not None
+    finally:
         stack.stop()

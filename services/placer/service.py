@@ -69,6 +69,7 @@ __all__ = ["Placer", "run"]
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+LOADED_WITHIN_S = 10.0  # the first pass waits this long at most for the watchers to load
 
 
 class Placer:
@@ -131,8 +132,17 @@ class Placer:
                 w.instance_index.put,
                 w.instance_index.delete,
                 stop,
+                w.instances_loaded.set,
             ),
-            watch_kv(bus, bus.instance_keys, proto.InstanceKey, w.on_key, w.on_key_del, stop),
+            watch_kv(
+                bus,
+                bus.instance_keys,
+                proto.InstanceKey,
+                w.on_key,
+                w.on_key_del,
+                stop,
+                w.keys_loaded.set,
+            ),
             watch_kv(bus, bus.models, proto.ModelInfo, w.on_header, w.on_header_del, stop),
             watch_kv(
                 bus, bus.activity, proto.ActivityReport, w.on_activity, w.on_activity_del, stop
@@ -157,8 +167,17 @@ class Placer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _loaded(self) -> None:
+        """Let the watchers load current state first: the instances, and the keys that vouch
+        for them (a live record is counted only with its key), then a moment for the rest."""
+        w = self.watches
+        for what, loaded in (("instance keys", w.keys_loaded), ("instances", w.instances_loaded)):
+            if not await wait_event(loaded, LOADED_WITHIN_S):
+                log.warning("%s not loaded in %.0f s; going on", what, LOADED_WITHIN_S)
+        await asyncio.sleep(0.5)
+
     async def _loop(self) -> None:
-        await asyncio.sleep(0.5)  # let the watchers load current state first
+        await self._loaded()
         failed = 0  # passes failed in a row
         while not self.ctx.stop.is_set():
             self.wake.clear()

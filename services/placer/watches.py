@@ -99,8 +99,14 @@ class Watches:
         # and one record per instance id, the placed host's (lls/records.py)
         self.keys: dict[str, proto.InstanceKey] = {}
         self.instance_index = InstanceIndex(
-            self.on_instance, self.on_instance_del, lambda *a: self.bus.refuse_record(*a)
+            self.on_instance,
+            self.on_instance_del,
+            lambda *a: self.bus.refuse_record(*a),
+            vouched_only=True,  # a host cannot make us count an instance we never placed
         )
+        # the first pass waits for these buckets' current values (or LOADED_WITHIN_S)
+        self.keys_loaded = asyncio.Event()
+        self.instances_loaded = asyncio.Event()
 
     # ------------------------------------------------------------------ hosts
 
