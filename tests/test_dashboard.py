@@ -1144,9 +1144,13 @@ async def test_history_never_makes_the_page_taller(
             ends = await ended.evaluate_all("rs => rs.map(r => +r.dataset.ended)")
             assert ends == sorted(ends, reverse=True)
             assert await ended.first.get_attribute("data-instance") == "demo-99"
-            last_live = await page.locator("#instances tr").last.bounding_box()
             box = page.locator("#history-box")
-            history_box = await box.bounding_box()
+            for _ in range(40):  # (a live update re-renders the tables: no box that instant)
+                last_live = await page.locator("#instances tr").last.bounding_box()
+                history_box = await box.bounding_box()
+                if last_live and history_box:
+                    break
+                await asyncio.sleep(0.05)
             assert last_live and history_box
             assert last_live["y"] + last_live["height"] <= history_box["y"]
             sizes = await box.evaluate("b => [b.clientHeight, b.scrollHeight]")
