@@ -24,38 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from test_nats_cluster import Node  # noqa: E402
+from test_nats_cluster import Node, start_three_nodes  # noqa: E402
 
 import proto  # noqa: E402
-from conftest import free_port  # noqa: E402
-from lls import auth  # noqa: E402
 from lls.bus import Bus, connect  # noqa: E402
 
 BUCKET = f"KV_{proto.KV_HOSTS}"
 SETTLE_S = 6.0  # after a server is back, before the next trial
-
-
-def cluster(tmp: Path) -> tuple[list[Node], Path]:
-    folder = tmp / "auth"
-    auth.ensure(folder, ["h1"])
-    clients = [free_port() for _ in range(3)]
-    routes = [free_port() for _ in range(3)]
-    nodes = []
-    for i in range(3):
-        others = [f"127.0.0.1:{routes[j]}" for j in range(3) if j != i]
-        conf = auth.write_node_conf(
-            folder,
-            f"n{i + 1}",
-            "127.0.0.1",
-            others,
-            tmp / f"js{i + 1}",
-            client_port=clients[i],
-            cluster_port=routes[i],
-        )
-        nodes.append(Node(f"n{i + 1}", conf, clients[i]))
-    for n in nodes:
-        n.start()
-    return nodes, folder
 
 
 async def open_bus(nodes: list[Node], creds: Path, within: float = 30) -> Bus:
@@ -105,7 +80,7 @@ async def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        nodes, folder = cluster(Path(d))
+        nodes, _url, folder = start_three_nodes(Path(d))
         try:
             for freeze in (False, True):
                 how = "frozen (SIGSTOP)" if freeze else "killed (SIGKILL)"

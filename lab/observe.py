@@ -206,7 +206,7 @@ class EventTap:
         return (
             f"after {self.seq0}: {len(self.seqs)} delivered up to {top}; missing {missing[:20]}, "
             f"repeated {repeated[:20]}, backwards steps {backwards[:10]}; resubscribed "
-            f"{self.heals} times; holes in the stream {self.feed.holes if self.feed else []}"
+            f"{self.heals} times; holes in the stream {list(self.feed.holes) if self.feed else []}"
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_CHECK_S = 1.0
 MAX_HOLE_TRIES = 3  # fresh subscriptions that may show the same hole before it is believed
+MAX_HOLES = 100
 
 
 class EventFeed:
@@ -38,7 +40,8 @@ class EventFeed:
         self.on_event = on_event
         self.last = after  # the last sequence passed on
         self.heals = 0  # resubscriptions after a hole or a reconnect
-        self.holes: list[tuple[int, int]] = []  # (first, last) missing in the stream itself
+        # (first, last) missing in the stream itself, the latest MAX_HOLES
+        self.holes: deque[tuple[int, int]] = deque(maxlen=MAX_HOLES)
         self._generation = 0
         self._sub: Any = None
         self._healing: asyncio.Task[None] | None = None

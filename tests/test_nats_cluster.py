@@ -45,9 +45,10 @@ class Node:
             self.proc.wait(10)
 
 
-@pytest.fixture
-def three_nodes(tmp_path: Path):
-    folder = tmp_path / "auth"
+def start_three_nodes(tmp: Path) -> tuple[list[Node], str, Path]:
+    """A three-server cluster on loopback with the project's identities: (nodes, client URL
+    of all three, identities folder). Also used by bench/bench_nats_election.py."""
+    folder = tmp / "auth"
     auth.ensure(folder, ["h1"])
     clients = [free_port() for _ in range(3)]
     routes = [free_port() for _ in range(3)]
@@ -59,14 +60,19 @@ def three_nodes(tmp_path: Path):
             f"n{i + 1}",
             "127.0.0.1",
             others,
-            tmp_path / f"js{i + 1}",
+            tmp / f"js{i + 1}",
             client_port=clients[i],
             cluster_port=routes[i],
         )
         nodes.append(Node(f"n{i + 1}", conf, clients[i]))
     for n in nodes:
         n.start()
-    url = ",".join(f"nats://127.0.0.1:{p}" for p in clients)
+    return nodes, ",".join(f"nats://127.0.0.1:{p}" for p in clients), folder
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path):
+    nodes, url, folder = start_three_nodes(tmp_path)
     yield nodes, url, folder
     for n in nodes:
         n.kill()
