@@ -201,6 +201,7 @@ def permissions(user: str) -> dict[str, object] | None:
         return None
     role = role_of(user)
     pub = [f"{JS}.INFO", f"{JS}.STREAM.INFO.*"]  # binding to streams and buckets
+    pub += [proto.PROBE]  # lls/bus.py's liveness probe; no one may subscribe to it
     sub = [f"_INBOX_{user}.>", proto.EVENTS_SUBJECTS]
     for stream in VIEWS:
         pub += _read(stream)  # every service may read the views and the events
@@ -220,6 +221,10 @@ def permissions(user: str) -> dict[str, object] | None:
         pub += ["lls.evt.>", "lls.cmd.>", "$KV.>"]
         # Creates and updates the streams and buckets; never deletes or purges them.
         pub += [f"{JS}.STREAM.{op}.{s}" for s in DECLARED for op in ("CREATE", "UPDATE")]
+        # Keeps the raft leaders on its own server (services/placer/stream_leaders.py).
+        pub += [f"{JS}.STREAM.LEADER.STEPDOWN.{s}" for s in DECLARED]
+        pub += [f"{JS}.CONSUMER.LIST.{proto.CMDS_STREAM}"]
+        pub += [f"{JS}.CONSUMER.LEADER.STEPDOWN.{proto.CMDS_STREAM}.*"]
     elif user == "ui":
         # Reads, and asks agents for log tails (the dashboard's); replies come to its inbox.
         pub += [proto.logs("*")]

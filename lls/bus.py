@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 import proto
@@ -48,8 +48,8 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(got) == len(want)
 
 
-PROBE_SUBJECT = "$JS.API.INFO"  # answered by the server itself; every identity may ask it
 PROBE_EVERY_S = 1.0
+LEADERLESS_RETRY_S = 0.25  # a stream's writes retried this long while it has no leader
 PROBE_TIMEOUT_S = 1.0
 # A server cut off by the network sends nothing, not even a close: without pings nats-py
 # notices only after its default 2 minutes x 2. With these it moves to another server of
@@ -63,6 +63,32 @@ MAX_PENDING_EVENTS = 10_000
 
 MAX_REFUSALS_KEPT = 10_000  # (bucket, key, reason) reported once each; forgotten past this
 MAX_REFUSAL_EVENTS = 100  # record.refused events on their way at once; more are only logged
+
+
+class _JetStream(JetStreamContext):
+    """nats-py's JetStream context, whose publishes (KV writes included) ride out a stream's
+    raft leader moving (services/placer/stream_leaders.py): for about 20 ms no server takes
+    that stream's writes ("no responders"), so a publish is tried again for
+    LEADERLESS_RETRY_S before the error is its caller's. No responders means no server
+    stored it: trying again cannot store a message twice."""
+
+    async def publish(  # type: ignore[override]
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> Any:
+        deadline = time.monotonic() + LEADERLESS_RETRY_S
+        while True:
+            try:
+                return await super().publish(subject, payload, timeout, stream, headers, **kw)
+            except NoStreamResponseError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
 
 class Bus:
@@ -96,13 +122,7 @@ class Bus:
         while not self.nc.is_closed:
             t0 = time.monotonic()
             try:
-                if not self.nc.is_connected:
-                    raise ConnectionError("not connected")
-                # A request, never nc.flush(timeout): a flush that times out leaves a
-                # cancelled future among nats-py's PONG waiters, and the PONG that comes
-                # after a freeze then raises inside its reader, after which every request
-                # on the connection timed out.
-                await self.nc.request(PROBE_SUBJECT, b"", timeout=PROBE_TIMEOUT_S)
+                await self._ask_server()
             except Exception as e:  # noqa: BLE001 - any failure: the bus did not answer
                 if self.silent_since is None:
                     log.warning("the message bus (NATS) does not answer: %r", e)
@@ -114,6 +134,23 @@ class Bus:
                     self.back_at = time.time()
                     self.reconnects += 1  # its watches may be gone: set them up again
             await asyncio.sleep(max(0.0, PROBE_EVERY_S - (time.monotonic() - t0)))
+
+    async def _ask_server(self) -> None:
+        """One round trip to the server this client is attached to (proto.PROBE)."""
+        if not self.nc.is_connected:
+            raise ConnectionError("not connected")
+        # A request, never nc.flush(timeout): a flush that times out leaves a cancelled
+        # future among nats-py's PONG waiters, and the PONG that comes after a freeze then
+        # raises inside its reader, after which every request on the connection timed out.
+        try:
+            await self.nc.request(proto.PROBE, b"", timeout=PROBE_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            return  # the server's own answer: it is there
+
+    def server_name(self) -> str:
+        """The name of the NATS server this client is attached to now ("" if unknown)."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        return str(info.get("server_name", ""))
 
     @property
     def hosts(self) -> KeyValue:
@@ -274,7 +311,7 @@ async def connect(
     update them, every other identity waits for them (it may not create them).
 
     `url` may list several servers of one NATS cluster, comma-separated (seeds: nats-py learns
-    the rest from the cluster and fails over between them). `replicas` (the config's
+    the rest from the cluster and fails over between them), tried in the order listed. `replicas` (the config's
     `nats.replicas`) is how many servers hold each stream and bucket; None keeps what exists.
 
     Retries an unreachable server until `deadline_s`; a refused identity fails at once.
@@ -316,6 +353,9 @@ async def connect(
             max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            # In the order listed: a host's own node first, so that losing another host's
+            # node costs this client nothing (nats-py shuffles them otherwise).
+            dont_randomize=True,
             allow_reconnect=True,
             error_cb=on_error,
             disconnected_cb=functools.partial(on_state, "disconnected"),
@@ -340,7 +380,7 @@ async def connect(
             raise PermissionError(f"NATS at {url} refused us ({who}): {refusals[-1]}")
         raise TimeoutError(f"NATS at {url} not reachable within {deadline_s:.0f} s")
     connecting.result()
-    js = nc.jetstream(timeout=10)
+    js = _JetStream(nc, timeout=10)
     declare = ident is None or ident.may_declare
     kv = await bind(js, declare, limits or NatsLimits(), replicas, until)
     buses.append(Bus(nc, js, kv, name))

@@ -371,11 +371,16 @@ class LeaseRecord(Struct):
     `epoch` grows by one at each take-over (written by compare-and-set, so two placers never
     own one epoch) and stays the same through renewals. `holder` "" = handed over on a clean
     stop: a standby may take it at once. `ts` is the writer's wall clock, for people only: no
-    one judges the lease by it, clocks across hosts are not compared."""
+    one judges the lease by it, clocks across hosts are not compared.
+
+    A standby placer keeps a record of its own, key "standby.<host>": its `holder` id and
+    `node`, the NATS server it is attached to, where the leader puts the lease bucket's raft
+    leader (services/placer/stream_leaders.py)."""
 
     holder: str
     ts: float
     epoch: int = 0
+    node: str = ""
 
 
 # ---------------------------------------------------------------- commands (stream LLS_CMDS)

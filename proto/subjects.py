@@ -55,6 +55,12 @@ def logs(host_id: str) -> str:
     return f"lls.logs.{host_id}"
 
 
+# A liveness probe of the server a client is attached to: no one may subscribe to it, so the
+# server itself answers at once with "no responders". Unlike any JetStream API request it
+# does not wait for a JetStream leader, so a raft election is not mistaken for a dead bus.
+PROBE = "lls.probe"
+
+
 def cmd_inspect() -> str:
     """InspectModel commands: one shared consumer, any downloader takes each."""
     return "lls.cmd.inspect"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import pytest
 import yaml
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -788,3 +790,31 @@ async def test_a_record_relayed_onto_a_services_subject_is_not_taken_as_its_mess
             break
         await asyncio.sleep(0.05)
     assert got == [proto.evt("stop.requested")]
+
+
+async def test_only_the_placer_moves_raft_leaders_and_no_one_hears_the_probe(
+    as_user, caplog: pytest.LogCaptureFixture
+) -> None:
+    # services/placer/stream_leaders.py: the placer keeps the leaders on its own server; a
+    # host or the edge could otherwise move them around to cost elections.
+    stepdowns = [
+        f"$JS.API.STREAM.LEADER.STEPDOWN.{proto.EVENTS_STREAM}",
+        f"$JS.API.STREAM.LEADER.STEPDOWN.KV_{proto.KV_LEASES}",
+        f"$JS.API.CONSUMER.LEADER.STEPDOWN.{CMDS}.agent-A",
+    ]
+    for user in ("gateway", "ui", "agent-A", "downloader-A"):
+        b = await as_user(user)
+        for subject in stepdowns:
+            caplog.clear()
+            await refused(b.nc.request(subject, b"{}", timeout=5), subject, caplog)
+        caplog.clear()
+        await b.nc.subscribe(proto.PROBE)
+        await b.nc.flush()
+        await refused(asyncio.sleep(5), proto.PROBE, caplog, kind="subscription")
+    placer = await as_user("placer")
+    for subject in stepdowns:  # answered (one server: nothing to step down), not refused
+        reply = json.loads((await placer.nc.request(subject, b"{}", timeout=5)).data)
+        assert "type" in reply, reply
+    # Every identity may probe its server: the answer is the server's own "no responders".
+    with pytest.raises(nats.errors.NoRespondersError):
+        await placer.nc.request(proto.PROBE, b"", timeout=2)

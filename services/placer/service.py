@@ -28,6 +28,7 @@ the loop, and `reconcile` gives the order of a pass. The parts (DESIGN.md sectio
     files.py          where files are; downloads, pulls, deletes
     keys.py           instance API keys
     lease.py          the leader lease and its epochs
+    stream_leaders.py the NATS raft leaders kept with the leader (and the lease's with a standby)
 
 Commands are idempotent by instance id, so a pass repeated after a crash or by a new leader
 does no harm. Only the leaseholder acts, and only while its lease is valid: each command
@@ -60,6 +61,7 @@ from .placement_index import PlacementIndex
 from .plan import plan_drains, plan_hosts, plan_upkeep
 from .planning import Planning, limits_of
 from .scaling import Scaling
+from .stream_leaders import StreamLeaders
 from .turns import Waiting, merged_queues, waiting_order
 from .watches import Watches
 from .writes import Writer
@@ -117,6 +119,7 @@ class Placer:
         self.intent = IntentFollower(
             cfg, bus, lease=lease, watches=w, writer=writer, started=self.started
         )
+        self.stream_leaders = StreamLeaders(bus, lease, ctx.host_id)
 
     # ------------------------------------------------------------------ run
 
@@ -149,6 +152,7 @@ class Placer:
             ),
             watch_kv(bus, bus.desired, proto.DesiredModel, w.on_desired, w.on_desired_del, stop),
             self.lease.hold(stop),
+            self.stream_leaders.run(stop),
         ]
         tasks = [asyncio.create_task(c) for c in buses]
         subs = [

@@ -111,6 +111,11 @@ class Watches:
     # ------------------------------------------------------------------ hosts
 
     def on_host(self, key: str, rec: proto.HostRecord, rev: int) -> None:
+        if rev and rev == self.host_revs.get(rec.host_id):
+            # The record we have, delivered again (a watch set up anew, e.g. after its NATS
+            # server was cut off): no news of the host. Counting it as a heartbeat restarted
+            # a lost host's silence each time a watch was set up again.
+            return
         now = time.time()
         last_any, self.last_heartbeat = self.last_heartbeat or now, now
         if now - last_any > HOSTS_GAP_BEATS * self.cfg.agent.heartbeat_s:
