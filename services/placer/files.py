@@ -17,6 +17,8 @@ from .planning import Planning
 from .watches import Watches
 from .writes import Writer
 
+JOIN_GRACE_S = 10.0  # after the placer starts, a pull waits this long for a host to join
+
 log = logging.getLogger(__name__)
 
 
@@ -105,6 +107,11 @@ class Files:
             await self._answer_pull(ev, "present", holders[0], filename)
             return
         now = time.time()
+        if not self.watches.hosts and now - self.planning.started < JOIN_GRACE_S:
+            # Started a moment ago: the hosts' first heartbeats are on their way. The pull
+            # waits for them (the next pass) instead of being refused with "no hosts".
+            self.watches.inbox.append(ev)
+            return
         need = self.planning.need(ev.model, mcfg, host=None)
         decision = self.planning.place(need, now)
         if isinstance(decision, NoFit):  # room taken now: where it goes in its turn

@@ -43,6 +43,10 @@ from .lease import Lease
 log = logging.getLogger(__name__)
 
 SEAT_EVERY_S = 2.0
+# The command consumers (two per host) are listed less often: the list is long at scale, and
+# their leaders move only after an election. A new leader lists them at once.
+CONSUMERS_EVERY_S = 10.0
+CONSUMER_PAGE = 256
 STANDBY_PREFIX = "standby."
 STANDBY_FRESH_S = 30.0  # a standby record older than this (by its writer's clock) is ignored
 LEASE_STREAM = f"KV_{proto.KV_LEASES}"
@@ -102,6 +106,7 @@ class StreamLeaders:
     def __init__(self, bus: Bus, lease: Lease, host_id: str):
         self.bus, self.lease, self.host_id = bus, lease, host_id
         self._failed_said = False
+        self._consumers_due = 0.0  # time.monotonic() when the consumers are listed next
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -109,6 +114,7 @@ class StreamLeaders:
                 if self.lease.valid():
                     await self.seat()
                 else:
+                    self._consumers_due = 0.0
                     await self.announce()
                 self._failed_said = False
             except Exception as e:  # noqa: BLE001 - the cluster is busy: next round
@@ -131,10 +137,18 @@ class StreamLeaders:
             if seat is None:
                 return []  # one server: nothing to move anywhere
             out.append(seat)
-        for ci in await js.consumers_info(proto.CMDS_STREAM):
-            if (seat := _seat(proto.CMDS_STREAM, ci.name, ci.cluster)) is not None:
-                out.append(seat)
-        return out
+        if time.monotonic() < self._consumers_due:
+            return out
+        self._consumers_due = time.monotonic() + CONSUMERS_EVERY_S
+        listed = 0
+        while True:  # the server lists 256 at most per page: two per host at 1,000 hosts
+            page = await js.consumers_info(proto.CMDS_STREAM, offset=listed)
+            listed += len(page)
+            for ci in page:
+                if (seat := _seat(proto.CMDS_STREAM, ci.name, ci.cluster)) is not None:
+                    out.append(seat)
+            if len(page) < CONSUMER_PAGE:
+                return out
 
     async def seat(self) -> None:
         home = self.bus.server_name()
