@@ -310,9 +310,10 @@ async def connect(
     no credentials) and bind the streams and buckets: the placer and the operator create or
     update them, every other identity waits for them (it may not create them).
 
-    `url` may list several servers of one NATS cluster, comma-separated (seeds: nats-py learns
-    the rest from the cluster and fails over between them), tried in the order listed. `replicas` (the config's
-    `nats.replicas`) is how many servers hold each stream and bucket; None keeps what exists.
+    `url` may list several servers of one NATS cluster, comma-separated (seeds, tried in the
+    order listed: nats-py learns the rest from the cluster and fails over between them).
+    `replicas` (the config's `nats.replicas`) is how many servers hold each stream and
+    bucket; None keeps what exists.
 
     Retries an unreachable server until `deadline_s`; a refused identity fails at once.
     """

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import proto
 from lls.aio import wait_event
+from lls.auth import JS
 from lls.bus import Bus, kv_snapshot
 from lls.streams import BUCKETS, STREAMS
 
@@ -50,7 +51,6 @@ CONSUMER_PAGE = 256
 STANDBY_PREFIX = "standby."
 STANDBY_FRESH_S = 30.0  # a standby record older than this (by its writer's clock) is ignored
 LEASE_STREAM = f"KV_{proto.KV_LEASES}"
-JS = "$JS.API"
 
 
 @dataclass(frozen=True)
