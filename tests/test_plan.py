@@ -164,6 +164,26 @@ def test_a_host_already_lost_is_announced_once_and_one_heard_again_is_back() -> 
     ]
 
 
+def test_a_lost_instance_in_use_is_placed_again_and_an_idle_one_is_not() -> None:
+    """Serving when its host was lost (requests in flight, or used within REPLACE_USED_S):
+    its model is demanded at once, not when a gateway that missed the loss gives up on it."""
+    v = view(
+        inst("busy", on="h1"),
+        inst("recent", model="n", on="h1"),
+        inst("idle", model="o", on="h1"),
+        inst("unknown", model="p", on="h1"),
+        heard={"h1": NOW - 60, "h2": NOW},
+        lost=frozenset({"h1"}),
+        reports=[report(busy={"busy": 2}, used={"recent": NOW - 5, "idle": NOW - 120})],
+    )
+    assert plan_hosts(v, NOW) == [
+        MarkLost("busy", "host h1 lost", replace=True),
+        MarkLost("recent", "host h1 lost", replace=True),
+        MarkLost("idle", "host h1 lost"),
+        MarkLost("unknown", "host h1 lost"),
+    ]
+
+
 # ---------------------------------------------------------------- drains for a waiting model
 
 
@@ -517,7 +537,8 @@ async def test_the_executor_acts_only_on_the_record_an_action_was_planned_from(
     key = proto.instance_key("h1", iid)
     placer.watches.on_instance(key, rec, await bus.instances.create(key, proto.encode(rec)))
 
-    await placer.executor.execute([Stop(iid, "idle"), MarkLost(iid, "host h1 lost")], t)
+    await placer.executor.execute([Stop(iid, "idle"), MarkLost(iid, "host h1 lost", True)], t)
+    assert "m" not in placer.watches.demanded  # (the MarkLost, planned before the stop, not done)
     entry = await bus.instances.get(key)
     got = proto.decode(entry.value, InstanceRecord)
     assert (got.state, got.reason) == (S.STOPPING, "idle")
@@ -525,6 +546,15 @@ async def test_the_executor_acts_only_on_the_record_an_action_was_planned_from(
     cmd = proto.decode(sent.data, proto.AgentCommand)
     assert isinstance(cmd, proto.StopInstance) and cmd.instance_id == iid
     assert cmd.epoch == placer.lease.epoch >= 1
+
+    # a lost instance that served: LOST, and its model demanded for this pass's demand step
+    lid = f"m-{new_id()[:8]}"
+    lkey = proto.instance_key("h1", lid)
+    lrec = inst(lid, updated=t, ready_at=t)
+    placer.watches.on_instance(lkey, lrec, await bus.instances.create(lkey, proto.encode(lrec)))
+    await placer.executor.execute([MarkLost(lid, "host h1 lost", replace=True)], t)
+    assert proto.decode((await bus.instances.get(lkey)).value, InstanceRecord).state == S.LOST
+    assert placer.watches.demanded == {"m": t}
 
     # a Hold lands in the Backoff the demand path reads
     await placer.executor.execute([Hold(NO_SWAP, "m", t + 60, "abandoned")], t)

@@ -170,7 +170,12 @@ class Upstream:
             if g.routing == "prefix" and several
             else None
         )
-        for attempt in range(2):  # one retry: endpoint refused, or a stale pooled connection
+        # Sent again at most once for each of: the endpoint refused, or a pooled connection
+        # was stale (the request never reached it); its host was lost before any answer (a
+        # completion has no side effects: it is generated again elsewhere, not refused).
+        stale_retry = lost_retry = True
+        first = True
+        while True:
             cold = self.router.pick(model) is None
             try:
                 rec = await self.router.acquire(
@@ -181,7 +186,7 @@ class Upstream:
                 raise
             if cold:
                 self.metrics.cold_start.labels(model).observe(time.monotonic() - t0)
-            if attempt == 0:
+            if first:
                 self.metrics.queue_wait.labels(model).observe(self.router.dequeue(model, ticket))
             flight = self.router.begin(rec, keep_alive)
             sent = time.monotonic()
@@ -192,19 +197,23 @@ class Upstream:
                         model, rec.endpoint or "", body, sending
                     )
                 resp = await self.client.send(
-                    "POST", f"{rec.endpoint}{path}", body, sending, fresh=attempt > 0
+                    "POST", f"{rec.endpoint}{path}", body, sending, fresh=not first
                 )
             except http.StaleConnection as e:  # the request never reached the instance
                 self.router.end(rec, flight)
                 if isinstance(e, http.ConnectError):  # nothing listens: skip it for a while
                     self.router.mark_bad(rec)
-                if attempt == 0:
+                if stale_retry:
+                    stale_retry = first = False
                     continue
                 raise ApiError(
                     502, f"instance of {model} unreachable: {e}", "upstream_error", 2
                 ) from None
-            except asyncio.CancelledError:  # the client left while we waited for the head
+            except asyncio.CancelledError:  # the client left, or the instance's host was lost
                 self.router.end(rec, flight)  # else its in-flight count pins the instance busy
+                if lost_retry and self.router.resend_lost(asyncio.current_task()):
+                    lost_retry = first = False
+                    continue
                 raise
             except http.TransportError as e:
                 self.router.end(rec, flight)
@@ -220,7 +229,6 @@ class Upstream:
                 gate.leave()
 
             return resp, release
-        raise AssertionError("unreachable")
 
     async def _fit_embedding_inputs(
         self, model: str, endpoint: str, body: bytes, headers: dict[str, str]

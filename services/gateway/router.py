@@ -6,13 +6,14 @@ anyone waits) and waits, with a deadline, for the view to change. Placement fail
 failed starts wake the waiters, who answer 503 with the reason at once.
 
 A DRAINING instance (its model yields to a waiting one) gets no new requests: they wait for
-the model's next turn. The activity report tells the placer what waits here and which drains
-this gateway has seen; it goes out at once when a drain could finish, not only every second.
+the model's next turn. A lost host's instances leave the view on the placer's word
+(lost_hosts.py), before their records say so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -33,6 +34,7 @@ from proto import InstanceRecord, InstanceState
 from . import affinity, model_status
 from .admission import BY_ADDRESS
 from .errors import ApiError
+from .lost_hosts import HOST_EVENTS, LostHosts
 from .stats import ServingStats
 from .timing import Ewma
 from .trust import endpoint_refusal, placement_refusal
@@ -105,6 +107,7 @@ class Router:
         self.last_demand: dict[str, float] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self.hosts: dict[str, proto.HostRecord] = {}  # from heartbeats: who may serve where
+        self.lost_hosts = LostHosts(lambda rec: self.on_instance("", rec, self.view_rev))
         # instance id -> its API key, issued by the placer: the placer's word that the
         # instance was placed on that host, and what the gateway sends it (upstream_headers)
         self.keys: dict[str, proto.InstanceKey] = {}
@@ -139,6 +142,7 @@ class Router:
 
     def on_instance(self, _key: str, rec: InstanceRecord, rev: int) -> None:
         self.view_rev = max(self.view_rev, rev)
+        rec = self.lost_hosts.shown(rec)
         old = self.instances.get(rec.instance_id)
         self.instances[rec.instance_id] = rec
         if rec.state == InstanceState.DRAINING:
@@ -166,6 +170,7 @@ class Router:
 
     def on_instance_deleted(self, key: str) -> None:
         iid = proto.instance_of_key(key)
+        self.lost_hosts.deleted(iid)
         rec = self.instances.pop(iid, None)
         self.draining.discard(iid)
         if rec is not None:
@@ -268,6 +273,8 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self.bus.subscribe(proto.evt("placement.failed"), cb=self._on_placement_failed)
+        on_host = functools.partial(self.lost_hosts.on_event, instances=self.instances.values)
+        host_subs = [await self.bus.subscribe(s, cb=on_host) for s in HOST_EVENTS]
         # The watches whose first load is done (one set up again after a reconnect loads
         # again: counted once).
         loaded: set[int] = set()
@@ -293,7 +300,8 @@ class Router:
         try:
             await stop.wait()
         finally:
-            await sub.unsubscribe()
+            for s in (sub, *host_subs):
+                await s.unsubscribe()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -493,8 +501,9 @@ class Router:
     def abort_lost(self, rec: InstanceRecord) -> int:
         """The instance's host was lost: what is still in flight there would wait for a TCP
         peer that may never answer (a cut host sends no reset), past the client's deadline.
-        Each such request is cancelled and answers 502 with the reason (`lost_reason`); a
-        streamed answer already under way is cut. How many there were."""
+        Each such request is cancelled: one still waiting for its answer's head is sent
+        again to another instance (`resend_lost`, proxy.Upstream), an answer already under
+        way is cut and answers 502 with the reason (`lost_reason`). How many there were."""
         flights = self.flights.pop(rec.instance_id, set())
         why = (
             f"model {rec.model}: instance {rec.instance_id} was lost with its host "
@@ -509,6 +518,16 @@ class Router:
         if flights:
             log.warning("%d request(s) in flight on lost %s ended", len(flights), rec.instance_id)
         return len(flights)
+
+    def resend_lost(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether `task`, cancelled by `abort_lost` before its answer's head came, may send
+        its request again (to another instance): its cancel is undone. Not if anything else
+        cancelled it too (its client left): that cancel stands, and so does the reason."""
+        if task is None or task not in self.lost or task.cancelling() != 1:
+            return False
+        del self.lost[task]
+        task.uncancel()
+        return True
 
     def lost_reason(self, task: asyncio.Task[Any] | None) -> str | None:
         """Why `task` was cancelled by `abort_lost`, once; None if it was not."""

@@ -47,6 +47,9 @@ class HostBack:
 class MarkLost:
     instance_id: str
     reason: str
+    # It was serving (requests in flight, or used within REPLACE_USED_S): its model counts
+    # as demanded now, so it is placed again without waiting for a request to ask.
+    replace: bool = False
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ class Executor:
                 continue
             if isinstance(act, MarkLost):
                 await writer.write(rec, state=InstanceState.LOST, reason=act.reason)
+                if act.replace:  # this pass's demand step places it again
+                    w.demanded.setdefault(rec.model, now)
             elif isinstance(act, Stop):
                 await writer.stop(rec, act.reason)
             elif isinstance(act, Fail):

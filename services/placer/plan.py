@@ -11,6 +11,7 @@ tests its scheduler against fake effects.
 What is planned here (DESIGN.md section 9):
 
     hosts    plan_hosts     heartbeat older than host_lost_after -> HostLost, MarkLost
+                            (one in use: its model counts as demanded, placed again now)
     drains   plan_drains    DRAINING for a model: moot -> EndDrain; past drain_timeout ->
                             EndDrain + Refuse + Hold(no new swap); drained in a group -> Stop
     retire   plan_retire    DRAINING with no model (reload, replica) drained or expired -> Stop
@@ -79,6 +80,10 @@ START_GRACE_S = 15.0  # a start not acknowledged by the agent this long is resen
 STOP_GRACE_S = 45.0
 RESENT = " (stop resent)"
 END_RECORD_TTL_S = 600.0  # stopped/lost/failed records are purged after this (failed: + backoff)
+# A lost instance used this recently is placed again at once (MarkLost.replace): its clients
+# are likely to ask again soon, and a gateway that has not yet seen the loss would not ask
+# for a new place until its requests to the lost host had timed out.
+REPLACE_USED_S = 30.0
 
 
 DOWNLOAD_SLACK_S = 60.0  # a download gets downloader.timeout plus this before it fails
@@ -96,11 +101,16 @@ def plan_hosts(view: View, now: float) -> list[Action]:
         HostBack(h, "heard again" if h in view.hosts else "its record is gone")
         for h in sorted(view.lost - lost)
     ]
-    out += [
-        MarkLost(r.instance_id, f"host {r.host} lost")
-        for r in view.instances.values()
-        if r.host in lost and r.state in LIVE_STATES
-    ]
+    doomed = [r for r in view.instances.values() if r.host in lost and r.state in LIVE_STATES]
+    if not doomed:
+        return out
+    activity = view.activity(now)
+
+    def in_use(iid: str) -> bool:
+        a = activity.get(iid)
+        return a is not None and (a.in_flight > 0 or now - a.last_used < REPLACE_USED_S)
+
+    out += [MarkLost(r.instance_id, f"host {r.host} lost", in_use(r.instance_id)) for r in doomed]
     return out
 
 
