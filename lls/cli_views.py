@@ -26,6 +26,20 @@ def fmt_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def idle_text(
+    rec: proto.InstanceRecord, last_used: float | None, horizon: float, now: float
+) -> str:
+    """How long a READY instance has been idle, for `lls ps`. Gateways list only what they
+    used within their report's `horizon` (compact reports): one none lists has been idle
+    at least that long, since when they do not say."""
+    if rec.state != proto.InstanceState.READY:
+        return "-"
+    since = rec.ready_at or rec.updated
+    if last_used is None and 0 < horizon < now - since:
+        return f"over {fmt_age(horizon)}"
+    return fmt_age(now - (last_used if last_used is not None else since))
+
+
 async def records(bus: Bus, bucket, typ):  # type: ignore[no-untyped-def]
     return list((await kv_snapshot(bus, bucket, typ)).values())
 
@@ -38,6 +52,7 @@ async def cmd_ps(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
     recs = await records(bus, bus.instances, proto.InstanceRecord)
     acts = await records(bus, bus.activity, proto.ActivityReport)
     last_used: dict[str, float] = {}
+    horizon = max((rep.horizon for rep in acts), default=0.0)  # compact reports: see below
     for rep in acts:
         for iid, a in rep.instances.items():
             last_used[iid] = max(last_used.get(iid, 0), a.last_used)
@@ -46,8 +61,7 @@ async def cmd_ps(bus: Bus, cfg: Config, args: argparse.Namespace) -> int:
     rows = [tuple("MODEL INSTANCE HOST GPUS STATE BACKEND MEMORY IDLE BINARY REASON".split())]
     now = time.time()
     for r in sorted(recs, key=lambda r: (r.model, r.created)):
-        used = last_used.get(r.instance_id, r.ready_at or r.updated)
-        idle = fmt_age(now - used) if r.state == proto.InstanceState.READY else "-"
+        idle = idle_text(r, last_used.get(r.instance_id), horizon, now)
         gpus = ",".join(map(str, r.gpus)) or "cpu"
         rows.append(
             (

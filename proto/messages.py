@@ -294,7 +294,7 @@ class DesiredModel(Struct, kw_only=True):
     v: int = SCHEMA_VERSION
 
 
-class InstanceActivity(Struct):
+class InstanceActivity(Struct, omit_defaults=True):
     in_flight: int
     last_used: float  # end of the last request (or start of one in flight)
     keep_alive: float | None = None  # the last request's Ollama keep_alive, seconds (<0: keep)
@@ -339,6 +339,12 @@ class ActivityReport(Struct):
     gateway_id: str
     ts: float
     instances: dict[str, InstanceActivity] = {}
+    # 0: `instances` lists every instance this gateway has used. Above 0 (a compact report,
+    # which stays small however many instances there are): it lists those with requests in
+    # flight, with a keep_alive, or used within `horizon` seconds before `ts`; any other was
+    # last used here before ts - horizon, if ever. The placer rebuilds the whole picture
+    # from the reports it has seen (services/placer/activity.py, ReportedUse).
+    horizon: float = 0.0
     queues: dict[str, ModelQueue] = {}  # model -> what waits for it here
     draining: list[str] = []  # DRAINING instance ids this gateway sends nothing new to
     instances_rev: int = 0  # the KV instances revision this gateway's view has reached

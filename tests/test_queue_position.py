@@ -11,7 +11,8 @@ from lls.config import parse
 from services.gateway.admission import BY_ADDRESS
 from services.gateway.metrics import Metrics
 from services.gateway.proxy import Upstream
-from services.gateway.router import Router, count_clients, queue_position
+from services.gateway.report import count_clients
+from services.gateway.router import Router, queue_position
 
 
 def test_a_place_counts_those_past_admission_first_then_the_fair_order():

@@ -17,8 +17,7 @@ import functools
 import itertools
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from . import affinity, model_status
 from .admission import BY_ADDRESS
 from .errors import ApiError
 from .lost_hosts import HOST_EVENTS, LostHosts
+from .report import report_activity
 from .stats import ServingStats
 from .timing import Ewma
 from .trust import endpoint_refusal, placement_refusal
@@ -45,8 +45,6 @@ DEMAND_EVERY_S = 2.0  # resend demand this often while requests wait (the placer
 BAD_ENDPOINT_S = 5.0  # an endpoint that refused a connection is skipped this long
 BUS_GRACE_S = 2.0  # a bus silent this long refuses cold requests (503) instead of waiting
 BUS_RETRY_S = 5.0
-REPORT_EVERY_S = 1.0  # activity report period
-REPORT_SOONEST_S = 0.005  # an early report waits this long for changes that come together
 IDLE_GAP_S = 1.0  # an instance idle longer than this between requests begins a new busy spell
 
 
@@ -67,11 +65,6 @@ def queue_position(
     present = set(waiting)
     order = [t for t in gated if t in present]
     return len(ahead) + order.index(ticket) + 1, len(waiting)
-
-
-def count_clients(tickets: Iterable[int], client_of: Mapping[int, str]) -> dict[str, int]:
-    """Waiting requests per client (a key's name, or BY_ADDRESS summing the addresses)."""
-    return dict(Counter(client_of.get(t, BY_ADDRESS) for t in tickets))
 
 
 @dataclass(eq=False)
@@ -296,7 +289,7 @@ class Router:
             )
             for i, (kv, typ, put, delete) in enumerate(watches)
         ]
-        tasks.append(asyncio.create_task(self._report_activity(stop)))
+        tasks.append(asyncio.create_task(report_activity(self, self._report_now, stop)))
         try:
             await stop.wait()
         finally:
@@ -536,49 +529,16 @@ class Router:
     def _others_wait(self, model: str) -> bool:
         return any(waits for m, waits in self.queued.items() if m != model)
 
-    async def _report_activity(self, stop: asyncio.Event) -> None:
-        """Every second, and soon after a drain may have finished or a queue formed, tell the
-        placer what this gateway uses, what waits here, and which drains it has seen."""
-        while not stop.is_set():
-            await wait_event(self._report_now, REPORT_EVERY_S)
-            await asyncio.sleep(REPORT_SOONEST_S)  # batch what changes together
-            self._report_now.clear()
-            live = {i for i, r in self.instances.items() if r.state in proto.LIVE_STATES}
-            for iid in list(self.last_used):
-                if iid not in live and not self.in_flight.get(iid):
-                    self.last_used.pop(iid, None)
-                    self.in_flight.pop(iid, None)
-                    self.keep_alive.pop(iid, None)
-                    self.busy_since.pop(iid, None)
-            report = proto.ActivityReport(
-                gateway_id=self.gateway_id,
-                ts=time.time(),
-                instances={
-                    iid: proto.InstanceActivity(
-                        self.in_flight.get(iid, 0),
-                        used,
-                        self.keep_alive.get(iid),
-                        self.busy_since.get(iid),
-                    )
-                    for iid, used in self.last_used.items()
-                },
-                queues={
-                    model: proto.ModelQueue(
-                        len(waits), min(waits.values()), count_clients(waits, self.queued_by)
-                    )
-                    for model, waits in self.queued.items()
-                    if waits
-                },
-                draining=sorted(self.draining),
-                instances_rev=self.view_rev,
-                serving=self.stats.report(),
-                serving_since=self.stats.since,
-                warnings=self.warnings,
-            )
-            try:
-                await self.bus.put(self.bus.activity, self.gateway_id, report)
-            except Exception as e:  # next second tries again
-                log.warning("activity report failed: %s", e)
+    def forget_ended(self) -> None:
+        """Drop what is kept per instance for those no longer live and with nothing in flight
+        (before each activity report)."""
+        live = {i for i, r in self.instances.items() if r.state in proto.LIVE_STATES}
+        for iid in list(self.last_used):
+            if iid not in live and not self.in_flight.get(iid):
+                self.last_used.pop(iid, None)
+                self.in_flight.pop(iid, None)
+                self.keep_alive.pop(iid, None)
+                self.busy_since.pop(iid, None)
 
     # ------------------------------------------------------------------ bus health (edge)
 

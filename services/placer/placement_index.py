@@ -23,7 +23,7 @@ asked about.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from proto.messages import (
     LIVE_STATES,
@@ -151,10 +151,14 @@ class PlacementIndex:
         self._victims_dirty[host_id] = None
         self._flush()
 
-    def set_reports(self, fresh: Sequence[ActivityReport]) -> None:
+    def set_reports(
+        self, fresh: Sequence[ActivityReport], changed: Mapping[str, set[str]] | None = None
+    ) -> None:
         """The merged activity to be of `fresh` (the gateways' reports that count now, in the
-        view's order): only the instances whose entries changed are merged again."""
-        self._set_reports(fresh)
+        view's order): only the instances whose entries changed are merged again. `changed`:
+        for a gateway whose report changed, those instances (activity.ReportedUse knows
+        them; its reports change in place), instead of comparing every entry."""
+        self._set_reports(fresh, changed or {})
         self._flush()
 
     def sync(
@@ -305,7 +309,9 @@ class PlacementIndex:
             if k is not None and k[1] in self.instances:
                 self._touch(self.instances[k[1]])
 
-    def _set_reports(self, fresh: Sequence[ActivityReport]) -> None:
+    def _set_reports(
+        self, fresh: Sequence[ActivityReport], changed: Mapping[str, set[str]] | None = None
+    ) -> None:
         old = self._reports
         if len(old) == len(fresh) and all(a is b for a, b in zip(old, fresh, strict=True)):
             return
@@ -326,6 +332,9 @@ class PlacementIndex:
                     continue
                 if a is None or b is None:
                     affected.update((a or b).instances)  # type: ignore[union-attr]
+                    continue
+                if changed and gw in changed:
+                    affected.update(changed[gw])
                     continue
                 ai, bi = a.instances, b.instances
                 get = ai.get

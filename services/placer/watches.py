@@ -23,7 +23,7 @@ from lls.config import Config
 from lls.records import InstanceIndex
 from proto import InstanceRecord, InstanceState
 
-from .activity import ACTIVITY_STALE_S, merge_activity
+from .activity import ACTIVITY_STALE_S, ReportedUse, merge_activity
 from .memory import MeasuredKey, remember_measured
 from .placement_index import PlacementIndex
 from .plan_view import DEMAND_FRESH_S
@@ -81,7 +81,8 @@ class Watches:
         self.ready_rev = ReadyRevs()
         # The hosts and instances indexed for placement (placement_index.py)
         self.placement_index = index
-        self.activity: dict[str, proto.ActivityReport] = {}
+        self.activity: dict[str, proto.ActivityReport] = {}  # gateway -> its report, whole
+        self.reported = ReportedUse()
         self.headers: dict[str, proto.ModelInfo] = {}  # model -> header read from its source
         self.lost: set[str] = set()  # hosts found lost (the executor keeps it)
         self.demanded: dict[str, float] = {}  # model -> demand since the last pass
@@ -193,6 +194,9 @@ class Watches:
                 self.ready_rev.setdefault(rec.instance_id, rev)
         elif rec.state != InstanceState.DRAINING:
             self.ready_rev.pop(rec.instance_id, None)
+        if seeded := self.reported.seed(rec):  # (only one live from before a report's floor)
+            self.activity.update(seeded)
+            self._index_reports({gw: {rec.instance_id} for gw in seeded})
         self.wake.set()
 
     def on_key(self, _key: str, placed: proto.InstanceKey, _rev: int) -> None:
@@ -207,6 +211,7 @@ class Watches:
     def on_instance_del(self, key: str) -> None:
         iid = proto.instance_of_key(key)
         self.instances.pop(iid, None)
+        self.reported.forget(iid)
         self.placement_index.delete_instance(iid)
         self.revisions.pop(iid, None)
         self.ready_rev.pop(iid, None)
@@ -234,20 +239,24 @@ class Watches:
     # ------------------------------------------------------------------ gateway reports
 
     def on_activity(self, key: str, rep: proto.ActivityReport, _rev: int) -> None:
-        self.activity[rep.gateway_id] = rep
-        self._index_reports()
+        # A compact report made whole (activity.ReportedUse): what every reader expects
+        whole, changed = self.reported.take(rep, self.instances.values())
+        self.activity[rep.gateway_id] = whole
+        self._index_reports({rep.gateway_id: changed} if changed is not None else None)
         if rep.draining or rep.queues:
             self.wake.set()  # a drain may be done, or a queue formed: decide now
 
     def on_activity_del(self, key: str) -> None:
         self.activity.pop(key, None)
+        self.reported.gone(key)
         self._index_reports()
 
-    def _index_reports(self) -> None:
+    def _index_reports(self, changed: dict[str, set[str]] | None = None) -> None:
         """The reports that count now, merged into the placement index here rather than on
         the decision path (which merges again only what went stale since)."""
         fresh_after = time.time() - ACTIVITY_STALE_S
-        self.placement_index.set_reports([r for r in self.activity.values() if r.ts >= fresh_after])
+        fresh = [r for r in self.activity.values() if r.ts >= fresh_after]
+        self.placement_index.set_reports(fresh, changed)
 
     def merged_activity(self) -> dict[str, proto.InstanceActivity]:
         """In-flight counts summed and last use maxed over every gateway's report."""
