@@ -9,6 +9,8 @@ import asyncio
 import time
 
 import msgspec
+from test_instance_security import host_record
+from test_instance_security import ready as ready_record
 
 import proto
 from lls.bus import Bus
@@ -20,36 +22,27 @@ CFG = parse({"models": {"m": {"url": "file:///m.gguf"}}})
 
 
 def host(hid: str, port: int = 39000) -> proto.HostRecord:
-    return proto.HostRecord(
-        host_id=hid,
-        ts=time.time(),
-        started_at=0.0,
-        runtime="process",
-        gpus=[],
-        cpu_count=1,
-        ram_total_mib=1,
-        ram_free_mib=1,
-        advertise_host="127.0.0.1",
-        port_range=(port, port + 99),
-    )
+    return host_record(host_id=hid, advertise_host="127.0.0.1", port_range=(port, port + 99))
 
 
 def ready(iid: str, on: str, port: int) -> proto.InstanceRecord:
-    return proto.InstanceRecord(
-        instance_id=iid,
-        model="m",
-        state=proto.InstanceState.READY,
-        created=0.0,
-        updated=1.0,
-        host=on,
-        endpoint=f"http://127.0.0.1:{port}",
-    )
+    return ready_record(f"http://127.0.0.1:{port}", on, iid, 1.0)
 
 
 def key_of(rec: proto.InstanceRecord) -> proto.InstanceKey:
     return proto.InstanceKey(
         instance_id=rec.instance_id, host=rec.host or "", model=rec.model, key="k" * 43, issued=0
     )
+
+
+def serving_one(rec: proto.InstanceRecord) -> Router:
+    """A gateway's router (no bus: events come by method here) with `rec` ready on h1."""
+    r = Router(None, CFG, "g1")  # type: ignore[arg-type]
+    r.on_host("h1", host("h1"), 1)
+    r.on_key("", key_of(rec), 1)
+    r.on_instance("", rec, 2)
+    assert serving(r) == {rec.instance_id}
+    return r
 
 
 def lose(r: Router, host_id: str) -> None:
@@ -141,11 +134,8 @@ async def test_a_request_its_lost_host_never_answered_is_sent_again_elsewhere(bu
 
 
 async def test_a_newer_record_of_an_instance_overrides_the_loss() -> None:
-    r = Router(None, CFG, "g1")  # type: ignore[arg-type]
     a = ready("m-aaaaaaaa", "h1", 39000)
-    r.on_host("h1", host("h1"), 1)
-    r.on_key("", key_of(a), 1)
-    r.on_instance("", a, 2)
+    r = serving_one(a)
     lose(r, "h1")
     assert not serving(r)
     # The placer's own LOST record comes: the mark has done its work
@@ -162,11 +152,8 @@ async def test_a_loss_nobody_confirms_lapses(monkeypatch) -> None:
     """No LOST record and no host.back heard (a missed event): after LOST_MARK_S the record
     is trusted again, so a missed message never takes an instance out for good."""
     monkeypatch.setattr(lost_hosts, "LOST_MARK_S", 0.05)
-    r = Router(None, CFG, "g1")  # type: ignore[arg-type]
     a = ready("m-aaaaaaaa", "h1", 39000)
-    r.on_host("h1", host("h1"), 1)
-    r.on_key("", key_of(a), 1)
-    r.on_instance("", a, 2)
+    r = serving_one(a)
     lose(r, "h1")
     assert not serving(r)
     await asyncio.sleep(0.1)
