@@ -172,3 +172,23 @@ def test_lls_ps_says_an_instance_no_gateway_lists_is_idle_over_the_horizon() -> 
     assert idle_text(record("b", T0 - 20), None, 60.0, T0) == "20s"  # ready since: exactly
     starting = msgspec.structs.replace(rec, state=InstanceState.STARTING)
     assert idle_text(starting, None, 60.0, T0) == "-"
+
+
+async def test_a_gateway_gone_for_ten_minutes_is_forgotten_by_the_placer() -> None:
+    """A gateway's record ends by its TTL, which no watch hears: a restarted gateway (a new
+    id) must not leave its rebuilt list, an entry per instance, in the placer for good."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from services.placer.watches import GATEWAY_GONE_S, Watches
+
+    bus = SimpleNamespace(refuse_record=lambda *a: None)
+    w = Watches(CFG, bus, asyncio.Event(), PlacementIndex())  # type: ignore[arg-type]
+    w.on_instance("k", record("a", T0 - 3600), 1)
+    for gw, ts in (("old", T0), ("new", T0 + GATEWAY_GONE_S - 1)):
+        w.on_activity(gw, ActivityReport(gateway_id=gw, ts=ts, horizon=60.0), 2)
+    assert set(w.activity) == {"old", "new"}
+    w.on_activity(
+        "new", ActivityReport(gateway_id="new", ts=T0 + GATEWAY_GONE_S + 1, horizon=60.0), 3
+    )
+    assert set(w.activity) == {"new"} and w.reported.floor("old") is None

@@ -88,10 +88,15 @@ class ReportedUse:
             # A new dict: the old report keeps the old one, for the caller to compare.
             whole = self._whole[gw] = dict(whole or {})
             self._floor[gw] = floor
+            seedling = InstanceActivity(0, floor)  # one for all (entries are never changed)
             for r in known:
                 a = whole.get(r.instance_id)
                 if _before(r, floor) and (a is None or a.in_flight or a.last_used < floor):
-                    whole[r.instance_id] = InstanceActivity(0, max(floor, a.last_used if a else 0))
+                    whole[r.instance_id] = (
+                        seedling
+                        if a is None or a.last_used < floor
+                        else InstanceActivity(0, a.last_used)
+                    )
             changed = None
         for iid, a in rep.instances.items():
             if whole.get(iid) != a:

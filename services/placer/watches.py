@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 HOSTS_GAP_BEATS = 3  # no heartbeat from any host for this many heartbeat periods: a bus stall
 INBOX_MAX = 10_000  # events waiting for the next pass (a flood beyond it is dropped)
+GATEWAY_GONE_S = 600.0  # a gateway not heard from this long is forgotten
 
 
 class ReadyRevs(dict[str, int]):
@@ -242,6 +243,12 @@ class Watches:
         # A compact report made whole (activity.ReportedUse): what every reader expects
         whole, changed = self.reported.take(rep, self.instances.values())
         self.activity[rep.gateway_id] = whole
+        # A gateway gone this long (restarted under a new id, or stopped) is forgotten: its
+        # record's TTL ends without a deletion reaching the watch, and its rebuilt list
+        # holds an entry per instance
+        for gw in [g for g, r in self.activity.items() if r.ts < rep.ts - GATEWAY_GONE_S]:
+            del self.activity[gw]
+            self.reported.gone(gw)
         self._index_reports({rep.gateway_id: changed} if changed is not None else None)
         if rep.draining or rep.queues:
             self.wake.set()  # a drain may be done, or a queue formed: decide now
